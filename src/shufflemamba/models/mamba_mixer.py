@@ -1,0 +1,208 @@
+"""Building blocks of Vision Mamba: RMSNorm, the bidirectional "bimamba v2" mixer and the Vim block.
+
+Parameter names follow the official hustvl/Vim checkpoints (SPEC 2), so they load with strict=True.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import selective_scan
+from ..slws import ShuffledLayer
+
+__all__ = ["RMSNorm", "BiMambaMixer", "VimBlock", "make_norm"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, weight only: ``x / sqrt(mean(x^2) + eps) * weight`` (computed in fp32)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    """``"rms"`` -> :class:`RMSNorm` (Vim); ``"layer"`` -> ``nn.LayerNorm`` (ShuffleMamba-M)."""
+    if kind == "rms":
+        return RMSNorm(dim, eps=eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm_layer {kind!r}; expected 'rms' or 'layer'")
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba mixer ("bimamba v2" of Vim).
+
+    One shared ``in_proj`` (D -> 2E) gives x and the gate z. Each direction has its own depthwise causal
+    conv1d, ``x_proj``, ``dt_proj``, ``A_log`` and ``D``; the backward direction runs on the flipped
+    sequence (x and z flipped). Output: ``out_proj((y_fwd + flip(y_bwd)) / 2)``.
+
+    Initialisation (Mamba / Vim): ``dt_proj.weight ~ U(+-dt_rank^-0.5)``; ``dt_proj.bias`` is the
+    inverse softplus of dt drawn log-uniform in [dt_min, dt_max] (floor ``dt_init_floor``), for both
+    directions; ``A_log = log(1..N)`` per channel; ``D = 1``; other layers keep PyTorch's default
+    init. The model rescales ``out_proj.weight`` by ``1/sqrt(depth)``.
+
+    Args:
+        d_model: token width D.
+        d_state: SSM state size N.
+        d_conv: causal conv kernel size.
+        expand: E = expand * D.
+        dt_rank: rank of the dt projection; ``None`` -> ceil(D / 16).
+        dt_min, dt_max, dt_init_floor: dt initialisation range.
+        scan_impl: passed to :func:`shufflemamba.ops.selective_scan` as ``impl``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        scan_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = e = expand * d_model
+        self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
+        self.scan_impl = scan_impl
+
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
+        # forward direction
+        self.conv1d = nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(e, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, e, bias=True)
+        self.A_log = nn.Parameter(torch.empty(e, d_state))
+        self.D = nn.Parameter(torch.empty(e))
+        # backward direction
+        self.conv1d_b = nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1, bias=True)
+        self.x_proj_b = nn.Linear(e, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj_b = nn.Linear(self.dt_rank, e, bias=True)
+        self.A_b_log = nn.Parameter(torch.empty(e, d_state))
+        self.D_b = nn.Parameter(torch.empty(e))
+
+        self.out_proj = nn.Linear(e, d_model, bias=False)
+        self._dt_init = (dt_min, dt_max, dt_init_floor)
+        for p in (self.A_log, self.A_b_log, self.D, self.D_b):
+            p._no_weight_decay = True  # the Mamba convention, read by no_weight_decay()
+        for p in (self.dt_proj.bias, self.dt_proj_b.bias):
+            p._no_reinit = True  # the model's generic bias init must not zero the dt initialisation
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """(Re)initialise dt_proj, A_log and D of both directions the Mamba way."""
+        if self.A_log.is_meta:
+            return  # shapes only (parameter counting on the meta device)
+        dt_min, dt_max, floor = self._dt_init
+        std = self.dt_rank**-0.5
+        for dt_proj, a_log, d in ((self.dt_proj, self.A_log, self.D), (self.dt_proj_b, self.A_b_log, self.D_b)):
+            nn.init.uniform_(dt_proj.weight, -std, std)
+            log_dt = torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            dt = log_dt.exp().clamp(min=floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
+            a = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.d_inner, -1)
+            a_log.copy_(a.log())
+            d.fill_(1.0)
+
+    def _direction(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
+                   a_log: Tensor, d: Tensor) -> Tensor:
+        """One scan direction. x, z: (B, E, L) -> y: (B, E, L)."""
+        seqlen = x.shape[-1]
+        x = F.silu(conv(x)[..., :seqlen])  # causal: padding d_conv-1 then keep the first L outputs
+        x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L); bias added in the scan
+        a = -torch.exp(a_log.float())  # (E, N)
+        return selective_scan(
+            x, delta, a, b.transpose(1, 2), c.transpose(1, 2), d.float(), z,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, impl=self.scan_impl,
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden: (B, L, D) -> (B, L, D)."""
+        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
+        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
+        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
+                              self.A_b_log, self.D_b)
+        y = (y_f + y_b.flip(-1)) / 2  # (B, E, L)
+        return self.out_proj(y.transpose(1, 2))
+
+
+class VimBlock(ShuffledLayer):
+    """Add -> Norm -> Mixer, with SLWS built in (this block is a :class:`ShuffledLayer`).
+
+    ``residual = residual + drop_path(hidden)`` (the first block takes the embeddings as residual),
+    ``hidden = mixer(norm(residual))``; the residual is kept in fp32. Returns ``(hidden, residual)``.
+    When shuffling, both tensors are permuted with the same indices and both outputs restored; since
+    add, norm and drop path act per token, only the mixer sees the shuffled order. Gradient
+    checkpointing (``grad_checkpointing``) runs inside the shuffle, so the recomputation sees the same
+    permutation without re-drawing.
+
+    Args:
+        dim: token width D.
+        mixer_kwargs: keyword arguments of :class:`BiMambaMixer`.
+        norm_layer: ``"rms"`` or ``"layer"``.
+        norm_eps: norm epsilon.
+        drop_path: drop-path rate applied to the incoming ``hidden`` before the add.
+        residual_in_fp32: keep the residual stream in float32.
+        slws_rate, slws_per_sample, slws_keep_positions: see :class:`ShuffledLayer`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mixer_kwargs: dict[str, Any] | None = None,
+        norm_layer: str = "rms",
+        norm_eps: float = 1e-5,
+        drop_path: float = 0.0,
+        residual_in_fp32: bool = True,
+        slws_rate: float = 0.0,
+        slws_per_sample: bool = False,
+        slws_keep_positions: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__(rate=slws_rate, per_sample=slws_per_sample, keep_positions=slws_keep_positions)
+        self.mixer = BiMambaMixer(dim, **(mixer_kwargs or {}))
+        self.norm = make_norm(norm_layer, dim, norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.residual_in_fp32 = residual_in_fp32
+        self.grad_checkpointing = False
+
+    def _forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        if self.residual_in_fp32:
+            residual = residual.float()
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        return hidden, residual
+
+    def _maybe_checkpointed(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, hidden, residual, use_reentrant=False)
+        return self._forward(hidden, residual)
+
+    def forward(self, hidden: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """hidden, residual: (B, L, D) (residual None for the first block) -> (hidden, residual)."""
+        return self.shuffled_call(self._maybe_checkpointed, hidden, residual)

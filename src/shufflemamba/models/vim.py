@@ -1,0 +1,333 @@
+"""Vision Mamba (Vim, hustvl/Vim) and ShuffleMamba models, registered in timm.
+
+Architecture (SPEC 2): Conv2d patch embedding, a class token in the middle of the sequence (Vim) or at
+its head (ShuffleMamba), a learned absolute position embedding, ``depth`` Add -> Norm -> bidirectional
+Mamba blocks with an fp32 residual stream, a final ``norm_f(residual + drop_path(hidden))``, the class
+token's feature and a Linear head. Parameter names match the official checkpoints.
+
+SLWS is built into the blocks (:class:`~shufflemamba.models.mamba_mixer.VimBlock` is a
+:class:`~shufflemamba.slws.ShuffledLayer`) and configured by ``slws_rate`` / ``slws_schedule``.
+
+Registered names (all 224 px, patch 16; keyword arguments of ``timm.create_model`` override):
+``vim_{tiny,small,base}_patch16_224`` (middle class token, slws_rate 0) and
+``shufflemamba_{middle,base,large}_patch16_224`` (class token at the head, slws_rate 0.5; the middle
+size uses LayerNorm as the reference code does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from ..slws import SCHEDULES, apply_slws
+from .mamba_mixer import VimBlock, make_norm
+
+__all__ = ["PatchEmbed", "VisionMamba", "CLS_POSITIONS"]
+
+CLS_POSITIONS = ("middle", "head")
+
+
+class PatchEmbed(nn.Module):
+    """Image to token sequence with one strided Conv2d: (B, C, H, W) -> (B, M, D).
+
+    ``stride`` defaults to ``patch_size``; a smaller stride gives overlapping patches (Vim's "+"
+    fine-tune uses stride 8 with patch 16).
+    """
+
+    def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16, stride: int | None = None,
+                 in_chans: int = 3, embed_dim: int = 192) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.stride = to_2tuple(stride or patch_size)
+        self.grid_size = tuple((i - p) // s + 1 for i, p, s in zip(self.img_size, self.patch_size, self.stride))
+        if min(self.grid_size) < 1:
+            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, M, D)
+
+
+class VisionMamba(nn.Module):
+    """Vision Mamba / ShuffleMamba classifier.
+
+    Initialisation follows Vim: trunc-normal (std 0.02) position embedding, class token and head;
+    LeCun-normal patch projection; Linear biases zero except ``dt_proj`` (Mamba dt initialisation,
+    see :class:`~shufflemamba.models.mamba_mixer.BiMambaMixer`); ``out_proj.weight`` kaiming-uniform
+    divided by sqrt(depth). The ShuffleMamba reference code re-runs a generic Linear init that zeroes
+    ``dt_proj.bias``; we keep the Vim dt initialisation for every model.
+
+    Args:
+        img_size: input resolution (int or (H, W)).
+        patch_size: patch (conv kernel) size.
+        stride: patch stride (defaults to ``patch_size``).
+        in_chans: input channels.
+        num_classes: classes of the head (0: no head, ``forward`` returns features).
+        embed_dim: token width D.
+        depth: number of blocks.
+        d_state: SSM state size N.
+        d_conv: causal conv kernel size of the mixer.
+        expand: mixer expansion E / D.
+        dt_rank: dt projection rank (``None``: ceil(D / 16)).
+        drop_rate: dropout after the position embedding and before the head.
+        drop_path_rate: stochastic depth; block i uses ``([0] + linspace(0, r, depth))[i]``, the final
+            add uses ``r``.
+        cls_position: ``"middle"`` (Vim: index M // 2) or ``"head"`` (index 0).
+        norm_layer: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm).
+        norm_eps: epsilon of the norms.
+        residual_in_fp32: keep the residual stream in float32.
+        slws_rate: SLWS probability of the last block (0 disables SLWS).
+        slws_schedule: ``"linear"`` or ``"constant"`` (see :func:`shufflemamba.slws.shuffle_rates`).
+        slws_per_sample: per-sample SLWS decisions and permutations (off in the paper).
+        slws_keep_cls: never move the class token when shuffling (the paper moves it).
+        scan_impl: selective-scan implementation passed to ``shufflemamba.ops.selective_scan``.
+
+    Attributes:
+        model_kwargs: the constructor's keyword arguments; ``VisionMamba(**model.model_kwargs)``
+            rebuilds the architecture (used by training checkpoints).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        stride: int | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        cls_position: str = "middle",
+        norm_layer: str = "rms",
+        norm_eps: float = 1e-5,
+        residual_in_fp32: bool = True,
+        slws_rate: float = 0.0,
+        slws_schedule: str = "linear",
+        slws_per_sample: bool = False,
+        slws_keep_cls: bool = False,
+        scan_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.model_kwargs: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if cls_position not in CLS_POSITIONS:
+            raise ValueError(f"cls_position must be one of {CLS_POSITIONS}, got {cls_position!r}")
+        if slws_schedule not in SCHEDULES:
+            raise ValueError(f"slws_schedule must be one of {SCHEDULES}, got {slws_schedule!r}")
+        for name, val in (("embed_dim", embed_dim), ("depth", depth), ("d_state", d_state), ("patch_size", patch_size)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.depth = depth
+        self.cls_position = cls_position
+        self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, stride=stride,
+                                      in_chans=in_chans, embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_index = num_patches // 2 if cls_position == "middle" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        inter_dpr = [0.0] + dpr  # block i drops the previous block's mixer output at rate inter_dpr[i]
+        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, scan_impl=scan_impl)
+        self.layers = nn.ModuleList([
+            VimBlock(embed_dim, mixer_kwargs=mixer_kwargs, norm_layer=norm_layer, norm_eps=norm_eps,
+                     drop_path=inter_dpr[i], residual_in_fp32=residual_in_fp32)
+            for i in range(depth)
+        ])
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+        self.norm_f = make_norm(norm_layer, embed_dim, norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        # the same SLWS mechanism as for any block list: sets each VimBlock's rate in place
+        self.slws_rates = apply_slws(self.layers, slws_rate, slws_schedule, per_sample=slws_per_sample,
+                                     keep_positions=(self.cls_index,) if slws_keep_cls else None)
+        self.init_weights()
+
+    # -- init --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Vim initialisation (see the class docstring). No-op on the meta device."""
+        if self.pos_embed.is_meta:
+            return
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+            if name.endswith("mixer.out_proj"):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+                m.weight.div_(math.sqrt(self.depth))  # one residual branch per block
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    # -- timm interface ----------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Full names of parameters without weight decay: pos_embed, cls_token, A_log / D (+ _b twins)."""
+        names = {"pos_embed", "cls_token"}
+        names.update(n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False))
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed",
+            blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each block (inside its SLWS shuffle, so recomputation reuses the permutation)."""
+        self.grad_checkpointing = enable
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "token"):
+            raise ValueError(f"VisionMamba pools the class token only; global_pool={global_pool!r} is not supported")
+        self.num_classes = num_classes
+        self.model_kwargs["num_classes"] = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def set_slws(self, rate: float, schedule: str = "linear", **options: Any) -> list[float]:
+        """Change the SLWS rates of all blocks in place (e.g. 0 for fine-tuning); returns the rates."""
+        self.slws_rates = apply_slws(self.layers, rate, schedule, **options)
+        self.model_kwargs.update(slws_rate=rate, slws_schedule=schedule)
+        return self.slws_rates
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> normalised token sequence (B, M + 1, D), class token at ``self.cls_index``."""
+        x = self.patch_embed(x)  # (B, M, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        i = self.cls_index
+        x = torch.cat((x[:, :i], cls, x[:, i:]), dim=1)  # (B, M + 1, D)
+        x = self.pos_drop(x + self.pos_embed)
+        hidden, residual = x, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        residual = residual + self.drop_path(hidden)
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, M + 1, D) -> logits (B, num_classes), or the class-token feature (B, D) if pre_logits."""
+        x = self.head_drop(x[:, self.cls_index])
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# -- timm registration ---------------------------------------------------------------------------------
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionMamba) -> dict[str, Tensor]:
+    """timm ``pretrained_filter_fn``: unwrap / clean a checkpoint and resize pos_embed for ``model``."""
+    from .checkpoint import prepare_state_dict
+
+    return prepare_state_dict(state_dict, model)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vim_tiny_patch16_224": _cfg(origin_url="https://github.com/hustvl/Vim", paper_ids="arXiv:2401.09417"),
+    "vim_small_patch16_224": _cfg(origin_url="https://github.com/hustvl/Vim", paper_ids="arXiv:2401.09417"),
+    "vim_base_patch16_224": _cfg(origin_url="https://github.com/hustvl/Vim", paper_ids="arXiv:2401.09417"),
+    "shufflemamba_middle_patch16_224": _cfg(paper_ids="arXiv:2408.17081"),
+    "shufflemamba_base_patch16_224": _cfg(paper_ids="arXiv:2408.17081"),
+    "shufflemamba_large_patch16_224": _cfg(paper_ids="arXiv:2408.17081"),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    if pretrained:
+        cfg_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if not cfg_file:
+            raise ValueError(
+                f"no downloadable weights for {variant}: pass pretrained_cfg_overlay=dict(file='ckpt.pth') "
+                "or build with pretrained=False and call shufflemamba.models.load_checkpoint(model, path)"
+            )
+    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **kwargs)
+
+
+_VIM = dict(patch_size=16, depth=24, cls_position="middle", norm_layer="rms", slws_rate=0.0)
+_SM = dict(patch_size=16, cls_position="head", norm_layer="rms", slws_rate=0.5)
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-Ti: D 192, depth 24, middle class token (7.15M parameters)."""
+    return _create("vim_tiny_patch16_224", pretrained, **{**_VIM, "embed_dim": 192, **kwargs})
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-S: D 384, depth 24, middle class token (25.8M parameters)."""
+    return _create("vim_small_patch16_224", pretrained, **{**_VIM, "embed_dim": 384, **kwargs})
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-B: D 768, depth 24, middle class token (97.6M parameters)."""
+    return _create("vim_base_patch16_224", pretrained, **{**_VIM, "embed_dim": 768, **kwargs})
+
+
+@register_model
+def shufflemamba_middle_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """ShuffleMamba-M: D 576, depth 32, class token at the head, LayerNorm, SLWS 0.5 (~74M)."""
+    defaults = {**_SM, "embed_dim": 576, "depth": 32, "norm_layer": "layer"}
+    return _create("shufflemamba_middle_patch16_224", pretrained, **{**defaults, **kwargs})
+
+
+@register_model
+def shufflemamba_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """ShuffleMamba-B: D 768, depth 24, class token at the head, SLWS 0.5 (~98M)."""
+    return _create("shufflemamba_base_patch16_224", pretrained, **{**_SM, "embed_dim": 768, "depth": 24, **kwargs})
+
+
+@register_model
+def shufflemamba_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """ShuffleMamba-L: D 1024, depth 48, class token at the head, SLWS 0.5 (~340M)."""
+    return _create("shufflemamba_large_patch16_224", pretrained, **{**_SM, "embed_dim": 1024, "depth": 48, **kwargs})
