@@ -1,0 +1,425 @@
+"""Benchmark suite: selective-scan implementations, Vim training steps, SLWS overhead, GPU figures.
+
+Everything runs side by side in one process and is written as JSON plus a markdown section::
+
+    python -m shufflemamba.bench [--quick] [--device cpu|cuda] [--json PATH] [--markdown PATH]
+    shufflemamba bench ...                      (the CLI calls :func:`main`)
+
+The markdown goes between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in the target file (other
+content is kept; the section is appended when the markers are absent), so the suite can share
+docs/benchmarks.md with hand-written sections.
+
+Measured, all as medians over interleaved repeats:
+
+* selective scan forward+backward on Vim-Ti / Vim-S mixer shapes: the reference loop, our fast paths
+  (``impl="cpu"``, ``impl="torch"``), the Triton kernels (CUDA only), and mambapy's parallel scan
+  (optional peer; ``pip install mambapy``). Each forward is also checked against the reference.
+* one training step (forward, loss, backward, AdamW) of vim_tiny / vim_small with SLWS off and at
+  rate 0.5: images/s and the SLWS overhead ratio (target: at most 2%).
+* on a GPU: the Triton scan's achieved memory bandwidth as a fraction of a measured copy peak, and
+  Vim-S vs timm's deit_small_patch16_224 training images/s at the same batch and precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import shufflemamba  # noqa: F401  (torchvision shim and model registration before timm)
+from shufflemamba.ops.selective_scan import selective_scan, selective_scan_ref
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+# Mixer shapes: E = 2 * embed_dim, L = 196 patches + class token, N = d_state
+SCAN_SHAPES = {"vim_ti": dict(E=384, L=197, N=16), "vim_s": dict(E=768, L=197, N=16)}
+QUICK_SCAN_SHAPES = {"vim_ti": dict(E=32, L=17, N=4), "vim_s": dict(E=64, L=17, N=4)}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each fn, run round-robin so drifts in machine load hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _mambapy_scan() -> Callable[..., Tensor] | None:
+    """mambapy's parallel (Blelloch) scan wrapped to our signature, or None when mambapy is absent."""
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        return None
+
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        # mambapy works in (batch, L, E[, N]); it materialises (batch, L, E, N) decays and inputs
+        if delta_bias is not None:
+            delta = delta + delta_bias[:, None]
+        dt = (F.softplus(delta) if delta_softplus else delta).transpose(1, 2)  # (b, L, E)
+        x = u.transpose(1, 2)
+        dA = torch.exp(dt.unsqueeze(-1) * A)  # (b, L, E, N)
+        BX = (dt * x).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(2)  # (b, L, E, N)
+        hs = pscan(dA, BX)
+        y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(3)  # (b, L, E)
+        if D is not None:
+            y = y + D * x
+        if z is not None:
+            y = y * F.silu(z.transpose(1, 2))
+        return y.transpose(1, 2)
+
+    return scan
+
+
+def _scan_impls(device: torch.device) -> dict[str, Callable[..., Tensor] | str]:
+    """Name -> scan function, or a string saying why it is unavailable."""
+    impls: dict[str, Callable[..., Tensor] | str] = {"reference": selective_scan_ref}
+    for impl in ("cpu", "torch"):
+        impls[impl] = lambda *a, _impl=impl, **k: selective_scan(*a, impl=_impl, **k)
+    if device.type == "cuda":
+        try:
+            from shufflemamba.ops.triton_scan import selective_scan_triton, triton_available
+        except ImportError as e:  # pragma: no cover
+            impls["triton"] = f"unavailable ({e})"
+        else:
+            impls["triton"] = selective_scan_triton if triton_available("cuda") else "unavailable (no triton)"
+    else:
+        impls["triton"] = "unavailable (needs CUDA; the CPU interpreter is for tests only)"
+    impls["mambapy"] = _mambapy_scan() or "unavailable (pip install mambapy)"
+    return impls
+
+
+def _scan_inputs(batch: int, E: int, L: int, N: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> dict[str, Tensor]:
+    """Inputs scaled like a Vim mixer's, as leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    dt = torch.exp(torch.rand(E, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    t = dict(
+        u=rnd(batch, E, L), delta=0.5 * rnd(batch, E, L),
+        A=-torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1),
+        B=rnd(batch, N, L), C=rnd(batch, N, L), D=torch.ones(E), z=rnd(batch, E, L),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),
+    )
+    act = ("u", "delta", "B", "C", "z")
+    return {k: v.to(device, dtype if k in act else torch.float32).requires_grad_() for k, v in t.items()}
+
+
+def _scan_bytes(batch: int, E: int, L: int, N: int, elem: int) -> int:
+    """Bytes a fused forward+backward must move at least: 4 (batch, E, L) tensors forward (u, delta, z
+    read, out written), 7 backward (u, delta, z, grad read; du, ddelta, dz written), B and C read
+    twice and dB, dC written once. Parameters and chunk states are small and left out."""
+    return elem * (11 * batch * E * L + 6 * batch * N * L)
+
+
+# -- sections -----------------------------------------------------------------------------------------
+def bench_scan(device: torch.device, quick: bool, repeats: int, batch: int,
+               dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
+    """Forward+backward of every scan implementation on each shape; one record per (shape, impl)."""
+    impls = _scan_impls(device)
+    records = []
+    for shape_name, shp in (QUICK_SCAN_SHAPES if quick else SCAN_SHAPES).items():
+        E, L, N = shp["E"], shp["L"], shp["N"]
+        inputs = _scan_inputs(batch, E, L, N, device, dtype)
+        gout = torch.randn(batch, E, L, device=device, dtype=dtype)
+        with torch.no_grad():
+            ref = selective_scan_ref(**inputs, delta_softplus=True).float()
+        fns, base = {}, dict(shape=shape_name, batch=batch, E=E, L=L, N=N, dtype=str(dtype).replace("torch.", ""))
+        for name, fn in impls.items():
+            rec = dict(base, impl=name)
+            records.append(rec)
+            if isinstance(fn, str):
+                rec.update(status=fn)
+                continue
+            try:
+                with torch.no_grad():
+                    out = fn(**inputs, delta_softplus=True)
+                rec["max_abs_err_vs_ref"] = (out.float() - ref).abs().max().item()
+            except Exception as e:  # a teammate's path not there yet, an unsupported device...
+                rec.update(status=f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                continue
+            rec["status"] = "ok"
+
+            def step(fn=fn):
+                for t in inputs.values():
+                    t.grad = None
+                fn(**inputs, delta_softplus=True).backward(gout)
+
+            fns[name] = step
+        times = _time_interleaved(fns, repeats, warmup=1, device=device)
+        ref_ms = statistics.median(times["reference"]) * 1e3 if "reference" in times else None
+        nbytes = _scan_bytes(batch, E, L, N, torch.finfo(dtype).bits // 8)
+        for rec in records[-len(impls):]:
+            if rec["impl"] in times:
+                ms = statistics.median(times[rec["impl"]]) * 1e3
+                rec.update(ms_fwd_bwd=ms, ms_all=[t * 1e3 for t in times[rec["impl"]]],
+                           speedup_vs_ref=(ref_ms / ms) if ref_ms else None,
+                           gbytes_per_s=nbytes / (ms * 1e-3) / 1e9)
+    return records
+
+
+def _make_model(name: str, quick: bool, device: torch.device, **kwargs: Any) -> torch.nn.Module:
+    import timm
+
+    if quick:  # tiny stand-in with the same code paths: 2 blocks, 32 px (4 patches)
+        kwargs.update(img_size=32, depth=2)
+    return timm.create_model(name, num_classes=10 if quick else 1000, **kwargs).to(device)
+
+
+def _train_step_fn(model: torch.nn.Module, batch: int, img: int, device: torch.device,
+                   amp: torch.dtype | None) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=g).to(device)
+    num_classes = model.num_classes if hasattr(model, "num_classes") else 1000
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_train(device: torch.device, quick: bool, repeats: int, batch: int,
+                amp: torch.dtype | None) -> dict[str, Any]:
+    """Training-step images/s of vim_tiny / vim_small with SLWS off and at rate 0.5, interleaved."""
+    img = 32 if quick else 224
+    out: dict[str, Any] = {"batch": batch, "img_size": img, "amp": str(amp) if amp else None, "models": {}}
+    for name in ("vim_tiny_patch16_224", "vim_small_patch16_224"):
+        rec: dict[str, Any] = {}
+        out["models"][name] = rec
+        try:
+            model = _make_model(name, quick, device)
+            if not hasattr(model, "set_slws"):
+                raise TypeError(f"{type(model).__name__} has no set_slws")
+        except Exception as e:
+            rec["status"] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            continue
+        step = _train_step_fn(model, batch, img, device, amp)
+
+        def run(rate: float) -> None:
+            model.set_slws(rate)
+            step()
+
+        times = _time_interleaved({"off": lambda: run(0.0), "slws_0.5": lambda: run(0.5)}, repeats, 1, device)
+        off, on = statistics.median(times["off"]), statistics.median(times["slws_0.5"])
+        # the ratio of each interleaved pair is steadier than the ratio of medians on a busy machine
+        paired = statistics.median(b / a for a, b in zip(times["off"], times["slws_0.5"]))
+        rec.update(status="ok", ms_off=off * 1e3, ms_slws=on * 1e3, images_per_s_off=batch / off,
+                   images_per_s_slws=batch / on, slws_overhead=on / off - 1, slws_overhead_paired=paired - 1,
+                   repeats=repeats)
+        del model, step
+    return out
+
+
+def bench_gpu(device: torch.device, quick: bool, repeats: int, scan_records: list[dict[str, Any]],
+              batch: int) -> dict[str, Any]:
+    """Copy-bandwidth peak, the Triton scan's fraction of it, and Vim-S vs DeiT-S training images/s."""
+    out: dict[str, Any] = {}
+    n = (64 if quick else 1024) * 2**20  # bytes
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = _time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=max(repeats, 5), warmup=2, device=device)
+    peak = 2 * n / statistics.median(t["copy"]) / 1e9  # read + write
+    out["copy_peak_gbytes_per_s"] = peak
+    del src, dst
+    out["scan_bandwidth"] = [
+        dict(shape=r["shape"], gbytes_per_s=r["gbytes_per_s"], fraction_of_peak=r["gbytes_per_s"] / peak)
+        for r in scan_records if r["impl"] == "triton" and r.get("status") == "ok"
+    ]
+    amp = torch.bfloat16
+    res: dict[str, Any] = {"batch": batch, "amp": "bfloat16"}
+    for name in ("vim_small_patch16_224", "deit_small_patch16_224"):
+        try:
+            if quick:
+                import timm
+
+                kw = dict(img_size=32, depth=2) if name.startswith("vim") else dict(img_size=32, depth=2)
+                model = timm.create_model(name, num_classes=10, **kw).to(device)
+            else:
+                model = _make_model(name, False, device)
+            img = 32 if quick else 224
+            step = _train_step_fn(model, batch, img, device, amp)
+            tt = _time_interleaved({"s": step}, repeats, 2, device)["s"]
+            res[name] = dict(status="ok", images_per_s=batch / statistics.median(tt))
+            del model, step
+        except Exception as e:
+            res[name] = dict(status=f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    v, d = res["vim_small_patch16_224"], res["deit_small_patch16_224"]
+    if v.get("status") == "ok" and d.get("status") == "ok":
+        res["vim_over_deit"] = v["images_per_s"] / d["images_per_s"]
+    out["train_vs_deit"] = res
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------------------
+def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
+        "device": str(device), "device_name": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        meta["device_name"] = torch.cuda.get_device_name(device)
+    for mod in ("triton", "mambapy", "timm"):
+        try:
+            meta[mod] = importlib.metadata.version(mod)
+        except importlib.metadata.PackageNotFoundError:
+            meta[mod] = None
+    return meta
+
+
+def _fmt(x: Any, spec: str = ".1f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and x is not None else "-"
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    m = res["meta"]
+    lines = [
+        "## Benchmark suite (`shufflemamba bench`)", "",
+        f"Run {m['date']}{' (--quick: tiny sizes, smoke test only)' if m['quick'] else ''} on "
+        f"**{m['device_name']}** ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
+        f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats.", "",
+        "### Selective scan, forward + backward", "",
+        "| shape | batch, E, L, N | impl | ms | speedup vs reference | max abs err vs ref | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["scan"]:
+        lines.append(
+            f"| {r['shape']} | {r['batch']}, {r['E']}, {r['L']}, {r['N']} | {r['impl']} | {_fmt(r.get('ms_fwd_bwd'))}"
+            f" | {_fmt(r.get('speedup_vs_ref'), '.2f')} | {_fmt(r.get('max_abs_err_vs_ref'), '.1e')} | {r['status']} |")
+    t = res["train"]
+    lines += ["", f"### Training step (batch {t['batch']}, {t['img_size']} px, "
+                  f"{t['amp'] or 'fp32'}, AdamW), SLWS off vs rate 0.5", "",
+              "| model | img/s SLWS off | img/s SLWS 0.5 | overhead (ratio of medians) | overhead (median of pairs) |"
+              " status |", "|---|---|---|---|---|---|"]
+    for name, r in t["models"].items():
+        lines.append(f"| {name} | {_fmt(r.get('images_per_s_off'), '.2f')} | {_fmt(r.get('images_per_s_slws'), '.2f')}"
+                     f" | {_fmt(100 * r['slws_overhead'] if 'slws_overhead' in r else None, '+.2f')}%"
+                     f" | {_fmt(100 * r['slws_overhead_paired'] if 'slws_overhead_paired' in r else None, '+.2f')}%"
+                     f" | {r['status']} |")
+    lines += ["", "Target: SLWS overhead at most 2% of a training step.", "", "### GPU", ""]
+    g = res.get("gpu")
+    if not g or "skipped" in g:
+        lines.append(f"Not measured in this run: {g.get('skipped') if g else 'no GPU'}. Still unmeasured: "
+                     "Triton scan speedup vs reference (target >= 20x), its fraction of peak memory bandwidth "
+                     "(target >= 50%), Vim-S vs DeiT-S training images/s (target >= 0.7x).")
+    else:
+        lines.append(f"Copy peak (device-to-device): {_fmt(g['copy_peak_gbytes_per_s'])} GB/s.")
+        for b in g["scan_bandwidth"]:
+            lines.append(f"- Triton scan {b['shape']}: {_fmt(b['gbytes_per_s'])} GB/s = "
+                         f"{_fmt(100 * b['fraction_of_peak'])}% of peak (minimum-traffic byte count)")
+        tv = g["train_vs_deit"]
+        for name in ("vim_small_patch16_224", "deit_small_patch16_224"):
+            lines.append(f"- {name}: {_fmt(tv[name].get('images_per_s'))} img/s (batch {tv['batch']}, "
+                         f"{tv['amp']}) {tv[name]['status']}")
+        lines.append(f"- Vim-S / DeiT-S: {_fmt(tv.get('vim_over_deit'), '.2f')}x (target >= 0.7x)")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, section: str) -> None:
+    """Put ``section`` between the bench markers in ``path``, keeping everything else in the file."""
+    block = f"{BEGIN}\n{section}{END}\n"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shufflemamba bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs in seconds")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", default="runs/bench.json", help="where to write the results as JSON")
+    p.add_argument("--markdown", default="docs/benchmarks.md",
+                   help="markdown file whose <!-- bench:begin/end --> section is (re)written")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    p.add_argument("--scan-batch", type=int, default=None, help="batch of the scan benchmark")
+    p.add_argument("--train-batch", type=int, default=None, help="batch of the training-step benchmark")
+    p.add_argument("--skip", nargs="*", default=[], choices=["scan", "train", "gpu"], help="sections to skip")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite; returns a process exit code."""
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    for opt in ("repeats", "scan_batch", "train_batch"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    gpu = device.type == "cuda"
+    repeats = args.repeats or (2 if args.quick else 7)
+    scan_batch = args.scan_batch or (1 if args.quick else (8 if gpu else 2))
+    train_batch = args.train_batch or (2 if args.quick else (64 if gpu else 4))
+
+    res: dict[str, Any] = {"meta": _meta(device, args.quick)}
+    res["meta"].update(repeats=repeats)
+    if "scan" not in args.skip:
+        print(f"[bench] selective scan on {device} ...", file=sys.stderr)
+        res["scan"] = bench_scan(device, args.quick, repeats, scan_batch)
+    else:
+        res["scan"] = []
+    if "train" not in args.skip:
+        print("[bench] training steps, SLWS off vs 0.5 ...", file=sys.stderr)
+        res["train"] = bench_train(device, args.quick, repeats, train_batch, torch.bfloat16 if gpu else None)
+    else:
+        res["train"] = {"batch": train_batch, "img_size": None, "amp": None, "models": {}}
+    if gpu and "gpu" not in args.skip:
+        print("[bench] GPU bandwidth and Vim-S vs DeiT-S ...", file=sys.stderr)
+        res["gpu"] = bench_gpu(device, args.quick, repeats, res["scan"], train_batch)
+    else:
+        res["gpu"] = {"skipped": "no CUDA device" if not gpu else "--skip gpu"}
+
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(res, indent=2) + "\n")
+    section = to_markdown(res)
+    write_markdown(Path(args.markdown), section)
+    print(section)
+    print(f"[bench] wrote {json_path} and {args.markdown}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark suite: runs ``--quick`` and checks the shape of what it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shufflemamba import bench
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path):
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\nHand-written section that must survive.\n")
+    js = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--json", str(js), "--markdown", str(md)]) == 0
+
+    res = json.loads(js.read_text())
+    assert set(res) >= {"meta", "scan", "train", "gpu"}
+    assert res["meta"]["device"] == "cpu" and res["meta"]["torch"]
+    impls = {r["impl"] for r in res["scan"]}
+    assert impls >= {"reference", "cpu", "torch", "triton", "mambapy"}
+    assert {r["shape"] for r in res["scan"]} == {"vim_ti", "vim_s"}
+    for r in res["scan"]:
+        assert r["status"] == "ok" or r["status"].startswith("unavailable"), r
+        if r["status"] == "ok":
+            assert r["ms_fwd_bwd"] > 0 and r["gbytes_per_s"] > 0
+            assert r["max_abs_err_vs_ref"] < 1e-3, r  # every implementation agrees with the reference
+    ref = [r for r in res["scan"] if r["impl"] == "reference"]
+    assert len(ref) == 2 and all(r["status"] == "ok" for r in ref)
+    assert next(r for r in res["scan"] if r["impl"] == "triton")["status"].startswith("unavailable")
+
+    for name in ("vim_tiny_patch16_224", "vim_small_patch16_224"):
+        r = res["train"]["models"][name]
+        if r["status"] == "ok":  # the models package may not have landed yet
+            assert r["images_per_s_off"] > 0 and r["images_per_s_slws"] > 0
+            assert r["slws_overhead"] > -1
+    assert "skipped" in res["gpu"]
+
+    text = md.read_text()
+    assert "Hand-written section that must survive." in text
+    assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
+    assert "Selective scan, forward + backward" in text
+
+
+def test_write_markdown_replaces_only_its_section(tmp_path):
+    md = tmp_path / "b.md"
+    md.write_text(f"intro\n\n{bench.BEGIN}\nold\n{bench.END}\n\n## Selective scan (CPU)\nkept\n")
+    bench.write_markdown(md, "new\n")
+    text = md.read_text()
+    assert "old" not in text and "new" in text
+    assert text.startswith("intro") and text.rstrip().endswith("kept")
+    bench.write_markdown(md, "newer\n")
+    assert md.read_text().count(bench.BEGIN) == 1 and "newer" in md.read_text()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="--repeats"):
+        bench.main(["--quick", "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--skip", "nonsense"])
