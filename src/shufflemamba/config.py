@@ -1,0 +1,228 @@
+"""Training configuration: defaults, shipped presets, YAML files and flag overrides.
+
+Precedence, lowest to highest: ``DEFAULTS`` < preset / YAML file (``--config``) < explicit flags.
+The resolved configuration is a plain ``dict`` (written to ``OUTPUT/config.yaml`` and stored in
+every checkpoint), validated by :func:`validate_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line on stderr, no traceback."""
+
+
+# Every key a config may hold. Values are the defaults (a small-scale DeiT-style recipe).
+DEFAULTS: dict[str, Any] = {
+    # model
+    "model": "vim_tiny_patch16_224",
+    "model_kwargs": {},
+    "drop_path": None,  # None: the model's default (as for the two SLWS options)
+    "slws_rate": None,
+    "slws_schedule": None,
+    "init_from": None,  # checkpoint whose weights start the run (fine-tuning; pos_embed resized)
+    # data
+    "data_dir": None,
+    "dataset": None,  # None: ImageFolder layout under data_dir; or "fashion-mnist"
+    "img_size": 224,
+    "crop_pct": 0.875,
+    "scale": [0.08, 1.0],  # RandomResizedCrop area range
+    "ratio": [0.75, 1.3333333333333333],
+    "hflip": 0.5,
+    "interpolation": "bicubic",
+    "mean": None,  # None: ImageNet mean/std (first channel only when in_chans == 1)
+    "std": None,
+    "train_subset": None,  # int: train on a fixed random subset of this many images
+    "val_subset": None,
+    "workers": 2,
+    # augmentation / regularisation
+    "aa": None,  # e.g. "rand-m9-mstd0.5-inc1"
+    "color_jitter": 0.0,
+    "reprob": 0.0,
+    "remode": "pixel",
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5,
+    "smoothing": 0.1,
+    "repeated_aug": False,  # RepeatAugSampler, used under DDP only (as in DeiT)
+    # optimisation
+    "epochs": 300,
+    "batch_size": 128,  # per process
+    "accum_steps": 1,
+    "opt": "adamw",
+    "opt_betas": [0.9, 0.999],
+    "opt_eps": 1e-8,
+    "lr": 5e-4,
+    "scale_lr": True,  # lr *= total batch / 512 (DeiT rule); false: lr is absolute
+    "min_lr": 1e-5,
+    "warmup_lr": 1e-6,
+    "warmup_epochs": 5,
+    "sched": "cosine",
+    "sched_on_updates": True,  # per-optimizer-step lr updates (smooth warmup on short runs)
+    "weight_decay": 0.05,
+    "clip_grad": None,
+    "model_ema": False,
+    "model_ema_decay": 0.9999,
+    "amp": False,  # bf16 autocast (fp16 + GradScaler with amp_dtype float16)
+    "amp_dtype": "bfloat16",
+    "max_nonfinite": 5,  # consecutive non-finite losses before the run stops
+    # run
+    "seed": 0,
+    "device": None,  # None: cuda when available, else cpu
+    "output": "runs/train",
+    "resume": None,
+    "log_interval": 50,
+    "save_best": True,
+}
+
+PRESET_DIR = "configs"
+DATASET_NAMES = {"fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``shufflemamba/configs``."""
+    root = resources.files("shufflemamba").joinpath(PRESET_DIR)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config_file(name_or_path: str) -> dict[str, Any]:
+    """Load a YAML config from a file path or a shipped preset name.
+
+    Raises:
+        UserError: unknown preset, unreadable file, not a mapping, or unknown keys.
+    """
+    if os.path.isfile(name_or_path):
+        with open(name_or_path, encoding="utf-8") as f:
+            text = f.read()
+        source = name_or_path
+    else:
+        name = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+        presets = list_presets()
+        if name not in presets:
+            raise UserError(f"unknown preset or missing config file '{name_or_path}'; presets: {', '.join(presets)}")
+        text = resources.files("shufflemamba").joinpath(PRESET_DIR, name + ".yaml").read_text(encoding="utf-8")
+        source = f"preset {name}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config {source} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {source} must be a YAML mapping of option: value")
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"config {source} has unknown option(s): {', '.join(unknown)}")
+    return data
+
+
+def parse_kv_list(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are read as YAML scalars (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not key.isidentifier():
+            raise UserError(f"malformed --model-kwargs entry '{item}': expected key=value")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"malformed --model-kwargs value in '{item}'") from None
+    return out
+
+
+def resolve_config(config: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge defaults, the ``--config`` file or preset, and explicit overrides (None = not given)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if config:
+        cfg.update(load_config_file(config))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in DEFAULTS:
+            raise UserError(f"unknown option '{key}'")
+        if key == "model_kwargs":
+            cfg[key] = {**(cfg.get(key) or {}), **value}  # flag kwargs add to / override the preset's
+        else:
+            cfg[key] = value
+    return validate_config(cfg)
+
+
+def _check_range(cfg: dict[str, Any], key: str, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        bracket = "(" if lo_open else "["
+        raise UserError(f"{key} must be in {bracket}{lo}, {hi}], got {value}")
+
+
+def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check types and ranges; normalise a few values. Returns ``cfg``.
+
+    Raises:
+        UserError: with a message naming the offending option.
+    """
+    for key in ("epochs", "batch_size", "accum_steps", "img_size", "workers", "seed", "max_nonfinite", "log_interval"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
+            raise UserError(f"{key} must be an integer, got {cfg[key]!r}")
+    if cfg["epochs"] < 0:
+        raise UserError(f"epochs must be >= 0, got {cfg['epochs']}")
+    for key in ("batch_size", "accum_steps", "img_size", "max_nonfinite", "log_interval"):
+        if cfg[key] < 1:
+            raise UserError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["workers"] < 0:
+        raise UserError(f"workers must be >= 0, got {cfg['workers']}")
+    for key in ("slws_rate", "drop_path"):
+        if cfg[key] is not None:
+            _check_range(cfg, key, 0.0, 1.0)
+    for key in ("reprob", "mixup_prob", "mixup_switch_prob", "hflip"):
+        _check_range(cfg, key, 0.0, 1.0)
+    _check_range(cfg, "smoothing", 0.0, 0.999)
+    _check_range(cfg, "crop_pct", 0.0, 1.0, lo_open=True)
+    _check_range(cfg, "model_ema_decay", 0.0, 1.0, lo_open=True)
+    for key in ("mixup", "cutmix", "weight_decay", "min_lr", "warmup_lr", "warmup_epochs", "color_jitter"):
+        _check_range(cfg, key, 0.0, float("inf"))
+    _check_range(cfg, "lr", 0.0, float("inf"), lo_open=True)
+    if cfg["clip_grad"] is not None:
+        _check_range(cfg, "clip_grad", 0.0, float("inf"), lo_open=True)
+    if cfg["slws_schedule"] not in (None, "linear", "constant"):
+        raise UserError(f"slws_schedule must be 'linear' or 'constant', got {cfg['slws_schedule']!r}")
+    if cfg["amp_dtype"] not in ("bfloat16", "float16"):
+        raise UserError(f"amp_dtype must be 'bfloat16' or 'float16', got {cfg['amp_dtype']!r}")
+    if not isinstance(cfg["model_kwargs"], dict):
+        raise UserError("model_kwargs must be a mapping of keyword: value")
+    if not isinstance(cfg["model"], str) or not cfg["model"]:
+        raise UserError("model must be a model name")
+    betas = cfg["opt_betas"]
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
+        raise UserError(f"opt_betas must be two numbers in [0, 1), got {betas!r}")
+    cfg["opt_betas"] = [float(b) for b in betas]
+    for key in ("scale", "ratio"):
+        v = cfg[key]
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and 0 < float(v[0]) <= float(v[1])):
+            raise UserError(f"{key} must be two increasing positive numbers, got {v!r}")
+        cfg[key] = [float(x) for x in v]
+    for key in ("train_subset", "val_subset"):
+        if cfg[key] is not None and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg["dataset"] is not None:
+        name = str(cfg["dataset"]).lower()
+        if name not in DATASET_NAMES:
+            raise UserError(f"unknown dataset '{cfg['dataset']}'; known: fashion-mnist (or use --data-dir with train/ and val/)")
+        cfg["dataset"] = DATASET_NAMES[name]
+    return cfg
+
+
+def dump_config(cfg: dict[str, Any], path: str) -> None:
+    """Write the resolved config as YAML (atomically: tmp file + rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f, sort_keys=True)
+    os.replace(tmp, path)

@@ -1,0 +1,267 @@
+"""Datasets, transforms and loaders: ImageFolder-layout directories and Fashion-MNIST (IDX files).
+
+Images are decoded with PIL (never torchvision.io, whose compiled ops may not load here). A corrupt or
+unreadable image is skipped: the dataset warns once naming the file and returns ``None``;
+:func:`collate_skip` drops those samples from the batch and reports how many it dropped, so the
+training loop can count them. The run goes on with a slightly smaller batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from .config import UserError
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _image_extensions() -> set[str]:
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+class ImageFolderPIL(Dataset):
+    """``root/<class>/<image>`` decoded with PIL; classes are the sorted sub-directory names.
+
+    Args:
+        root: split directory (e.g. ``data/train``).
+        transform: applied to the PIL image.
+        mode: PIL mode the image is converted to (``"RGB"`` or ``"L"``).
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None, mode: str = "RGB") -> None:
+        if not os.path.isdir(root):
+            raise UserError(f"data directory '{root}' does not exist")
+        self.root, self.transform, self.mode = root, transform, mode
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not self.classes:
+            raise UserError(f"data directory '{root}' has no class sub-directories")
+        exts = _image_extensions()
+        self.samples: list[tuple[str, int]] = []
+        for idx, cls in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+                for name in sorted(files):
+                    if os.path.splitext(name)[1].lower() in exts and not name.startswith("."):
+                        self.samples.append((os.path.join(dirpath, name), idx))
+        if not self.samples:
+            raise UserError(f"data directory '{root}' has no images")
+        self.targets = [t for _, t in self.samples]
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)  # forces the full decode inside the try
+        except Exception as err:  # PIL raises many types for broken files
+            if path not in self._warned:  # once per file and worker process
+                self._warned.add(path)
+                print(f"warning: skipping unreadable image {path}: {type(err).__name__}: {err}", file=sys.stderr)
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): uint8 array of shape given by its header."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UserError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from the original IDX .gz files (Debian package ``dataset-fashion-mnist``).
+
+    Args:
+        root: directory holding the four IDX files; default the Debian location.
+        split: ``"train"`` (60k) or ``"val"`` (the 10k test set).
+        transform: applied to the 28x28 PIL image.
+        mode: ``"L"`` keeps one channel; ``"RGB"`` replicates it to three.
+    """
+
+    classes = FMNIST_CLASSES
+
+    def __init__(self, root: str | None = None, split: str = "train", transform: Callable | None = None, mode: str = "L") -> None:
+        root = root or FMNIST_DIR
+        img_file, lbl_file = FMNIST_FILES[split]
+        paths = [os.path.join(root, img_file), os.path.join(root, lbl_file)]
+        missing = [p for p in paths if not os.path.isfile(p) and not os.path.isfile(p[:-3])]
+        if missing:
+            raise UserError(
+                f"Fashion-MNIST file {missing[0]} not found; install it with "
+                "`sudo apt-get install dataset-fashion-mnist` (or pass --data-dir holding the IDX files)"
+            )
+        paths = [p if os.path.isfile(p) else p[:-3] for p in paths]
+        self.images = read_idx(paths[0])  # (N, 28, 28) uint8
+        self.targets = read_idx(paths[1]).astype(np.int64)  # (N,)
+        if len(self.images) != len(self.targets):
+            raise UserError(f"Fashion-MNIST files in {root} disagree on the number of samples")
+        self.transform, self.mode = transform, mode
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.images[index], mode="L")
+        if self.mode != "L":
+            img = img.convert(self.mode)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[index])
+
+
+def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collate, dropping samples the dataset returned as ``None``; returns (images, targets, n_skipped)."""
+    kept = [b for b in batch if b is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([b[0] for b in kept])
+    targets = torch.tensor([b[1] for b in kept], dtype=torch.long)
+    return images, targets, skipped
+
+
+def norm_stats(cfg: dict[str, Any], in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation mean/std with one value per input channel."""
+    mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(cfg.get("std") or IMAGENET_STD)
+    if len(mean) != in_chans:
+        mean = (sum(mean) / len(mean),) * in_chans if len(mean) != 1 else mean * in_chans
+    if len(std) != in_chans:
+        std = (sum(std) / len(std),) * in_chans if len(std) != 1 else std * in_chans
+    return mean, std
+
+
+def build_transform(cfg: dict[str, Any], in_chans: int, is_training: bool) -> Callable:
+    """timm transform: RandomResizedCrop / flip / RandAugment / jitter / erasing for training,
+    resize + centre crop (``crop_pct``) for evaluation."""
+    from timm.data import create_transform
+
+    mean, std = norm_stats(cfg, in_chans)
+    common = dict(input_size=(in_chans, cfg["img_size"], cfg["img_size"]), interpolation=cfg["interpolation"], mean=mean, std=std)
+    if not is_training:
+        return create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"])
+    return create_transform(
+        **common,
+        is_training=True,
+        scale=tuple(cfg["scale"]),
+        ratio=tuple(cfg["ratio"]),
+        hflip=cfg["hflip"],
+        color_jitter=cfg["color_jitter"] or None,
+        auto_augment=cfg["aa"] or None,
+        re_prob=cfg["reprob"],
+        re_mode=cfg["remode"],
+    )
+
+
+def build_dataset(cfg: dict[str, Any], split: str, in_chans: int, transform: Callable | None) -> Dataset:
+    """The ``split`` ("train" or "val") dataset the config names. Grayscale stays one channel when
+    ``in_chans == 1``; otherwise images are converted to RGB (grayscale replicated)."""
+    mode = "L" if in_chans == 1 else "RGB"
+    if in_chans not in (1, 3):
+        raise UserError(f"in_chans must be 1 or 3 for image data, got {in_chans}")
+    if cfg["dataset"] == "fashion-mnist":
+        return FashionMNIST(cfg["data_dir"], split, transform, mode)
+    if not cfg["data_dir"]:
+        raise UserError("no data: pass --data-dir DIR (with train/ and val/ class folders) or --dataset fashion-mnist")
+    root = os.path.join(cfg["data_dir"], split)
+    if not os.path.isdir(cfg["data_dir"]):
+        raise UserError(f"data directory '{cfg['data_dir']}' does not exist")
+    if not os.path.isdir(root):
+        raise UserError(f"data directory '{cfg['data_dir']}' has no {split}/ sub-directory")
+    return ImageFolderPIL(root, transform, mode)
+
+
+def class_names(ds: Dataset) -> list[str]:
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    return list(base.classes)
+
+
+def subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """A fixed random subset of ``n`` samples (all of them when n is None or >= len)."""
+    if n is None or n >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:n].sort().values.tolist()
+    return Subset(ds, idx)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sampler: rank r gets indices r, r + world, ... No padding, so summing the per-rank
+    counts over ranks gives exact totals (timm's/torch's distributed samplers pad with repeats)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loaders(cfg: dict[str, Any], in_chans: int, rank: int = 0, world: int = 1, train: bool = True) -> dict[str, Any]:
+    """Datasets and loaders. Returns dict with val_loader, num_classes and, when ``train``,
+    train_loader and train_sampler (call ``set_epoch`` on it each epoch).
+
+    Raises:
+        UserError: missing/empty data, or train and val class folders that differ.
+    """
+    out: dict[str, Any] = {}
+    val_ds = build_dataset(cfg, "val", in_chans, build_transform(cfg, in_chans, is_training=False))
+    classes = class_names(val_ds)
+    if train:
+        train_ds = build_dataset(cfg, "train", in_chans, build_transform(cfg, in_chans, is_training=True))
+        train_classes = class_names(train_ds)
+        if train_classes != classes:
+            diff = sorted(set(train_classes) ^ set(classes))
+            raise UserError(f"train/ and val/ class folders differ: {', '.join(diff[:5]) or 'order differs'}")
+        train_ds = subset(train_ds, cfg["train_subset"], cfg["seed"])
+        if cfg["repeated_aug"] and world > 1:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            sampler = RepeatAugSampler(train_ds, num_replicas=world, rank=rank, shuffle=True)
+        else:
+            # also used with world == 1: the order is a function of (seed, epoch), so resume is exact
+            sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
+        per_rank = len(sampler)
+        if per_rank < cfg["batch_size"]:
+            raise UserError(f"training set too small: {per_rank} images per process for batch size {cfg['batch_size']}")
+        out["train_loader"] = DataLoader(
+            train_ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"], drop_last=True,
+            collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), persistent_workers=cfg["workers"] > 0,
+        )
+        out["train_sampler"] = sampler
+    val_ds = subset(val_ds, cfg["val_subset"], cfg["seed"])
+    out["val_loader"] = DataLoader(
+        val_ds, batch_size=cfg["batch_size"], sampler=ShardSampler(len(val_ds), rank, world),
+        num_workers=cfg["workers"], collate_fn=collate_skip, pin_memory=torch.cuda.is_available(),
+    )
+    out["num_classes"] = len(classes)
+    out["classes"] = classes
+    return out

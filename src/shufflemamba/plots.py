@@ -1,0 +1,54 @@
+"""Loss / accuracy curves from ``metrics.jsonl`` (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Parse a metrics.jsonl file; returns [] when absent. Malformed lines (a crash mid-write) are skipped."""
+    rows: list[dict[str, Any]] = []
+    if not os.path.isfile(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str) -> str | None:
+    """Two panels (loss; top-1 accuracy) written atomically to ``path``. Returns the path, or None
+    when there is nothing to plot."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "s-", label="val")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_acc.plot(epochs, [r["val_top1"] for r in rows], "o-", label="val top-1")
+    if any("ema_top1" in r for r in rows):
+        ax_acc.plot([r["epoch"] for r in rows if "ema_top1" in r], [r["ema_top1"] for r in rows if "ema_top1" in r], "s--", label="EMA top-1")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.legend()
+    ax_acc.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
