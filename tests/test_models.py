@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 import shufflemamba  # noqa: F401  (registers the models in timm)
 import timm
 import torch
@@ -107,6 +108,8 @@ def test_state_dict_keys_are_the_official_names():
 def test_state_dict_round_trip_between_models_and_from_model_kwargs():
     a = timm.create_model("shufflemamba_base_patch16_224", **TINY)
     b = VisionMamba(**a.model_kwargs)  # rebuild from the stored constructor arguments alone
+    assert a.model_kwargs["embed_dim"] == 16 and a.model_kwargs["slws_rate"] == 0.5
+    assert yaml.safe_load(yaml.safe_dump(a.model_kwargs)) == a.model_kwargs  # plain values only
     b.load_state_dict(a.state_dict(), strict=True)
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(a.eval()(x), b.eval()(x))
@@ -160,7 +163,8 @@ def test_drop_path_schedule():
 def test_no_weight_decay_and_param_groups():
     model = timm.create_model("vim_tiny_patch16_224", **TINY)
     nwd = model.no_weight_decay()
-    expected = {"pos_embed", "cls_token"} | {f"layers.{i}.mixer.{k}" for i in range(2) for k in ("A_log", "A_b_log", "D", "D_b")}
+    ssm = ("A_log", "A_b_log", "D", "D_b")
+    expected = {"pos_embed", "cls_token"} | {f"layers.{i}.mixer.{k}" for i in range(2) for k in ssm}
     assert nwd == expected
     opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)  # reads model.no_weight_decay()
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}

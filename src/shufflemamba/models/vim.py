@@ -43,9 +43,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16, stride: int | None = None,
                  in_chans: int = 3, embed_dim: int = 192) -> None:
         super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = to_2tuple(patch_size)
-        self.stride = to_2tuple(stride or patch_size)
+        self.img_size = tuple(to_2tuple(img_size))  # tuple() also for lists read back from yaml / json
+        self.patch_size = tuple(to_2tuple(patch_size))
+        self.stride = tuple(to_2tuple(stride or patch_size))
         self.grid_size = tuple((i - p) // s + 1 for i, p, s in zip(self.img_size, self.patch_size, self.stride))
         if min(self.grid_size) < 1:
             raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
@@ -125,6 +125,8 @@ class VisionMamba(nn.Module):
     ) -> None:
         super().__init__()
         self.model_kwargs: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if isinstance(img_size, (tuple, list)) and len(set(img_size)) == 1:
+            self.model_kwargs["img_size"] = int(img_size[0])  # timm passes (224, 224); keep it plain
         if cls_position not in CLS_POSITIONS:
             raise ValueError(f"cls_position must be one of {CLS_POSITIONS}, got {cls_position!r}")
         if slws_schedule not in SCHEDULES:
