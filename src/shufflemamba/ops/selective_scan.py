@@ -49,6 +49,58 @@ def selective_scan_ref(
     return y.to(dtype_in)
 
 
+IMPLS = ("auto", "ref", "cpu", "torch", "triton")
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    """Raise a one-line TypeError / ValueError naming the first bad argument."""
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    for name, t in named.items():
+        if t is None and name in ("D", "z", "delta_bias"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != u.device:
+            raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, E, L), got shape {tuple(u.shape)}")
+    batch, E, L = u.shape
+    if A.dim() != 2 or A.shape[0] != E:
+        raise ValueError(f"selective_scan: A must be (E={E}, N), got shape {tuple(A.shape)}")
+    N = A.shape[1]
+    expected = dict(delta=(batch, E, L), z=(batch, E, L), B=(batch, N, L), C=(batch, N, L), D=(E,), delta_bias=(E,))
+    for name, shape in expected.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32: half types are computed in float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"selective_scan: unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    if device.type == "cuda":
+        try:
+            from . import triton_scan  # noqa: F401  (needs triton and a GPU kernel)
+
+            return "triton"
+        except ImportError:
+            return "torch"
+    if device.type == "cpu":
+        from .cpu_scan import cpu_scan_available
+
+        return "cpu" if cpu_scan_available() else "torch"
+    return "torch"
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -61,6 +113,50 @@ def selective_scan(
     delta_softplus: bool = False,
     impl: str = "auto",
 ) -> Tensor:
-    """Selective scan; ``impl`` picks the implementation ("auto" picks the fastest available)."""
-    # Placeholder dispatcher: the fast CPU and Triton paths plug in here.
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    """Selective scan with mamba_ssm ``selective_scan_fn`` semantics, differentiable in every tensor.
+
+    Args:
+        u: Input, (batch, E, L).
+        delta: Step sizes before bias / softplus, (batch, E, L).
+        A: State matrix (diagonal per channel), (E, N); negative for a stable scan.
+        B: Input projection, (batch, N, L).
+        C: Output projection, (batch, N, L).
+        D: Skip connection, (E,).
+        z: Gate, (batch, E, L): the output is multiplied by silu(z).
+        delta_bias: Added to delta before the softplus, (E,).
+        delta_softplus: Apply softplus to delta (+ bias).
+        impl: "auto" (CUDA: "triton" if importable else "torch"; CPU: "cpu" if the kernel builds,
+            else "torch"), "cpu" (compiled C kernel), "torch" (pure PyTorch, hand-written
+            backward, any device), "triton" (GPU kernel), or "ref" (the plain reference).
+
+    Returns:
+        Output, (batch, E, L), in u's dtype. float16 / bfloat16 inputs are computed in float32.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    impl = _resolve_impl(impl, u.device)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if impl == "ref":
+        return selective_scan_ref(*args)
+    if impl == "triton":
+        try:
+            from .triton_scan import selective_scan_triton
+        except ImportError as exc:
+            raise ImportError(f"selective_scan: impl='triton' needs the triton package ({exc})") from exc
+        return selective_scan_triton(*args)
+    # the fast paths take one float32 / float64 dtype; .to() is differentiable, so gradients
+    # come back in each input's own dtype
+    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    cast = [t if t is None else t.to(dtype) for t in args[:-1]]
+    if impl == "cpu":
+        if u.device.type != "cpu":
+            raise ValueError(f"selective_scan: impl='cpu' needs CPU tensors, got {u.device}")
+        from .cpu_scan import cpu_scan_available, selective_scan_cpu
+
+        if not cpu_scan_available():
+            raise RuntimeError("selective_scan: impl='cpu' unavailable (the C kernel did not build); use impl='torch'")
+        out = selective_scan_cpu(*cast, delta_softplus)
+    else:
+        from .torch_scan import selective_scan_torch
+
+        out = selective_scan_torch(*cast, delta_softplus)
+    return out.to(u.dtype)
