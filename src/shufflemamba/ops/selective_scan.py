@@ -89,11 +89,10 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
         return impl
     if device.type == "cuda":
         try:
-            from . import triton_scan  # noqa: F401  (needs triton and a GPU kernel)
-
-            return "triton"
+            from .triton_scan import triton_available
         except ImportError:
             return "torch"
+        return "triton" if triton_available(device) else "torch"
     if device.type == "cpu":
         from .cpu_scan import cpu_scan_available
 
@@ -139,9 +138,14 @@ def selective_scan(
         return selective_scan_ref(*args)
     if impl == "triton":
         try:
-            from .triton_scan import selective_scan_triton
+            from .triton_scan import selective_scan_triton, triton_available
         except ImportError as exc:
             raise ImportError(f"selective_scan: impl='triton' needs the triton package ({exc})") from exc
+        if not triton_available(u.device):
+            raise RuntimeError(
+                f"selective_scan: impl='triton' cannot run on {u.device} (needs triton and a CUDA "
+                "device, or TRITON_INTERPRET=1 for CPU tests)"
+            )
         return selective_scan_triton(*args)
     # the fast paths take one float32 / float64 dtype; .to() is differentiable, so gradients
     # come back in each input's own dtype
