@@ -1,0 +1,81 @@
+"""Selective-scan benchmark on the CPU: forward + backward of every implementation, side by side.
+
+    python benchmarks/bench_scan.py --threads 2 --json benchmarks/results/scan-cpu.json \\
+        --markdown benchmarks/results/scan-cpu.md
+
+Prints a table (with the ratio to a plain unbind loop with autograd) and optionally writes the
+rows as JSON and a markdown section ready for docs/benchmarks.md. Not a test: timings depend on
+the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import shufflemamba  # noqa: F401  (applies the torchvision shim before anything imports timm)
+from shufflemamba.ops.benchmark import DEFAULT_IMPLS, SCAN_SHAPES, ScanShape, bench_scan, scan_markdown
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SCAN_SHAPES), help=f"named shapes: {', '.join(SCAN_SHAPES)}")
+    p.add_argument("--shape", action="append", default=[], metavar="B,E,L,N", help="an extra custom shape")
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), help="unbind, ref, torch, cpu, triton")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--json", type=Path, help="write the rows (and the environment) here")
+    p.add_argument("--markdown", type=Path, help="write a markdown section here")
+    args = p.parse_args(argv)
+
+    unknown = [s for s in args.shapes if s not in SCAN_SHAPES]
+    if unknown:
+        p.error(f"unknown shape(s) {unknown}; known: {', '.join(SCAN_SHAPES)}")
+    shapes = [SCAN_SHAPES[s] for s in args.shapes]
+    for spec in args.shape:
+        try:
+            b, e, l, n = (int(v) for v in spec.split(","))
+        except ValueError:
+            p.error(f"--shape wants B,E,L,N (four integers), got {spec!r}")
+        shapes.append(ScanShape(f"custom", b, e, l, n))
+
+    rows = bench_scan(shapes, args.impls, threads=args.threads, repeat=args.repeat, warmup=args.warmup,
+                      dtype=getattr(torch, args.dtype))  # fmt: skip
+    env = {"cpu": cpu_model(), "torch": torch.__version__, "threads": args.threads, "python": platform.python_version()}
+    command = "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = scan_markdown(rows)
+    print(f"{env['cpu']}, torch {env['torch']}, {args.threads} threads, {args.dtype}, median of {args.repeat}")
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"env": env, "command": command, "rows": rows}, indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(
+            "## Selective scan (CPU)\n\n"
+            f"Device: {env['cpu']}; torch {env['torch']}; {args.threads} threads; {args.dtype}; "
+            f"forward + backward with D, z, delta_bias and softplus; median of {args.repeat} runs.\n\n"
+            f"Command: `{command}`\n\n{table}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
