@@ -1,0 +1,105 @@
+"""Data pipeline: PIL ImageFolder, corrupt-image skipping, channels, Fashion-MNIST IDX reading."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import shufflemamba  # noqa: F401
+from shufflemamba.config import UserError, resolve_config
+from shufflemamba.data import FMNIST_DIR, FashionMNIST, ImageFolderPIL, build_loaders, collate_skip, read_idx
+
+
+def _folder(root, classes=("a", "b"), n=4, size=12, split="train"):
+    for c in classes:
+        d = os.path.join(root, split, c)
+        os.makedirs(d, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(os.path.join(d, f"{i}.png"))
+    return root
+
+
+def _cfg(**kw):
+    return resolve_config(None, {"img_size": 8, "batch_size": 2, "workers": 0, "crop_pct": 1.0, **kw})
+
+
+def test_corrupt_image_is_skipped_warned_and_counted(tmp_path, capfd):
+    root = _folder(str(tmp_path), n=3)
+    bad = os.path.join(root, "train", "a", "broken.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8 not really a jpeg")
+    ds = ImageFolderPIL(os.path.join(root, "train"), transform=lambda im: torch.from_numpy(np.array(im)))
+    assert len(ds) == 7 and ds.classes == ["a", "b"]
+    idx = [p for p, _ in ds.samples].index(bad)
+    assert ds[idx] is None
+    assert "broken.jpg" in capfd.readouterr().err
+    images, targets, skipped = collate_skip([ds[0], ds[idx], ds[1]])
+    assert skipped == 1 and len(images) == 2 and targets.tolist() == [0, 0]
+
+
+def test_channels_follow_in_chans(tmp_path):
+    root = _folder(str(tmp_path))
+    _folder(root, split="val")
+    for in_chans in (1, 3):
+        out = build_loaders(_cfg(data_dir=root), in_chans)
+        x, y, skipped = next(iter(out["train_loader"]))
+        assert x.shape == (2, in_chans, 8, 8) and skipped == 0
+        xv, _, _ = next(iter(out["val_loader"]))
+        assert xv.shape[1:] == (in_chans, 8, 8)
+        assert out["num_classes"] == 2
+
+
+def test_class_mismatch_and_missing_dirs(tmp_path):
+    root = _folder(str(tmp_path), classes=("a", "b"))
+    _folder(root, classes=("a", "c"), split="val")
+    with pytest.raises(UserError, match="class folders differ"):
+        build_loaders(_cfg(data_dir=root), 3)
+    with pytest.raises(UserError, match="does not exist"):
+        build_loaders(_cfg(data_dir=str(tmp_path / "nope")), 3)
+    os.makedirs(tmp_path / "empty" / "val")
+    with pytest.raises(UserError, match="no class sub-directories"):
+        build_loaders(_cfg(data_dir=str(tmp_path / "empty")), 3)
+    with pytest.raises(UserError, match="--data-dir"):
+        build_loaders(_cfg(), 3)
+
+
+def _write_idx(path, arr):
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_idx_files_in_data_dir(tmp_path):
+    imgs = np.arange(5 * 28 * 28).reshape(5, 28, 28) % 251
+    labels = np.array([3, 1, 4, 1, 5])
+    for split, (fi, fl) in {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                            "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}.items():
+        _write_idx(str(tmp_path / fi), imgs)
+        _write_idx(str(tmp_path / fl), labels)
+    assert np.array_equal(read_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz")), imgs)
+    ds = FashionMNIST(str(tmp_path), "val", mode="L")
+    img, y = ds[2]
+    assert y == 4 and np.array_equal(np.asarray(img), imgs[2])
+    rgb, _ = FashionMNIST(str(tmp_path), "train", mode="RGB")[0]
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb)[..., 2], imgs[0])
+
+
+def test_missing_fashion_mnist_explains_apt(tmp_path):
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNIST(str(tmp_path), "train")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(FMNIST_DIR, "t10k-images-idx3-ubyte.gz")), reason="dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist_reads():
+    out = build_loaders(_cfg(dataset="fashion-mnist", img_size=28, val_subset=16, mean=[0.286], std=[0.353]), 1, train=False)
+    assert out["num_classes"] == 10 and len(out["val_loader"].dataset) == 16
+    x, y, _ = next(iter(out["val_loader"]))
+    assert x.shape == (2, 1, 28, 28) and y.dtype == torch.long
+    ds = FashionMNIST(None, "train")
+    assert len(ds) == 60000 and set(np.unique(ds.targets)) == set(range(10))
