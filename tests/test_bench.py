@@ -34,7 +34,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         r = res["train"]["models"][name]
         if r["status"] == "ok":  # the models package may not have landed yet
             assert r["images_per_s_off"] > 0 and r["images_per_s_slws"] > 0
-            assert r["slws_overhead"] > -1
+            assert r["slws_overhead"] > -1 and r["slws_ops_ms"] > 0 and 0 < r["slws_ops_fraction"] < 1
     assert "skipped" in res["gpu"]
 
     text = md.read_text()
