@@ -183,7 +183,6 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     amp_dtype: str = "bfloat16",
-    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent), mean cross-entropy, image count and images/s over the
     whole loader (summed over DDP ranks; the sampler must shard without padding)."""
@@ -191,8 +190,6 @@ def evaluate(
     correct1 = correct5 = loss_sum = n = skipped = 0.0
     t0 = time.perf_counter()
     for x, y, sk in loader:
-        if stop is not None and stop():
-            break
         skipped += sk
         if len(x) == 0:
             continue
