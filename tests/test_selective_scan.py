@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401  (before timm / torchvision)
 from shufflemamba.ops import selective_scan, selective_scan_ref
@@ -201,3 +202,118 @@ def test_build_into_fresh_cache(monkeypatch, tmp_path):
     files = [p.name for p in tmp_path.iterdir()]
     assert len(files) == 1 and files[0].startswith("selective_scan_") and files[0].endswith(".so"), files
     _compare("cpu", torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10)
+
+
+# --- channel-last kernels of the Vim mixer (cpu_scan.selective_scan_cl / causal_conv1d_silu_cl) ---
+
+
+def _cl_flip(t, reverse):
+    return t.flip(1) if reverse else t
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("opts", [(True, True, True, True), (False, False, False, False), (True, False, True, False)],
+                         ids=["full", "bare", "D-bias"])
+@pytest.mark.parametrize("shape", [dict(batch=2, E=5, L=9, N=4), dict(batch=2, E=70, L=7, N=3)], ids=["small", "tail"])
+def test_scan_cl_matches_reference(reverse, opts, shape):
+    """Strided (sliced) B, C, z; reverse equals flip(scan(flip)); E=70 has a partial channel block."""
+    _needs("cpu")
+    D, z, bias, softplus = opts
+    u, delta, A, B, C, Dv, zv, bv = make_inputs(D=D, z=z, bias=bias, **shape)
+    batch, E, L, N = shape["batch"], shape["E"], shape["L"], shape["N"]
+    # channel-last views: B and C are slices of one (batch, L, 3 + 2N) tensor, z a slice of (batch, L, 2E)
+    xdbl = torch.cat([torch.zeros(batch, L, 3, dtype=u.dtype), B.transpose(1, 2), C.transpose(1, 2)], -1)
+    zwide = torch.cat([torch.zeros_like(u), zv], 1).transpose(1, 2) if z else None
+    cl = [u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A, xdbl[..., 3:3 + N],
+          xdbl[..., 3 + N:], Dv, zwide[..., E:] if z else None, bv]
+    assert not cl[3].is_contiguous() and (not z or not cl[6].is_contiguous())
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in cl]
+    out = cpu_scan.selective_scan_cl(*leaves, delta_softplus=softplus, reverse=reverse)
+    ref_leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in cl]
+    tr = [None if t is None else (_cl_flip(t, reverse).transpose(1, 2) if t.dim() == 3 else t) for t in ref_leaves]
+    ref = _cl_flip(selective_scan_ref(*tr, delta_softplus=softplus).transpose(1, 2), reverse)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    present = [i for i, t in enumerate(leaves) if t is not None]
+    grads = torch.autograd.grad(out, [leaves[i] for i in present], gout)
+    ref_grads = torch.autograd.grad(ref, [ref_leaves[i] for i in present], gout)
+    for g, rg in zip(grads, ref_grads):
+        assert g.shape == rg.shape
+        torch.testing.assert_close(g, rg, atol=1e-9, rtol=1e-9)
+
+
+def test_scan_cl_float32_and_gradcheck():
+    _needs("cpu")
+    u, delta, A, B, C, Dv, zv, bv = make_inputs(batch=2, E=3, L=5, N=2)
+    cl = [u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), Dv, zv.transpose(1, 2), bv]
+    leaves = [t.detach().contiguous().requires_grad_() for t in cl]
+    assert torch.autograd.gradcheck(lambda *a: cpu_scan.selective_scan_cl(*a, delta_softplus=True, reverse=True), leaves)
+    out32 = cpu_scan.selective_scan_cl(*[t.detach().float() for t in cl], delta_softplus=True)
+    out64 = cpu_scan.selective_scan_cl(*[t.detach() for t in cl], delta_softplus=True)
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32, out64.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anticausal"])
+@pytest.mark.parametrize("K", [4, 2])
+def test_conv_cl_matches_conv1d(reverse, K):
+    _needs("cpu")
+    g = torch.Generator().manual_seed(0)
+    batch, L, E = 3, 7, 70
+    wide = torch.randn(batch, L, 2 * E, generator=g, dtype=torch.float64)
+    x = wide[..., :E].clone().requires_grad_()
+    w = torch.randn(E, 1, K, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(E, generator=g, dtype=torch.float64, requires_grad=True)
+    out = cpu_scan.causal_conv1d_silu_cl(wide[..., :E].detach().requires_grad_(), w, b, reverse)
+    xs = _cl_flip(x, reverse).transpose(1, 2)
+    # depthwise causal conv as K shifted products (F.conv1d in float64 takes ~1 s here)
+    xpad = F.pad(xs, (K - 1, 0))  # (batch, E, L + K - 1)
+    pre = b[:, None] + sum(w[:, 0, k, None] * xpad[..., k:k + L] for k in range(K))
+    ref = _cl_flip(F.silu(pre).transpose(1, 2), reverse)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    # gradients through a strided (sliced) input
+    xin = wide.clone().requires_grad_()
+    out = cpu_scan.causal_conv1d_silu_cl(xin[..., :E], w, b, reverse)
+    gout = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    gx, gw, gb = torch.autograd.grad(out, (xin, w, b), gout)
+    rx, rw, rb = torch.autograd.grad(ref, (x, w, b), gout)
+    torch.testing.assert_close(gx[..., :E], rx, atol=1e-12, rtol=1e-12)
+    assert torch.count_nonzero(gx[..., E:]) == 0
+    torch.testing.assert_close(gw, rw, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(gb, rb, atol=1e-12, rtol=1e-12)
+
+
+def test_cl_kernels_reject_bad_input():
+    _needs("cpu")
+    u = torch.randn(2, 5, 3)
+    A = -torch.rand(3, 4)
+    Bm = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="B must have shape"):
+        cpu_scan.selective_scan_cl(u, u, A, Bm[..., :3], Bm)
+    with pytest.raises(TypeError, match="delta"):
+        cpu_scan.selective_scan_cl(u, u.double(), A, Bm, Bm)
+    with pytest.raises(ValueError, match="conv1d"):
+        cpu_scan.causal_conv1d_silu_cl(u, torch.randn(4, 1, 4), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])  # float64: F.conv1d of the unfused path takes seconds
+def test_mixer_fused_cpu_path_matches_unfused(dtype):
+    """The mixer's channel-last path (no flips) gives the unfused path's outputs and gradients."""
+    _needs("cpu")
+    from shufflemamba.models import BiMambaMixer
+
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(40, d_state=4).to(dtype)
+    hidden = torch.randn(2, 11, 40, dtype=dtype, requires_grad=True)
+    assert mixer._use_fused_cpu(hidden)
+    out = mixer(hidden)
+    gout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [hidden, *mixer.parameters()], gout)
+    mixer.scan_impl = "torch"  # forces the unfused (batch, E, L) path
+    assert not mixer._use_fused_cpu(hidden)
+    ref = mixer(hidden)
+    ref_grads = torch.autograd.grad(ref, [hidden, *mixer.parameters()], gout)
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, **tol)

@@ -1,6 +1,7 @@
 """Compiled CPU selective scan: a small C kernel built at first use and called through ctypes.
 
-The kernel (csrc/selective_scan.c) has no torch headers, so building it takes about a second
+The kernels (csrc/selective_scan.c: (batch, E, L) scan; csrc/mixer_cl.c: channel-last conv1d + SiLU
+and scan with a reverse flag, used by the Vim mixer) have no torch headers, so building it takes about a second
 with the system C compiler. The shared library is cached per user, keyed by a hash of the
 source, the compiler flags and the CPU (``-march=native`` binaries must not travel between
 machines), and is built under a temporary name then renamed into place, so processes that
@@ -29,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_scan_available", "load_library", "selective_scan_cpu"]
+__all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu"]
 
-_SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
+_SOURCES = (Path(__file__).parent / "csrc" / "selective_scan.c", Path(__file__).parent / "csrc" / "mixer_cl.c")
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -66,7 +67,7 @@ def _build(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"]
+        cmd = [cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()}")
@@ -85,7 +86,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"ss_bwd_{sfx}")
         bwd.argtypes = [p] * 16 + [i64] * 4 + [i32, i64, i32]
         bwd.restype = i32
+        # channel-last kernels (mixer_cl.c)
+        getattr(lib, f"cv_fwd_{sfx}").argtypes = [p, i64, i64, p, p, p] + [i64] * 4 + [i32, i32]
+        getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, p, p] + [i64] * 4 + [i32, i32]
+        strided = [p, i64, i64]
+        head = [p, p, p, *strided, *strided, p, *strided, p]
+        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p] + [i64] * 4 + [i32, i32, i32]
+        getattr(lib, f"sl_bwd_{sfx}").argtypes = head + [p] * 8 + [i64] * 4 + [i32, i32, i32]
+        for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd"):
+            getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
+    lib.sl_block_size.restype = i32
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -103,7 +114,8 @@ def load_library() -> ctypes.CDLL | None:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC or install gcc)")
             key = hashlib.sha256()
-            key.update(_SOURCE.read_bytes())
+            for src in _SOURCES:
+                key.update(src.read_bytes())
             key.update(" ".join((cc, *_FLAGS)).encode())
             key.update(_cpu_signature().encode())
             path = _cache_dir() / f"selective_scan_{key.hexdigest()[:16]}.so"
@@ -212,3 +224,180 @@ def selective_scan_cpu(
     """Compiled CPU scan. Inputs must already share one float32 or float64 dtype (the dispatcher
     casts); shapes as in :func:`shufflemamba.ops.selective_scan`."""
     return _CompiledScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel-last kernels for the Vim mixer (csrc/mixer_cl.c). Sequence tensors are (batch, L, E)
+# with unit stride along E: the layout the mixer's linears produce, so their strided slices go
+# in as they are. ``reverse=True`` equals flip(op(flip(x))) along L, without materialising flips.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rowmajor(t: Tensor) -> Tensor:
+    """A (batch, L, C) view with unit stride along C: strided slices pass, anything else is copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _threads(work: int) -> int:
+    """OpenMP threads for a call over ``work`` elements: one for small calls, where a parallel
+    region's start and barrier (milliseconds when a core is busy elsewhere) cost more than the work."""
+    return 1 if work < (1 << 15) else torch.get_num_threads()
+
+
+def _sfx(t: Tensor) -> str:
+    return "f64" if t.dtype == torch.float64 else "f32"
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"compiled CPU kernels unavailable: {_load_error}")
+    return lib
+
+
+class _ConvSiluCL(torch.autograd.Function):
+    """silu(depthwise causal conv1d(x) + bias) on (batch, L, E); saves x, recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse: bool):
+        lib = _lib_or_raise()
+        x = _rowmajor(x)
+        batch, L, E = x.shape
+        K = weight.shape[-1]
+        wt = weight.reshape(E, K).t().contiguous()  # (K, E): channels innermost
+        bias = _contig(bias)
+        out = x.new_empty(batch, L, E)
+        getattr(lib, f"cv_fwd_{_sfx(x)}")(
+            _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(out),
+            batch, E, L, K, int(reverse), _threads(batch * L * E),
+        )  # fmt: skip
+        ctx.reverse, ctx.wshape, ctx.has_bias = reverse, weight.shape, bias is not None
+        ctx.save_for_backward(x, wt, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, wt, bias = ctx.saved_tensors
+        batch, L, E = x.shape
+        K = wt.shape[0]
+        gout = gout.contiguous()
+        dx = x.new_empty(batch, L, E)
+        dw_part, db_part = x.new_empty(batch, K, E), x.new_empty(batch, E)
+        rc = getattr(_lib_or_raise(), f"cv_bwd_{_sfx(x)}")(
+            _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx),
+            _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(ctx.reverse), _threads(batch * L * E),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("conv1d kernel: out of memory")
+        dw = dw_part.sum(0).t().reshape(ctx.wshape)
+        db = db_part.sum(0) if ctx.has_bias else None
+        return dx, dw, db, None
+
+
+def causal_conv1d_silu_cl(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool = False) -> Tensor:
+    """``silu(conv1d(x))`` of a depthwise causal conv (padding K-1, first L outputs), channel-last.
+
+    Args:
+        x: (batch, L, E), float32 or float64, unit stride along E (slices of a wider tensor are fine).
+        weight: (E, 1, K) or (E, K), as ``nn.Conv1d(E, E, K, groups=E).weight``.
+        bias: (E,) or None.
+        reverse: anti-causal, equal to ``flip(f(flip(x)))`` along L.
+
+    Returns:
+        (batch, L, E) contiguous.
+    """
+    if x.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.numel() % x.shape[-1]:
+        raise ValueError(f"causal_conv1d_silu_cl: x (batch, L, E) and weight (E, 1, K) expected, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        raise TypeError(f"causal_conv1d_silu_cl: float32/float64 of one dtype expected, got {x.dtype}, {weight.dtype}")
+    return _ConvSiluCL.apply(x, weight, bias, bool(reverse))
+
+
+class _ScanCL(torch.autograd.Function):
+    """Channel-last selective scan; the backward recomputes states per (batch, channel block)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool):
+        lib = _lib_or_raise()
+        u, delta = u.contiguous(), delta.contiguous()
+        B, C = _rowmajor(B), _rowmajor(C)
+        z = None if z is None else _rowmajor(z)
+        D, delta_bias = _contig(D), _contig(delta_bias)
+        At = A.t().contiguous()  # (N, E)
+        batch, L, E = u.shape
+        N = A.shape[1]
+        out = torch.empty_like(u)
+        rc = getattr(lib, f"sl_fwd_{_sfx(u)}")(
+            _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
+            C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
+            _ptr(delta_bias), _ptr(out), batch, E, L, N, int(delta_softplus), int(reverse),
+            _threads(batch * L * E * N),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("selective scan kernel: out of memory")
+        ctx.flags = (delta_softplus, reverse, D is not None, z is not None, delta_bias is not None)
+        ctx.save_for_backward(u, delta, At, B, C, D, z, delta_bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        u, delta, At, B, C, D, z, delta_bias = ctx.saved_tensors
+        softplus, reverse, has_D, has_z, has_bias = ctx.flags
+        batch, L, E = u.shape
+        N = At.shape[0]
+        nblk = -(-E // _lib_or_raise().sl_block_size())  # channel blocks (EB in mixer_cl.c)
+        gout = gout.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dz = torch.empty_like(u) if has_z else None
+        dA_part = u.new_empty(batch, N, E)
+        dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
+        dD_part = u.new_empty(batch, E) if has_D else None
+        rc = getattr(_lib_or_raise(), f"sl_bwd_{_sfx(u)}")(
+            _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
+            C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
+            _ptr(delta_bias), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part),
+            _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), batch, E, L, N, int(softplus), int(reverse),
+            _threads(batch * L * E * N),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("selective scan kernel: out of memory")
+        dB = dB_part.sum(0) if nblk > 1 else dB_part[0]  # (batch, L, N)
+        dC = dC_part.sum(0) if nblk > 1 else dC_part[0]
+        dA = dA_part.sum(0).t()  # (E, N)
+        dD = dD_part.sum(0) if has_D else None
+        dbias = ddelta.sum((0, 1)) if has_bias else None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+
+
+def selective_scan_cl(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    reverse: bool = False,
+) -> Tensor:
+    """Selective scan on channel-last tensors: u, delta, z (batch, L, E); B, C (batch, L, N).
+
+    Same semantics as :func:`shufflemamba.ops.selective_scan` on the transposed tensors;
+    ``reverse=True`` scans from the last step to the first (``flip(scan(flip(.)))`` along L).
+    Inputs must share one float32 / float64 dtype; B, C and z may be strided slices with unit
+    stride along their last dim. Returns (batch, L, E) contiguous.
+    """
+    if u.dim() != 3 or A.dim() != 2 or A.shape[0] != u.shape[-1]:
+        raise ValueError(f"selective_scan_cl: u (batch, L, E) and A (E, N) expected, got {tuple(u.shape)}, {tuple(A.shape)}")
+    for name, t, shape in (("delta", delta, u.shape), ("z", z, u.shape), ("B", B, (*u.shape[:2], A.shape[1])),
+                           ("C", C, (*u.shape[:2], A.shape[1])), ("D", D, (u.shape[-1],)),
+                           ("delta_bias", delta_bias, (u.shape[-1],))):
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"selective_scan_cl: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t is not None and t.dtype != u.dtype:
+            raise TypeError(f"selective_scan_cl: {name} is {t.dtype} but u is {u.dtype}")
+    if u.dtype not in (torch.float32, torch.float64) or A.dtype != u.dtype:
+        raise TypeError(f"selective_scan_cl: float32 or float64 inputs of one dtype expected, got {u.dtype}, A {A.dtype}")
+    return _ScanCL.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))

@@ -240,4 +240,4 @@ SS_DEFINE(float, f32, ss_expf, log1pf)
 SS_DEFINE(double, f64, exp, log1p)
 
 /* Lets the loader check that it opened the library it expects. */
-int ss_abi_version(void) { return 1; }
+int ss_abi_version(void) { return 2; }

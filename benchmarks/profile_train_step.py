@@ -1,0 +1,164 @@
+"""Profile one CPU training step (forward + backward + AdamW) of Vim models.
+
+    python benchmarks/profile_train_step.py --threads 2 --models demo study tiny224 --top 15
+    python benchmarks/profile_train_step.py --compare --steps 5   # unfused vs fused mixer, interleaved
+
+For each model: the median ms/step over ``--steps`` timed steps (after ``--warmup``), then one
+step under ``torch.profiler`` with the top ops by self CPU time, so that the share of the scan,
+the linears, conv1d, flips / copies and elementwise ops is visible. Not a test: timings depend on
+the machine and its load (printed from ``os.getloadavg``). ``--json`` saves the numbers.
+
+``--compare`` times the mixer's unfused path ((B, E, L) scan with flips and transposes) against
+the fused channel-last path (compiled conv1d + reverse scan) on the same model, alternating
+steps so that load changes hit both alike; it reports the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import shufflemamba  # noqa: F401  (torchvision shim before timm)
+import timm
+
+# name -> (create_model kwargs, batch, image size, in_chans)
+MODELS: dict[str, tuple[dict, int, int, int]] = {
+    "demo": (
+        dict(model_name="vim_tiny_patch16_224", in_chans=1, img_size=28, patch_size=4, embed_dim=96, depth=4,
+             d_state=8, cls_position="head", num_classes=10, slws_rate=0.1),
+        128, 28, 1,
+    ),
+    "study": (
+        dict(model_name="vim_tiny_patch16_224", in_chans=1, img_size=28, patch_size=4, embed_dim=128, depth=8,
+             d_state=8, cls_position="head", num_classes=10, slws_rate=0.1),
+        128, 28, 1,
+    ),
+    "tiny224": (dict(model_name="vim_tiny_patch16_224", num_classes=1000), 8, 224, 3),
+}
+
+
+def make_step(name: str, seed: int = 0):
+    """Build the model, optimizer and a fixed batch; return a closure running one training step."""
+    kwargs, batch, img, chans = MODELS[name]
+    torch.manual_seed(seed)
+    kwargs = dict(kwargs)
+    model = timm.create_model(kwargs.pop("model_name"), **kwargs).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x = torch.randn(batch, chans, img, img)
+    y = torch.randint(0, model.num_classes, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def time_step(step, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def profile_step(step, top: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = []
+    for e in events[:top]:
+        rows.append(dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3,
+                         share=e.self_cpu_time_total / total))
+    return rows
+
+
+def _set_fused(on: bool) -> None:
+    from shufflemamba.models.mamba_mixer import BiMambaMixer
+
+    if on:
+        BiMambaMixer.__dict__.get("_orig_use_fused") and setattr(
+            BiMambaMixer, "_use_fused_cpu", BiMambaMixer._orig_use_fused)
+    else:
+        if "_orig_use_fused" not in BiMambaMixer.__dict__:
+            BiMambaMixer._orig_use_fused = BiMambaMixer._use_fused_cpu
+        BiMambaMixer._use_fused_cpu = lambda self, hidden: False
+
+
+def compare(name: str, steps: int, warmup: int) -> dict:
+    """Interleaved old (unfused) / new (fused) steps of one model; medians of each."""
+    step = make_step(name)
+    times: dict[str, list[float]] = {"unfused": [], "fused": []}
+    for i in range(warmup + steps):
+        for mode in ("unfused", "fused") if i % 2 == 0 else ("fused", "unfused"):
+            _set_fused(mode == "fused")
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[mode].append((time.perf_counter() - t0) * 1e3)
+    _set_fused(True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{name}: unfused {med['unfused']:.1f} ms/step, fused {med['fused']:.1f} ms/step "
+          f"({med['unfused'] / med['fused']:.2f}x), load {os.getloadavg()[0]:.2f}")
+    return dict(median=med, times=times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--no-profile", action="store_true", help="only time the steps")
+    p.add_argument("--compare", action="store_true", help="unfused vs fused mixer, interleaved")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.compare:
+        res = {name: compare(name, args.steps, args.warmup) for name in args.models}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(dict(threads=args.threads, compare=res), indent=2))
+        return 0
+
+    results = {"threads": args.threads, "loadavg_start": os.getloadavg()[0], "torch": torch.__version__, "models": {}}
+    for name in args.models:
+        step = make_step(name)
+        times = time_step(step, args.steps, args.warmup)
+        med = statistics.median(times)
+        print(f"\n== {name}: {med:.1f} ms/step median (min {min(times):.1f}, {args.steps} steps, "
+              f"{args.threads} threads, load {os.getloadavg()[0]:.2f})")
+        entry = dict(ms_median=med, ms_min=min(times), times=times)
+        if not args.no_profile:
+            rows = profile_step(step, args.top)
+            print(f"{'op':<48} {'calls':>6} {'self ms':>9} {'share':>6}")
+            for r in rows:
+                print(f"{r['op'][:48]:<48} {r['calls']:>6} {r['self_ms']:>9.1f} {r['share']:>6.1%}")
+            entry["top_ops"] = rows
+        results["models"][name] = entry
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

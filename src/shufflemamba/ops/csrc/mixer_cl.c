@@ -1,0 +1,378 @@
+/*
+ * Channel-last CPU kernels for the Vim mixer: depthwise causal conv1d + SiLU, and the selective
+ * scan, both with a `reverse` flag so the backward direction of bimamba runs without any flip.
+ *
+ * Layouts: the sequence tensors are (batch, L, E) with E innermost (unit stride) -- that is how
+ * in_proj / x_proj / dt_proj produce them, so the mixer hands over strided views and nothing is
+ * transposed or copied. Strided inputs pass (batch stride, time stride) in elements.
+ *   x (conv input), z             : (batch, L, E) strided
+ *   u, delta, gout                : (batch, L, E) contiguous
+ *   Bm, Cm                        : (batch, L, N) strided (slices of x_proj's output)
+ *   At                            : (N, E) -- A transposed so the channel loops vectorise
+ *   wt                            : (K, E) conv weight transposed
+ * reverse = 1 processes time from L-1 down to 0: the result equals flip(op(flip(input))), so
+ * the conv becomes anti-causal and the scan runs backwards, both in original time order.
+ *
+ * The scan vectorises over channels (blocks of EB), with the state loop outside: B_t[n] and
+ * C_t[n] are scalars broadcast over the block, and y needs no horizontal sum. Padded lanes of a
+ * partial block carry zeros (u = 0 -> h stays 0, gradients 0), so every inner loop has the
+ * compile-time trip count EB.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CL_RESTRICT __restrict__
+/* every channel loop carries "omp simd": without it gcc leaves several of them scalar
+ * ("no vectype" after folding the row copies), which measured 2-3x slower */
+#ifndef EB
+#define EB 64
+#endif
+
+static inline float cl_expf(float x) {
+    /* same Cephes-style polynomial as selective_scan.c (kept local so it inlines) */
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float k = __builtin_rintf(x * 1.44269504088896341f);
+    float r = x - k * 0.693359375f;
+    r = r + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* copy ne (<= EB) values into an EB-long local row, zero the rest; full rows (the common case)
+ * take an inlined fixed-length copy: a memcpy call per row and step measured as a visible cost */
+#define CL_LOAD(T, dst, src, ne)                                                                   \
+    do {                                                                                           \
+        if ((ne) == EB) {                                                                          \
+            _Pragma("omp simd") for (int j_ = 0; j_ < EB; ++j_)(dst)[j_] = (src)[j_];              \
+        } else {                                                                                   \
+            memcpy((dst), (src), sizeof(T) * (size_t)(ne));                                        \
+            memset((dst) + (ne), 0, sizeof(T) * (size_t)(EB - (ne)));                             \
+        }                                                                                          \
+    } while (0)
+/* store the first ne values of an EB-long local row */
+#define CL_STORE(T, dst, src, ne)                                                                  \
+    do {                                                                                           \
+        if ((ne) == EB) {                                                                          \
+            _Pragma("omp simd") for (int j_ = 0; j_ < EB; ++j_)(dst)[j_] = (src)[j_];              \
+        } else {                                                                                   \
+            memcpy((dst), (src), sizeof(T) * (size_t)(ne));                                        \
+        }                                                                                          \
+    } while (0)
+
+#define CL_DEFINE(T, SFX, EXP, LOG1P)                                                              \
+    /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
+    int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
+                     const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,      \
+                     int64_t L, int64_t K, int reverse, int nthreads) {                            \
+        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)")       \
+        for (int64_t bt = 0; bt < batch * L; ++bt) {                                               \
+            const int64_t b = bt / L, t = bt % L;                                                  \
+            T *CL_RESTRICT o = out + bt * E;                                                       \
+            for (int64_t e = 0; e < E; ++e) o[e] = bias ? bias[e] : (T)0;                          \
+            for (int64_t k = 0; k < K; ++k) {                                                      \
+                const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                   \
+                if (src < 0 || src >= L) continue;                                                 \
+                const T *CL_RESTRICT xr = x + b * sx_b + src * sx_t, *CL_RESTRICT w = wt + k * E; \
+                for (int64_t e = 0; e < E; ++e) o[e] += w[e] * xr[e];                              \
+            }                                                                                      \
+            for (int64_t e = 0; e < E; ++e) o[e] = o[e] / ((T)1 + EXP(-o[e]));                     \
+        }                                                                                          \
+        return 0;                                                                                  \
+    }                                                                                              \
+                                                                                                   \
+    /* dx (contiguous), dw_part (batch, K, E), db_part (batch, E): per-batch partial sums */       \
+    int cv_bwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
+                     const T *CL_RESTRICT bias, const T *CL_RESTRICT gout, T *CL_RESTRICT dx,      \
+                     T *CL_RESTRICT dw_part, T *CL_RESTRICT db_part, int64_t batch, int64_t E,     \
+                     int64_t L, int64_t K, int reverse, int nthreads) {                            \
+        int failed = 0;                                                                            \
+        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
+        {                                                                                          \
+            T *gpre = (T *)malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre of one sample */        \
+            if (!gpre) {                                                                           \
+                _Pragma("omp atomic write") failed = 1;                                            \
+            }                                                                                      \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t b = 0; b < batch; ++b) {                                                  \
+                if (!gpre) continue;                                                               \
+                T *CL_RESTRICT dw = dw_part + b * K * E, *CL_RESTRICT db = db_part + b * E;        \
+                memset(dw, 0, sizeof(T) * (size_t)(K * E));                                        \
+                memset(db, 0, sizeof(T) * (size_t)E);                                              \
+                const T *xb = x + b * sx_b;                                                     \
+                for (int64_t t = 0; t < L; ++t) {                                                  \
+                    T *CL_RESTRICT gp = gpre + t * E;                                              \
+                    const T *CL_RESTRICT go = gout + (b * L + t) * E;                              \
+                    for (int64_t e = 0; e < E; ++e) gp[e] = bias ? bias[e] : (T)0;                 \
+                    for (int64_t k = 0; k < K; ++k) {                                              \
+                        const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);           \
+                        if (src < 0 || src >= L) continue;                                         \
+                        const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;    \
+                        for (int64_t e = 0; e < E; ++e) gp[e] += w[e] * xr[e];                     \
+                    }                                                                              \
+                    for (int64_t e = 0; e < E; ++e) {                                              \
+                        const T p = gp[e], s = (T)1 / ((T)1 + EXP(-p));                            \
+                        gp[e] = go[e] * s * ((T)1 + p * ((T)1 - s));                               \
+                        db[e] += gp[e];                                                            \
+                    }                                                                              \
+                    for (int64_t k = 0; k < K; ++k) {                                              \
+                        const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);           \
+                        if (src < 0 || src >= L) continue;                                         \
+                        const T *CL_RESTRICT xr = xb + src * sx_t;                                 \
+                        T *CL_RESTRICT dwk = dw + k * E;                                           \
+                        for (int64_t e = 0; e < E; ++e) dwk[e] += gp[e] * xr[e];                   \
+                    }                                                                              \
+                }                                                                                  \
+                /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s */                    \
+                for (int64_t s = 0; s < L; ++s) {                                                  \
+                    T *CL_RESTRICT d = dx + (b * L + s) * E;                                       \
+                    for (int64_t e = 0; e < E; ++e) d[e] = (T)0;                                   \
+                    for (int64_t k = 0; k < K; ++k) {                                              \
+                        const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);             \
+                        if (t < 0 || t >= L) continue;                                             \
+                        const T *CL_RESTRICT gp = gpre + t * E, *CL_RESTRICT w = wt + k * E;       \
+                        for (int64_t e = 0; e < E; ++e) d[e] += w[e] * gp[e];                      \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            free(gpre);                                                                            \
+        }                                                                                          \
+        return failed;                                                                             \
+    }                                                                                              \
+                                                                                                   \
+    int sl_fwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *CL_RESTRICT At,  \
+                     const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
+                     int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
+                     const T *CL_RESTRICT dbias, T *CL_RESTRICT out, int64_t batch, int64_t E,     \
+                     int64_t L, int64_t N, int softplus, int reverse, int nthreads) {              \
+        int failed = 0;                                                                            \
+        const int64_t nblk = (E + EB - 1) / EB;                                                    \
+        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
+        {                                                                                          \
+            T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB));                       \
+            if (!buf) {                                                                            \
+                _Pragma("omp atomic write") failed = 1;                                            \
+            }                                                                                      \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t item = 0; item < batch * nblk; ++item) {                                  \
+                if (!buf) continue;                                                                \
+                T *CL_RESTRICT h = buf, *CL_RESTRICT Ab = buf + N * EB;                            \
+                T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT d = Ds + EB; \
+                T *CL_RESTRICT uu = d + EB, *CL_RESTRICT du = uu + EB, *CL_RESTRICT y = du + EB;   \
+                T *CL_RESTRICT zz = y + EB, *CL_RESTRICT dl = zz + EB;                             \
+                const int64_t b = item / nblk, e0 = (item % nblk) * EB;                            \
+                const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
+                for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
+                if (dbias) CL_LOAD(T, bs, dbias + e0, ne); else memset(bs, 0, sizeof(T) * EB);     \
+                if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
+                memset(h, 0, sizeof(T) * (size_t)(N * EB));                                        \
+                for (int64_t s = 0; s < L; ++s) {                                                  \
+                    const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
+                    CL_LOAD(T, uu, u + row, ne);                                                   \
+                    CL_LOAD(T, dl, delta + row, ne);                                               \
+                    /* branch outside the loops: a flag read inside defeats vectorisation */       \
+                    if (softplus) {                                                                \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            const T x = dl[j] + bs[j];                                             \
+                            d[j] = x > (T)20 ? x : LOG1P(EXP(x));                                  \
+                        }                                                                          \
+                    } else {                                                                       \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) d[j] = dl[j] + bs[j];                         \
+                    }                                                                              \
+                    _Pragma("omp simd")                                                            \
+                    for (int j = 0; j < EB; ++j) {                                                 \
+                        du[j] = d[j] * uu[j];                                                      \
+                        y[j] = (T)0;                                                               \
+                    }                                                                              \
+                    const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
+                    for (int64_t n = 0; n < N; ++n) {                                              \
+                        const T bn = Bn[n], cn = Cn[n];                                            \
+                        T *CL_RESTRICT hn = h + n * EB;                                            \
+                        const T *CL_RESTRICT an = Ab + n * EB;                                     \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            hn[j] = EXP(d[j] * an[j]) * hn[j] + du[j] * bn;                        \
+                            y[j] += cn * hn[j];                                                    \
+                        }                                                                          \
+                    }                                                                              \
+                    if (z) {                                                                       \
+                        CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j)                                               \
+                            y[j] = (y[j] + Ds[j] * uu[j]) * zz[j] / ((T)1 + EXP(-zz[j]));          \
+                    } else {                                                                       \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) y[j] += Ds[j] * uu[j];                        \
+                    }                                                                              \
+                    CL_STORE(T, out + row, y, ne);                                  \
+                }                                                                                  \
+            }                                                                                      \
+            free(buf);                                                                             \
+        }                                                                                          \
+        return failed;                                                                             \
+    }                                                                                              \
+                                                                                                   \
+    /* du, ddelta, dz: (batch, L, E) contiguous; dA_part (batch, N, E); dD_part (batch, E);        \
+     * dB_part, dC_part: (nblk, batch, L, N), every entry written (no zeroing needed) */           \
+    int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *CL_RESTRICT At,  \
+                     const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
+                     int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
+                     const T *CL_RESTRICT dbias, const T *CL_RESTRICT gout, T *CL_RESTRICT du_out, \
+                     T *CL_RESTRICT ddelta, T *CL_RESTRICT dz, T *CL_RESTRICT dA_part,             \
+                     T *CL_RESTRICT dB_part, T *CL_RESTRICT dC_part, T *CL_RESTRICT dD_part,       \
+                     int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
+                     int nthreads) {                                                               \
+        int failed = 0;                                                                            \
+        const int64_t nblk = (E + EB - 1) / EB;                                                    \
+        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
+        {                                                                                          \
+            /* hs: (L+1) x N x EB states h_{s-1} (row 0 zero); as: (L+1) x N x EB decays, row L */ \
+            /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u; then N x EB g, dA, A.     */  \
+            const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
+            T *buf = (T *)malloc(sizeof(T) * (2 * rows + 4 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB)); \
+            if (!buf) {                                                                            \
+                _Pragma("omp atomic write") failed = 1;                                            \
+            }                                                                                      \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t item = 0; item < batch * nblk; ++item) {                                  \
+                if (!buf) continue;                                                                \
+                T *CL_RESTRICT hs = buf, *CL_RESTRICT as = buf + rows;                             \
+                T *CL_RESTRICT ds = as + rows, *CL_RESTRICT sgs = ds + L * EB;                     \
+                T *CL_RESTRICT gys = sgs + L * EB, *CL_RESTRICT us = gys + L * EB;                 \
+                T *CL_RESTRICT g = us + L * EB, *CL_RESTRICT dAa = g + N * EB, *CL_RESTRICT Ab = dAa + N * EB; \
+                T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT y = Ds + EB; \
+                T *CL_RESTRICT go = y + EB, *CL_RESTRICT zz = go + EB, *CL_RESTRICT dl = zz + EB;  \
+                T *CL_RESTRICT dd = dl + EB, *CL_RESTRICT sgB = dd + EB;                           \
+                const int64_t b = item / nblk, blk = item % nblk, e0 = blk * EB;                   \
+                const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
+                T *dBb = dB_part + (blk * batch + b) * L * N, *dCb = dC_part + (blk * batch + b) * L * N; \
+                for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
+                if (dbias) CL_LOAD(T, bs, dbias + e0, ne); else memset(bs, 0, sizeof(T) * EB);     \
+                if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
+                memset(hs, 0, sizeof(T) * (size_t)(N * EB));                                       \
+                memset(as + (size_t)L * N * EB, 0, sizeof(T) * (size_t)(N * EB));                  \
+                memset(g, 0, sizeof(T) * (size_t)(N * EB));                                        \
+                memset(dAa, 0, sizeof(T) * (size_t)(N * EB));                                      \
+                T dDacc[EB];                                                                       \
+                _Pragma("omp simd")                                                                \
+                for (int j = 0; j < EB; ++j) dDacc[j] = (T)0;                                      \
+                /* pass 1: recompute the forward in processing order; dC, dz, dD need only it */   \
+                for (int64_t s = 0; s < L; ++s) {                                                  \
+                    const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
+                    T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;                \
+                    T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;               \
+                    CL_LOAD(T, uu, u + row, ne);                                                   \
+                    CL_LOAD(T, dl, delta + row, ne);                                               \
+                    CL_LOAD(T, go, gout + row, ne);                                                \
+                    if (softplus) {                                                                \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            const T x = dl[j] + bs[j];                                             \
+                            d[j] = x > (T)20 ? x : LOG1P(EXP(x));                                  \
+                            sg[j] = (T)1 / ((T)1 + EXP(-x));                                       \
+                        }                                                                          \
+                    } else {                                                                       \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            d[j] = dl[j] + bs[j];                                                  \
+                            sg[j] = (T)1;                                                          \
+                        }                                                                          \
+                    }                                                                              \
+                    _Pragma("omp simd")                                                            \
+                    for (int j = 0; j < EB; ++j) y[j] = (T)0;                                      \
+                    if (z) {                                                                       \
+                        CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) gy[j] = go[j] * zz[j] / ((T)1 + EXP(-zz[j])); \
+                    } else {                                                                       \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) gy[j] = go[j];                                \
+                    }                                                                              \
+                    const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
+                    for (int64_t n = 0; n < N; ++n) {                                              \
+                        const T bn = Bn[n], cn = Cn[n];                                            \
+                        const T *CL_RESTRICT hp = hs + (s * N + n) * EB, *CL_RESTRICT an = Ab + n * EB; \
+                        T *CL_RESTRICT hc = hs + ((s + 1) * N + n) * EB, *CL_RESTRICT ac = as + (s * N + n) * EB; \
+                        T dc = (T)0;                                                               \
+                        _Pragma("omp simd reduction(+ : dc)")                                      \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            const T a = EXP(d[j] * an[j]), hn = a * hp[j] + d[j] * uu[j] * bn;     \
+                            ac[j] = a;                                                             \
+                            hc[j] = hn;                                                            \
+                            y[j] += cn * hn;                                                       \
+                            dc += gy[j] * hn;                                                      \
+                        }                                                                          \
+                        dCb[t * N + n] = dc;                                                       \
+                    }                                                                              \
+                    if (z) {                                                                       \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            const T sz = (T)1 / ((T)1 + EXP(-zz[j]));                              \
+                            y[j] = go[j] * (y[j] + Ds[j] * uu[j]) * sz * ((T)1 + zz[j] * ((T)1 - sz)); \
+                        }                                                                          \
+                        CL_STORE(T, dz + row, y, ne);                               \
+                    }                                                                              \
+                    _Pragma("omp simd")                                                            \
+                    for (int j = 0; j < EB; ++j) dDacc[j] += gy[j] * uu[j];                        \
+                }                                                                                  \
+                /* pass 2: reverse recurrence for g = dL/dh */                                     \
+                for (int64_t s = L - 1; s >= 0; --s) {                                             \
+                    const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
+                    const T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;          \
+                    const T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;         \
+                    const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
+                    _Pragma("omp simd")                                                            \
+                    for (int j = 0; j < EB; ++j) dd[j] = sgB[j] = (T)0;                            \
+                    for (int64_t n = 0; n < N; ++n) {                                              \
+                        const T bn = Bn[n], cn = Cn[n];                                            \
+                        const T *CL_RESTRICT hp = hs + (s * N + n) * EB, *CL_RESTRICT an = Ab + n * EB; \
+                        const T *CL_RESTRICT ac = as + (s * N + n) * EB;                           \
+                        const T *CL_RESTRICT anx = as + ((s + 1) * N + n) * EB;                    \
+                        T *CL_RESTRICT gn = g + n * EB, *CL_RESTRICT dAn = dAa + n * EB;           \
+                        T db = (T)0;                                                               \
+                        _Pragma("omp simd reduction(+ : db)")                                      \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            const T gv = gy[j] * cn + anx[j] * gn[j];                              \
+                            gn[j] = gv;                                                            \
+                            const T ga = gv * hp[j] * ac[j];                                       \
+                            dd[j] += ga * an[j];                                                   \
+                            dAn[j] += ga * d[j];                                                   \
+                            sgB[j] += gv * bn;                                                     \
+                            db += gv * d[j] * uu[j];                                               \
+                        }                                                                          \
+                        dBb[t * N + n] = db;                                                       \
+                    }                                                                              \
+                    _Pragma("omp simd")                                                            \
+                    for (int j = 0; j < EB; ++j) {                                                 \
+                        y[j] = d[j] * sgB[j] + gy[j] * Ds[j];                                      \
+                        dd[j] = (dd[j] + uu[j] * sgB[j]) * sg[j];                                  \
+                    }                                                                              \
+                    CL_STORE(T, du_out + row, y, ne);                               \
+                    CL_STORE(T, ddelta + row, dd, ne);                              \
+                }                                                                                  \
+                for (int64_t n = 0; n < N; ++n)                                                    \
+                    memcpy(dA_part + (b * N + n) * E + e0, dAa + n * EB, sizeof(T) * (size_t)ne);  \
+                if (dD_part) memcpy(dD_part + b * E + e0, dDacc, sizeof(T) * (size_t)ne);          \
+            }                                                                                      \
+            free(buf);                                                                             \
+        }                                                                                          \
+        return failed;                                                                             \
+    }
+
+CL_DEFINE(float, f32, cl_expf, log1pf)
+CL_DEFINE(double, f64, exp, log1p)
+
+/* channel block width: the size of the dB/dC partial buffers depends on it */
+int sl_block_size(void) { return EB; }
