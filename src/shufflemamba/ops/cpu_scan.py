@@ -91,8 +91,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, p, p] + [i64] * 4 + [i32, i32]
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
-        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p] + [i64] * 4 + [i32, i32, i32]
-        getattr(lib, f"sl_bwd_{sfx}").argtypes = head + [p] * 8 + [i64] * 4 + [i32, i32, i32]
+        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p] + [i64] * 4 + [i32, i32, i32]
+        getattr(lib, f"sl_bwd_{sfx}").argtypes = head[:-1] + [p] * 8 + [i64] * 4 + [i32, i32, i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
@@ -328,21 +328,24 @@ class _ScanCL(torch.autograd.Function):
         batch, L, E = u.shape
         N = A.shape[1]
         out = torch.empty_like(u)
+        # the backward needs delta only as d = softplus(delta + bias): the forward writes d out
+        # and that is saved instead, so the backward skips the softplus (and its log1p)
+        dsave = torch.empty_like(u) if any(ctx.needs_input_grad) else None
         rc = getattr(lib, f"sl_fwd_{_sfx(u)}")(
             _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
-            _ptr(delta_bias), _ptr(out), batch, E, L, N, int(delta_softplus), int(reverse),
+            _ptr(delta_bias), _ptr(out), _ptr(dsave), batch, E, L, N, int(delta_softplus), int(reverse),
             _threads(batch * L * E * N),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("selective scan kernel: out of memory")
         ctx.flags = (delta_softplus, reverse, D is not None, z is not None, delta_bias is not None)
-        ctx.save_for_backward(u, delta, At, B, C, D, z, delta_bias)
+        ctx.save_for_backward(u, dsave, At, B, C, D, z)
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        u, delta, At, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, dsave, At, B, C, D, z = ctx.saved_tensors
         softplus, reverse, has_D, has_z, has_bias = ctx.flags
         batch, L, E = u.shape
         N = At.shape[0]
@@ -354,9 +357,9 @@ class _ScanCL(torch.autograd.Function):
         dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
         dD_part = u.new_empty(batch, E) if has_D else None
         rc = getattr(_lib_or_raise(), f"sl_bwd_{_sfx(u)}")(
-            _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
+            _ptr(u), _ptr(dsave), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
-            _ptr(delta_bias), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part),
+            _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part),
             _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), batch, E, L, N, int(softplus), int(reverse),
             _threads(batch * L * E * N),
         )  # fmt: skip

@@ -7,6 +7,8 @@
  * transposed or copied. Strided inputs pass (batch stride, time stride) in elements.
  *   x (conv input), z             : (batch, L, E) strided
  *   u, delta, gout                : (batch, L, E) contiguous
+ *   dsave / dsv                   : (batch, L, E) the step d = softplus(delta + bias), written by
+ *                                   the forward and read by the backward instead of delta
  *   Bm, Cm                        : (batch, L, N) strided (slices of x_proj's output)
  *   At                            : (N, E) -- A transposed so the channel loops vectorise
  *   wt                            : (K, E) conv weight transposed
@@ -70,7 +72,7 @@ static inline float cl_expf(float x) {
         }                                                                                          \
     } while (0)
 
-#define CL_DEFINE(T, SFX, EXP, LOG1P)                                                              \
+#define CL_DEFINE(T, SFX, EXP, LOG1P, EXPM1)                                                              \
     /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
     int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
                      const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,      \
@@ -153,8 +155,9 @@ static inline float cl_expf(float x) {
     int sl_fwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *CL_RESTRICT At,  \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
-                     const T *CL_RESTRICT dbias, T *CL_RESTRICT out, int64_t batch, int64_t E,     \
-                     int64_t L, int64_t N, int softplus, int reverse, int nthreads) {              \
+                     const T *CL_RESTRICT dbias, T *CL_RESTRICT out, T *CL_RESTRICT dsave,         \
+                     int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
+                     int nthreads) {                                                               \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
@@ -196,6 +199,7 @@ static inline float cl_expf(float x) {
                         du[j] = d[j] * uu[j];                                                      \
                         y[j] = (T)0;                                                               \
                     }                                                                              \
+                    if (dsave) CL_STORE(T, dsave + row, d, ne); /* the backward starts from d */   \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
                     for (int64_t n = 0; n < N; ++n) {                                              \
                         const T bn = Bn[n], cn = Cn[n];                                            \
@@ -226,10 +230,10 @@ static inline float cl_expf(float x) {
                                                                                                    \
     /* du, ddelta, dz: (batch, L, E) contiguous; dA_part (batch, N, E); dD_part (batch, E);        \
      * dB_part, dC_part: (nblk, batch, L, N), every entry written (no zeroing needed) */           \
-    int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *CL_RESTRICT At,  \
+    int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT At,    \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
-                     const T *CL_RESTRICT dbias, const T *CL_RESTRICT gout, T *CL_RESTRICT du_out, \
+                     const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,                             \
                      T *CL_RESTRICT ddelta, T *CL_RESTRICT dz, T *CL_RESTRICT dA_part,             \
                      T *CL_RESTRICT dB_part, T *CL_RESTRICT dC_part, T *CL_RESTRICT dD_part,       \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
@@ -259,7 +263,6 @@ static inline float cl_expf(float x) {
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
                 T *dBb = dB_part + (blk * batch + b) * L * N, *dCb = dC_part + (blk * batch + b) * L * N; \
                 for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
-                if (dbias) CL_LOAD(T, bs, dbias + e0, ne); else memset(bs, 0, sizeof(T) * EB);     \
                 if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
                 memset(hs, 0, sizeof(T) * (size_t)(N * EB));                                       \
                 memset(as + (size_t)L * N * EB, 0, sizeof(T) * (size_t)(N * EB));                  \
@@ -274,21 +277,15 @@ static inline float cl_expf(float x) {
                     T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;                \
                     T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;               \
                     CL_LOAD(T, uu, u + row, ne);                                                   \
-                    CL_LOAD(T, dl, delta + row, ne);                                               \
+                    CL_LOAD(T, d, dsv + row, ne);                                                  \
                     CL_LOAD(T, go, gout + row, ne);                                                \
+                    /* softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): no log1p here */         \
                     if (softplus) {                                                                \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            const T x = dl[j] + bs[j];                                             \
-                            d[j] = x > (T)20 ? x : LOG1P(EXP(x));                                  \
-                            sg[j] = (T)1 / ((T)1 + EXP(-x));                                       \
-                        }                                                                          \
+                        for (int j = 0; j < EB; ++j) sg[j] = -EXPM1(-d[j]);                        \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            d[j] = dl[j] + bs[j];                                                  \
-                            sg[j] = (T)1;                                                          \
-                        }                                                                          \
+                        for (int j = 0; j < EB; ++j) sg[j] = (T)1;                                 \
                     }                                                                              \
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) y[j] = (T)0;                                      \
@@ -371,8 +368,8 @@ static inline float cl_expf(float x) {
         return failed;                                                                             \
     }
 
-CL_DEFINE(float, f32, cl_expf, log1pf)
-CL_DEFINE(double, f64, exp, log1p)
+CL_DEFINE(float, f32, cl_expf, log1pf, expm1f)
+CL_DEFINE(double, f64, exp, log1p, expm1)
 
 /* channel block width: the size of the dB/dC partial buffers depends on it */
 int sl_block_size(void) { return EB; }
