@@ -34,6 +34,11 @@ __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selec
 
 _SOURCES = (Path(__file__).parent / "csrc" / "selective_scan.c", Path(__file__).parent / "csrc" / "mixer_cl.c")
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # gcc keeps 256-bit vectors on AVX-512 CPUs unless asked; the exp-bound scan loops measured
+    # ~20% faster with 512-bit ones. No effect on CPUs without AVX-512 (x86 only: gcc on ARM
+    # rejects the flag).
+    _FLAGS += ("-mprefer-vector-width=512",)
 _ABI_VERSION = 2
 
 _lock = threading.Lock()
