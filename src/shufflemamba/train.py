@@ -363,10 +363,13 @@ def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None) -> int
                     )
             except Interrupted as intr:
                 name = signal.Signals(intr.signum).name
-                log(
-                    f"stopped by {name}; {os.path.join(output, 'last.pt')} holds the last finished epoch; "
-                    f"continue with: shufflemamba train --resume {os.path.join(output, 'last.pt')}"
-                )
+                last_pt = os.path.join(output, "last.pt")
+                if last is None and resume_ckpt is None:
+                    log(f"stopped by {name} before the first epoch finished; nothing saved")
+                else:
+                    done = last["epoch"] if last is not None else start_epoch - 1
+                    log(f"stopped by {name}; {last_pt} holds epoch {done} (the partial epoch reruns); "
+                        f"continue with: shufflemamba train --resume {last_pt}")
                 return 128 + intr.signum
         if writer is not None:
             writer.close()
