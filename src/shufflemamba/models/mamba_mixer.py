@@ -53,6 +53,11 @@ class BiMambaMixer(nn.Module):
     conv1d, ``x_proj``, ``dt_proj``, ``A_log`` and ``D``; the backward direction runs on the flipped
     sequence (x and z flipped). Output: ``out_proj((y_fwd + flip(y_bwd)) / 2)``.
 
+    On CPU (float32 / float64, ``scan_impl`` "auto" or "cpu", compiled kernels available) the
+    forward takes a channel-last path with the same results: compiled conv1d + SiLU and scan on
+    (B, L, E) views of ``in_proj``'s output, the backward direction run in reverse rather than on
+    flipped copies. Elsewhere (CUDA, autocast, other impls) it runs the (B, E, L) path below.
+
     Initialisation (Mamba / Vim): ``dt_proj.weight ~ U(+-dt_rank^-0.5)``; ``dt_proj.bias`` is the
     inverse softplus of dt drawn log-uniform in [dt_min, dt_max] (floor ``dt_init_floor``), for both
     directions; ``A_log = log(1..N)`` per channel; ``D = 1``; other layers keep PyTorch's default
