@@ -1,6 +1,15 @@
 """ShuffleMamba: Vision Mamba models trained with Stochastic Layer-Wise Shuffle (SLWS)."""
 
-from ._compat import ensure_torchvision
+import os
+import sys
+
+if "torch" not in sys.modules:
+    # OpenMP's default (spinning) wait policy makes 2-thread CPU training several times slower when
+    # the cores are shared with other work (docs/benchmarks.md). It only takes effect if set before
+    # torch loads its OpenMP runtime; a value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from ._compat import ensure_torchvision  # noqa: E402
 
 ensure_torchvision()  # before anything imports timm
 
