@@ -31,7 +31,7 @@ demo: $(STAMP) dataset
 	$(BIN)/shufflemamba train --config demo --output runs/demo
 
 study: $(STAMP) dataset
-	$(BIN)/python benchmarks/study.py --output runs/study
+	$(BIN)/python benchmarks/study.py --output runs/study --background
 
 bench: $(STAMP)
 	$(BIN)/shufflemamba bench
