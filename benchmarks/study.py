@@ -201,6 +201,21 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     return text
 
 
+def study_lock(output: str) -> Any:
+    """An exclusive lock on OUTPUT/study.lock, or None (with an error line) if a study holds it:
+    two studies in one folder would train the same runs at the same time."""
+    import fcntl
+
+    lock = open(os.path.join(output, "study.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        print(f"error: a study is already running in {output} (see {output}/study.log)", file=sys.stderr)
+        return None
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/study")
@@ -214,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output, exist_ok=True)
 
     if args.background:
+        lock = study_lock(args.output)
+        if lock is None:
+            return 1
+        lock.close()  # the detached child takes it
         log_path = os.path.join(args.output, "study.log")
         cmd = [sys.executable, os.path.abspath(__file__), *[a for a in (argv or sys.argv[1:]) if a != "--background"]]
         with open(log_path, "a", encoding="utf-8") as log:
@@ -224,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.report:
         from concurrent.futures import ThreadPoolExecutor
+
+        lock = study_lock(args.output)  # held until this process exits
+        if lock is None:
+            return 1
 
         start = time.time()
         jobs = [(name, rate, sched, seed) for seed in SEEDS for name, rate, sched in SETTINGS]
