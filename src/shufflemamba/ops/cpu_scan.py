@@ -3,7 +3,7 @@
 The kernels (csrc/selective_scan.c: (batch, E, L) scan; csrc/mixer_cl.c: channel-last conv1d + SiLU
 and scan with a reverse flag, used by the Vim mixer) have no torch headers, so building it takes about a second
 with the system C compiler. The shared library is cached per user, keyed by a hash of the
-source, the compiler flags and the CPU (``-march=native`` binaries must not travel between
+sources and headers, the compiler flags and the CPU (``-march=native`` binaries must not travel between
 machines), and is built under a temporary name then renamed into place, so processes that
 start together (pytest workers, torchrun ranks) never load a half-written file.
 
@@ -32,7 +32,9 @@ from torch import Tensor
 
 __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu"]
 
-_SOURCES = (Path(__file__).parent / "csrc" / "selective_scan.c", Path(__file__).parent / "csrc" / "mixer_cl.c")
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
+_HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 if platform.machine().lower() in ("x86_64", "amd64"):
     # gcc keeps 256-bit vectors on AVX-512 CPUs unless asked; the exp-bound scan loops measured
@@ -72,7 +74,7 @@ def _build(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm"]
+        cmd = [cc, *_FLAGS, f"-I{_CSRC}", "-o", tmp, *map(str, _SOURCES), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()}")
@@ -119,7 +121,7 @@ def load_library() -> ctypes.CDLL | None:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC or install gcc)")
             key = hashlib.sha256()
-            for src in _SOURCES:
+            for src in (*_SOURCES, *_HEADERS):
                 key.update(src.read_bytes())
             key.update(" ".join((cc, *_FLAGS)).encode())
             key.update(_cpu_signature().encode())

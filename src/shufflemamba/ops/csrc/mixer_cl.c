@@ -25,31 +25,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 #define CL_RESTRICT __restrict__
 /* every channel loop carries "omp simd": without it gcc leaves several of them scalar
  * ("no vectype" after folding the row copies), which measured 2-3x slower */
 #ifndef EB
 #define EB 64
 #endif
-
-static inline float cl_expf(float x) {
-    /* same Cephes-style polynomial as selective_scan.c (kept local so it inlines) */
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float k = __builtin_rintf(x * 1.44269504088896341f);
-    float r = x - k * 0.693359375f;
-    r = r + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 /* copy ne (<= EB) values into an EB-long local row, zero the rest; full rows (the common case)
  * take an inlined fixed-length copy: a memcpy call per row and step measured as a visible cost */
@@ -123,7 +106,7 @@ static inline float cl_expf(float x) {
                         for (int64_t e = 0; e < E; ++e) gp[e] += w[e] * xr[e];                     \
                     }                                                                              \
                     for (int64_t e = 0; e < E; ++e) {                                              \
-                        const T p = gp[e], s = (T)1 / ((T)1 + EXP(-p));                            \
+                        const T p = gp[e], s = SM_SIGMOID(T, EXP, p);                              \
                         gp[e] = go[e] * s * ((T)1 + p * ((T)1 - s));                               \
                         db[e] += gp[e];                                                            \
                     }                                                                              \
@@ -188,7 +171,7 @@ static inline float cl_expf(float x) {
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
                             const T x = dl[j] + bs[j];                                             \
-                            d[j] = x > (T)20 ? x : LOG1P(EXP(x));                                  \
+                            d[j] = SM_SOFTPLUS(T, EXP, LOG1P, x);                                  \
                         }                                                                          \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
@@ -316,7 +299,7 @@ static inline float cl_expf(float x) {
                     if (z) {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
-                            const T sz = (T)1 / ((T)1 + EXP(-zz[j]));                              \
+                            const T sz = SM_SIGMOID(T, EXP, zz[j]);                                \
                             y[j] = go[j] * (y[j] + Ds[j] * uu[j]) * sz * ((T)1 + zz[j] * ((T)1 - sz)); \
                         }                                                                          \
                         CL_STORE(T, dz + row, y, ne);                               \
@@ -368,7 +351,7 @@ static inline float cl_expf(float x) {
         return failed;                                                                             \
     }
 
-CL_DEFINE(float, f32, cl_expf, log1pf, expm1f)
+CL_DEFINE(float, f32, sm_expf, log1pf, expm1f)
 CL_DEFINE(double, f64, exp, log1p, expm1)
 
 /* channel block width: the size of the dB/dC partial buffers depends on it */

@@ -33,34 +33,14 @@
 #include <omp.h>
 #endif
 
-#define SS_RESTRICT __restrict__
+#include "common.h"
 
-/* exp for float, inlined so that the compiler vectorises it without a libmvec call per vector
- * (measured ~20-30% faster per scan here). Cephes-style: x = k ln2 + r with |r| <= ln2 / 2
- * (ln2 split in two for exactness), degree-6 polynomial for e^r, 2^k built from the exponent
- * bits. Relative error about 2 ulp on [-87, 88]; inputs are clamped to that range. */
-static inline float ss_expf(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float k = __builtin_rintf(x * 1.44269504088896341f);
-    float r = x - k * 0.693359375f;
-    r = r + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+#define SS_RESTRICT __restrict__
 
 /* Per-time-step scalar transcendentals (softplus, sigmoid) would cost more than the whole N-loop
  * if done inside the sequential t-loop, so every kernel runs them in separate passes over t that
  * the compiler vectorises (libmvec), and keeps the sequential loop to FMAs plus one exp per state.
- * Softplus uses torch's threshold (x > 20 -> x) so results match F.softplus. */
+ * Softplus uses torch's threshold (see common.h) so results match F.softplus. */
 #define SS_DEFINE(T, SFX, EXP, LOG1P)                                                              \
     int ss_fwd_##SFX(const T *SS_RESTRICT u, const T *SS_RESTRICT delta, const T *SS_RESTRICT A,   \
                      const T *SS_RESTRICT Bt, const T *SS_RESTRICT Ct, const T *SS_RESTRICT D,     \
@@ -86,7 +66,7 @@ static inline float ss_expf(float x) {
                 if (softplus) {                                                                    \
                     for (int64_t t = 0; t < L; ++t) {                                              \
                         const T x = dr[t] + bias;                                                  \
-                        dts[t] = x > (T)20 ? x : LOG1P(EXP(x));                                    \
+                        dts[t] = SM_SOFTPLUS(T, EXP, LOG1P, x);                                    \
                     }                                                                              \
                 } else {                                                                           \
                     for (int64_t t = 0; t < L; ++t) dts[t] = dr[t] + bias;                         \
@@ -159,8 +139,8 @@ static inline float ss_expf(float x) {
                     if (softplus) {                                                                \
                         for (int64_t t = 0; t < L; ++t) {                                          \
                             const T x = dr[t] + bias;                                              \
-                            dts[t] = x > (T)20 ? x : LOG1P(EXP(x));                                \
-                            sgs[t] = (T)1 / ((T)1 + EXP(-x));                                      \
+                            dts[t] = SM_SOFTPLUS(T, EXP, LOG1P, x);                                \
+                            sgs[t] = SM_SIGMOID(T, EXP, x);                                        \
                         }                                                                          \
                     } else {                                                                       \
                         for (int64_t t = 0; t < L; ++t) dts[t] = dr[t] + bias;                     \
@@ -200,7 +180,7 @@ static inline float ss_expf(float x) {
                         const T *SS_RESTRICT zr = z + be * L;                                      \
                         T *SS_RESTRICT dzr = dz + be * L;                                          \
                         for (int64_t t = 0; t < L; ++t) {                                          \
-                            const T s = (T)1 / ((T)1 + EXP(-zr[t]));                               \
+                            const T s = SM_SIGMOID(T, EXP, zr[t]);                                 \
                             dzr[t] = gr[t] * (ys[t] + De * ur[t]) * s * ((T)1 + zr[t] * ((T)1 - s)); \
                         }                                                                          \
                     }                                                                              \
@@ -236,7 +216,7 @@ static inline float ss_expf(float x) {
         return failed;                                                                             \
     }
 
-SS_DEFINE(float, f32, ss_expf, log1pf)
+SS_DEFINE(float, f32, sm_expf, log1pf)
 SS_DEFINE(double, f64, exp, log1p)
 
 /* Lets the loader check that it opened the library it expects. */
