@@ -219,7 +219,7 @@ def study_lock(output: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/study")
-    parser.add_argument("--epochs", type=int, default=18)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--train-subset", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
