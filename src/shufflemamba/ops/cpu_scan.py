@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._checks import check_scan_inputs
+
 __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu"]
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -399,15 +401,10 @@ def selective_scan_cl(
     Inputs must share one float32 / float64 dtype; B, C and z may be strided slices with unit
     stride along their last dim. Returns (batch, L, E) contiguous.
     """
-    if u.dim() != 3 or A.dim() != 2 or A.shape[0] != u.shape[-1]:
-        raise ValueError(f"selective_scan_cl: u (batch, L, E) and A (E, N) expected, got {tuple(u.shape)}, {tuple(A.shape)}")
-    for name, t, shape in (("delta", delta, u.shape), ("z", z, u.shape), ("B", B, (*u.shape[:2], A.shape[1])),
-                           ("C", C, (*u.shape[:2], A.shape[1])), ("D", D, (u.shape[-1],)),
-                           ("delta_bias", delta_bias, (u.shape[-1],))):
-        if t is not None and tuple(t.shape) != tuple(shape):
-            raise ValueError(f"selective_scan_cl: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    check_scan_inputs("selective_scan_cl", u, delta, A, B, C, D, z, delta_bias, channel_last=True)
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
         if t is not None and t.dtype != u.dtype:
             raise TypeError(f"selective_scan_cl: {name} is {t.dtype} but u is {u.dtype}")
-    if u.dtype not in (torch.float32, torch.float64) or A.dtype != u.dtype:
-        raise TypeError(f"selective_scan_cl: float32 or float64 inputs of one dtype expected, got {u.dtype}, A {A.dtype}")
+    if u.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"selective_scan_cl: float32 or float64 inputs expected, got {u.dtype}")
     return _ScanCL.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))

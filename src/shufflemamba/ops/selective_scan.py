@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_scan_inputs
+
 
 def selective_scan_ref(
     u: Tensor,
@@ -50,31 +52,6 @@ def selective_scan_ref(
 
 
 IMPLS = ("auto", "ref", "cpu", "torch", "triton")
-
-
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
-    """Raise a one-line TypeError / ValueError naming the first bad argument."""
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    for name, t in named.items():
-        if t is None and name in ("D", "z", "delta_bias"):
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"selective_scan: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != u.device:
-            raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan: u must be (batch, E, L), got shape {tuple(u.shape)}")
-    batch, E, L = u.shape
-    if A.dim() != 2 or A.shape[0] != E:
-        raise ValueError(f"selective_scan: A must be (E={E}, N), got shape {tuple(A.shape)}")
-    N = A.shape[1]
-    expected = dict(delta=(batch, E, L), z=(batch, E, L), B=(batch, N, L), C=(batch, N, L), D=(E,), delta_bias=(E,))
-    for name, shape in expected.items():
-        t = named[name]
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"selective_scan: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -131,7 +108,7 @@ def selective_scan(
     Returns:
         Output, (batch, E, L), in u's dtype. float16 / bfloat16 inputs are computed in float32.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs("selective_scan", u, delta, A, B, C, D, z, delta_bias)
     impl = _resolve_impl(impl, u.device)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if impl == "ref":

@@ -29,6 +29,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._checks import check_scan_inputs
+
 try:  # optional dependency
     import triton
     import triton.language as tl
@@ -314,33 +316,6 @@ def _block_e(E: int, batch: int, interpret: bool) -> int:
     return block
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, int]:
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"selective_scan_triton: {name} must be a Tensor, got {type(t).__name__}")
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan_triton: u must be (batch, E, L), got shape {tuple(u.shape)}")
-    batch, E, L = u.shape
-    if A.dim() != 2 or A.shape[0] != E:
-        raise ValueError(f"selective_scan_triton: A must be (E={E}, N), got shape {tuple(A.shape)}")
-    N = A.shape[1]
-    expect = {"delta": (delta, (batch, E, L)), "B": (B, (batch, N, L)), "C": (C, (batch, N, L))}
-    if z is not None:
-        expect["z"] = (z, (batch, E, L))
-    if D is not None:
-        expect["D"] = (D, (E,))
-    if delta_bias is not None:
-        expect["delta_bias"] = (delta_bias, (E,))
-    for name, (t, shape) in expect.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"selective_scan_triton: {name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.device != u.device:
-            raise ValueError(f"selective_scan_triton: {name} is on {t.device} but u is on {u.device}")
-    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"selective_scan_triton: unsupported dtype {u.dtype} (use fp32, fp16 or bf16)")
-    return batch, E, L, N
-
-
 def _strides3(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
     return tuple((t if t is not None else like).stride())  # type: ignore[return-value]
 
@@ -451,7 +426,9 @@ def selective_scan_triton(
     """
     if not _HAS_TRITON:
         raise ImportError("selective_scan_triton needs triton: pip install 'shufflemamba[triton]'")
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias)
+    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"selective_scan_triton: unsupported dtype {u.dtype} (use fp32, fp16 or bf16)")
     if u.device.type != "cuda" and not _interpreter_mode():
         raise ValueError(
             f"selective_scan_triton: tensors on {u.device} need a CUDA device, or TRITON_INTERPRET=1 set "
