@@ -7,6 +7,7 @@ import json
 import pytest
 
 from shufflemamba import bench
+from shufflemamba.config import UserError
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
@@ -55,7 +56,7 @@ def test_write_markdown_replaces_only_its_section(tmp_path):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="--repeats"):
+    with pytest.raises(UserError, match="--repeats"):
         bench.main(["--quick", "--repeats", "0"])
     with pytest.raises(SystemExit):
         bench.main(["--skip", "nonsense"])

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import shufflemamba  # noqa: F401  (torchvision shim and model registration before timm)
+from shufflemamba.config import UserError
 from shufflemamba.ops.selective_scan import selective_scan, selective_scan_ref
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -404,14 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns a process exit code."""
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device must be cpu or cuda, got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA device is available")
+        raise UserError("--device cuda given but no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+        raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
     for opt in ("repeats", "scan_batch", "train_batch"):
         if getattr(args, opt) is not None and getattr(args, opt) < 1:
-            raise ValueError(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+            raise UserError(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
     gpu = device.type == "cuda"
     repeats = args.repeats or (2 if args.quick else 7)
     scan_batch = args.scan_batch or (1 if args.quick else (8 if gpu else 2))
@@ -446,4 +450,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shufflemamba.cli import main as cli_main  # one-line errors for bad input, as `shufflemamba bench`
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))
