@@ -68,7 +68,54 @@ def triton_available(device: torch.device | str | None = None) -> bool:
     return False
 
 
+def _interpreter_mode() -> bool:
+    """Whether triton's language library was imported for the interpreter (TRITON_INTERPRET=1)."""
+    if not _HAS_TRITON:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # pragma: no cover
+        return False
+    # tl.zeros is itself a triton.jit function: its type says which mode triton's import chose
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+def _jit(fn):
+    """``fn`` wrapped like ``@triton.jit`` would, in the mode triton was imported in.
+
+    Triton fixes interpreter-or-compiler when its own library is imported (``TRITON_INTERPRET``), and
+    a kernel and the device functions it calls must be wrapped alike: both go through here.
+    """
+    if _interpreter_mode():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(fn)
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(fn)
+
+
 if _HAS_TRITON:
+
+    def _step_delta(d_ptrs, mask_e, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """One time step's delta, in fp32: returns (x, dlt) with x = delta_t (+ bias) and
+        dlt = softplus(x) (or x without SOFTPLUS). The backward needs x for softplus' derivative."""
+        x = tl.load(d_ptrs, mask=mask_e, other=0.0).to(tl.float32)  # (BLOCK_E,)
+        if HAS_BIAS:
+            x = x + bias
+        if SOFTPLUS:
+            # softplus with log1p accuracy (Kahan's trick), linear above 20 like torch
+            ex = tl.exp(tl.minimum(x, 20.0))
+            w = 1.0 + ex
+            lp = tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))
+            dlt = tl.where(x > 20.0, x, lp)
+        else:
+            dlt = x
+        return x, dlt
+
+    # a device function: wrapped now (triton, imported above, has fixed its mode), so that it
+    # exists under this name when the kernels that call it are compiled
+    _step_delta = _jit(_step_delta)
 
     def _scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
@@ -95,6 +142,7 @@ if _HAS_TRITON:
         A2 = A.to(tl.float32) * 1.4426950408889634  # (BLOCK_E, BLOCK_N)
         if HAS_D:
             Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        bias = 0.0  # unused without HAS_BIAS, but _step_delta takes it
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
 
@@ -114,19 +162,9 @@ if _HAS_TRITON:
             t1 = tl.minimum(t0 + CHUNK, L)
             for t in range(t0, t1):
                 u = tl.load(u_row + t * s_u_l, mask=mask_e, other=0.0).to(tl.float32)
-                x = tl.load(d_row + t * s_d_l, mask=mask_e, other=0.0).to(tl.float32)
+                x, dlt = _step_delta(d_row + t * s_d_l, mask_e, bias, HAS_BIAS, SOFTPLUS)
                 Bt = tl.load(B_row + t * s_B_l, mask=mask_n, other=0.0).to(tl.float32)
                 Ct = tl.load(C_row + t * s_C_l, mask=mask_n, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    x = x + bias
-                if SOFTPLUS:
-                    # softplus with log1p accuracy (Kahan's trick), linear above 20 like torch
-                    ex = tl.exp(tl.minimum(x, 20.0))
-                    w = 1.0 + ex
-                    lp = tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))
-                    dlt = tl.where(x > 20.0, x, lp)
-                else:
-                    dlt = x
                 dA = tl.exp2(dlt[:, None] * A2)  # (BLOCK_E, BLOCK_N)
                 h = dA * h + (dlt * u)[:, None] * Bt[None, :]
                 y = tl.sum(h * Ct[None, :], axis=1)  # (BLOCK_E,)
@@ -164,6 +202,7 @@ if _HAS_TRITON:
         A2 = A * 1.4426950408889634
         if HAS_D:
             Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        bias = 0.0  # unused without HAS_BIAS, but _step_delta takes it
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
 
@@ -201,17 +240,8 @@ if _HAS_TRITON:
             for t in range(t0, t1):
                 tl.store(sc_tile + (t - t0) * BLOCK_E * BLOCK_N, h)
                 u = tl.load(u_row + t * s_u_l, mask=mask_e, other=0.0).to(tl.float32)
-                x = tl.load(d_row + t * s_d_l, mask=mask_e, other=0.0).to(tl.float32)
+                x, dlt = _step_delta(d_row + t * s_d_l, mask_e, bias, HAS_BIAS, SOFTPLUS)
                 Bt = tl.load(B_row + t * s_B_l, mask=mask_n, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    x = x + bias
-                if SOFTPLUS:
-                    ex = tl.exp(tl.minimum(x, 20.0))
-                    w = 1.0 + ex
-                    lp = tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))
-                    dlt = tl.where(x > 20.0, x, lp)
-                else:
-                    dlt = x
                 h = tl.exp2(dlt[:, None] * A2) * h + (dlt * u)[:, None] * Bt[None, :]
             tl.debug_barrier()
             # phase 2: walk the chunk backwards
@@ -219,19 +249,10 @@ if _HAS_TRITON:
                 t = t1 - 1 - tt
                 hp = tl.load(sc_tile + (t - t0) * BLOCK_E * BLOCK_N)  # h_{t-1}
                 u = tl.load(u_row + t * s_u_l, mask=mask_e, other=0.0).to(tl.float32)
-                x = tl.load(d_row + t * s_d_l, mask=mask_e, other=0.0).to(tl.float32)
+                x, dlt = _step_delta(d_row + t * s_d_l, mask_e, bias, HAS_BIAS, SOFTPLUS)
                 Bt = tl.load(B_row + t * s_B_l, mask=mask_n, other=0.0).to(tl.float32)
                 Ct = tl.load(C_row + t * s_C_l, mask=mask_n, other=0.0).to(tl.float32)
                 go = tl.load(g_row + t, mask=mask_e, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    x = x + bias
-                if SOFTPLUS:
-                    ex = tl.exp(tl.minimum(x, 20.0))
-                    w = 1.0 + ex
-                    lp = tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))
-                    dlt = tl.where(x > 20.0, x, lp)
-                else:
-                    dlt = x
                 dA = tl.exp2(dlt[:, None] * A2)
                 h = dA * hp + (dlt * u)[:, None] * Bt[None, :]  # h_t
                 if HAS_Z:
@@ -275,34 +296,10 @@ if _HAS_TRITON:
     _KERNELS: dict[str, object] = {}
 
     def _kernel(name: str):
-        """The kernel ``name``, wrapped once like ``@triton.jit`` would, in the mode triton was imported in.
-
-        Triton fixes interpreter-or-compiler when its own library is imported (``TRITON_INTERPRET``);
-        our kernels must match it, so they are wrapped on first use rather than at our import.
-        """
+        """The kernel ``name``, wrapped once (by :func:`_jit`) on first use."""
         if name not in _KERNELS:
-            fn = {"fwd": _scan_fwd_kernel, "bwd": _scan_bwd_kernel}[name]
-            if _interpreter_mode():
-                from triton.runtime.interpreter import InterpretedFunction
-
-                _KERNELS[name] = InterpretedFunction(fn)
-            else:
-                from triton.runtime.jit import JITFunction
-
-                _KERNELS[name] = JITFunction(fn)
+            _KERNELS[name] = _jit({"fwd": _scan_fwd_kernel, "bwd": _scan_bwd_kernel}[name])
         return _KERNELS[name]
-
-
-def _interpreter_mode() -> bool:
-    """Whether triton's language library was imported for the interpreter (TRITON_INTERPRET=1)."""
-    if not _HAS_TRITON:
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except Exception:  # pragma: no cover
-        return False
-    # tl.zeros is itself a triton.jit function: its type says which mode triton's import chose
-    return isinstance(tl.zeros, InterpretedFunction)
 
 
 def _block_e(E: int, batch: int, interpret: bool) -> int:
