@@ -160,22 +160,30 @@ def _contig(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _sfx(t: Tensor) -> str:
+    return "f64" if t.dtype == torch.float64 else "f32"
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"compiled CPU kernels unavailable: {_load_error}")
+    return lib
+
+
 class _CompiledScan(torch.autograd.Function):
     """Autograd wrapper: saves only the inputs; the backward recomputes the states row by row."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
-        lib = load_library()
-        if lib is None:
-            raise RuntimeError(f"compiled CPU selective scan unavailable: {_load_error}")
+        lib = _lib_or_raise()
         batch, E, L = u.shape
         N = A.shape[1]
         u, delta, A, D, z, delta_bias = map(_contig, (u, delta, A, D, z, delta_bias))
         Bt = B.transpose(1, 2).contiguous()  # (batch, L, N): N innermost for the vector loops
         Ct = C.transpose(1, 2).contiguous()
         out = torch.empty_like(u)
-        sfx = "f64" if u.dtype == torch.float64 else "f32"
-        rc = getattr(lib, f"ss_fwd_{sfx}")(
+        rc = getattr(lib, f"ss_fwd_{_sfx(u)}")(
             _ptr(u), _ptr(delta), _ptr(A), _ptr(Bt), _ptr(Ct), _ptr(D), _ptr(z), _ptr(delta_bias),
             _ptr(out), batch, E, L, N, int(delta_softplus), torch.get_num_threads(),
         )  # fmt: skip
@@ -203,8 +211,7 @@ class _CompiledScan(torch.autograd.Function):
         dB_part = u.new_empty(nchunk, batch, L, N)
         dC_part = u.new_empty(nchunk, batch, L, N)
         dD_part = u.new_empty(batch, E) if has_D else None
-        sfx = "f64" if u.dtype == torch.float64 else "f32"
-        rc = getattr(load_library(), f"ss_bwd_{sfx}")(
+        rc = getattr(_lib_or_raise(), f"ss_bwd_{_sfx(u)}")(
             _ptr(u), _ptr(delta), _ptr(A), _ptr(Bt), _ptr(Ct), _ptr(D), _ptr(z), _ptr(delta_bias),
             _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dA_part), _ptr(dB_part), _ptr(dC_part),
             _ptr(dD_part), _ptr(dz), batch, E, L, N, int(ctx.delta_softplus), nchunk, nthreads,
@@ -251,17 +258,6 @@ def _threads(work: int) -> int:
     """OpenMP threads for a call over ``work`` elements: one for small calls, where a parallel
     region's start and barrier (milliseconds when a core is busy elsewhere) cost more than the work."""
     return 1 if work < (1 << 15) else torch.get_num_threads()
-
-
-def _sfx(t: Tensor) -> str:
-    return "f64" if t.dtype == torch.float64 else "f32"
-
-
-def _lib_or_raise() -> ctypes.CDLL:
-    lib = load_library()
-    if lib is None:
-        raise RuntimeError(f"compiled CPU kernels unavailable: {_load_error}")
-    return lib
 
 
 class _ConvSiluCL(torch.autograd.Function):
