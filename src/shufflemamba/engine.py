@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -217,7 +216,3 @@ def evaluate(
         "seconds": seconds,
         "images_per_second": n / max(seconds, 1e-9),
     }
-
-
-def log_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
