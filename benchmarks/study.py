@@ -128,6 +128,20 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
 
+FINDINGS_BEGIN, FINDINGS_END = "<!-- findings:begin -->", "<!-- findings:end -->"
+
+
+def kept_findings(path: str) -> str:
+    """The hand-written reading of the numbers between the findings markers of an existing report
+    (kept when the tables are re-rendered), or a reminder to write one."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if FINDINGS_BEGIN in text and FINDINGS_END in text:
+            return text.split(FINDINGS_BEGIN, 1)[1].split(FINDINGS_END, 1)[0].strip("\n")
+    return "## What the numbers say\n\n(to be written by whoever ran the study, from the table above)"
+
+
 def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
     import matplotlib
 
@@ -193,8 +207,9 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     ]
     with open(os.path.join(docs, "study.json"), "w", encoding="utf-8") as f:
         json.dump({"epochs": args.epochs, "train_subset": args.train_subset, "results": results}, f, indent=1)
-    text = "\n".join(lines) + "\n"
     path = os.path.join(docs, "study.md")
+    lines += ["", FINDINGS_BEGIN, kept_findings(path), FINDINGS_END]
+    text = "\n".join(lines) + "\n"
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
