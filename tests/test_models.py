@@ -267,3 +267,27 @@ def test_mixer_forward_direction_matches_a_manual_causal_computation():
     x2 = x.clone()
     x2[:, 4:] = torch.randn(1, 2, 8)
     torch.testing.assert_close(mixer(x2)[:, :4], y[:, :4])  # causal: future tokens do not matter
+
+
+def test_mixer_backward_direction_equals_the_flipped_computation():
+    """The (B, E, L) path's reverse direction (look-ahead conv, scan from the end) is Vim's
+    flip -> causal conv -> scan -> flip, written out here with explicit flips."""
+    import torch.nn.functional as F
+
+    from shufflemamba.ops import selective_scan
+
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(16, d_state=4, scan_impl="torch")  # torch impl: the (B, E, L) path on CPU
+    hidden = torch.randn(2, 9, 16)
+    assert not mixer._use_fused_cpu(hidden)
+    x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, E, L)
+    xf, zf = x.flip(-1), z.flip(-1)
+    L = x.shape[-1]
+    u = F.silu(mixer.conv1d_b(xf)[..., :L])
+    dt, b, c = torch.split(mixer.x_proj_b(u.transpose(1, 2)), [mixer.dt_rank, 4, 4], dim=-1)
+    delta = F.linear(dt, mixer.dt_proj_b.weight).transpose(1, 2)
+    y_flipped = selective_scan(u, delta, -torch.exp(mixer.A_b_log), b.transpose(1, 2), c.transpose(1, 2),
+                               mixer.D_b, zf, mixer.dt_proj_b.bias, delta_softplus=True, impl="ref").flip(-1)
+    y_rev = mixer._direction(x, z, mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b,
+                             reverse=True)
+    torch.testing.assert_close(y_rev, y_flipped, atol=1e-5, rtol=1e-5)

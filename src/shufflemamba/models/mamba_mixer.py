@@ -55,8 +55,9 @@ class BiMambaMixer(nn.Module):
 
     On CPU (float32 / float64, ``scan_impl`` "auto" or "cpu", compiled kernels available) the
     forward takes a channel-last path with the same results: compiled conv1d + SiLU and scan on
-    (B, L, E) views of ``in_proj``'s output, the backward direction run in reverse rather than on
-    flipped copies. Elsewhere (CUDA, autocast, other impls) it runs the (B, E, L) path below.
+    (B, L, E) views of ``in_proj``'s output. Elsewhere (CUDA, autocast, other impls) it runs the
+    (B, E, L) path. Both run the backward direction in reverse (look-ahead conv, scan from the end)
+    rather than on flipped copies.
 
     Initialisation (Mamba / Vim): ``dt_proj.weight ~ U(+-dt_rank^-0.5)``; ``dt_proj.bias`` is the
     inverse softplus of dt drawn log-uniform in [dt_min, dt_max] (floor ``dt_init_floor``), for both
@@ -132,17 +133,26 @@ class BiMambaMixer(nn.Module):
             d.fill_(1.0)
 
     def _direction(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-                   a_log: Tensor, d: Tensor) -> Tensor:
-        """One scan direction. x, z: (B, E, L) -> y: (B, E, L)."""
+                   a_log: Tensor, d: Tensor, reverse: bool) -> Tensor:
+        """One scan direction. x, z: (B, E, L) -> y: (B, E, L).
+
+        ``reverse`` computes the flipped direction in place: the conv looks ahead instead of back
+        (cross-correlation with the flipped kernel over a right-padded x) and the scan runs from the
+        end, so no flipped copy of x, z or y is made (the Triton scan reads backwards natively).
+        """
         seqlen = x.shape[-1]
-        x = F.silu(conv(x)[..., :seqlen])  # causal: padding d_conv-1 then keep the first L outputs
+        if reverse:
+            x = F.conv1d(F.pad(x, (0, conv.kernel_size[0] - 1)), conv.weight.flip(-1), conv.bias, groups=conv.groups)
+        else:
+            x = conv(x)[..., :seqlen]  # causal: padding d_conv-1 then keep the first L outputs
+        x = F.silu(x)
         x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L); bias added in the scan
         a = -torch.exp(a_log.float())  # (E, N)
         return selective_scan(
             x, delta, a, b.transpose(1, 2), c.transpose(1, 2), d.float(), z,
-            delta_bias=dt_proj.bias.float(), delta_softplus=True, impl=self.scan_impl,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, impl=self.scan_impl, reverse=reverse,
         )
 
     def _use_fused_cpu(self, hidden: Tensor) -> bool:
@@ -188,10 +198,9 @@ class BiMambaMixer(nn.Module):
             return self.out_proj((y_f + y_b) * 0.5)
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                              self.A_b_log, self.D_b)
-        y = (y_f + y_b.flip(-1)) / 2  # (B, E, L)
+        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False)
+        y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True)
+        y = (y_f + y_b) / 2  # (B, E, L)
         return self.out_proj(y.transpose(1, 2))
 
 

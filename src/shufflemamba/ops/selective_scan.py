@@ -88,6 +88,7 @@ def selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     impl: str = "auto",
+    reverse: bool = False,
 ) -> Tensor:
     """Selective scan with mamba_ssm ``selective_scan_fn`` semantics, differentiable in every tensor.
 
@@ -104,12 +105,20 @@ def selective_scan(
         impl: "auto" (CUDA: "triton" if importable else "torch"; CPU: "cpu" if the kernel builds,
             else "torch"), "cpu" (compiled C kernel), "torch" (pure PyTorch, hand-written
             backward, any device), "triton" (GPU kernel), or "ref" (the plain reference).
+        reverse: Scan from the sequence's end: the same as flipping u, delta, B, C, z along L, scanning
+            and flipping the output back. "triton" does it by reading backwards (no copies); the
+            other impls flip.
 
     Returns:
         Output, (batch, E, L), in u's dtype. float16 / bfloat16 inputs are computed in float32.
     """
     check_scan_inputs("selective_scan", u, delta, A, B, C, D, z, delta_bias)
     impl = _resolve_impl(impl, u.device)
+    if reverse and impl != "triton":
+        flip = lambda t: t if t is None else t.flip(-1)  # noqa: E731
+        out = selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
+                             impl=impl)
+        return out.flip(-1)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if impl == "ref":
         return selective_scan_ref(*args)
@@ -123,7 +132,7 @@ def selective_scan(
                 f"selective_scan: impl='triton' cannot run on {u.device} (needs triton and a CUDA "
                 "device, or TRITON_INTERPRET=1 for CPU tests)"
             )
-        return selective_scan_triton(*args)
+        return selective_scan_triton(*args, reverse=reverse)
     # the fast paths take one float32 / float64 dtype; .to() is differentiable, so gradients
     # come back in each input's own dtype
     dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)

@@ -4,17 +4,24 @@ Same semantics and argument order as :func:`shufflemamba.ops.selective_scan.sele
 
     u, delta, z: (batch, E, L)   A: (E, N)   B, C: (batch, N, L)   D, delta_bias: (E,)
 
-Design (one program per (batch row, block of ``BLOCK_E`` channels), looping over L):
+Design: one program per (batch row, block of ``BLOCK_E`` channels), looping over L in chunks of
+``BLOCK_T`` steps. The state (BLOCK_E, N) is carried between chunks in registers, in fp32.
 
-* Forward: the state ``h`` (BLOCK_E, N) lives in registers in fp32. delta_bias + softplus, the D skip
-  and the silu(z) gate are fused; only the output (batch, E, L) is written. When gradients are needed
-  it also writes the state at the start of every chunk of ``CHUNK`` steps: (batch, L/CHUNK, E, N).
-* Backward: runs the chunks in reverse. For each chunk it first re-runs the forward from the saved
-  state, writing h_{t-1} for the chunk's steps into a small per-program scratch (CHUNK, BLOCK_E, N),
-  then walks the chunk backwards with dh_t = gy_t * C_t + exp(delta_{t+1} A) dh_{t+1}. Nothing of
-  size (batch, E, L, N) is ever materialised. Reductions over E (dB, dC) and over batch (dA, dD,
-  ddelta_bias) are written as per-program partials and summed with torch afterwards: deterministic,
-  and it needs no atomics (which the interpreter handles poorly).
+* Forward, per chunk: load (BLOCK_E, BLOCK_T) tiles of u, delta, z and (N, BLOCK_T) tiles of B, C,
+  each contiguous along time (coalesced, unlike one strided element per channel and step), form the
+  per-step decay exp(delta A) and input delta B u as (BLOCK_E, N, BLOCK_T) register tiles, and run
+  the recurrence h_t = a_t h_{t-1} + b_t over the chunk as a parallel scan (``tl.associative_scan``
+  with the composition of affine maps). delta_bias + softplus, the D skip and the silu(z) gate are
+  fused; only the output is written, plus, when gradients are needed, the state at every chunk's
+  start: (batch, L/BLOCK_T, E, N).
+* Backward, chunks in reverse: recompute the chunk's states from its saved start (the same parallel
+  scan), then get dh_t = gy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a reverse parallel scan whose
+  carry is dh at the next chunk's first step. dA_t h_{t-1} is taken as h_t - delta_t B_t u_t, so no
+  shifted copy is needed. Nothing of size (batch, E, L, N) is ever written to memory. Reductions
+  over E (dB, dC) and over batch (dA, dD, ddelta_bias) are written as per-program partials and
+  summed with torch afterwards: deterministic, and no atomics.
+* ``reverse=True`` scans from the end (the mixer's backward direction) by reading time L-1-p at scan
+  position p: no flipped copies.
 
 Triton is optional: this module imports without it, and :func:`triton_available` says whether the
 kernels can run. With ``TRITON_INTERPRET=1`` set before triton is first imported, the same kernel
@@ -24,7 +31,8 @@ machines without a GPU. Otherwise the kernels are compiled and need CUDA tensors
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,10 +49,9 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None
     _HAS_TRITON = False
 
-__all__ = ["selective_scan_triton", "triton_available"]
+__all__ = ["LaunchConfig", "launch_config", "selective_scan_triton", "triton_available"]
 
 _LOG2E = 1.4426950408889634
-_CHUNK = 16  # steps between saved states; also the backward's scratch length
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
@@ -97,10 +104,11 @@ def _jit(fn):
 
 if _HAS_TRITON:
 
-    def _step_delta(d_ptrs, mask_e, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-        """One time step's delta, in fp32: returns (x, dlt) with x = delta_t (+ bias) and
-        dlt = softplus(x) (or x without SOFTPLUS). The backward needs x for softplus' derivative."""
-        x = tl.load(d_ptrs, mask=mask_e, other=0.0).to(tl.float32)  # (BLOCK_E,)
+    def _load_delta(d_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+        """A tile of delta in fp32: returns (x, dlt) with x = delta (+ bias) and dlt = softplus(x)
+        (or x without SOFTPLUS), zero where ``mask`` is off. The backward needs x for softplus'
+        derivative. ``bias`` broadcasts against the tile (a column of per-channel values)."""
+        x = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x = x + bias
         if SOFTPLUS:
@@ -111,11 +119,33 @@ if _HAS_TRITON:
             dlt = tl.where(x > 20.0, x, lp)
         else:
             dlt = x
-        return x, dlt
+        # masked steps get delta 0: decay 1 and no input, so the state passes through them unchanged
+        return x, tl.where(mask, dlt, 0.0)
 
-    # a device function: wrapped now (triton, imported above, has fixed its mode), so that it
-    # exists under this name when the kernels that call it are compiled
-    _step_delta = _jit(_step_delta)
+    def _affine_combine(a1, b1, a2, b2):
+        """Compose two steps of h -> a * h + b: first (a1, b1), then (a2, b2)."""
+        return a1 * a2, b1 * a2 + b2
+
+    def _time_index(c, L, BLOCK_T: tl.constexpr, REVERSE: tl.constexpr):
+        """Chunk ``c``'s positions in scan order and in memory: (p, t, mask), each (BLOCK_T,).
+        With REVERSE the scan runs from the sequence's end, so position p reads time L-1-p."""
+        p = c * BLOCK_T + tl.arange(0, BLOCK_T)
+        if REVERSE:
+            t = L - 1 - p
+        else:
+            t = p
+        return p, t, p < L
+
+    def _last(x, offs_t, index):
+        """Slice ``x[:, :, index]`` of a (BLOCK_E, BLOCK_N, BLOCK_T) tile, as (BLOCK_E, BLOCK_N)."""
+        return tl.sum(tl.where(offs_t[None, None, :] == index, x, 0.0), axis=2)
+
+    # device functions: wrapped now (triton, imported above, has fixed its mode), so that they
+    # exist under these names when the kernels that call them are compiled
+    _load_delta = _jit(_load_delta)
+    _affine_combine = _jit(_affine_combine)
+    _time_index = _jit(_time_index)
+    _last = _jit(_last)
 
     def _scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
@@ -127,12 +157,14 @@ if _HAS_TRITON:
         s_A_e, s_A_n,
         E, L, N, NCHUNK,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        SAVE_CKPT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+        REVERSE: tl.constexpr, SAVE_CKPT: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         pid_b = tl.program_id(0).to(tl.int64)
         pid_e = tl.program_id(1)
         offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)  # (BLOCK_E,)
         offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        offs_t = tl.arange(0, BLOCK_T)  # (BLOCK_T,)
         mask_e = offs_e < E
         mask_n = offs_n < N
         mask_en = mask_e[:, None] & mask_n[None, :]
@@ -141,42 +173,47 @@ if _HAS_TRITON:
         A = tl.load(A_ptr + offs_e[:, None] * s_A_e + offs_n[None, :] * s_A_n, mask=mask_en, other=0.0)
         A2 = A.to(tl.float32) * 1.4426950408889634  # (BLOCK_E, BLOCK_N)
         if HAS_D:
-            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        bias = 0.0  # unused without HAS_BIAS, but _step_delta takes it
+            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]  # (BLOCK_E, 1)
+        bias = 0.0  # unused without HAS_BIAS, but _load_delta takes it
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]
 
-        u_row = u_ptr + pid_b * s_u_b + offs_e * s_u_e
-        d_row = delta_ptr + pid_b * s_d_b + offs_e * s_d_e
-        z_row = z_ptr + pid_b * s_z_b + offs_e * s_z_e
-        B_row = B_ptr + pid_b * s_B_b + offs_n * s_B_n
-        C_row = C_ptr + pid_b * s_C_b + offs_n * s_C_n
-        out_row = out_ptr + pid_b * E * L + offs_e * L
+        u_rows = u_ptr + pid_b * s_u_b + offs_e[:, None] * s_u_e  # (BLOCK_E, 1) row pointers
+        d_rows = delta_ptr + pid_b * s_d_b + offs_e[:, None] * s_d_e
+        z_rows = z_ptr + pid_b * s_z_b + offs_e[:, None] * s_z_e
+        B_rows = B_ptr + pid_b * s_B_b + offs_n[:, None] * s_B_n  # (BLOCK_N, 1)
+        C_rows = C_ptr + pid_b * s_C_b + offs_n[:, None] * s_C_n
+        out_rows = out_ptr + pid_b * E * L + offs_e[:, None] * L
         ck_tile = ckpt_ptr + pid_b * NCHUNK * E * N + offs_e[:, None] * N + offs_n[None, :]
 
-        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)  # state before this chunk
         for c in range(0, NCHUNK):
             if SAVE_CKPT:
                 tl.store(ck_tile + c * E * N, h, mask=mask_en)
-            t0 = c * CHUNK
-            t1 = tl.minimum(t0 + CHUNK, L)
-            for t in range(t0, t1):
-                u = tl.load(u_row + t * s_u_l, mask=mask_e, other=0.0).to(tl.float32)
-                x, dlt = _step_delta(d_row + t * s_d_l, mask_e, bias, HAS_BIAS, SOFTPLUS)
-                Bt = tl.load(B_row + t * s_B_l, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_row + t * s_C_l, mask=mask_n, other=0.0).to(tl.float32)
-                dA = tl.exp2(dlt[:, None] * A2)  # (BLOCK_E, BLOCK_N)
-                h = dA * h + (dlt * u)[:, None] * Bt[None, :]
-                y = tl.sum(h * Ct[None, :], axis=1)  # (BLOCK_E,)
-                if HAS_D:
-                    y = y + Dv * u
-                if HAS_Z:
-                    zt = tl.load(z_row + t * s_z_l, mask=mask_e, other=0.0).to(tl.float32)
-                    y = y * zt * tl.sigmoid(zt)
-                tl.store(out_row + t, y.to(out_ptr.dtype.element_ty), mask=mask_e)
+            p, t, mask_t = _time_index(c, L, BLOCK_T, REVERSE)
+            m_et = mask_e[:, None] & mask_t[None, :]  # (BLOCK_E, BLOCK_T)
+            m_nt = mask_n[:, None] & mask_t[None, :]  # (BLOCK_N, BLOCK_T)
+            # whole tiles of the chunk, contiguous along time: coalesced loads
+            u = tl.load(u_rows + t[None, :] * s_u_l, mask=m_et, other=0.0).to(tl.float32)
+            x, dlt = _load_delta(d_rows + t[None, :] * s_d_l, m_et, bias, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
+            # h_t = dA_t * h_{t-1} + dBu_t for every step at once: a parallel scan over the chunk
+            dA = tl.exp2(dlt[:, None, :] * A2[:, :, None])  # (BLOCK_E, BLOCK_N, BLOCK_T)
+            dBu = (dlt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_E, BLOCK_N, BLOCK_T)
+            cum_a, hs = tl.associative_scan((dA, dBu), axis=2, combine_fn=_affine_combine)
+            hs = hs + cum_a * h[:, :, None]  # the states, carried in from the chunk before
+            y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_E, BLOCK_T)
+            if HAS_D:
+                y = y + Dv * u
+            if HAS_Z:
+                zt = tl.load(z_rows + t[None, :] * s_z_l, mask=m_et, other=0.0).to(tl.float32)
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(out_rows + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m_et)
+            h = _last(hs, offs_t, BLOCK_T - 1)  # padded steps pass the state through unchanged
 
     def _scan_bwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, ckpt_ptr, scratch_ptr,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, ckpt_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
         s_u_b, s_u_e, s_u_l,
         s_d_b, s_d_e, s_d_l,
@@ -186,13 +223,13 @@ if _HAS_TRITON:
         s_A_e, s_A_n,
         batch, E, L, N, NCHUNK,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+        REVERSE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         pid_b = tl.program_id(0).to(tl.int64)
         pid_e = tl.program_id(1)
-        n_eblk = tl.num_programs(1)
         offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_n = tl.arange(0, BLOCK_N)
+        offs_t = tl.arange(0, BLOCK_T)
         mask_e = offs_e < E
         mask_n = offs_n < N
         mask_en = mask_e[:, None] & mask_n[None, :]
@@ -201,91 +238,85 @@ if _HAS_TRITON:
         A = A.to(tl.float32)
         A2 = A * 1.4426950408889634
         if HAS_D:
-            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        bias = 0.0  # unused without HAS_BIAS, but _step_delta takes it
+            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]
+        bias = 0.0  # unused without HAS_BIAS, but _load_delta takes it
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]
 
-        u_row = u_ptr + pid_b * s_u_b + offs_e * s_u_e
-        d_row = delta_ptr + pid_b * s_d_b + offs_e * s_d_e
-        z_row = z_ptr + pid_b * s_z_b + offs_e * s_z_e
-        B_row = B_ptr + pid_b * s_B_b + offs_n * s_B_n
-        C_row = C_ptr + pid_b * s_C_b + offs_n * s_C_n
-        g_row = gout_ptr + pid_b * E * L + offs_e * L  # gout, du, ddelta, dz: contiguous (batch, E, L)
-        du_row = du_ptr + pid_b * E * L + offs_e * L
-        dd_row = ddelta_ptr + pid_b * E * L + offs_e * L
-        dz_row = dz_ptr + pid_b * E * L + offs_e * L
+        u_rows = u_ptr + pid_b * s_u_b + offs_e[:, None] * s_u_e
+        d_rows = delta_ptr + pid_b * s_d_b + offs_e[:, None] * s_d_e
+        z_rows = z_ptr + pid_b * s_z_b + offs_e[:, None] * s_z_e
+        B_rows = B_ptr + pid_b * s_B_b + offs_n[:, None] * s_B_n
+        C_rows = C_ptr + pid_b * s_C_b + offs_n[:, None] * s_C_n
+        ell_rows = pid_b * E * L + offs_e[:, None] * L  # gout, du, ddelta, dz: contiguous (batch, E, L)
         # dB, dC partials: (n_eblk, batch, N, L), one slice per E block, summed over blocks on the host
-        dB_row = dB_ptr + (pid_e * batch + pid_b) * N * L + offs_n * L
-        dC_row = dC_ptr + (pid_e * batch + pid_b) * N * L + offs_n * L
+        nl_rows = (pid_e * batch + pid_b) * N * L + offs_n[:, None] * L
         ck_tile = ckpt_ptr + pid_b * NCHUNK * E * N + offs_e[:, None] * N + offs_n[None, :]
-        # this program's scratch: (CHUNK, BLOCK_E, BLOCK_N) of h_{t-1} for the chunk being processed
-        sc_tile = (
-            scratch_ptr
-            + (pid_b * n_eblk + pid_e) * CHUNK * BLOCK_E * BLOCK_N
-            + tl.arange(0, BLOCK_E)[:, None] * BLOCK_N
-            + offs_n[None, :]
-        )
 
-        g = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)  # exp(delta_{t+1} A) * dh_{t+1}
+        dh_next = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)  # dh at the next chunk's first step
         dA_acc = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
         dD_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
         dbias_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
         for ci in range(0, NCHUNK):
             c = NCHUNK - 1 - ci
-            t0 = c * CHUNK
-            t1 = tl.minimum(t0 + CHUNK, L)
-            # phase 1: replay the chunk from its saved state, keeping h_{t-1} for every step
-            h = tl.load(ck_tile + c * E * N, mask=mask_en, other=0.0)
-            for t in range(t0, t1):
-                tl.store(sc_tile + (t - t0) * BLOCK_E * BLOCK_N, h)
-                u = tl.load(u_row + t * s_u_l, mask=mask_e, other=0.0).to(tl.float32)
-                x, dlt = _step_delta(d_row + t * s_d_l, mask_e, bias, HAS_BIAS, SOFTPLUS)
-                Bt = tl.load(B_row + t * s_B_l, mask=mask_n, other=0.0).to(tl.float32)
-                h = tl.exp2(dlt[:, None] * A2) * h + (dlt * u)[:, None] * Bt[None, :]
-            tl.debug_barrier()
-            # phase 2: walk the chunk backwards
-            for tt in range(0, t1 - t0):
-                t = t1 - 1 - tt
-                hp = tl.load(sc_tile + (t - t0) * BLOCK_E * BLOCK_N)  # h_{t-1}
-                u = tl.load(u_row + t * s_u_l, mask=mask_e, other=0.0).to(tl.float32)
-                x, dlt = _step_delta(d_row + t * s_d_l, mask_e, bias, HAS_BIAS, SOFTPLUS)
-                Bt = tl.load(B_row + t * s_B_l, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_row + t * s_C_l, mask=mask_n, other=0.0).to(tl.float32)
-                go = tl.load(g_row + t, mask=mask_e, other=0.0).to(tl.float32)
-                dA = tl.exp2(dlt[:, None] * A2)
-                h = dA * hp + (dlt * u)[:, None] * Bt[None, :]  # h_t
-                if HAS_Z:
-                    zt = tl.load(z_row + t * s_z_l, mask=mask_e, other=0.0).to(tl.float32)
-                    sz = tl.sigmoid(zt)
-                    y = tl.sum(h * Ct[None, :], axis=1)
-                    if HAS_D:
-                        y = y + Dv * u
-                    tl.store(dz_row + t, (go * y * sz * (1.0 + zt * (1.0 - sz))).to(dz_ptr.dtype.element_ty),
-                             mask=mask_e)
-                    gy = go * zt * sz
-                else:
-                    gy = go
-                # dC_t = sum_e gy * h_t
-                tl.store(dC_row + t, tl.sum(gy[:, None] * h, axis=0), mask=mask_n)
-                g = g + gy[:, None] * Ct[None, :]  # dh_t
-                gBsum = tl.sum(g * Bt[None, :], axis=1)  # (BLOCK_E,)
-                gdA = g * hp * dA  # grad through the decay, times the decay
-                ddlt = tl.sum(gdA * A, axis=1) + gBsum * u
-                dA_acc += gdA * dlt[:, None]
-                du = dlt * gBsum
+            p, t, mask_t = _time_index(c, L, BLOCK_T, REVERSE)
+            m_et = mask_e[:, None] & mask_t[None, :]
+            m_nt = mask_n[:, None] & mask_t[None, :]
+            u = tl.load(u_rows + t[None, :] * s_u_l, mask=m_et, other=0.0).to(tl.float32)
+            x, dlt = _load_delta(d_rows + t[None, :] * s_d_l, m_et, bias, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
+            Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
+            go = tl.load(gout_ptr + ell_rows + t[None, :], mask=m_et, other=0.0).to(tl.float32)
+
+            # recompute the chunk's states from the one saved at its start
+            dA = tl.exp2(dlt[:, None, :] * A2[:, :, None])  # (BLOCK_E, BLOCK_N, BLOCK_T)
+            dBu = (dlt * u)[:, None, :] * Bt[None, :, :]
+            cum_a, hs = tl.associative_scan((dA, dBu), axis=2, combine_fn=_affine_combine)
+            hs = hs + cum_a * tl.load(ck_tile + c * E * N, mask=mask_en, other=0.0)[:, :, None]
+
+            if HAS_Z:
+                zt = tl.load(z_rows + t[None, :] * s_z_l, mask=m_et, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(zt)
+                y = tl.sum(hs * Ct[None, :, :], axis=1)
                 if HAS_D:
-                    du = du + gy * Dv
-                    dD_acc += gy * u
-                tl.store(dB_row + t, tl.sum(g * (dlt * u)[:, None], axis=0), mask=mask_n)
-                if SOFTPLUS:
-                    ddlt = tl.where(x > 20.0, ddlt, ddlt * tl.sigmoid(x))
-                ddlt = tl.where(mask_e, ddlt, 0.0)
-                dbias_acc += ddlt
-                tl.store(du_row + t, du.to(du_ptr.dtype.element_ty), mask=mask_e)
-                tl.store(dd_row + t, ddlt.to(ddelta_ptr.dtype.element_ty), mask=mask_e)
-                g = g * dA
-            tl.debug_barrier()
+                    y = y + Dv * u
+                dz = go * y * sz * (1.0 + zt * (1.0 - sz))
+                tl.store(dz_ptr + ell_rows + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m_et)
+                gy = go * zt * sz  # gradient reaching y before the gate
+            else:
+                gy = go
+
+            # dh_t = gy_t C_t + dA_{t+1} dh_{t+1}: a reverse scan whose decay is the next step's
+            if REVERSE:
+                t_next = t - 1
+            else:
+                t_next = t + 1
+            m_next = mask_e[:, None] & (p + 1 < L)[None, :]
+            _, dlt_next = _load_delta(d_rows + t_next[None, :] * s_d_l, m_next, bias, HAS_BIAS, SOFTPLUS)
+            dA_next = tl.exp2(dlt_next[:, None, :] * A2[:, :, None])
+            cum_an, dhs = tl.associative_scan((dA_next, gy[:, None, :] * Ct[None, :, :]), axis=2,
+                                              combine_fn=_affine_combine, reverse=True)
+            dhs = dhs + cum_an * dh_next[:, :, None]  # (BLOCK_E, BLOCK_N, BLOCK_T)
+            dh_next = _last(dhs, offs_t, 0)
+
+            # dC_t = sum_e gy h_t; dB_t = sum_e dh_t delta_t u_t (partials over this E block)
+            tl.store(dC_ptr + nl_rows + t[None, :], tl.sum(gy[:, None, :] * hs, axis=0), mask=m_nt)
+            tl.store(dB_ptr + nl_rows + t[None, :], tl.sum(dhs * (dlt * u)[:, None, :], axis=0), mask=m_nt)
+            dhB = tl.sum(dhs * Bt[None, :, :], axis=1)  # (BLOCK_E, BLOCK_T)
+            # dh_t * dA_t * h_{t-1}, with dA_t h_{t-1} = h_t - dBu_t (no division, no shifted copy)
+            hA = dhs * (hs - dBu)
+            dA_acc += tl.sum(hA * dlt[:, None, :], axis=2)
+            ddlt = tl.sum(hA * A[:, :, None], axis=1) + dhB * u
+            du = dlt * dhB
+            if HAS_D:
+                du = du + gy * Dv
+                dD_acc += tl.sum(gy * u, axis=1)
+            if SOFTPLUS:
+                ddlt = tl.where(x > 20.0, ddlt, ddlt * tl.sigmoid(x))
+            ddlt = tl.where(m_et, ddlt, 0.0)
+            dbias_acc += tl.sum(ddlt, axis=1)
+            tl.store(du_ptr + ell_rows + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m_et)
+            tl.store(ddelta_ptr + ell_rows + t[None, :], ddlt.to(ddelta_ptr.dtype.element_ty), mask=m_et)
         # per-batch partials (batch, E, N) / (batch, E); summed over batch on the host
         tl.store(dA_ptr + pid_b * E * N + offs_e[:, None] * N + offs_n[None, :], dA_acc, mask=mask_en)
         if HAS_D:
@@ -302,50 +333,79 @@ if _HAS_TRITON:
         return _KERNELS[name]
 
 
-def _block_e(E: int, batch: int, interpret: bool) -> int:
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and warps of one launch: programs hold (block_e, N, block_t) tiles in registers."""
+
+    block_e: int  # channels per program
+    block_t: int  # time steps per chunk (the parallel scan's length; a state is saved per chunk)
+    num_warps: int
+
+
+def launch_config(E: int, batch: int, N: int, interpret: bool) -> LaunchConfig:
+    """Tile sizes for a (batch, E, L) scan with N states.
+
+    On a GPU a program keeps a few (block_e, N, block_t) fp32 tiles live, so block_e * N * block_t
+    is held near 2048 elements (16 per thread at 4 warps): ``benchmarks/triton_compile_report.py``
+    checks with ptxas that this compiles without register spills for sm_90. Narrow E blocks also
+    give enough programs to fill the device (a Vim-Ti layer at batch 32: 3072 programs).
+    The interpreter runs programs one after another, in numpy: few wide programs are fastest there.
+    """
+    block_n = triton.next_power_of_2(N)
     if interpret:
-        # the interpreter runs programs one after another: few, wide programs are fastest
-        return min(triton.next_power_of_2(E), 64)
-    # enough programs to fill the GPU (~132 SMs) while keeping the state tile in registers
-    block = 32
-    while block > 4 and batch * math.ceil(E / block) < 256:
-        block //= 2
-    return block
+        return LaunchConfig(block_e=min(triton.next_power_of_2(E), 64), block_t=16, num_warps=4)
+    block_t = 32
+    block_e = max(1, min(triton.next_power_of_2(E), 2048 // (block_n * block_t)))
+    return LaunchConfig(block_e=block_e, block_t=block_t, num_warps=4)
 
 
 def _strides3(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
     return tuple((t if t is not None else like).stride())  # type: ignore[return-value]
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, save_ckpt: bool):
+def _flags(D, z, delta_bias, softplus: bool, reverse: bool) -> dict:
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=softplus, REVERSE=reverse)
+
+
+class _Launch(NamedTuple):
+    """One kernel launch: ``_kernel(name)[grid](*args, **meta)``; ``outputs`` are what it writes."""
+
+    name: str
+    grid: tuple[int, int]
+    args: tuple
+    meta: dict
+    outputs: tuple
+
+
+def _fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, save_ckpt: bool,
+                interpret: bool) -> _Launch:
     batch, E, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    interpret = _interpreter_mode()
-    block_e = _block_e(E, batch, interpret)
-    block_n = triton.next_power_of_2(N)
-    nchunk = triton.cdiv(L, _CHUNK)
+    cfg = launch_config(E, batch, N, interpret)
+    nchunk = triton.cdiv(L, cfg.block_t)
     out = torch.empty((batch, E, L), device=u.device, dtype=u.dtype)
     # (batch, n_chunks, E, N) fp32 states at chunk starts; a dummy pointer when not needed
     ckpt = (torch.empty((batch, nchunk, E, N), device=u.device, dtype=torch.float32) if save_ckpt
             else out)
-    grid = (batch, triton.cdiv(E, block_e))
-    _kernel("fwd")[grid](
+    args = (
         u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, out, ckpt,
         *u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride(), *A.stride(),
         E, L, N, nchunk,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        SAVE_CKPT=save_ckpt, BLOCK_E=block_e, BLOCK_N=block_n, CHUNK=_CHUNK,
     )
-    return out, (ckpt if save_ckpt else None)
+    meta = dict(**_flags(D, z, delta_bias, softplus, reverse), SAVE_CKPT=save_ckpt,
+                BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.block_t,
+                num_warps=cfg.num_warps)
+    return _Launch("fwd", (batch, triton.cdiv(E, cfg.block_e)), args, meta,
+                   (out, ckpt if save_ckpt else None))
 
 
-def _backward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, ckpt: Tensor, gout: Tensor):
+def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, ckpt: Tensor,
+                gout: Tensor, interpret: bool) -> _Launch:
     batch, E, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    interpret = _interpreter_mode()
-    block_e = _block_e(E, batch, interpret)
-    block_n = triton.next_power_of_2(N)
-    nchunk = triton.cdiv(L, _CHUNK)
-    n_eblk = triton.cdiv(E, block_e)
+    cfg = launch_config(E, batch, N, interpret)
+    nchunk = triton.cdiv(L, cfg.block_t)
+    n_eblk = triton.cdiv(E, cfg.block_e)
     dev, f32 = u.device, torch.float32
     gout = gout.contiguous()
     du = torch.empty((batch, E, L), device=dev, dtype=u.dtype)
@@ -356,39 +416,59 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, ckpt: Tensor,
     dA_part = torch.empty((batch, E, N), device=dev, dtype=f32)
     dD_part = torch.empty((batch, E), device=dev, dtype=f32) if D is not None else dA_part
     dbias_part = torch.empty((batch, E), device=dev, dtype=f32) if delta_bias is not None else dA_part
-    scratch = torch.empty((batch, n_eblk, _CHUNK, block_e, block_n), device=dev, dtype=f32)
-    _kernel("bwd")[(batch, n_eblk)](
+    args = (
         u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, gout, ckpt, scratch,
+        delta_bias if delta_bias is not None else u, gout, ckpt,
         du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
         *u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride(), *A.stride(),
         batch, E, L, N, nchunk,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-        BLOCK_E=block_e, BLOCK_N=block_n, CHUNK=_CHUNK,
     )
+    meta = dict(**_flags(D, z, delta_bias, softplus, reverse),
+                BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.block_t,
+                num_warps=cfg.num_warps)
+    return _Launch("bwd", (batch, n_eblk), args, meta,
+                   (du, ddelta, dz if z is not None else None, dB_part, dC_part, dA_part,
+                    dD_part if D is not None else None, dbias_part if delta_bias is not None else None))
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, save_ckpt: bool):
+    launch = _fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, save_ckpt,
+                         _interpreter_mode())
+    _kernel("fwd")[launch.grid](*launch.args, **launch.meta)
+    return launch.outputs
+
+
+def _backward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, ckpt: Tensor,
+              gout: Tensor):
+    launch = _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, ckpt, gout,
+                         _interpreter_mode())
+    _kernel("bwd")[launch.grid](*launch.args, **launch.meta)
+    du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part = launch.outputs
+    # the partial sums of the E blocks (dB, dC) and of the batch rows (dA, dD, dbias)
     dB = dB_part.sum(0).to(B.dtype)
     dC = dC_part.sum(0).to(C.dtype)
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-    return du, ddelta, dA, dB, dC, dD, (dz if z is not None else None), dbias
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
         save = any(ctx.needs_input_grad[:8])  # (forward itself runs with grad mode off)
-        # the chunk states cost L/CHUNK of a full (batch, E, L, N) history; skip them for inference
-        out, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_ckpt=save)
+        # the chunk states cost 1/block_t of a full (batch, E, L, N) history; skip them for inference
+        out, ckpt = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, save_ckpt=save)
         ctx.delta_softplus = delta_softplus
+        ctx.reverse = reverse
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
         return out
 
     @staticmethod
     def backward(ctx, gout):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        grads = _backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ckpt, gout)
-        return (*grads, None)
+        grads = _backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.reverse, ckpt, gout)
+        return (*grads, None, None)
 
 
 def selective_scan_triton(
@@ -401,6 +481,7 @@ def selective_scan_triton(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    reverse: bool = False,
 ) -> Tensor:
     """Selective scan with fused Triton kernels (forward and backward), differentiable.
 
@@ -414,6 +495,9 @@ def selective_scan_triton(
         z: gate, (batch, E, L), applied as ``y * silu(z)``, or None.
         delta_bias: added to delta before the softplus, (E,), or None.
         delta_softplus: apply softplus to ``delta (+ delta_bias)``.
+        reverse: scan from the sequence's end. Equals flipping every (.., L) input along L, scanning,
+            and flipping the output back, without the copies (the bidirectional mixer's second
+            direction).
 
     Returns:
         (batch, E, L) tensor in ``u.dtype``. State and accumulation are fp32 whatever the inputs.
@@ -433,4 +517,5 @@ def selective_scan_triton(
         )
     if u.shape[2] == 0:
         return u.new_empty(u.shape)
-    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                      bool(reverse))

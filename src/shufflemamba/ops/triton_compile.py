@@ -1,0 +1,176 @@
+"""Compile the Triton scan kernels for a GPU architecture on a machine without one.
+
+Triton's compiler does not need a device: given a target (``sm_90`` is the H100) it lowers a kernel
+through its IRs to PTX and, with the ``ptxas`` that ships in the triton wheel, to a cubin. That
+checks what the CPU interpreter cannot (that the kernels compile at all, with the specialisation a
+real launch would get) and shows what the hardware would run: registers per thread, spills to local
+memory, and the SASS instruction mix. Speed still needs a GPU.
+
+Triton chooses between compiler and interpreter when it is first imported, so this only works in a
+process where ``TRITON_INTERPRET`` was not set (``python -m shufflemamba.ops.triton_compile``).
+
+This reaches into triton's launcher (``create_function_from_signature``, ``JITFunction._pack_args``)
+to specialise arguments exactly as ``kernel[grid](...)`` would: pointer alignment, strides equal to
+1 turned into constants, integers divisible by 16. Those are private APIs; a triton that changes them
+makes this raise, and nothing else in the package depends on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import triton_scan as ts
+
+# SASS opcodes worth counting: the exp2 unit, global loads / stores, warp shuffles (the parallel
+# scan and the reductions), local-memory traffic (spills)
+_OPS_OF_INTEREST = ("MUFU", "LDG", "STG", "SHFL", "LDL", "STL", "FFMA", "FMUL", "BAR", "LDS", "STS")
+
+
+@dataclass
+class KernelReport:
+    """What ptxas made of one kernel: resources per thread and a static SASS instruction count."""
+
+    kernel: str
+    arch: str
+    shape: tuple[int, int, int, int]  # (batch, E, L, N)
+    dtype: str
+    reverse: bool
+    block_e: int
+    block_t: int
+    num_warps: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int  # > 0 means spills to local memory
+    shared_bytes: int
+    sass_instructions: int
+    sass_ops: dict[str, int] = field(default_factory=dict)
+
+
+def _tools_dir() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _example_inputs(batch: int, E: int, L: int, N: int, dtype: torch.dtype) -> dict:
+    """Empty CPU tensors laid out as the Vim mixer passes them: B and C are views of x_proj's output."""
+    x_dbl = torch.empty(batch, L, 48 + 2 * N, dtype=dtype)  # (batch, L, dt_rank + 2N)
+    return dict(
+        u=torch.empty(batch, E, L, dtype=dtype),
+        delta=torch.empty(batch, E, L, dtype=dtype),
+        A=torch.empty(E, N),
+        B=x_dbl[..., 48:48 + N].transpose(1, 2),
+        C=x_dbl[..., 48 + N:].transpose(1, 2),
+        D=torch.empty(E),
+        z=torch.empty(batch, E, L, dtype=dtype),
+        delta_bias=torch.empty(E),
+    )
+
+
+def _compile(launch, arch: int):
+    """Compile ``launch``'s kernel as ``kernel[grid](*args, **meta)`` would specialise it, for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    if ts._interpreter_mode():
+        raise RuntimeError("triton was imported with TRITON_INTERPRET=1: run this in a fresh process without it")
+    fn = ts._kernel(launch.name)
+    assert isinstance(fn, JITFunction)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.meta)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(_tools_dir() / "cuobjdump"), "--dump-resource-usage", f.name],
+                               check=True, capture_output=True, text=True).stdout
+        sass = subprocess.run([str(_tools_dir() / "cuobjdump"), "-sass", f.name],
+                              check=True, capture_output=True, text=True).stdout
+    fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    # SASS lines look like "/*0070*/  MUFU.EX2 R5, R4 ;" (an optional predicate "@P0" first)
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    counts = Counter(opcodes)
+    return dict(registers=fields.get("REG", -1), stack_bytes=fields.get("STACK", 0),
+                local_bytes=fields.get("LOCAL", 0), shared_bytes=fields.get("SHARED", 0),
+                sass_instructions=len(opcodes),
+                sass_ops={op: counts[op] for op in _OPS_OF_INTEREST if counts[op]})
+
+
+def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
+                   dtype: torch.dtype = torch.bfloat16, arch: int = 90,
+                   reverse: bool = False) -> list[KernelReport]:
+    """Compile the forward and backward kernels for (batch, E, L, N) inputs and report on each.
+
+    Defaults: a Vim-Ti mixer at batch 32 in bf16, for the H100 (sm_90).
+    """
+    if not ts._HAS_TRITON:
+        raise ImportError("compile_report needs triton: pip install 'shufflemamba[triton]'")
+    x = _example_inputs(batch, E, L, N, dtype)
+    cfg = ts.launch_config(E, batch, N, interpret=False)
+    nchunk = -(-L // cfg.block_t)
+    ckpt = torch.empty(batch, nchunk, E, N)
+    gout = torch.empty(batch, E, L, dtype=dtype)
+    launches = [
+        ts._fwd_launch(*x.values(), True, reverse, True, interpret=False),
+        ts._bwd_launch(*x.values(), True, reverse, ckpt, gout, interpret=False),
+    ]
+    reports = []
+    for launch in launches:
+        compiled = _compile(launch, arch)
+        reports.append(KernelReport(
+            kernel=launch.name, arch=f"sm_{arch}", shape=(batch, E, L, N), dtype=str(dtype).split(".")[-1],
+            reverse=reverse, block_e=cfg.block_e, block_t=cfg.block_t, num_warps=cfg.num_warps,
+            **_resources(compiled.asm["cubin"]),
+        ))
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m shufflemamba.ops.triton_compile",
+        description="Compile the Triton scan kernels for a GPU architecture (no GPU needed) and report "
+                    "registers, spills and the SASS instruction mix.")
+    parser.add_argument("--shape", type=int, nargs=4, default=[32, 384, 197, 16], metavar=("BATCH", "E", "L", "N"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
+    parser.add_argument("--reverse", action="store_true", help="the mixer's backward direction")
+    parser.add_argument("--json", type=Path, help="also write the reports here")
+    args = parser.parse_args(argv)
+    try:
+        reports = compile_report(*args.shape, dtype=getattr(torch, args.dtype), arch=args.arch,
+                                 reverse=args.reverse)
+    except (ImportError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in reports:
+        ops = " ".join(f"{k}={v}" for k, v in r.sass_ops.items())
+        print(f"{r.kernel}: {r.arch} {r.dtype} shape={r.shape} block_e={r.block_e} block_t={r.block_t} "
+              f"warps={r.num_warps} | regs={r.registers} local={r.local_bytes}B stack={r.stack_bytes}B "
+              f"shared={r.shared_bytes}B | {r.sass_instructions} SASS instrs: {ops}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
