@@ -217,15 +217,22 @@ def test_reverse_equals_flipped_scan(shape):
 
 
 @needs_interpreter
-def test_gpu_launch_config_under_interpreter(monkeypatch):
-    """The tile sizes a GPU launch uses (narrow E blocks, 32-step chunks), checked for correctness here:
-    E spans several blocks, L several chunks with a tail, N is not a power of two."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dBC", "deterministic"])
+def test_gpu_launch_config_under_interpreter(monkeypatch, deterministic):
+    """The tile sizes a GPU launch uses (narrow E blocks, short chunks), checked for correctness here:
+    E spans several blocks (dB, dC summed over them by atomics, or by slices when PyTorch asks for
+    deterministic algorithms), L several chunks with a tail, N is not a power of two."""
     from shufflemamba.ops import triton_scan
 
-    gpu_cfg = triton_scan.launch_config(12, 2, 6, interpret=False)
-    assert gpu_cfg.block_e < 12 and gpu_cfg.block_t == 32
+    gpu_cfg = triton_scan.launch_config(24, 2, 6, interpret=False)
+    assert gpu_cfg.block_e < 24 and gpu_cfg.block_t < 70
     monkeypatch.setattr(triton_scan, "launch_config", lambda E, batch, N, interpret: gpu_cfg)
-    check_against_reference(make_inputs(2, 12, 70, 6, seed=5), softplus=True, rtol=1e-4)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_against_reference(make_inputs(2, 24, 70, 6, seed=5), softplus=True, rtol=1e-4)
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 @needs_interpreter

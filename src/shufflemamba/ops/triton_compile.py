@@ -53,6 +53,8 @@ class KernelReport:
     local_bytes: int  # > 0 means spills to local memory
     shared_bytes: int
     sass_instructions: int
+    loop_instructions: int  # the chunk loop's body: what runs once per BLOCK_T steps
+    instructions_per_element: float  # loop body / (e, n, t) elements each thread handles per iteration
     sass_ops: dict[str, int] = field(default_factory=dict)
 
 
@@ -106,12 +108,18 @@ def _resources(cubin: bytes) -> dict[str, int]:
         sass = subprocess.run([str(_tools_dir() / "cuobjdump"), "-sass", f.name],
                               check=True, capture_output=True, text=True).stdout
     fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-    # SASS lines look like "/*0070*/  MUFU.EX2 R5, R4 ;" (an optional predicate "@P0" first)
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    # SASS lines look like "/*0070*/  @P0 MUFU.EX2 R5, R4 ;" (the predicate is optional)
+    lines = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    opcodes = [m.group(1) for _, text in lines
+               if (m := re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text))]
     counts = Counter(opcodes)
+    # a loop is a branch back to a lower address; the chunk loop is the kernels' only (outermost) one
+    spans = [sum(1 for a, _ in lines if int(target, 16) <= a <= addr)
+             for addr, text in lines for target in re.findall(r"\bBRA\b[^0-9]*0x([0-9a-f]+)", text)
+             if int(target, 16) < addr]
     return dict(registers=fields.get("REG", -1), stack_bytes=fields.get("STACK", 0),
                 local_bytes=fields.get("LOCAL", 0), shared_bytes=fields.get("SHARED", 0),
-                sass_instructions=len(opcodes),
+                sass_instructions=len(opcodes), loop_instructions=max(spans, default=0),
                 sass_ops={op: counts[op] for op in _OPS_OF_INTEREST if counts[op]})
 
 
@@ -136,10 +144,12 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
     reports = []
     for launch in launches:
         compiled = _compile(launch, arch)
+        res = _resources(compiled.asm["cubin"])
+        per_thread = cfg.block_t * cfg.block_e * launch.meta["BLOCK_N"] / (32 * cfg.num_warps)
         reports.append(KernelReport(
             kernel=launch.name, arch=f"sm_{arch}", shape=(batch, E, L, N), dtype=str(dtype).split(".")[-1],
             reverse=reverse, block_e=cfg.block_e, block_t=cfg.block_t, num_warps=cfg.num_warps,
-            **_resources(compiled.asm["cubin"]),
+            instructions_per_element=round(res["loop_instructions"] / per_thread, 1), **res,
         ))
     return reports
 
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         ops = " ".join(f"{k}={v}" for k, v in r.sass_ops.items())
         print(f"{r.kernel}: {r.arch} {r.dtype} shape={r.shape} block_e={r.block_e} block_t={r.block_t} "
               f"warps={r.num_warps} | regs={r.registers} local={r.local_bytes}B stack={r.stack_bytes}B "
-              f"shared={r.shared_bytes}B | {r.sass_instructions} SASS instrs: {ops}")
+              f"shared={r.shared_bytes}B | loop body {r.loop_instructions} SASS instrs "
+              f"({r.instructions_per_element} per element-step) of {r.sass_instructions}: {ops}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")

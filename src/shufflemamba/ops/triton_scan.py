@@ -17,9 +17,10 @@ Design: one program per (batch row, block of ``BLOCK_E`` channels), looping over
 * Backward, chunks in reverse: recompute the chunk's states from its saved start (the same parallel
   scan), then get dh_t = gy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a reverse parallel scan whose
   carry is dh at the next chunk's first step. dA_t h_{t-1} is taken as h_t - delta_t B_t u_t, so no
-  shifted copy is needed. Nothing of size (batch, E, L, N) is ever written to memory. Reductions
-  over E (dB, dC) and over batch (dA, dD, ddelta_bias) are written as per-program partials and
-  summed with torch afterwards: deterministic, and no atomics.
+  shifted copy is needed. Nothing of size (batch, E, L, N) is ever written to memory. dB and dC
+  (sums over E) are added into one fp32 buffer with float atomics, or, under
+  ``torch.use_deterministic_algorithms(True)``, written as one slice per E block and summed after.
+  The sums over batch (dA, dD, ddelta_bias) are per-row partials summed with torch.
 * ``reverse=True`` scans from the end (the mixer's backward direction) by reading time L-1-p at scan
   position p: no flipped copies.
 
@@ -107,7 +108,7 @@ if _HAS_TRITON:
     def _load_delta(d_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """A tile of delta in fp32: returns (x, dlt) with x = delta (+ bias) and dlt = softplus(x)
         (or x without SOFTPLUS), zero where ``mask`` is off. The backward needs x for softplus'
-        derivative. ``bias`` broadcasts against the tile (a column of per-channel values)."""
+        derivative. ``bias`` broadcasts against the tile (a row of per-channel values)."""
         x = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x = x + bias
@@ -136,16 +137,21 @@ if _HAS_TRITON:
             t = p
         return p, t, p < L
 
-    def _last(x, offs_t, index):
-        """Slice ``x[:, :, index]`` of a (BLOCK_E, BLOCK_N, BLOCK_T) tile, as (BLOCK_E, BLOCK_N)."""
-        return tl.sum(tl.where(offs_t[None, None, :] == index, x, 0.0), axis=2)
+    def _at_step(x, offs_t, index):
+        """Slice ``x[index]`` of a (BLOCK_T, BLOCK_E, BLOCK_N) tile, as (BLOCK_E, BLOCK_N)."""
+        return tl.sum(tl.where(offs_t[:, None, None] == index, x, 0.0), axis=0)
 
     # device functions: wrapped now (triton, imported above, has fixed its mode), so that they
     # exist under these names when the kernels that call them are compiled
     _load_delta = _jit(_load_delta)
     _affine_combine = _jit(_affine_combine)
     _time_index = _jit(_time_index)
-    _last = _jit(_last)
+    _at_step = _jit(_at_step)
+
+    # Tiles are (time, channel, state) = (BLOCK_T, BLOCK_E, BLOCK_N), time first: Triton then lays the
+    # scan axis out along each thread's registers rather than across lanes, so most of the parallel
+    # scan is sequential in-thread FMAs instead of warp shuffles (ptxas: ~30 instead of ~60 SASS
+    # instructions per element and step; see benchmarks/triton_compile_report.py).
 
     def _scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
@@ -171,19 +177,19 @@ if _HAS_TRITON:
 
         # A scaled by log2(e) so the decay is one exp2 per element; masked lanes get A=0 (decay 1)
         A = tl.load(A_ptr + offs_e[:, None] * s_A_e + offs_n[None, :] * s_A_n, mask=mask_en, other=0.0)
-        A2 = A.to(tl.float32) * 1.4426950408889634  # (BLOCK_E, BLOCK_N)
+        A2 = A.to(tl.float32)[None, :, :] * 1.4426950408889634  # (1, BLOCK_E, BLOCK_N)
         if HAS_D:
-            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]  # (BLOCK_E, 1)
+            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_E)
         bias = 0.0  # unused without HAS_BIAS, but _load_delta takes it
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]
+            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
 
-        u_rows = u_ptr + pid_b * s_u_b + offs_e[:, None] * s_u_e  # (BLOCK_E, 1) row pointers
-        d_rows = delta_ptr + pid_b * s_d_b + offs_e[:, None] * s_d_e
-        z_rows = z_ptr + pid_b * s_z_b + offs_e[:, None] * s_z_e
-        B_rows = B_ptr + pid_b * s_B_b + offs_n[:, None] * s_B_n  # (BLOCK_N, 1)
-        C_rows = C_ptr + pid_b * s_C_b + offs_n[:, None] * s_C_n
-        out_rows = out_ptr + pid_b * E * L + offs_e[:, None] * L
+        u_cols = u_ptr + pid_b * s_u_b + offs_e[None, :] * s_u_e  # (1, BLOCK_E)
+        d_cols = delta_ptr + pid_b * s_d_b + offs_e[None, :] * s_d_e
+        z_cols = z_ptr + pid_b * s_z_b + offs_e[None, :] * s_z_e
+        B_cols = B_ptr + pid_b * s_B_b + offs_n[None, :] * s_B_n  # (1, BLOCK_N)
+        C_cols = C_ptr + pid_b * s_C_b + offs_n[None, :] * s_C_n
+        out_cols = out_ptr + pid_b * E * L + offs_e[None, :] * L
         ck_tile = ckpt_ptr + pid_b * NCHUNK * E * N + offs_e[:, None] * N + offs_n[None, :]
 
         h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)  # state before this chunk
@@ -191,26 +197,27 @@ if _HAS_TRITON:
             if SAVE_CKPT:
                 tl.store(ck_tile + c * E * N, h, mask=mask_en)
             p, t, mask_t = _time_index(c, L, BLOCK_T, REVERSE)
-            m_et = mask_e[:, None] & mask_t[None, :]  # (BLOCK_E, BLOCK_T)
-            m_nt = mask_n[:, None] & mask_t[None, :]  # (BLOCK_N, BLOCK_T)
-            # whole tiles of the chunk, contiguous along time: coalesced loads
-            u = tl.load(u_rows + t[None, :] * s_u_l, mask=m_et, other=0.0).to(tl.float32)
-            x, dlt = _load_delta(d_rows + t[None, :] * s_d_l, m_et, bias, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
+            tt = t[:, None]  # (BLOCK_T, 1)
+            m_te = mask_t[:, None] & mask_e[None, :]  # (BLOCK_T, BLOCK_E)
+            m_tn = mask_t[:, None] & mask_n[None, :]  # (BLOCK_T, BLOCK_N)
+            # whole tiles of the chunk, contiguous along time in memory: coalesced loads
+            u = tl.load(u_cols + tt * s_u_l, mask=m_te, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_E)
+            x, dlt = _load_delta(d_cols + tt * s_d_l, m_te, bias, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_cols + tt * s_B_l, mask=m_tn, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_N)
+            Ct = tl.load(C_cols + tt * s_C_l, mask=m_tn, other=0.0).to(tl.float32)
             # h_t = dA_t * h_{t-1} + dBu_t for every step at once: a parallel scan over the chunk
-            dA = tl.exp2(dlt[:, None, :] * A2[:, :, None])  # (BLOCK_E, BLOCK_N, BLOCK_T)
-            dBu = (dlt * u)[:, None, :] * Bt[None, :, :]  # (BLOCK_E, BLOCK_N, BLOCK_T)
-            cum_a, hs = tl.associative_scan((dA, dBu), axis=2, combine_fn=_affine_combine)
-            hs = hs + cum_a * h[:, :, None]  # the states, carried in from the chunk before
-            y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_E, BLOCK_T)
+            dA = tl.exp2(dlt[:, :, None] * A2)  # (BLOCK_T, BLOCK_E, BLOCK_N)
+            dBu = (dlt * u)[:, :, None] * Bt[:, None, :]  # (BLOCK_T, BLOCK_E, BLOCK_N)
+            cum_a, hs = tl.associative_scan((dA, dBu), axis=0, combine_fn=_affine_combine)
+            hs = hs + cum_a * h[None, :, :]  # the states, carried in from the chunk before
+            y = tl.sum(hs * Ct[:, None, :], axis=2)  # (BLOCK_T, BLOCK_E)
             if HAS_D:
                 y = y + Dv * u
             if HAS_Z:
-                zt = tl.load(z_rows + t[None, :] * s_z_l, mask=m_et, other=0.0).to(tl.float32)
+                zt = tl.load(z_cols + tt * s_z_l, mask=m_te, other=0.0).to(tl.float32)
                 y = y * zt * tl.sigmoid(zt)
-            tl.store(out_rows + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m_et)
-            h = _last(hs, offs_t, BLOCK_T - 1)  # padded steps pass the state through unchanged
+            tl.store(out_cols + tt, y.to(out_ptr.dtype.element_ty), mask=m_te)
+            h = _at_step(hs, offs_t, BLOCK_T - 1)  # padded steps pass the state through unchanged
 
     def _scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, ckpt_ptr,
@@ -223,7 +230,8 @@ if _HAS_TRITON:
         s_A_e, s_A_n,
         batch, E, L, N, NCHUNK,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        REVERSE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+        REVERSE: tl.constexpr, ATOMIC_DBC: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         pid_b = tl.program_id(0).to(tl.int64)
         pid_e = tl.program_id(1)
@@ -235,22 +243,24 @@ if _HAS_TRITON:
         mask_en = mask_e[:, None] & mask_n[None, :]
 
         A = tl.load(A_ptr + offs_e[:, None] * s_A_e + offs_n[None, :] * s_A_n, mask=mask_en, other=0.0)
-        A = A.to(tl.float32)
+        A = A.to(tl.float32)[None, :, :]  # (1, BLOCK_E, BLOCK_N)
         A2 = A * 1.4426950408889634
         if HAS_D:
-            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]
+            Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
         bias = 0.0  # unused without HAS_BIAS, but _load_delta takes it
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[:, None]
+            bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
 
-        u_rows = u_ptr + pid_b * s_u_b + offs_e[:, None] * s_u_e
-        d_rows = delta_ptr + pid_b * s_d_b + offs_e[:, None] * s_d_e
-        z_rows = z_ptr + pid_b * s_z_b + offs_e[:, None] * s_z_e
-        B_rows = B_ptr + pid_b * s_B_b + offs_n[:, None] * s_B_n
-        C_rows = C_ptr + pid_b * s_C_b + offs_n[:, None] * s_C_n
-        ell_rows = pid_b * E * L + offs_e[:, None] * L  # gout, du, ddelta, dz: contiguous (batch, E, L)
-        # dB, dC partials: (n_eblk, batch, N, L), one slice per E block, summed over blocks on the host
-        nl_rows = (pid_e * batch + pid_b) * N * L + offs_n[:, None] * L
+        u_cols = u_ptr + pid_b * s_u_b + offs_e[None, :] * s_u_e
+        d_cols = delta_ptr + pid_b * s_d_b + offs_e[None, :] * s_d_e
+        z_cols = z_ptr + pid_b * s_z_b + offs_e[None, :] * s_z_e
+        B_cols = B_ptr + pid_b * s_B_b + offs_n[None, :] * s_B_n
+        C_cols = C_ptr + pid_b * s_C_b + offs_n[None, :] * s_C_n
+        el_cols = pid_b * E * L + offs_e[None, :] * L  # gout, du, ddelta, dz: contiguous (batch, E, L)
+        if ATOMIC_DBC:  # dB, dC: (batch, N, L) in fp32, every E block adds its share
+            nl_cols = pid_b * N * L + offs_n[None, :] * L
+        else:  # partials (n_eblk, batch, N, L), one slice per E block, summed on the host
+            nl_cols = (pid_e * batch + pid_b) * N * L + offs_n[None, :] * L
         ck_tile = ckpt_ptr + pid_b * NCHUNK * E * N + offs_e[:, None] * N + offs_n[None, :]
 
         dh_next = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)  # dh at the next chunk's first step
@@ -260,63 +270,70 @@ if _HAS_TRITON:
         for ci in range(0, NCHUNK):
             c = NCHUNK - 1 - ci
             p, t, mask_t = _time_index(c, L, BLOCK_T, REVERSE)
-            m_et = mask_e[:, None] & mask_t[None, :]
-            m_nt = mask_n[:, None] & mask_t[None, :]
-            u = tl.load(u_rows + t[None, :] * s_u_l, mask=m_et, other=0.0).to(tl.float32)
-            x, dlt = _load_delta(d_rows + t[None, :] * s_d_l, m_et, bias, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_rows + t[None, :] * s_B_l, mask=m_nt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_rows + t[None, :] * s_C_l, mask=m_nt, other=0.0).to(tl.float32)
-            go = tl.load(gout_ptr + ell_rows + t[None, :], mask=m_et, other=0.0).to(tl.float32)
+            tt = t[:, None]
+            m_te = mask_t[:, None] & mask_e[None, :]
+            m_tn = mask_t[:, None] & mask_n[None, :]
+            u = tl.load(u_cols + tt * s_u_l, mask=m_te, other=0.0).to(tl.float32)
+            x, dlt = _load_delta(d_cols + tt * s_d_l, m_te, bias, HAS_BIAS, SOFTPLUS)
+            Bt = tl.load(B_cols + tt * s_B_l, mask=m_tn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_cols + tt * s_C_l, mask=m_tn, other=0.0).to(tl.float32)
+            go = tl.load(gout_ptr + el_cols + tt, mask=m_te, other=0.0).to(tl.float32)
 
             # recompute the chunk's states from the one saved at its start
-            dA = tl.exp2(dlt[:, None, :] * A2[:, :, None])  # (BLOCK_E, BLOCK_N, BLOCK_T)
-            dBu = (dlt * u)[:, None, :] * Bt[None, :, :]
-            cum_a, hs = tl.associative_scan((dA, dBu), axis=2, combine_fn=_affine_combine)
-            hs = hs + cum_a * tl.load(ck_tile + c * E * N, mask=mask_en, other=0.0)[:, :, None]
+            dA = tl.exp2(dlt[:, :, None] * A2)  # (BLOCK_T, BLOCK_E, BLOCK_N)
+            dBu = (dlt * u)[:, :, None] * Bt[:, None, :]
+            cum_a, hs = tl.associative_scan((dA, dBu), axis=0, combine_fn=_affine_combine)
+            hs = hs + cum_a * tl.load(ck_tile + c * E * N, mask=mask_en, other=0.0)[None, :, :]
 
             if HAS_Z:
-                zt = tl.load(z_rows + t[None, :] * s_z_l, mask=m_et, other=0.0).to(tl.float32)
+                zt = tl.load(z_cols + tt * s_z_l, mask=m_te, other=0.0).to(tl.float32)
                 sz = tl.sigmoid(zt)
-                y = tl.sum(hs * Ct[None, :, :], axis=1)
+                y = tl.sum(hs * Ct[:, None, :], axis=2)  # (BLOCK_T, BLOCK_E)
                 if HAS_D:
                     y = y + Dv * u
                 dz = go * y * sz * (1.0 + zt * (1.0 - sz))
-                tl.store(dz_ptr + ell_rows + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m_et)
+                tl.store(dz_ptr + el_cols + tt, dz.to(dz_ptr.dtype.element_ty), mask=m_te)
                 gy = go * zt * sz  # gradient reaching y before the gate
             else:
                 gy = go
 
             # dh_t = gy_t C_t + dA_{t+1} dh_{t+1}: a reverse scan whose decay is the next step's
             if REVERSE:
-                t_next = t - 1
+                t_next = tt - 1
             else:
-                t_next = t + 1
-            m_next = mask_e[:, None] & (p + 1 < L)[None, :]
-            _, dlt_next = _load_delta(d_rows + t_next[None, :] * s_d_l, m_next, bias, HAS_BIAS, SOFTPLUS)
-            dA_next = tl.exp2(dlt_next[:, None, :] * A2[:, :, None])
-            cum_an, dhs = tl.associative_scan((dA_next, gy[:, None, :] * Ct[None, :, :]), axis=2,
+                t_next = tt + 1
+            m_next = (p + 1 < L)[:, None] & mask_e[None, :]
+            _, dlt_next = _load_delta(d_cols + t_next * s_d_l, m_next, bias, HAS_BIAS, SOFTPLUS)
+            dA_next = tl.exp2(dlt_next[:, :, None] * A2)
+            cum_an, dhs = tl.associative_scan((dA_next, gy[:, :, None] * Ct[:, None, :]), axis=0,
                                               combine_fn=_affine_combine, reverse=True)
-            dhs = dhs + cum_an * dh_next[:, :, None]  # (BLOCK_E, BLOCK_N, BLOCK_T)
-            dh_next = _last(dhs, offs_t, 0)
+            dhs = dhs + cum_an * dh_next[None, :, :]  # (BLOCK_T, BLOCK_E, BLOCK_N)
+            dh_next = _at_step(dhs, offs_t, 0)
 
             # dC_t = sum_e gy h_t; dB_t = sum_e dh_t delta_t u_t (partials over this E block)
-            tl.store(dC_ptr + nl_rows + t[None, :], tl.sum(gy[:, None, :] * hs, axis=0), mask=m_nt)
-            tl.store(dB_ptr + nl_rows + t[None, :], tl.sum(dhs * (dlt * u)[:, None, :], axis=0), mask=m_nt)
-            dhB = tl.sum(dhs * Bt[None, :, :], axis=1)  # (BLOCK_E, BLOCK_T)
+            dC_t = tl.sum(gy[:, :, None] * hs, axis=1)  # (BLOCK_T, BLOCK_N)
+            dB_t = tl.sum(dhs * (dlt * u)[:, :, None], axis=1)
+            if ATOMIC_DBC:
+                tl.atomic_add(dC_ptr + nl_cols + tt, dC_t, mask=m_tn, sem="relaxed")
+                tl.atomic_add(dB_ptr + nl_cols + tt, dB_t, mask=m_tn, sem="relaxed")
+            else:
+                tl.store(dC_ptr + nl_cols + tt, dC_t, mask=m_tn)
+                tl.store(dB_ptr + nl_cols + tt, dB_t, mask=m_tn)
+            dhB = tl.sum(dhs * Bt[:, None, :], axis=2)  # (BLOCK_T, BLOCK_E)
             # dh_t * dA_t * h_{t-1}, with dA_t h_{t-1} = h_t - dBu_t (no division, no shifted copy)
             hA = dhs * (hs - dBu)
-            dA_acc += tl.sum(hA * dlt[:, None, :], axis=2)
-            ddlt = tl.sum(hA * A[:, :, None], axis=1) + dhB * u
+            dA_acc += tl.sum(hA * dlt[:, :, None], axis=0)
+            ddlt = tl.sum(hA * A, axis=2) + dhB * u
             du = dlt * dhB
             if HAS_D:
                 du = du + gy * Dv
-                dD_acc += tl.sum(gy * u, axis=1)
+                dD_acc += tl.sum(gy * u, axis=0)
             if SOFTPLUS:
                 ddlt = tl.where(x > 20.0, ddlt, ddlt * tl.sigmoid(x))
-            ddlt = tl.where(m_et, ddlt, 0.0)
-            dbias_acc += tl.sum(ddlt, axis=1)
-            tl.store(du_ptr + ell_rows + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m_et)
-            tl.store(ddelta_ptr + ell_rows + t[None, :], ddlt.to(ddelta_ptr.dtype.element_ty), mask=m_et)
+            ddlt = tl.where(m_te, ddlt, 0.0)
+            dbias_acc += tl.sum(ddlt, axis=0)
+            tl.store(du_ptr + el_cols + tt, du.to(du_ptr.dtype.element_ty), mask=m_te)
+            tl.store(ddelta_ptr + el_cols + tt, ddlt.to(ddelta_ptr.dtype.element_ty), mask=m_te)
         # per-batch partials (batch, E, N) / (batch, E); summed over batch on the host
         tl.store(dA_ptr + pid_b * E * N + offs_e[:, None] * N + offs_n[None, :], dA_acc, mask=mask_en)
         if HAS_D:
@@ -345,16 +362,17 @@ class LaunchConfig:
 def launch_config(E: int, batch: int, N: int, interpret: bool) -> LaunchConfig:
     """Tile sizes for a (batch, E, L) scan with N states.
 
-    On a GPU a program keeps a few (block_e, N, block_t) fp32 tiles live, so block_e * N * block_t
-    is held near 2048 elements (16 per thread at 4 warps): ``benchmarks/triton_compile_report.py``
-    checks with ptxas that this compiles without register spills for sm_90. Narrow E blocks also
-    give enough programs to fill the device (a Vim-Ti layer at batch 32: 3072 programs).
-    The interpreter runs programs one after another, in numpy: few wide programs are fastest there.
+    On a GPU a program keeps a few (block_t, block_e, N) fp32 tiles live, so their size is held at
+    2048 elements (16 per thread at 4 warps). Among the shapes of that size, 16 steps x 8 channels
+    compiled best for sm_90 (``python -m shufflemamba.ops.triton_compile``, see docs/benchmarks.md):
+    no register spills, and the fewest SASS instructions per element and step in both kernels.
+    A Vim-Ti layer at batch 32 then runs 1536 programs. The interpreter runs programs one after
+    another, in numpy: few wide programs are fastest there.
     """
     block_n = triton.next_power_of_2(N)
     if interpret:
         return LaunchConfig(block_e=min(triton.next_power_of_2(E), 64), block_t=16, num_warps=4)
-    block_t = 32
+    block_t = 16
     block_e = max(1, min(triton.next_power_of_2(E), 2048 // (block_n * block_t)))
     return LaunchConfig(block_e=block_e, block_t=block_t, num_warps=4)
 
@@ -411,8 +429,15 @@ def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bo
     du = torch.empty((batch, E, L), device=dev, dtype=u.dtype)
     ddelta = torch.empty((batch, E, L), device=dev, dtype=delta.dtype)
     dz = torch.empty((batch, E, L), device=dev, dtype=z.dtype) if z is not None else du
-    dB_part = torch.empty((n_eblk, batch, N, L), device=dev, dtype=f32)
-    dC_part = torch.empty((n_eblk, batch, N, L), device=dev, dtype=f32)
+    # dB and dC reduce over E: float atomics into one fp32 buffer, unless PyTorch was asked for
+    # deterministic algorithms (atomics add in a varying order): then a slice per E block, summed after
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    if atomic:
+        dB_part = torch.zeros((1, batch, N, L), device=dev, dtype=f32)
+        dC_part = torch.zeros((1, batch, N, L), device=dev, dtype=f32)
+    else:
+        dB_part = torch.empty((n_eblk, batch, N, L), device=dev, dtype=f32)
+        dC_part = torch.empty((n_eblk, batch, N, L), device=dev, dtype=f32)
     dA_part = torch.empty((batch, E, N), device=dev, dtype=f32)
     dD_part = torch.empty((batch, E), device=dev, dtype=f32) if D is not None else dA_part
     dbias_part = torch.empty((batch, E), device=dev, dtype=f32) if delta_bias is not None else dA_part
@@ -423,7 +448,7 @@ def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bo
         *u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride(), *A.stride(),
         batch, E, L, N, nchunk,
     )
-    meta = dict(**_flags(D, z, delta_bias, softplus, reverse),
+    meta = dict(**_flags(D, z, delta_bias, softplus, reverse), ATOMIC_DBC=atomic,
                 BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.block_t,
                 num_warps=cfg.num_warps)
     return _Launch("bwd", (batch, n_eblk), args, meta,
