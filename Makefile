@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo study bench dataset clean
+.PHONY: install test demo study bench triton-report dataset clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ study: $(STAMP) dataset
 
 bench: $(STAMP)
 	$(BIN)/shufflemamba bench
+
+# the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix
+triton-report: $(STAMP)
+	$(BIN)/python -m shufflemamba.ops.triton_compile --json benchmarks/results/triton-sm90.json
 
 clean:
 	rm -rf $(VENV) runs

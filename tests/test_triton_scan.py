@@ -186,7 +186,8 @@ def test_bad_shapes_raise():
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-3), (torch.bfloat16, 5e-2)])
 def test_gpu_vim_s_shapes(dtype, rtol):
-    """Vim-S mixer shapes (E 768, L 197, N 16) on a GPU, forward and backward vs the reference."""
+    """Vim-S mixer shapes (E 768, L 197, N 16) on a GPU, forward and backward vs the reference
+    (dB and dC summed by atomics across the 96 channel blocks)."""
     inputs = make_inputs(8, 768, 197, 16, device="cuda")
     half = dtype is not torch.float32
     if half:
@@ -225,12 +226,12 @@ def test_gpu_launch_config_under_interpreter(monkeypatch, deterministic):
     from shufflemamba.ops import triton_scan
 
     gpu_cfg = triton_scan.launch_config(24, 2, 6, interpret=False)
-    assert gpu_cfg.block_e < 24 and gpu_cfg.block_t < 70
+    assert gpu_cfg.block_e < 24 and gpu_cfg.block_t < 37
     monkeypatch.setattr(triton_scan, "launch_config", lambda E, batch, N, interpret: gpu_cfg)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        check_against_reference(make_inputs(2, 24, 70, 6, seed=5), softplus=True, rtol=1e-4)
+        check_against_reference(make_inputs(2, 24, 37, 6, seed=5), softplus=True, rtol=1e-4)
     finally:
         torch.use_deterministic_algorithms(was)
 
@@ -264,7 +265,6 @@ def test_kernels_compile_for_h100():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, "-c",
          "import json, dataclasses; from shufflemamba.ops.triton_compile import compile_report; "
@@ -279,3 +279,25 @@ def test_kernels_compile_for_h100():
         assert 0 < r["registers"] <= 255
         assert r["local_bytes"] == 0, f"{r['kernel']} spills {r['local_bytes']} bytes per thread"
         assert r["sass_ops"].get("MUFU", 0) > 0  # the exp2 of the decay made it into machine code
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_reverse_and_deterministic():
+    """reverse=True on a GPU equals the flipped scan; deterministic mode gives bit-identical reruns."""
+    inputs = make_inputs(4, 384, 197, 16, device="cuda", seed=6)
+    with torch.no_grad():
+        timed = ("u", "delta", "B", "C", "z")
+        flipped = {k: (v.flip(-1) if k in timed and v is not None else v) for k, v in inputs.items()}
+        ref = selective_scan_ref(**flipped, delta_softplus=True).flip(-1)
+        out = selective_scan_triton(**inputs, delta_softplus=True, reverse=True)
+    assert_close_scaled(out, ref, 1e-3, "out")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, g1 = run(selective_scan_triton, inputs, True, GOUT[inputs["u"].shape])
+        _, g2 = run(selective_scan_triton, inputs, True, GOUT[inputs["u"].shape])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k

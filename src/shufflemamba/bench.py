@@ -136,7 +136,10 @@ def _scan_inputs(batch: int, E: int, L: int, N: int, device: torch.device, dtype
 def _scan_bytes(batch: int, E: int, L: int, N: int, elem: int) -> int:
     """Bytes a fused forward+backward must move at least: 4 (batch, E, L) tensors forward (u, delta, z
     read, out written), 7 backward (u, delta, z, grad read; du, ddelta, dz written), B and C read
-    twice and dB, dC written once. Parameters and chunk states are small and left out."""
+    twice and dB, dC written once. Parameters are small and left out, and so are the Triton kernel's
+    fp32 chunk states (one (E, N) state per 16 steps, written forward and read backward: about one
+    more (batch, E, L) fp32 tensor each way), which a kernel that kept every state on chip would not
+    need: the figure is the minimum any fused kernel must move."""
     return elem * (11 * batch * E * L + 6 * batch * N * L)
 
 

@@ -159,15 +159,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m shufflemamba.ops.triton_compile",
         description="Compile the Triton scan kernels for a GPU architecture (no GPU needed) and report "
                     "registers, spills and the SASS instruction mix.")
-    parser.add_argument("--shape", type=int, nargs=4, default=[32, 384, 197, 16], metavar=("BATCH", "E", "L", "N"))
+    parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("BATCH", "E", "L", "N"),
+                        help="repeatable; default: the Vim-Ti and Vim-S mixers at batch 32")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
     parser.add_argument("--reverse", action="store_true", help="the mixer's backward direction")
     parser.add_argument("--json", type=Path, help="also write the reports here")
     args = parser.parse_args(argv)
+    shapes = args.shape or [[32, 384, 197, 16], [32, 768, 197, 16]]
+    if any(v <= 0 for shape in shapes for v in shape):
+        print("error: --shape values must be positive", file=sys.stderr)
+        return 2
     try:
-        reports = compile_report(*args.shape, dtype=getattr(torch, args.dtype), arch=args.arch,
-                                 reverse=args.reverse)
+        reports = [r for shape in shapes
+                   for r in compile_report(*shape, dtype=getattr(torch, args.dtype), arch=args.arch,
+                                           reverse=args.reverse)]
     except (ImportError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -413,7 +413,7 @@ def _fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bo
     )
     meta = dict(**_flags(D, z, delta_bias, softplus, reverse), SAVE_CKPT=save_ckpt,
                 BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.block_t,
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, enable_fp_fusion=True)
     return _Launch("fwd", (batch, triton.cdiv(E, cfg.block_e)), args, meta,
                    (out, ckpt if save_ckpt else None))
 
@@ -450,7 +450,7 @@ def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bo
     )
     meta = dict(**_flags(D, z, delta_bias, softplus, reverse), ATOMIC_DBC=atomic,
                 BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.block_t,
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, enable_fp_fusion=True)
     return _Launch("bwd", (batch, n_eblk), args, meta,
                    (du, ddelta, dz if z is not None else None, dB_part, dC_part, dA_part,
                     dD_part if D is not None else None, dbias_part if delta_bias is not None else None))
