@@ -137,16 +137,21 @@ if _HAS_TRITON:
             t = p
         return p, t, p < L
 
-    def _at_step(x, offs_t, index):
-        """Slice ``x[index]`` of a (BLOCK_T, BLOCK_E, BLOCK_N) tile, as (BLOCK_E, BLOCK_N)."""
-        return tl.sum(tl.where(offs_t[:, None, None] == index, x, 0.0), axis=0)
+    def _take_second(a, b):
+        """Reduction that keeps its right operand: reducing with it yields an axis' last element."""
+        return b
+
+    def _take_first(a, b):
+        """Reduction that keeps its left operand: reducing with it yields an axis' first element."""
+        return a
 
     # device functions: wrapped now (triton, imported above, has fixed its mode), so that they
     # exist under these names when the kernels that call them are compiled
     _load_delta = _jit(_load_delta)
     _affine_combine = _jit(_affine_combine)
     _time_index = _jit(_time_index)
-    _at_step = _jit(_at_step)
+    _take_second = _jit(_take_second)
+    _take_first = _jit(_take_first)
 
     # Tiles are (time, channel, state) = (BLOCK_T, BLOCK_E, BLOCK_N), time first: Triton then lays the
     # scan axis out along each thread's registers rather than across lanes, so most of the parallel
@@ -170,7 +175,6 @@ if _HAS_TRITON:
         pid_e = tl.program_id(1)
         offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)  # (BLOCK_E,)
         offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        offs_t = tl.arange(0, BLOCK_T)  # (BLOCK_T,)
         mask_e = offs_e < E
         mask_n = offs_n < N
         mask_en = mask_e[:, None] & mask_n[None, :]
@@ -217,7 +221,9 @@ if _HAS_TRITON:
                 zt = tl.load(z_cols + tt * s_z_l, mask=m_te, other=0.0).to(tl.float32)
                 y = y * zt * tl.sigmoid(zt)
             tl.store(out_cols + tt, y.to(out_ptr.dtype.element_ty), mask=m_te)
-            h = _at_step(hs, offs_t, BLOCK_T - 1)  # padded steps pass the state through unchanged
+            # the chunk's last state (padded steps passed it through unchanged); the time axis is
+            # in-thread, so this costs no shuffles
+            h = tl.reduce(hs, 0, _take_second)
 
     def _scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, ckpt_ptr,
@@ -237,7 +243,6 @@ if _HAS_TRITON:
         pid_e = tl.program_id(1)
         offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_t = tl.arange(0, BLOCK_T)
         mask_e = offs_e < E
         mask_n = offs_n < N
         mask_en = mask_e[:, None] & mask_n[None, :]
@@ -308,7 +313,7 @@ if _HAS_TRITON:
             cum_an, dhs = tl.associative_scan((dA_next, gy[:, :, None] * Ct[:, None, :]), axis=0,
                                               combine_fn=_affine_combine, reverse=True)
             dhs = dhs + cum_an * dh_next[None, :, :]  # (BLOCK_T, BLOCK_E, BLOCK_N)
-            dh_next = _at_step(dhs, offs_t, 0)
+            dh_next = tl.reduce(dhs, 0, _take_first)  # dh at the chunk's first step
 
             # dC_t = sum_e gy h_t; dB_t = sum_e dh_t delta_t u_t (partials over this E block)
             dC_t = tl.sum(gy[:, :, None] * hs, axis=1)  # (BLOCK_T, BLOCK_N)
