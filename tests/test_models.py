@@ -140,9 +140,11 @@ def test_initialisation_follows_vim():
     for a_log in (mixer.A_log, mixer.A_b_log):
         torch.testing.assert_close(a_log, torch.log(torch.arange(1, 9.0)).expand(768, 8))
     assert torch.equal(mixer.D, torch.ones(768)) and torch.equal(mixer.D_b, torch.ones(768))
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
+    # official Vim: dt_proj_b is a plain Linear whose bias the model init zeroes
+    assert torch.equal(mixer.dt_proj_b.bias, torch.zeros(768))
     for dt_proj in (mixer.dt_proj, mixer.dt_proj_b):
-        dt = F.softplus(dt_proj.bias)
-        assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
         assert dt_proj.weight.abs().max() <= mixer.dt_rank**-0.5
     # out_proj: kaiming-uniform(a=sqrt 5) bound 1/sqrt(fan_in), divided by sqrt(depth)
     bound = 1 / math.sqrt(mixer.d_inner) / math.sqrt(4)
@@ -151,6 +153,18 @@ def test_initialisation_follows_vim():
     assert torch.equal(model.head.bias, torch.zeros(1000)) and model.head.weight.std() < 0.03
     assert torch.equal(model.patch_embed.proj.bias, torch.zeros(384))
     assert 0.015 < model.pos_embed.std() < 0.025
+
+
+def test_dt_init_b_mamba_gives_both_directions_the_dt_initialisation():
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, d_state=4, dt_init_b="mamba")
+    mixer = model.layers[1].mixer
+    for dt_proj in (mixer.dt_proj, mixer.dt_proj_b):
+        dt = F.softplus(dt_proj.bias)
+        assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
+    assert not torch.equal(mixer.dt_proj.bias, mixer.dt_proj_b.bias)  # drawn independently
+    assert model.model_kwargs["dt_init_b"] == "mamba"
+    with pytest.raises(ValueError, match="dt_init_b"):
+        timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, dt_init_b="zero")
 
 
 def test_drop_path_schedule():

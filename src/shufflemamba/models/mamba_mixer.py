@@ -6,7 +6,7 @@ Parameter names follow the official hustvl/Vim checkpoints (SPEC 2), so they loa
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +60,12 @@ class BiMambaMixer(nn.Module):
     rather than on flipped copies.
 
     Initialisation (Mamba / Vim): ``dt_proj.weight ~ U(+-dt_rank^-0.5)``; ``dt_proj.bias`` is the
-    inverse softplus of dt drawn log-uniform in [dt_min, dt_max] (floor ``dt_init_floor``), for both
-    directions; ``A_log = log(1..N)`` per channel; ``D = 1``; other layers keep PyTorch's default
-    init. The model rescales ``out_proj.weight`` by ``1/sqrt(depth)``.
+    inverse softplus of dt drawn log-uniform in [dt_min, dt_max] (floor ``dt_init_floor``);
+    ``A_log = log(1..N)`` per channel; ``D = 1``; other layers keep PyTorch's default init. The
+    backward direction's ``dt_proj_b`` follows ``dt_init_b``: official Vim builds it as a plain
+    ``nn.Linear`` that its model init then gives a zero bias (softplus(0) = ln 2: a step about 7-700x
+    the forward direction's), and we do the same by default. The model rescales ``out_proj.weight``
+    by ``1/sqrt(depth)``.
 
     Args:
         d_model: token width D.
@@ -71,6 +74,9 @@ class BiMambaMixer(nn.Module):
         expand: E = expand * D.
         dt_rank: rank of the dt projection; ``None`` -> ceil(D / 16).
         dt_min, dt_max, dt_init_floor: dt initialisation range.
+        dt_init_b: ``"vim"`` (official Vim: ``dt_proj_b.bias`` zero, its weight ``U(+-dt_rank^-0.5)``,
+            which is also PyTorch's default Linear init there) or ``"mamba"`` (the forward
+            direction's dt initialisation for both directions).
         scan_impl: passed to :func:`shufflemamba.ops.selective_scan` as ``impl``.
     """
 
@@ -85,9 +91,13 @@ class BiMambaMixer(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
+        dt_init_b: Literal["vim", "mamba"] = "vim",
         scan_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if dt_init_b not in ("vim", "mamba"):
+            raise ValueError(f"dt_init_b must be 'vim' or 'mamba', got {dt_init_b!r}")
+        self.dt_init_b = dt_init_b
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = e = expand * d_model
@@ -112,8 +122,10 @@ class BiMambaMixer(nn.Module):
         self._dt_init = (dt_min, dt_max, dt_init_floor)
         for p in (self.A_log, self.A_b_log, self.D, self.D_b):
             p._no_weight_decay = True  # the Mamba convention, read by no_weight_decay()
-        for p in (self.dt_proj.bias, self.dt_proj_b.bias):
-            p._no_reinit = True  # the model's generic bias init must not zero the dt initialisation
+        # the model's generic bias init (zeros) must not undo the dt initialisation
+        self.dt_proj.bias._no_reinit = True
+        if dt_init_b == "mamba":
+            self.dt_proj_b.bias._no_reinit = True
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -125,9 +137,12 @@ class BiMambaMixer(nn.Module):
         std = self.dt_rank**-0.5
         for dt_proj, a_log, d in ((self.dt_proj, self.A_log, self.D), (self.dt_proj_b, self.A_b_log, self.D_b)):
             nn.init.uniform_(dt_proj.weight, -std, std)
-            log_dt = torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-            dt = log_dt.exp().clamp(min=floor)
-            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
+            if dt_proj is self.dt_proj_b and self.dt_init_b == "vim":
+                dt_proj.bias.zero_()
+            else:
+                log_dt = torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+                dt = log_dt.exp().clamp(min=floor)
+                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
             a = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.d_inner, -1)
             a_log.copy_(a.log())
             d.fill_(1.0)

@@ -17,7 +17,7 @@ size uses LayerNorm as the reference code does).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -61,11 +61,12 @@ class PatchEmbed(nn.Module):
 class VisionMamba(nn.Module):
     """Vision Mamba / ShuffleMamba classifier.
 
-    Initialisation follows Vim: trunc-normal (std 0.02) position embedding, class token and head;
-    LeCun-normal patch projection; Linear biases zero except ``dt_proj`` (Mamba dt initialisation,
-    see :class:`~shufflemamba.models.mamba_mixer.BiMambaMixer`); ``out_proj.weight`` kaiming-uniform
-    divided by sqrt(depth). The ShuffleMamba reference code re-runs a generic Linear init that zeroes
-    ``dt_proj.bias``; we keep the Vim dt initialisation for every model.
+    Initialisation follows Vim's code: trunc-normal (std 0.02) position embedding, class token and
+    head; LeCun-normal patch projection; Linear biases zero except ``dt_proj`` (Mamba dt
+    initialisation, see :class:`~shufflemamba.models.mamba_mixer.BiMambaMixer`), so the backward
+    direction's ``dt_proj_b.bias`` is zero too unless ``dt_init_b="mamba"``; ``out_proj.weight``
+    kaiming-uniform divided by sqrt(depth). The ShuffleMamba reference code re-runs a generic Linear
+    init that also zeroes ``dt_proj.bias``; we keep the Vim initialisation for every model.
 
     Args:
         img_size: input resolution (int or (H, W)).
@@ -79,6 +80,8 @@ class VisionMamba(nn.Module):
         d_conv: causal conv kernel size of the mixer.
         expand: mixer expansion E / D.
         dt_rank: dt projection rank (``None``: ceil(D / 16)).
+        dt_init_b: initialisation of the backward direction's ``dt_proj_b``: ``"vim"`` (official:
+            zero bias) or ``"mamba"`` (the forward direction's dt initialisation).
         drop_rate: dropout after the position embedding and before the head.
         drop_path_rate: stochastic depth; block i uses ``([0] + linspace(0, r, depth))[i]``, the final
             add uses ``r``.
@@ -111,6 +114,7 @@ class VisionMamba(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         dt_rank: int | None = None,
+        dt_init_b: Literal["vim", "mamba"] = "vim",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         cls_position: str = "middle",
@@ -153,7 +157,8 @@ class VisionMamba(nn.Module):
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         inter_dpr = [0.0] + dpr  # block i drops the previous block's mixer output at rate inter_dpr[i]
-        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, scan_impl=scan_impl)
+        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_init_b=dt_init_b,
+                            scan_impl=scan_impl)
         self.layers = nn.ModuleList([
             VimBlock(embed_dim, mixer_kwargs=mixer_kwargs, norm_layer=norm_layer, norm_eps=norm_eps,
                      drop_path=inter_dpr[i], residual_in_fp32=residual_in_fp32)
