@@ -84,6 +84,7 @@
         int failed = 0;                                                                            \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
+            SM_FTZ_BEGIN                                                                           \
             T *gpre = (T *)malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre of one sample */        \
             if (!gpre) {                                                                           \
                 _Pragma("omp atomic write") failed = 1;                                            \
@@ -130,6 +131,7 @@
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \
+            SM_FTZ_END                                                                             \
             free(gpre);                                                                            \
         }                                                                                          \
         return failed;                                                                             \
@@ -145,6 +147,7 @@
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
+            SM_FTZ_BEGIN                                                                           \
             T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB));                       \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
@@ -206,6 +209,7 @@
                     CL_STORE(T, out + row, y, ne);                                  \
                 }                                                                                  \
             }                                                                                      \
+            SM_FTZ_END                                                                             \
             free(buf);                                                                             \
         }                                                                                          \
         return failed;                                                                             \
@@ -225,6 +229,7 @@
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
+            SM_FTZ_BEGIN                                                                           \
             /* hs: (L+1) x N x EB states h_{s-1} (row 0 zero); as: (L+1) x N x EB decays, row L */ \
             /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u; then N x EB g, dA, A.     */  \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
@@ -346,6 +351,7 @@
                     memcpy(dA_part + (b * N + n) * E + e0, dAa + n * EB, sizeof(T) * (size_t)ne);  \
                 if (dD_part) memcpy(dD_part + b * E + e0, dDacc, sizeof(T) * (size_t)ne);          \
             }                                                                                      \
+            SM_FTZ_END                                                                             \
             free(buf);                                                                             \
         }                                                                                          \
         return failed;                                                                             \

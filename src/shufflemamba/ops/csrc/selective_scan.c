@@ -49,6 +49,7 @@
         int failed = 0;                                                                            \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
+            SM_FTZ_BEGIN                                                                           \
             /* h: N state; dts, dus: L-long rows of softplus(delta) and delta * u */               \
             T *buf = (T *)malloc(sizeof(T) * (size_t)(N + 2 * L + 2));                             \
             if (!buf) {                                                                            \
@@ -91,6 +92,7 @@
                     for (int64_t t = 0; t < L; ++t) yr[t] += De * ur[t];                           \
                 }                                                                                  \
             }                                                                                      \
+            SM_FTZ_END                                                                             \
             free(buf);                                                                             \
         }                                                                                          \
         return failed;                                                                             \
@@ -107,6 +109,7 @@
         const int64_t chunk = (E + nchunk - 1) / nchunk;                                           \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
+            SM_FTZ_BEGIN                                                                           \
             /* hbuf rows 0..L hold h_{t-1} (row 0 = h_{-1} = 0); abuf rows 0..L-1 hold a_t and   */ \
             /* row L is zero, so a_{t+1} at the last step needs no special case. Then N-long g   */ \
             /* and dA accumulators, and L-long rows: d_t, sigmoid(delta_t), gy_t, y_t.           */ \
@@ -211,6 +214,7 @@
                     if (dD_part) dD_part[be] = dDacc;                                              \
                 }                                                                                  \
             }                                                                                      \
+            SM_FTZ_END                                                                             \
             free(buf);                                                                             \
         }                                                                                          \
         return failed;                                                                             \
