@@ -71,7 +71,7 @@ def test_repr_shows_rate():
 
 @pytest.mark.parametrize("make_layer", [lambda: nn.Linear(6, 5), lambda: nn.LayerNorm(6)])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_restoration_is_exact_for_tokenwise_layers(make_layer, per_sample):
+def test_restoration_matches_the_unshuffled_layer_for_tokenwise_layers(make_layer, per_sample):
     torch.manual_seed(0)
     layer = make_layer()
     with torch.no_grad():
@@ -84,11 +84,13 @@ def test_restoration_is_exact_for_tokenwise_layers(make_layer, per_sample):
     x2 = x.detach().clone().requires_grad_(True)
     y_ref, y = layer(x), wrapped(x2)
     assert _was_shuffled(spy.seen[0], x.detach())  # the layer really saw another order
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    # equal up to rounding: a BLAS may block rows differently once they are permuted, which changes
+    # the summation order of a row's dot products (seen once in CI-like runs: a last-bit difference)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     g = torch.randn_like(y)
     y_ref.backward(g)
     y.backward(g)
-    torch.testing.assert_close(x2.grad, x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-6, atol=1e-6)
     for p_ref, p in zip(layer.parameters(), wrapped.module.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-6, atol=1e-6)
 

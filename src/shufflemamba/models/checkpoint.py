@@ -31,7 +31,9 @@ def _grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (h, w)
 
 
-def _cls_index(num_patches: int, cls_position: str) -> int:
+def _cls_index(num_patches: int, cls_position: str | None) -> int | None:
+    if cls_position is None:
+        return None
     if cls_position == "middle":
         return num_patches // 2
     if cls_position == "head":
@@ -43,22 +45,24 @@ def resize_pos_embed(
     pos_embed: Tensor,
     new_grid: int | tuple[int, int],
     old_grid: int | tuple[int, int] | None = None,
-    cls_position: str = "middle",
+    cls_position: str | None = "middle",
 ) -> Tensor:
     """Resize a Vim position embedding to another patch grid (bicubic), keeping the class-token row.
 
     Args:
-        pos_embed: (1, M_old + 1, D).
+        pos_embed: (1, M_old + 1, D), or (1, M_old, D) when ``cls_position`` is None.
         new_grid: target patch grid (h, w) (or one int for a square grid).
         old_grid: source grid; ``None`` infers a square grid from M_old.
-        cls_position: ``"middle"`` (class token at index M // 2) or ``"head"`` (index 0).
+        cls_position: ``"middle"`` (class token at index M // 2), ``"head"`` (index 0), or None: no
+            class-token row (the register models, whose registers have their own ``pos_embed_cls``).
 
     Returns:
-        (1, M_new + 1, D) with the class-token row at its index for the new grid.
+        (1, M_new + 1, D) with the class-token row at its index for the new grid ((1, M_new, D) without).
     """
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must be shaped (1, M + 1, D), got {tuple(pos_embed.shape)}")
-    m_old = pos_embed.shape[1] - 1
+    n_cls = 0 if cls_position is None else 1
+    m_old = pos_embed.shape[1] - n_cls
     if old_grid is None:
         side = math.isqrt(m_old)
         if side * side != m_old:
@@ -70,8 +74,12 @@ def resize_pos_embed(
     i_old = _cls_index(m_old, cls_position)
     m_new = new_grid[0] * new_grid[1]
     i_new = _cls_index(m_new, cls_position)
-    cls = pos_embed[:, i_old : i_old + 1]  # (1, 1, D)
-    patches = torch.cat((pos_embed[:, :i_old], pos_embed[:, i_old + 1 :]), dim=1)  # (1, M_old, D)
+    if i_old is None:
+        cls, patches = pos_embed[:, :0], pos_embed  # (1, 0, D), (1, M_old, D)
+        i_old = i_new = 0
+    else:
+        cls = pos_embed[:, i_old : i_old + 1]  # (1, 1, D)
+        patches = torch.cat((pos_embed[:, :i_old], pos_embed[:, i_old + 1 :]), dim=1)  # (1, M_old, D)
     if new_grid != old_grid:
         dim = patches.shape[-1]
         grid = patches.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()  # (1, D, h, w)
@@ -117,7 +125,8 @@ def prepare_state_dict(
         if pe.dim() != 3 or pe.shape[-1] != target.shape[-1]:
             raise ValueError(f"pos_embed shape {tuple(pe.shape)} is incompatible with the model's "
                              f"{tuple(target.shape)} (different embed_dim?)")
-        cls_position = getattr(model, "cls_position", "middle")
+        # register models have no class-token row in pos_embed (their registers use pos_embed_cls)
+        cls_position = None if getattr(model, "num_registers", 0) else getattr(model, "cls_position", "middle")
         state["pos_embed"] = resize_pos_embed(pe, model.patch_embed.grid_size, old_grid, cls_position)
     return state
 

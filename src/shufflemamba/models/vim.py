@@ -11,7 +11,8 @@ SLWS is built into the blocks (:class:`~shufflemamba.models.mamba_mixer.VimBlock
 Registered names (all 224 px, patch 16; keyword arguments of ``timm.create_model`` override):
 ``vim_{tiny,small,base}_patch16_224`` (middle class token, slws_rate 0) and
 ``shufflemamba_{middle,base,large}_patch16_224`` (class token at the head, slws_rate 0.5; the middle
-size uses LayerNorm as the reference code does).
+size uses LayerNorm as the reference code does). The register-token variants ``mambar_*`` live in
+:mod:`shufflemamba.models.vim_reg`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,170 @@
+"""Vision Mamba with registers (Mamba-Reg, Wang et al. 2024), as trained by ShuffleMamba's Reg recipe.
+
+Registers replace the class token: ``R`` learned tokens spread evenly through the patch sequence.
+With ``M`` patches and ``G = M // (R + 1)``, the patches are cut into ``R`` groups of ``G`` and
+register ``i`` follows group ``i`` (sequence index ``(i + 1) * G + i``); the ``M - R * G`` patches left
+over come after the last register. At 224 px (14 x 14 patches) with 12 registers they sit at
+15, 31, ..., 191 of 208 tokens. The patches get ``pos_embed`` (1, M, D) and dropout; the registers get
+their own ``pos_embed_cls`` (1, R, D). The head reads the R register outputs after ``norm_f``: each is
+reduced by ``neck`` (Linear D -> D / cls_reduce, no bias; absent when cls_reduce is 1), they are
+concatenated and normalised by ``norm_neck``, and a Linear head maps the R * D / cls_reduce features to
+the classes. Parameter names follow the reference code: ``cls_token`` (the registers, (1, R, D)),
+``pos_embed_cls``, ``pos_embed``, ``neck``, ``norm_neck``, ``head``; the blocks are Vim's.
+
+SLWS shuffles the whole sequence, registers included, and puts every token back afterwards, as the
+reference code does (``slws_keep_cls`` keeps the registers in place instead).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from ..slws import apply_slws
+from .mamba_mixer import make_norm
+from .vim import _cfg, checkpoint_filter_fn, VisionMamba
+
+__all__ = ["VisionMambaReg", "register_positions"]
+
+
+def register_positions(num_patches: int, num_registers: int) -> list[int]:
+    """Sequence indices of the registers among ``num_patches + num_registers`` tokens."""
+    group = num_patches // (num_registers + 1)
+    if group < 1:
+        raise ValueError(f"{num_registers} registers need at least {num_registers + 1} patches, got {num_patches}")
+    return [(i + 1) * group + i for i in range(num_registers)]
+
+
+class VisionMambaReg(VisionMamba):
+    """Vim with register tokens instead of a class token (see the module docstring).
+
+    Args:
+        num_registers: number of register tokens R (12 for tiny / small / base, 16 for large).
+        cls_reduce: each register feature is reduced from D to D / cls_reduce before the head
+            (1: no reduction, no ``neck`` / ``norm_neck``).
+        **kwargs: :class:`~shufflemamba.models.VisionMamba`'s arguments (``cls_position`` is unused).
+    """
+
+    def __init__(self, *, num_registers: int = 12, cls_reduce: int = 1, **kwargs: Any) -> None:
+        for name, val in (("num_registers", num_registers), ("cls_reduce", cls_reduce)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        embed_dim = kwargs.get("embed_dim", 192)
+        if embed_dim % cls_reduce:
+            raise ValueError(f"cls_reduce {cls_reduce} must divide embed_dim {embed_dim}")
+        super().__init__(**kwargs)
+        self.model_kwargs.update(num_registers=num_registers, cls_reduce=cls_reduce)
+        D, R, M = self.embed_dim, num_registers, self.patch_embed.num_patches
+        self.num_registers, self.cls_reduce = R, cls_reduce
+        self.register_index = register_positions(M, R)
+        # sequence position -> row of cat(patches, registers): registers at register_index, patches in order
+        order = torch.empty(M + R, dtype=torch.long)
+        is_reg = torch.zeros(M + R, dtype=torch.bool)
+        is_reg[self.register_index] = True
+        order[is_reg] = torch.arange(M, M + R)
+        order[~is_reg] = torch.arange(M)
+        self.register_buffer("token_order", order, persistent=False)
+        self.num_prefix_tokens = 0  # registers are spread through the sequence, not a prefix
+        self.cls_position = self.cls_index = None  # no class token
+
+        # replace the class token, its position row and the head built by VisionMamba
+        self.cls_token = nn.Parameter(torch.zeros(1, R, D))  # the registers
+        self.pos_embed = nn.Parameter(torch.zeros(1, M, D))  # patches only
+        self.pos_embed_cls = nn.Parameter(torch.zeros(1, R, D))
+        if cls_reduce > 1:
+            self.neck = nn.Linear(D, D // cls_reduce, bias=False)
+            self.norm_neck = make_norm(kwargs.get("norm_layer", "rms"), R * D // cls_reduce,
+                                       kwargs.get("norm_eps", 1e-5))
+        self.num_features = self.head_hidden_size = R * D // cls_reduce
+        self.reset_classifier(self.num_classes)
+        if kwargs.get("slws_keep_cls", False):
+            self.slws_rates = apply_slws(self.layers, kwargs.get("slws_rate", 0.0),
+                                         kwargs.get("slws_schedule", "linear"),
+                                         per_sample=kwargs.get("slws_per_sample", False),
+                                         keep_positions=tuple(self.register_index))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """VisionMamba's init, plus trunc-normal (std 0.02) register position embedding and neck."""
+        super().init_weights()
+        if hasattr(self, "pos_embed_cls") and not self.pos_embed_cls.is_meta:
+            trunc_normal_(self.pos_embed_cls, std=0.02)
+            if hasattr(self, "neck"):
+                trunc_normal_(self.neck.weight, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"pos_embed_cls"}
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> normalised token sequence (B, M + R, D), registers at ``register_index``."""
+        x = self.pos_drop(self.patch_embed(x) + self.pos_embed)  # (B, M, D)
+        registers = (self.cls_token + self.pos_embed_cls).expand(x.shape[0], -1, -1)  # (B, R, D)
+        x = torch.cat((x, registers), dim=1)[:, self.token_order]  # (B, M + R, D), registers spread
+        hidden, residual = x, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        residual = residual + self.drop_path(hidden)
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, M + R, D) -> logits, or the (B, R * D / cls_reduce) register feature if pre_logits."""
+        x = x[:, self.register_index]  # (B, R, D)
+        if hasattr(self, "neck"):
+            x = self.norm_neck(self.neck(x).flatten(1))  # (B, R * D / cls_reduce)
+        else:
+            x = x.flatten(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+
+# -- timm registration ---------------------------------------------------------------------------------
+
+default_cfgs = generate_default_cfgs({
+    name: _cfg(origin_url="https://github.com/wangf3014/Mamba-Reg", paper_ids="arXiv:2405.14858")
+    for name in ("mambar_tiny_patch16_224", "mambar_small_patch16_224", "mambar_base_patch16_224",
+                 "mambar_large_patch16_224")
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
+    if pretrained and not (kwargs.get("pretrained_cfg_overlay") or {}).get("file"):
+        raise ValueError(
+            f"no downloadable weights for {variant}: pass pretrained_cfg_overlay=dict(file='ckpt.pth') "
+            "or build with pretrained=False and call shufflemamba.models.load_checkpoint(model, path)"
+        )
+    return build_model_with_cfg(VisionMambaReg, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **kwargs)
+
+
+_REG = dict(patch_size=16, depth=24, norm_layer="rms", slws_rate=0.0, num_registers=12)
+
+
+@register_model
+def mambar_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
+    """Mamba-Reg-Ti: D 192, depth 24, 12 registers, no neck."""
+    return _create("mambar_tiny_patch16_224", pretrained, **{**_REG, "embed_dim": 192, "cls_reduce": 1, **kwargs})
+
+
+@register_model
+def mambar_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
+    """Mamba-Reg-S: D 384, depth 24, 12 registers reduced to 192 features each."""
+    return _create("mambar_small_patch16_224", pretrained, **{**_REG, "embed_dim": 384, "cls_reduce": 2, **kwargs})
+
+
+@register_model
+def mambar_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
+    """Mamba-Reg-B: D 768, depth 24, 12 registers reduced to 192 features each."""
+    return _create("mambar_base_patch16_224", pretrained, **{**_REG, "embed_dim": 768, "cls_reduce": 4, **kwargs})
+
+
+@register_model
+def mambar_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
+    """Mamba-Reg-L: D 1024, depth 48, 16 registers reduced to 128 features each."""
+    defaults = {**_REG, "embed_dim": 1024, "depth": 48, "num_registers": 16, "cls_reduce": 8}
+    return _create("mambar_large_patch16_224", pretrained, **{**defaults, **kwargs})
