@@ -288,7 +288,9 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+def _create(variant: str, pretrained: bool = False, model_cls: type[VisionMamba] | None = None,
+            **kwargs: Any) -> VisionMamba:
+    """Build ``variant`` (a :class:`VisionMamba`, or ``model_cls``) through timm; weights only from a file."""
     if pretrained:
         cfg_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
         if not cfg_file:
@@ -296,8 +298,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
                 f"no downloadable weights for {variant}: pass pretrained_cfg_overlay=dict(file='ckpt.pth') "
                 "or build with pretrained=False and call shufflemamba.models.load_checkpoint(model, path)"
             )
-    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+    return build_model_with_cfg(model_cls or VisionMamba, variant, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 _VIM = dict(patch_size=16, depth=24, cls_position="middle", norm_layer="rms", slws_rate=0.0)

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..slws import apply_slws
 from .mamba_mixer import make_norm
-from .vim import _cfg, checkpoint_filter_fn, VisionMamba
+from .vim import VisionMamba, _cfg
+from .vim import _create as _create_vim
 
 __all__ = ["VisionMambaReg", "register_positions"]
 
@@ -133,13 +134,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
-    if pretrained and not (kwargs.get("pretrained_cfg_overlay") or {}).get("file"):
-        raise ValueError(
-            f"no downloadable weights for {variant}: pass pretrained_cfg_overlay=dict(file='ckpt.pth') "
-            "or build with pretrained=False and call shufflemamba.models.load_checkpoint(model, path)"
-        )
-    return build_model_with_cfg(VisionMambaReg, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+    return _create_vim(variant, pretrained, model_cls=VisionMambaReg, **kwargs)
 
 
 _REG = dict(patch_size=16, depth=24, norm_layer="rms", slws_rate=0.0, num_registers=12)
