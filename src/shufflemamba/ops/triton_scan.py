@@ -155,8 +155,8 @@ if _HAS_TRITON:
 
     # Tiles are (time, channel, state) = (BLOCK_T, BLOCK_E, BLOCK_N), time first: Triton then lays the
     # scan axis out along each thread's registers rather than across lanes, so most of the parallel
-    # scan is sequential in-thread FMAs instead of warp shuffles (ptxas: ~30 instead of ~60 SASS
-    # instructions per element and step; see benchmarks/triton_compile_report.py).
+    # scan is sequential in-thread FMAs instead of warp shuffles (sm_90 forward: 37 instead of 53 SASS
+    # instructions per element and step at equal tiles; `python -m shufflemamba.ops.triton_compile`).
 
     def _scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
@@ -357,7 +357,7 @@ if _HAS_TRITON:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and warps of one launch: programs hold (block_e, N, block_t) tiles in registers."""
+    """Tile sizes and warps of one launch: programs hold (block_t, block_e, N) tiles in registers."""
 
     block_e: int  # channels per program
     block_t: int  # time steps per chunk (the parallel scan's length; a state is saved per chunk)
@@ -386,11 +386,6 @@ def _strides3(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
     return tuple((t if t is not None else like).stride())  # type: ignore[return-value]
 
 
-def _flags(D, z, delta_bias, softplus: bool, reverse: bool) -> dict:
-    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=softplus, REVERSE=reverse)
-
-
 class _Launch(NamedTuple):
     """One kernel launch: ``_kernel(name)[grid](*args, **meta)``; ``outputs`` are what it writes."""
 
@@ -401,32 +396,42 @@ class _Launch(NamedTuple):
     outputs: tuple
 
 
+def _input_args(u, delta, A, B, C, D, z, delta_bias) -> tuple[tuple, tuple]:
+    """Both kernels' leading arguments: the input pointers (``u`` stands in for absent optional
+    tensors; the HAS_* flags keep them unread) and the input strides."""
+    ptrs = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u)
+    strides = (*u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride(), *A.stride())
+    return ptrs, strides
+
+
+def _meta(cfg: LaunchConfig, N: int, D, z, delta_bias, softplus: bool, reverse: bool, **extra) -> dict:
+    """Both kernels' compile-time flags, tile sizes and launch options."""
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                REVERSE=reverse, **extra, BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N),
+                BLOCK_T=cfg.block_t, num_warps=cfg.num_warps, enable_fp_fusion=True)
+
+
 def _fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, save_ckpt: bool,
-                interpret: bool) -> _Launch:
+                interpret: bool, cfg: LaunchConfig | None = None) -> _Launch:
     batch, E, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    cfg = launch_config(E, batch, N, interpret)
+    cfg = cfg or launch_config(E, batch, N, interpret)
     nchunk = triton.cdiv(L, cfg.block_t)
     out = torch.empty((batch, E, L), device=u.device, dtype=u.dtype)
     # (batch, n_chunks, E, N) fp32 states at chunk starts; a dummy pointer when not needed
     ckpt = (torch.empty((batch, nchunk, E, N), device=u.device, dtype=torch.float32) if save_ckpt
             else out)
-    args = (
-        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, out, ckpt,
-        *u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride(), *A.stride(),
-        E, L, N, nchunk,
-    )
-    meta = dict(**_flags(D, z, delta_bias, softplus, reverse), SAVE_CKPT=save_ckpt,
-                BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.block_t,
-                num_warps=cfg.num_warps, enable_fp_fusion=True)
+    ptrs, strides = _input_args(u, delta, A, B, C, D, z, delta_bias)
+    args = (*ptrs, out, ckpt, *strides, E, L, N, nchunk)
+    meta = _meta(cfg, N, D, z, delta_bias, softplus, reverse, SAVE_CKPT=save_ckpt)
     return _Launch("fwd", (batch, triton.cdiv(E, cfg.block_e)), args, meta,
                    (out, ckpt if save_ckpt else None))
 
 
 def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, ckpt: Tensor,
-                gout: Tensor, interpret: bool) -> _Launch:
+                gout: Tensor, interpret: bool, cfg: LaunchConfig | None = None) -> _Launch:
     batch, E, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    cfg = launch_config(E, batch, N, interpret)
+    cfg = cfg or launch_config(E, batch, N, interpret)
     nchunk = triton.cdiv(L, cfg.block_t)
     n_eblk = triton.cdiv(E, cfg.block_e)
     dev, f32 = u.device, torch.float32
@@ -446,16 +451,10 @@ def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bo
     dA_part = torch.empty((batch, E, N), device=dev, dtype=f32)
     dD_part = torch.empty((batch, E), device=dev, dtype=f32) if D is not None else dA_part
     dbias_part = torch.empty((batch, E), device=dev, dtype=f32) if delta_bias is not None else dA_part
-    args = (
-        u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, gout, ckpt,
-        du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
-        *u.stride(), *delta.stride(), *_strides3(z, u), *B.stride(), *C.stride(), *A.stride(),
-        batch, E, L, N, nchunk,
-    )
-    meta = dict(**_flags(D, z, delta_bias, softplus, reverse), ATOMIC_DBC=atomic,
-                BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=cfg.block_t,
-                num_warps=cfg.num_warps, enable_fp_fusion=True)
+    ptrs, strides = _input_args(u, delta, A, B, C, D, z, delta_bias)
+    args = (*ptrs, gout, ckpt, du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
+            *strides, batch, E, L, N, nchunk)
+    meta = _meta(cfg, N, D, z, delta_bias, softplus, reverse, ATOMIC_DBC=atomic)
     return _Launch("bwd", (batch, n_eblk), args, meta,
                    (du, ddelta, dz if z is not None else None, dB_part, dC_part, dA_part,
                     dD_part if D is not None else None, dbias_part if delta_bias is not None else None))
