@@ -257,8 +257,8 @@ def test_mixer_with_triton_scan_matches_reference_scan():
 
 def test_kernels_compile_for_h100():
     """Triton's real compiler (not the interpreter) builds both kernels for sm_90 with no GPU present,
-    specialised as a Vim-Ti bf16 launch: ptxas reports no spills to local memory. Runs in a fresh
-    process, since this one imported triton for the interpreter."""
+    specialised as a Vim-Ti bf16 launch: ptxas reports no spills to local memory or stack. Runs in a
+    fresh process, since this one imported triton for the interpreter."""
     import json
     import os
     import subprocess
@@ -278,6 +278,7 @@ def test_kernels_compile_for_h100():
         assert r["arch"] == "sm_90"
         assert 0 < r["registers"] <= 255
         assert r["local_bytes"] == 0, f"{r['kernel']} spills {r['local_bytes']} bytes per thread"
+        assert r["stack_bytes"] == 0, f"{r['kernel']} uses {r['stack_bytes']} bytes of stack per thread"
         assert r["sass_ops"].get("MUFU", 0) > 0  # the exp2 of the decay made it into machine code
 
 

@@ -33,7 +33,7 @@ from . import triton_scan as ts
 
 # SASS opcodes worth counting: the exp2 unit, global loads / stores, warp shuffles (the parallel
 # scan and the reductions), local-memory traffic (spills)
-_OPS_OF_INTEREST = ("MUFU", "LDG", "STG", "SHFL", "LDL", "STL", "FFMA", "FMUL", "BAR", "LDS", "STS")
+_OPS_OF_INTEREST = ("MUFU", "LDG", "STG", "SHFL", "LDL", "STL", "FFMA", "FMUL", "FADD", "BAR", "LDS", "STS")
 
 
 @dataclass
@@ -55,7 +55,8 @@ class KernelReport:
     sass_instructions: int
     loop_instructions: int  # the chunk loop's body: what runs once per BLOCK_T steps
     instructions_per_element: float  # loop body / (e, n, t) elements each thread handles per iteration
-    sass_ops: dict[str, int] = field(default_factory=dict)
+    sass_ops: dict[str, int] = field(default_factory=dict)  # whole kernel
+    loop_ops: dict[str, int] = field(default_factory=dict)  # the chunk loop's body only
 
 
 def _tools_dir() -> Path:
@@ -110,36 +111,41 @@ def _resources(cubin: bytes) -> dict[str, int]:
     fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     # SASS lines look like "/*0070*/  @P0 MUFU.EX2 R5, R4 ;" (the predicate is optional)
     lines = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    opcodes = [m.group(1) for _, text in lines
+    opcodes = [(a, m.group(1)) for a, text in lines
                if (m := re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text))]
-    counts = Counter(opcodes)
     # a loop is a branch back to a lower address; the chunk loop is the kernels' only (outermost) one
-    spans = [sum(1 for a, _ in lines if int(target, 16) <= a <= addr)
+    loops = [(int(target, 16), addr)
              for addr, text in lines for target in re.findall(r"\bBRA\b[^0-9]*0x([0-9a-f]+)", text)
              if int(target, 16) < addr]
+    start, end = max(loops, key=lambda se: se[1] - se[0], default=(1, 0))
+    counts = Counter(op for _, op in opcodes)
+    loop_counts = Counter(op for a, op in opcodes if start <= a <= end)
     return dict(registers=fields.get("REG", -1), stack_bytes=fields.get("STACK", 0),
                 local_bytes=fields.get("LOCAL", 0), shared_bytes=fields.get("SHARED", 0),
-                sass_instructions=len(opcodes), loop_instructions=max(spans, default=0),
-                sass_ops={op: counts[op] for op in _OPS_OF_INTEREST if counts[op]})
+                sass_instructions=len(opcodes), loop_instructions=sum(loop_counts.values()),
+                sass_ops={op: counts[op] for op in _OPS_OF_INTEREST if counts[op]},
+                loop_ops={op: loop_counts[op] for op in _OPS_OF_INTEREST if loop_counts[op]})
 
 
 def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
                    dtype: torch.dtype = torch.bfloat16, arch: int = 90,
-                   reverse: bool = False) -> list[KernelReport]:
+                   reverse: bool = False, tiles: tuple[int, int, int] | None = None) -> list[KernelReport]:
     """Compile the forward and backward kernels for (batch, E, L, N) inputs and report on each.
 
-    Defaults: a Vim-Ti mixer at batch 32 in bf16, for the H100 (sm_90).
+    Defaults: a Vim-Ti mixer at batch 32 in bf16, for the H100 (sm_90), with the tile sizes a real
+    launch would use; ``tiles=(block_e, block_t, num_warps)`` tries others (the sweep behind
+    :func:`~shufflemamba.ops.triton_scan.launch_config`'s choice).
     """
     if not ts._HAS_TRITON:
         raise ImportError("compile_report needs triton: pip install 'shufflemamba[triton]'")
     x = _example_inputs(batch, E, L, N, dtype)
-    cfg = ts.launch_config(E, batch, N, interpret=False)
-    nchunk = -(-L // cfg.block_t)
+    cfg = ts.LaunchConfig(*tiles) if tiles else ts.launch_config(E, batch, N, interpret=False)
+    nchunk = ts.triton.cdiv(L, cfg.block_t)
     ckpt = torch.empty(batch, nchunk, E, N)
     gout = torch.empty(batch, E, L, dtype=dtype)
     launches = [
-        ts._fwd_launch(*x.values(), True, reverse, True, interpret=False),
-        ts._bwd_launch(*x.values(), True, reverse, ckpt, gout, interpret=False),
+        ts._fwd_launch(*x.values(), True, reverse, True, interpret=False, cfg=cfg),
+        ts._bwd_launch(*x.values(), True, reverse, ckpt, gout, interpret=False, cfg=cfg),
     ]
     reports = []
     for launch in launches:
@@ -164,25 +170,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
     parser.add_argument("--reverse", action="store_true", help="the mixer's backward direction")
+    parser.add_argument("--tiles", type=int, nargs=3, metavar=("BLOCK_E", "BLOCK_T", "WARPS"),
+                        help="tile sizes to try instead of launch_config's (powers of two)")
     parser.add_argument("--json", type=Path, help="also write the reports here")
     args = parser.parse_args(argv)
     shapes = args.shape or [[32, 384, 197, 16], [32, 768, 197, 16]]
     if any(v <= 0 for shape in shapes for v in shape):
         print("error: --shape values must be positive", file=sys.stderr)
         return 2
+    if args.tiles and any(v <= 0 or v & (v - 1) for v in args.tiles):
+        print(f"error: --tiles values must be powers of two, got {args.tiles}", file=sys.stderr)
+        return 2
     try:
         reports = [r for shape in shapes
                    for r in compile_report(*shape, dtype=getattr(torch, args.dtype), arch=args.arch,
-                                           reverse=args.reverse)]
+                                           reverse=args.reverse, tiles=tuple(args.tiles or ()))]
     except (ImportError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for r in reports:
-        ops = " ".join(f"{k}={v}" for k, v in r.sass_ops.items())
+        ops = " ".join(f"{k}={v}" for k, v in r.loop_ops.items())
         print(f"{r.kernel}: {r.arch} {r.dtype} shape={r.shape} block_e={r.block_e} block_t={r.block_t} "
               f"warps={r.num_warps} | regs={r.registers} local={r.local_bytes}B stack={r.stack_bytes}B "
               f"shared={r.shared_bytes}B | loop body {r.loop_instructions} SASS instrs "
-              f"({r.instructions_per_element} per element-step) of {r.sass_instructions}: {ops}")
+              f"({r.instructions_per_element} per element-step) of {r.sass_instructions}; in the loop: {ops}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
