@@ -453,6 +453,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from shufflemamba.cli import main as cli_main  # one-line errors for bad input, as `shufflemamba bench`
+    from shufflemamba.console import guarded  # one-line errors for bad input, as `shufflemamba bench`
 
-    sys.exit(cli_main(["bench", *sys.argv[1:]]))
+    sys.exit(guarded(main, sys.argv[1:]))

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from .config import UserError, list_presets, parse_kv_list, resolve_config
+from .console import guarded
 
 
 def _bool(value: str) -> bool:
@@ -151,25 +152,21 @@ def cmd_bench(argv: list[str]) -> int:
     return int(bench.main(argv) or 0)
 
 
+def _dispatch(argv: list[str]) -> int:
+    import shufflemamba  # noqa: F401  (torchvision shim before timm)
+
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    return cmd_eval(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``shufflemamba`` console script. Returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        import shufflemamba  # noqa: F401  (torchvision shim before timm)
-
-        if argv and argv[0] == "bench":
-            return cmd_bench(argv[1:])
-        parser = build_parser()
-        if not argv or argv[0] in ("-h", "--help"):
-            parser.print_help()
-            return 0 if argv else 2
-        args = parser.parse_args(argv)
-        if args.command == "train":
-            return cmd_train(args)
-        return cmd_eval(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return guarded(_dispatch, list(sys.argv[1:] if argv is None else argv))

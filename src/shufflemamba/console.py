@@ -1,0 +1,28 @@
+"""How every command-line entry point ends: one ``error:`` line for a user mistake, never a traceback.
+
+``shufflemamba`` (cli.py) and ``python -m shufflemamba.bench`` both run through :func:`guarded`, so
+neither needs to import the other (cli.py imports bench.py lazily; bench.py never imports cli.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from .config import UserError
+
+
+def guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run ``fn(argv)`` and return its exit code.
+
+    A :class:`~shufflemamba.config.UserError` prints ``error: <message>`` on stderr and returns 2;
+    Ctrl-C outside the training loop (which handles it itself) prints ``interrupted`` and returns 130.
+    """
+    try:
+        return int(fn(argv) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
