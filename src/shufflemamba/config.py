@@ -68,6 +68,10 @@ DEFAULTS: dict[str, Any] = {
     "sched": "cosine",
     "sched_on_updates": True,  # per-optimizer-step lr updates (smooth warmup on short runs)
     "weight_decay": 0.05,
+    # which parameters skip weight decay (shufflemamba.optim): "reference" = timm 0.4.12 as both
+    # reference trainers use it (A_log / A_b_log decayed; 1-D params, biases, tokens not);
+    # "mamba" = also exempt A_log / A_b_log (the Mamba convention; this project's rule before issue 9)
+    "wd_grouping": "reference",
     "clip_grad": None,
     "model_ema": False,
     "model_ema_decay": 0.9999,
@@ -194,6 +198,11 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         _check_range(cfg, "clip_grad", 0.0, float("inf"), lo_open=True)
     if cfg["slws_schedule"] not in (None, "linear", "constant"):
         raise UserError(f"slws_schedule must be 'linear' or 'constant', got {cfg['slws_schedule']!r}")
+    # a config saved before wd_grouping existed (a checkpoint being resumed) was trained with the
+    # Mamba rule: keep it, so the run continues as it began and its optimizer state still fits
+    cfg.setdefault("wd_grouping", "mamba")
+    if cfg["wd_grouping"] not in ("reference", "mamba"):
+        raise UserError(f"wd_grouping must be 'reference' or 'mamba', got {cfg['wd_grouping']!r}")
     if cfg["amp_dtype"] not in ("bfloat16", "float16"):
         raise UserError(f"amp_dtype must be 'bfloat16' or 'float16', got {cfg['amp_dtype']!r}")
     if not isinstance(cfg["model_kwargs"], dict):

@@ -249,8 +249,11 @@ def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None) -> int
         n_params = sum(p.numel() for p in model.parameters())
         total_batch = cfg["batch_size"] * world * cfg["accum_steps"]
         lr = cfg["lr"] * total_batch / 512 if cfg["scale_lr"] else cfg["lr"]
-        optimizer = create_optimizer_v2(
-            model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"], betas=tuple(cfg["opt_betas"]), eps=cfg["opt_eps"]
+        from .optim import param_groups_weight_decay
+
+        optimizer = create_optimizer_v2(  # groups carry their own decay (config key wd_grouping)
+            param_groups_weight_decay(model, weight_decay=cfg["weight_decay"], grouping=cfg["wd_grouping"]),
+            opt=cfg["opt"], lr=lr, betas=tuple(cfg["opt_betas"]), eps=cfg["opt_eps"],
         )
         updates_per_epoch = max(1, len(loaders["train_loader"]) // cfg["accum_steps"])
         scheduler, _ = create_scheduler_v2(
