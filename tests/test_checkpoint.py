@@ -94,13 +94,23 @@ def test_load_checkpoint_key_selects_ema_and_path_works(tmp_path):
         load_checkpoint(dst, path, key="ema")
 
 
-def test_load_checkpoint_pickled_objects_need_opt_in(tmp_path):
+class _Opaque:
+    """A pickled object that is not on torch's weights_only allowlist."""
+
+
+def test_official_layout_loads_with_weights_only_and_other_pickles_need_opt_in(tmp_path):
     src, dst = _model(), _model()
     path = tmp_path / "official.pth"
-    torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=1e-3)}, path)  # as official files
-    with pytest.raises(ValueError, match="weights_only=False"):
-        load_checkpoint(dst, path)
-    load_checkpoint(dst, path, weights_only=False)
+    # the released files: weights under "model", beside EMA weights and the argparse arguments
+    torch.save({"model": src.state_dict(), "model_ema": _model().state_dict(), "epoch": 299,
+                "args": argparse.Namespace(lr=1e-3, model="vim")}, path)
+    load_checkpoint(dst, path)  # weights_only=True: argparse.Namespace is allowed
+    assert torch.equal(dst.cls_token, src.cls_token)  # "model", not "model_ema"
+    other = tmp_path / "other.pth"
+    torch.save({"model": src.state_dict(), "extra": _Opaque()}, other)
+    with pytest.raises(ValueError, match="other than tensors and argparse.Namespace.*weights_only=False"):
+        load_checkpoint(dst, other)
+    load_checkpoint(dst, other, weights_only=False)
     assert torch.equal(dst.cls_token, src.cls_token)
 
 

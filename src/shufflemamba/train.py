@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,15 +123,16 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], name: str, pa
         raise UserError(f"checkpoint '{path}' does not match model '{name}': {first[:200]}") from None
 
 
-def init_weights(model: nn.Module, path: str, name: str) -> None:
+def init_weights(model: nn.Module, path: str, name: str, log: Callable[[str], None] = print) -> None:
     """Start from another run's weights (later Reg stages, fine-tuning): pos_embed is resized to the
-    new resolution and a head of another class count is left freshly initialised."""
+    new resolution; a head, registers or neck of another class count / register layout are left
+    freshly initialised and named in one ``log`` line (``models.checkpoint.init_from_checkpoint``)."""
     ckpt = load_checkpoint(path)
     if is_our_model(name):
-        from .models import load_checkpoint as load_vim
+        from .models.checkpoint import init_from_checkpoint
 
         try:
-            load_vim(model, ckpt, key="model", skip_mismatched_head=True)
+            init_from_checkpoint(model, ckpt, key="model", log=log, source=path)
         except ValueError as err:
             raise UserError(f"--init-from '{path}' does not fit model '{name}': {err}") from None
     else:
@@ -241,7 +243,7 @@ def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None) -> int
         kwargs = model_kwargs_for(cfg, loaders["num_classes"])
         model = build_model(cfg["model"], kwargs).to(device)
         if cfg["init_from"] and resume_ckpt is None:
-            init_weights(model, cfg["init_from"], cfg["model"])
+            init_weights(model, cfg["init_from"], cfg["model"], log=log)
         if resume_ckpt is not None:
             if resume_ckpt.get("model_name") != cfg["model"]:
                 raise UserError(f"checkpoint '{cfg['resume']}' is for model '{resume_ckpt.get('model_name')}', not '{cfg['model']}'")
