@@ -173,7 +173,7 @@ def test_bad_impl_and_types_raise():
         selective_scan(inputs[0].tolist(), *inputs[1:])
     with pytest.raises(TypeError, match="floating-point"):
         selective_scan(inputs[0].long(), *inputs[1:])
-    assert set(IMPLS) == {"auto", "ref", "cpu", "torch", "triton"}
+    assert set(IMPLS) == {"auto", "ref", "cpu", "torch", "triton", "mamba_ssm"}
 
 
 def test_fallback_when_compiler_missing(monkeypatch, tmp_path):

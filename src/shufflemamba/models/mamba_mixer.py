@@ -57,7 +57,10 @@ class BiMambaMixer(nn.Module):
     forward takes a channel-last path with the same results: compiled conv1d + SiLU and scan on
     (B, L, E) views of ``in_proj``'s output. Elsewhere (CUDA, autocast, other impls) it runs the
     (B, E, L) path. Both run the backward direction in reverse (look-ahead conv, scan from the end)
-    rather than on flipped copies.
+    rather than on flipped copies. Where mamba_ssm and causal-conv1d import, ``scan_impl`` "auto"
+    on CUDA (or "mamba_ssm" anywhere) runs their kernels instead, on flipped copies as official Vim
+    does. Under bf16 autocast the activations are bf16 while A, D and the dt bias stay float32 and
+    every scan keeps its state in float32; the block keeps the residual in float32.
 
     Initialisation (Mamba / Vim): ``dt_proj.weight ~ U(+-dt_rank^-0.5)``; ``dt_proj.bias`` is the
     inverse softplus of dt drawn log-uniform in [dt_min, dt_max] (floor ``dt_init_floor``);
@@ -154,13 +157,24 @@ class BiMambaMixer(nn.Module):
         ``reverse`` computes the flipped direction in place: the conv looks ahead instead of back
         (cross-correlation with the flipped kernel over a right-padded x) and the scan runs from the
         end, so no flipped copy of x, z or y is made (the Triton scan reads backwards natively).
+
+        With causal-conv1d in use (:meth:`_causal_conv1d`) the conv and its SiLU are its fused
+        kernel; it has no look-ahead mode, so the reverse direction then runs on flipped copies, as
+        official Vim does.
         """
+        conv_fn = self._causal_conv1d(x, conv)
+        if conv_fn is not None and reverse:
+            return self._direction(x.flip(-1), z.flip(-1), conv, x_proj, dt_proj, a_log, d, False).flip(-1)
         seqlen = x.shape[-1]
-        if reverse:
-            x = F.conv1d(F.pad(x, (0, conv.kernel_size[0] - 1)), conv.weight.flip(-1), conv.bias, groups=conv.groups)
+        if conv_fn is not None:
+            # (dim, width) weight as causal-conv1d takes it; x made (B, E, L)-contiguous, the layout
+            # official Vim passes, rather than the channel-last view of in_proj's output
+            x = conv_fn(x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
+        elif reverse:
+            x = F.silu(F.conv1d(F.pad(x, (0, conv.kernel_size[0] - 1)), conv.weight.flip(-1), conv.bias,
+                                groups=conv.groups))
         else:
-            x = conv(x)[..., :seqlen]  # causal: padding d_conv-1 then keep the first L outputs
-        x = F.silu(x)
+            x = F.silu(conv(x)[..., :seqlen])  # causal: padding d_conv-1 then keep the first L outputs
         x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L); bias added in the scan
@@ -169,6 +183,21 @@ class BiMambaMixer(nn.Module):
             x, delta, a, b.transpose(1, 2), c.transpose(1, 2), d.float(), z,
             delta_bias=dt_proj.bias.float(), delta_softplus=True, impl=self.scan_impl, reverse=reverse,
         )
+
+    def _causal_conv1d(self, x: Tensor, conv: nn.Conv1d) -> Any:
+        """causal-conv1d's ``causal_conv1d_fn`` when this direction should use it, else None.
+
+        Used with ``scan_impl="mamba_ssm"`` (the official Vim stack; any device, so CPU tests can
+        stand a pure-PyTorch module in for it) or with ``"auto"`` on CUDA, whenever the package
+        imports and the kernel width is one it has (2-4). Never imported before that question.
+        """
+        if self.scan_impl not in ("mamba_ssm", "auto") or not 2 <= conv.kernel_size[0] <= 4:
+            return None
+        if self.scan_impl == "auto" and (x.device.type != "cuda" or x.dtype == torch.float64):
+            return None
+        from ..ops.mamba_ssm_glue import causal_conv1d
+
+        return causal_conv1d()
 
     def _use_fused_cpu(self, hidden: Tensor) -> bool:
         """Channel-last compiled path: CPU, fp32/fp64, scan_impl auto/cpu, kernel built."""

@@ -51,7 +51,7 @@ def selective_scan_ref(
     return y.to(dtype_in)
 
 
-IMPLS = ("auto", "ref", "cpu", "torch", "triton")
+IMPLS = ("auto", "ref", "cpu", "torch", "triton", "mamba_ssm")
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -59,12 +59,25 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The implementation ``impl="auto"`` means for tensors of ``dtype`` on ``device``.
+
+    The rule on CUDA: mamba_ssm's kernel when it imports (and the dtype is one it has: not float64),
+    else our Triton kernel, else the pure-PyTorch path. mamba_ssm comes first because it is the
+    kernel official Vim trains with, tuned and used for years, while our Triton kernel has so far
+    only been compiled and checked for correctness, never timed on a GPU (docs/benchmarks.md: by
+    its instruction count it is issue-bound well below the bandwidth target). Swap the order once
+    ``make gpu-check`` measures Triton faster on the GPUs we care about.
+    """
     if impl not in IMPLS:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
     if device.type == "cuda":
+        from .mamba_ssm_glue import mamba_ssm_scan
+
+        if dtype != torch.float64 and mamba_ssm_scan() is not None:
+            return "mamba_ssm"
         try:
             from .triton_scan import triton_available
         except ImportError:
@@ -102,9 +115,11 @@ def selective_scan(
         z: Gate, (batch, E, L): the output is multiplied by silu(z).
         delta_bias: Added to delta before the softplus, (E,).
         delta_softplus: Apply softplus to delta (+ bias).
-        impl: "auto" (CUDA: "triton" if importable else "torch"; CPU: "cpu" if the kernel builds,
-            else "torch"), "cpu" (compiled C kernel), "torch" (pure PyTorch, hand-written
-            backward, any device), "triton" (GPU kernel), or "ref" (the plain reference).
+        impl: "auto" (CUDA: "mamba_ssm" if it imports, else "triton" if importable, else "torch";
+            CPU: "cpu" if the kernel builds, else "torch"), "cpu" (compiled C kernel), "torch"
+            (pure PyTorch, hand-written backward, any device), "triton" (GPU kernel),
+            "mamba_ssm" (mamba_ssm's CUDA kernel, when that package is installed; see
+            :mod:`shufflemamba.ops.mamba_ssm_glue`), or "ref" (the plain reference).
         reverse: Scan from the sequence's end: the same as flipping u, delta, B, C, z along L, scanning
             and flipping the output back. "triton" does it by reading backwards (no copies); the
             other impls flip.
@@ -113,7 +128,7 @@ def selective_scan(
         Output, (batch, E, L), in u's dtype. float16 / bfloat16 inputs are computed in float32.
     """
     check_scan_inputs("selective_scan", u, delta, A, B, C, D, z, delta_bias)
-    impl = _resolve_impl(impl, u.device)
+    impl = _resolve_impl(impl, u.device, u.dtype)
     if reverse and impl != "triton":
         flip = lambda t: t if t is None else t.flip(-1)  # noqa: E731
         out = selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
@@ -122,6 +137,10 @@ def selective_scan(
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if impl == "ref":
         return selective_scan_ref(*args)
+    if impl == "mamba_ssm":
+        from .mamba_ssm_glue import selective_scan_mamba
+
+        return selective_scan_mamba(*args)
     if impl == "triton":
         try:
             from .triton_scan import selective_scan_triton, triton_available
