@@ -146,7 +146,7 @@ def test_forward_features_and_head_use_the_class_token():
         torch.testing.assert_close(model.forward_head(feats), model.head(feats[:, index]))
 
 
-def test_initialisation_follows_vim():
+def test_init_vim_follows_official_vim():
     torch.manual_seed(0)
     model = timm.create_model("vim_small_patch16_224", img_size=32, patch_size=16, depth=4, d_state=8)
     mixer = model.layers[1].mixer
@@ -168,16 +168,71 @@ def test_initialisation_follows_vim():
     assert 0.015 < model.pos_embed.std() < 0.025
 
 
-def test_dt_init_b_mamba_gives_both_directions_the_dt_initialisation():
-    model = timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, d_state=4, dt_init_b="mamba")
+def _in_mamba_dt_range(bias):
+    dt = F.softplus(bias)
+    return bool(dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001)
+
+
+def test_init_mamba_gives_both_directions_the_dt_initialisation():
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, d_state=4, init="mamba")
     mixer = model.layers[1].mixer
-    for dt_proj in (mixer.dt_proj, mixer.dt_proj_b):
-        dt = F.softplus(dt_proj.bias)
-        assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 1e-1 * 1.001
+    assert _in_mamba_dt_range(mixer.dt_proj.bias) and _in_mamba_dt_range(mixer.dt_proj_b.bias)
     assert not torch.equal(mixer.dt_proj.bias, mixer.dt_proj_b.bias)  # drawn independently
-    assert model.model_kwargs["dt_init_b"] == "mamba"
+    assert model.model_kwargs["init"] == "mamba"
+    with pytest.raises(ValueError, match="init must be one of"):
+        timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, init="zero")
+
+
+def test_init_shufflemamba_is_the_segmentation_init_of_models_shuffle():
+    torch.manual_seed(0)
+    model = timm.create_model("shufflemamba_base_patch16_224", img_size=32, depth=4, d_state=8)
+    assert model.init == "shufflemamba"  # the registered default: its reference's init
+    assert torch.equal(model.cls_token, torch.zeros_like(model.cls_token))  # never drawn
+    mixer = model.layers[1].mixer
+    # every Linear: timm's trunc_normal_(std=0.02) weight (cut at +-2 absolute, so in effect normal),
+    # zero bias: both dt biases are 0
+    for lin in (mixer.in_proj, mixer.x_proj, mixer.x_proj_b, mixer.dt_proj, mixer.dt_proj_b, model.head):
+        assert lin.weight.std().item() == pytest.approx(0.02, rel=0.15) and lin.weight.abs().max() < 0.2
+    assert torch.equal(mixer.dt_proj.bias, torch.zeros(1536)) and torch.equal(mixer.dt_proj_b.bias, torch.zeros(1536))
+    # out_proj re-drawn kaiming-uniform / sqrt(depth); A_log and D keep Mamba's init
+    bound = 1 / math.sqrt(mixer.d_inner) / math.sqrt(4)
+    assert bound * 0.9 < mixer.out_proj.weight.abs().max() <= bound
+    torch.testing.assert_close(mixer.A_b_log, torch.log(torch.arange(1, 9.0)).expand(1536, 8))
+    assert torch.equal(mixer.D, torch.ones(1536))
+    assert 0.015 < model.pos_embed.std() < 0.025
+    sm_m = timm.create_model("shufflemamba_middle_patch16_224", img_size=32, depth=2, d_state=4)
+    assert torch.equal(sm_m.norm_f.bias, torch.zeros(576)) and torch.equal(sm_m.norm_f.weight, torch.ones(576))
+
+
+def test_each_family_defaults_to_its_references_init():
+    kw = dict(img_size=64, depth=2, d_state=4, embed_dim=32)
+    for name, init in (("vim_tiny_patch16_224", "vim"), ("shufflemamba_large_patch16_224", "shufflemamba"),
+                       ("mambar_base_patch16_224", "vim")):
+        model = timm.create_model(name, **kw)
+        mixer = model.layers[0].mixer
+        assert model.init == init == mixer.init == model.model_kwargs["init"], name
+        if init == "vim":  # Vim and models_reg.py: Mamba dt init forward, zero dt_proj_b bias, drawn tokens
+            assert _in_mamba_dt_range(mixer.dt_proj.bias), name
+            assert torch.equal(mixer.dt_proj_b.bias, torch.zeros_like(mixer.dt_proj_b.bias)), name
+            assert model.cls_token.std() > 0.01, name
+            # PyTorch's default Linear init for in_proj: U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in)
+            assert mixer.in_proj.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 32), rel=0.1), name
+        else:
+            assert torch.equal(mixer.dt_proj.bias, torch.zeros_like(mixer.dt_proj.bias)), name
+    # an explicit init overrides the family's default
+    assert timm.create_model("shufflemamba_base_patch16_224", **kw, init="vim").layers[0].mixer.init == "vim"
+
+
+def test_deprecated_dt_init_b_maps_to_init_and_wins():
+    with pytest.warns(DeprecationWarning, match="dt_init_b"):
+        model = timm.create_model("shufflemamba_base_patch16_224", img_size=32, depth=2, dt_init_b="mamba")
+    assert model.init == "mamba" and "dt_init_b" not in model.model_kwargs
+    assert _in_mamba_dt_range(model.layers[0].mixer.dt_proj_b.bias)
+    VisionMamba(**model.model_kwargs)  # the stored kwargs rebuild without the alias
     with pytest.raises(ValueError, match="dt_init_b"):
         timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, dt_init_b="zero")
+    # None (what an emptied config entry gives) is "not given"
+    assert timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, dt_init_b=None, init="mamba").init == "mamba"
 
 
 def test_drop_path_schedule():

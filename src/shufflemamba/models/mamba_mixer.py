@@ -10,14 +10,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import selective_scan
 from ..slws import ShuffledLayer
 
-__all__ = ["RMSNorm", "BiMambaMixer", "VimBlock", "make_norm"]
+__all__ = ["RMSNorm", "BiMambaMixer", "VimBlock", "make_norm", "INITS"]
+
+# model initialisations: official Vim, ShuffleMamba's models_shuffle.py, Mamba's dt init both ways
+INITS = ("vim", "shufflemamba", "mamba")
 
 
 class RMSNorm(nn.Module):
@@ -62,13 +65,17 @@ class BiMambaMixer(nn.Module):
     does. Under bf16 autocast the activations are bf16 while A, D and the dt bias stay float32 and
     every scan keeps its state in float32; the block keeps the residual in float32.
 
-    Initialisation (Mamba / Vim): ``dt_proj.weight ~ U(+-dt_rank^-0.5)``; ``dt_proj.bias`` is the
-    inverse softplus of dt drawn log-uniform in [dt_min, dt_max] (floor ``dt_init_floor``);
-    ``A_log = log(1..N)`` per channel; ``D = 1``; other layers keep PyTorch's default init. The
-    backward direction's ``dt_proj_b`` follows ``dt_init_b``: official Vim builds it as a plain
-    ``nn.Linear`` that its model init then gives a zero bias (softplus(0) = ln 2: a step about 7-700x
-    the forward direction's), and we do the same by default. The model rescales ``out_proj.weight``
-    by ``1/sqrt(depth)``.
+    Initialisation (``init``, see :data:`INITS`): ``"vim"`` (official Vim) gives ``dt_proj`` Mamba's dt
+    initialisation (weight ``U(+-dt_rank^-0.5)``, bias the inverse softplus of dt drawn log-uniform in
+    [dt_min, dt_max], floor ``dt_init_floor``) and the backward direction's ``dt_proj_b`` the same
+    weight but a zero bias: official Vim builds it as a plain ``nn.Linear`` whose bias its model init
+    zeroes (softplus(0) = ln 2: a step about 7-700x the forward direction's). ``"mamba"`` gives both
+    directions Mamba's dt initialisation. ``"shufflemamba"`` (ShuffleMamba's ``models_shuffle.py``,
+    which runs timm's segmentation init over the whole model) draws every Linear weight here
+    (``in_proj``, ``x_proj``, ``dt_proj`` and their ``_b`` twins) trunc-normal std 0.02 and zeroes
+    both dt biases. Under every init ``A_log = log(1..N)`` per channel and ``D = 1``; the convs and
+    (except under "shufflemamba") ``in_proj`` / ``x_proj`` keep PyTorch's default init; the model
+    re-draws ``out_proj.weight`` kaiming-uniform / sqrt(depth).
 
     Args:
         d_model: token width D.
@@ -77,9 +84,7 @@ class BiMambaMixer(nn.Module):
         expand: E = expand * D.
         dt_rank: rank of the dt projection; ``None`` -> ceil(D / 16).
         dt_min, dt_max, dt_init_floor: dt initialisation range.
-        dt_init_b: ``"vim"`` (official Vim: ``dt_proj_b.bias`` zero, its weight ``U(+-dt_rank^-0.5)``,
-            which is also PyTorch's default Linear init there) or ``"mamba"`` (the forward
-            direction's dt initialisation for both directions).
+        init: ``"vim"``, ``"shufflemamba"`` or ``"mamba"`` (see above).
         scan_impl: passed to :func:`shufflemamba.ops.selective_scan` as ``impl``.
     """
 
@@ -94,13 +99,13 @@ class BiMambaMixer(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
-        dt_init_b: Literal["vim", "mamba"] = "vim",
+        init: Literal["vim", "shufflemamba", "mamba"] = "vim",
         scan_impl: str = "auto",
     ) -> None:
         super().__init__()
-        if dt_init_b not in ("vim", "mamba"):
-            raise ValueError(f"dt_init_b must be 'vim' or 'mamba', got {dt_init_b!r}")
-        self.dt_init_b = dt_init_b
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init = init
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = e = expand * d_model
@@ -125,22 +130,26 @@ class BiMambaMixer(nn.Module):
         self._dt_init = (dt_min, dt_max, dt_init_floor)
         for p in (self.A_log, self.A_b_log, self.D, self.D_b):
             p._no_weight_decay = True  # the Mamba convention, read by no_weight_decay()
-        # the model's generic bias init (zeros) must not undo the dt initialisation
-        self.dt_proj.bias._no_reinit = True
-        if dt_init_b == "mamba":
-            self.dt_proj_b.bias._no_reinit = True
+        # the model's generic bias init (zeros) must not undo a Mamba dt initialisation
+        self.dt_proj.bias._no_reinit = init != "shufflemamba"
+        self.dt_proj_b.bias._no_reinit = init == "mamba"
         self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """(Re)initialise dt_proj, A_log and D of both directions the Mamba way."""
+        """(Re)initialise the projections, dt, A_log and D of both directions as ``self.init`` says."""
         if self.A_log.is_meta:
             return  # shapes only (parameter counting on the meta device)
         dt_min, dt_max, floor = self._dt_init
         std = self.dt_rank**-0.5
+        if self.init == "shufflemamba":
+            # timm's segmentation init over every Linear (models_shuffle.py); out_proj is the model's
+            for lin in (self.in_proj, self.x_proj, self.x_proj_b, self.dt_proj, self.dt_proj_b):
+                trunc_normal_(lin.weight, std=0.02)
         for dt_proj, a_log, d in ((self.dt_proj, self.A_log, self.D), (self.dt_proj_b, self.A_b_log, self.D_b)):
-            nn.init.uniform_(dt_proj.weight, -std, std)
-            if dt_proj is self.dt_proj_b and self.dt_init_b == "vim":
+            if self.init != "shufflemamba":
+                nn.init.uniform_(dt_proj.weight, -std, std)
+            if self.init == "shufflemamba" or (dt_proj is self.dt_proj_b and self.init == "vim"):
                 dt_proj.bias.zero_()
             else:
                 log_dt = torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)

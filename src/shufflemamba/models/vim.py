@@ -18,6 +18,7 @@ size uses LayerNorm as the reference code does). The register-token variants ``m
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -27,7 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
-from .mamba_mixer import VimBlock, make_norm
+from .mamba_mixer import INITS, VimBlock, make_norm
 
 __all__ = ["PatchEmbed", "VisionMamba", "CLS_POSITIONS"]
 
@@ -62,12 +63,17 @@ class PatchEmbed(nn.Module):
 class VisionMamba(nn.Module):
     """Vision Mamba / ShuffleMamba classifier.
 
-    Initialisation follows Vim's code: trunc-normal (std 0.02) position embedding, class token and
-    head; LeCun-normal patch projection; Linear biases zero except ``dt_proj`` (Mamba dt
-    initialisation, see :class:`~shufflemamba.models.mamba_mixer.BiMambaMixer`), so the backward
-    direction's ``dt_proj_b.bias`` is zero too unless ``dt_init_b="mamba"``; ``out_proj.weight``
-    kaiming-uniform divided by sqrt(depth). The ShuffleMamba reference code re-runs a generic Linear
-    init that also zeroes ``dt_proj.bias``; we keep the Vim initialisation for every model.
+    Initialisation (``init``): every choice draws the position embedding trunc-normal (std 0.02),
+    the patch projection LeCun-normal with a zero bias, the head trunc-normal (std 0.02) with a zero
+    bias, ``out_proj.weight`` kaiming-uniform divided by sqrt(depth), ``A_log = log(1..N)``, ``D = 1``.
+    ``"vim"`` (hustvl/Vim, and Mamba-Reg's ``models_reg.py``): class token trunc-normal (std 0.02),
+    Linear biases zero except ``dt_proj`` (Mamba's dt init), so ``dt_proj_b.bias`` is zero.
+    ``"shufflemamba"`` (ShuffleMamba's ``models_shuffle.py``): timm's segmentation init over the
+    whole model, so every Linear weight trunc-normal (std 0.02) with a zero bias (both dt biases
+    zero) and the class token left at zero. ``"mamba"``: as "vim" but both directions get Mamba's dt
+    init. Details in :class:`~shufflemamba.models.mamba_mixer.BiMambaMixer`. Registered models
+    default to their reference's init: ``vim_*`` and ``mambar_*`` "vim", ``shufflemamba_*``
+    "shufflemamba".
 
     Args:
         img_size: input resolution (int or (H, W)).
@@ -81,8 +87,9 @@ class VisionMamba(nn.Module):
         d_conv: causal conv kernel size of the mixer.
         expand: mixer expansion E / D.
         dt_rank: dt projection rank (``None``: ceil(D / 16)).
-        dt_init_b: initialisation of the backward direction's ``dt_proj_b``: ``"vim"`` (official:
-            zero bias) or ``"mamba"`` (the forward direction's dt initialisation).
+        init: ``"vim"``, ``"shufflemamba"`` or ``"mamba"`` (see above).
+        dt_init_b: deprecated alias of ``init`` (``"vim"`` or ``"mamba"``); when given it wins over
+            ``init``, so old ``model_kwargs`` rebuild the model they describe.
         drop_rate: dropout after the position embedding and before the head.
         drop_path_rate: stochastic depth; block i uses ``([0] + linspace(0, r, depth))[i]``, the final
             add uses ``r``.
@@ -115,7 +122,8 @@ class VisionMamba(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         dt_rank: int | None = None,
-        dt_init_b: Literal["vim", "mamba"] = "vim",
+        init: Literal["vim", "shufflemamba", "mamba"] = "vim",
+        dt_init_b: Literal["vim", "mamba"] | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         cls_position: str = "middle",
@@ -129,7 +137,16 @@ class VisionMamba(nn.Module):
         scan_impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.model_kwargs: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if dt_init_b is not None:
+            if dt_init_b not in ("vim", "mamba"):
+                raise ValueError(f"dt_init_b (deprecated: use init) must be 'vim' or 'mamba', got {dt_init_b!r}")
+            warnings.warn("dt_init_b is deprecated; use init='vim' | 'shufflemamba' | 'mamba'",
+                          DeprecationWarning, stacklevel=2)
+            init = dt_init_b
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.model_kwargs: dict[str, Any] = {k: v for k, v in locals().items()
+                                             if k not in ("self", "__class__", "dt_init_b")}
         if isinstance(img_size, (tuple, list)) and len(set(img_size)) == 1:
             self.model_kwargs["img_size"] = int(img_size[0])  # timm passes (224, 224); keep it plain
         if cls_position not in CLS_POSITIONS:
@@ -144,6 +161,7 @@ class VisionMamba(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.depth = depth
+        self.init = init
         self.cls_position = cls_position
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
@@ -158,7 +176,7 @@ class VisionMamba(nn.Module):
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         inter_dpr = [0.0] + dpr  # block i drops the previous block's mixer output at rate inter_dpr[i]
-        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_init_b=dt_init_b,
+        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, init=init,
                             scan_impl=scan_impl)
         self.layers = nn.ModuleList([
             VimBlock(embed_dim, mixer_kwargs=mixer_kwargs, norm_layer=norm_layer, norm_eps=norm_eps,
@@ -178,15 +196,22 @@ class VisionMamba(nn.Module):
     # -- init --------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Vim initialisation (see the class docstring). No-op on the meta device."""
+        """The model-level part of ``self.init`` (see the class docstring); the mixers initialise their
+        own projections, dt, A_log and D when built. No-op on the meta device."""
         if self.pos_embed.is_meta:
             return
         trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
+        if self.init == "shufflemamba":
+            nn.init.zeros_(self.cls_token)  # models_shuffle.py never draws it
+        else:
+            trunc_normal_(self.cls_token, std=0.02)
         lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and self.init == "shufflemamba":
+                nn.init.ones_(m.weight)  # the segmentation init resets LayerNorms (PyTorch's default anyway)
                 nn.init.zeros_(m.bias)
             if name.endswith("mixer.out_proj"):
                 nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
@@ -302,8 +327,9 @@ def _create(variant: str, pretrained: bool = False, model_cls: type[VisionMamba]
                                 pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-_VIM = dict(patch_size=16, depth=24, cls_position="middle", norm_layer="rms", slws_rate=0.0)
-_SM = dict(patch_size=16, cls_position="head", norm_layer="rms", slws_rate=0.5)
+# each family's defaults are its reference's, initialisation included
+_VIM = dict(patch_size=16, depth=24, cls_position="middle", norm_layer="rms", slws_rate=0.0, init="vim")
+_SM = dict(patch_size=16, cls_position="head", norm_layer="rms", slws_rate=0.5, init="shufflemamba")
 
 
 @register_model

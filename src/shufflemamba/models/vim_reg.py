@@ -137,7 +137,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamb
     return _create_vim(variant, pretrained, model_cls=VisionMambaReg, **kwargs)
 
 
-_REG = dict(patch_size=16, depth=24, norm_layer="rms", slws_rate=0.0, num_registers=12)
+# models_reg.py re-inits the patch embedding, head and neck and keeps Vim's init otherwise: init "vim"
+_REG = dict(patch_size=16, depth=24, norm_layer="rms", slws_rate=0.0, num_registers=12, init="vim")
 
 
 @register_model
