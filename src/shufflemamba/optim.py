@@ -17,11 +17,13 @@ Two rules, chosen by the config key ``wd_grouping``:
 ``"mamba"``
     The Mamba convention (and this project's behaviour before the option existed): additionally
     exempt every name in ``model.no_weight_decay()``, i.e. ``A_log`` / ``A_b_log`` too. This is
-    timm 1.x's ``param_groups_weight_decay`` rule (``ndim <= 1``, ``.bias``, or a listed name).
+    timm 1.x's ``param_groups_weight_decay`` rule (``ndim <= 1``, ``.bias``, or a name matching a
+    listed fnmatch pattern), which ``create_optimizer_v2(model, ...)`` applied before.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from typing import Any, Literal, get_args
 
 import torch.nn as nn
@@ -54,8 +56,11 @@ def no_weight_decay_names(model: nn.Module, *, grouping: WdGrouping) -> set[str]
     for name, p in params.items():
         if not p.requires_grad:
             continue
-        low_dim = p.ndim == 1 if grouping == "reference" else p.ndim <= 1  # timm 0.4.12 vs timm 1.x test
-        if low_dim or name.endswith(".bias") or name in listed:
+        if grouping == "reference":  # timm 0.4.12: one dimension, exact names
+            skip = p.ndim == 1 or name in listed
+        else:  # timm 1.x: at most one dimension, fnmatch patterns
+            skip = p.ndim <= 1 or any(fnmatch(name, pattern) for pattern in listed)
+        if skip or name.endswith(".bias"):
             out.add(name)
     return out
 
