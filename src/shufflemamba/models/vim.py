@@ -22,13 +22,13 @@ import warnings
 from typing import Any, Literal
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
 from .mamba_mixer import INITS, VimBlock, make_norm
+from .pretrained import default_cfgs, resolve_weights  # noqa: F401 (register_model reads default_cfgs here)
 
 __all__ = ["PatchEmbed", "VisionMamba", "CLS_POSITIONS"]
 
@@ -284,6 +284,12 @@ class VisionMamba(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook for ``pretrained=True`` (see :mod:`shufflemamba.models.pretrained`)."""
+        from .pretrained import load_pretrained
+
+        load_pretrained(self, checkpoint_path)
+
 
 # -- timm registration ---------------------------------------------------------------------------------
 
@@ -294,35 +300,12 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionMamba) -> d
     return prepare_state_dict(state_dict, model)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({
-    "vim_tiny_patch16_224": _cfg(origin_url="https://github.com/hustvl/Vim", paper_ids="arXiv:2401.09417"),
-    "vim_small_patch16_224": _cfg(origin_url="https://github.com/hustvl/Vim", paper_ids="arXiv:2401.09417"),
-    "vim_base_patch16_224": _cfg(origin_url="https://github.com/hustvl/Vim", paper_ids="arXiv:2401.09417"),
-    "shufflemamba_middle_patch16_224": _cfg(paper_ids="arXiv:2408.17081"),
-    "shufflemamba_base_patch16_224": _cfg(paper_ids="arXiv:2408.17081"),
-    "shufflemamba_large_patch16_224": _cfg(paper_ids="arXiv:2408.17081"),
-})
-
-
 def _create(variant: str, pretrained: bool = False, model_cls: type[VisionMamba] | None = None,
             **kwargs: Any) -> VisionMamba:
-    """Build ``variant`` (a :class:`VisionMamba`, or ``model_cls``) through timm; weights only from a file."""
+    """Build ``variant`` (a :class:`VisionMamba`, or ``model_cls``) through timm (pretrained configs and
+    weight loading: :mod:`shufflemamba.models.pretrained`)."""
     if pretrained:
-        cfg_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-        if not cfg_file:
-            raise ValueError(
-                f"no downloadable weights for {variant}: pass pretrained_cfg_overlay=dict(file='ckpt.pth') "
-                "or build with pretrained=False and call shufflemamba.models.load_checkpoint(model, path)"
-            )
+        kwargs = resolve_weights(variant, kwargs)  # a local file (Hub files fetched first), else a clear error
     return build_model_with_cfg(model_cls or VisionMamba, variant, pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import Tensor, nn
 
 from ..slws import apply_slws
 from .mamba_mixer import make_norm
-from .vim import VisionMamba, _cfg
+from .pretrained import default_cfgs  # noqa: F401 (register_model reads default_cfgs here)
+from .vim import VisionMamba
 from .vim import _create as _create_vim
 
 __all__ = ["VisionMambaReg", "register_positions"]
@@ -125,13 +126,6 @@ class VisionMambaReg(VisionMamba):
 
 
 # -- timm registration ---------------------------------------------------------------------------------
-
-default_cfgs = generate_default_cfgs({
-    name: _cfg(origin_url="https://github.com/wangf3014/Mamba-Reg", paper_ids="arXiv:2405.14858")
-    for name in ("mambar_tiny_patch16_224", "mambar_small_patch16_224", "mambar_base_patch16_224",
-                 "mambar_large_patch16_224")
-})
-
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
     return _create_vim(variant, pretrained, model_cls=VisionMambaReg, **kwargs)
