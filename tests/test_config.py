@@ -79,3 +79,64 @@ def test_parse_model_kwargs():
     for bad in (["depth"], ["=3"], ["a b=3"]):
         with pytest.raises(UserError, match="malformed --model-kwargs"):
             parse_kv_list(bad)
+
+
+def test_wd_grouping_validated_and_old_configs_keep_the_mamba_rule():
+    assert DEFAULTS["wd_grouping"] == "reference"
+    assert resolve_config(None, {})["wd_grouping"] == "reference"
+    assert resolve_config("demo", {})["wd_grouping"] == "mamba"  # pinned: the rule it was measured with
+    assert resolve_config("demo", {"wd_grouping": "reference"})["wd_grouping"] == "reference"
+    with pytest.raises(UserError, match="wd_grouping must be 'reference' or 'mamba'"):
+        resolve_config(None, {"wd_grouping": "ours"})
+    from shufflemamba.config import validate_config
+
+    saved = resolve_config(None, {})
+    del saved["wd_grouping"]  # a checkpoint's config from before the key: trained with the Mamba rule
+    assert validate_config(saved)["wd_grouping"] == "mamba"
+
+
+def _print_config(argv, capsys, monkeypatch):
+    import shufflemamba.train as train_mod
+    from shufflemamba.cli import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--print-config must not train or build data")
+
+    monkeypatch.setattr(train_mod, "train", no_training)
+    rc = main(["train", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_print_config_shows_the_resolved_recipe_and_exits(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rc, out, err = _print_config(["--config", "shufflemamba_base_in1k", "--epochs", "3", "--print-config", "8"], capsys, monkeypatch)
+    assert rc == 0 and err == ""
+    assert yaml.safe_load(out) == resolve_config("shufflemamba_base_in1k", {"epochs": 3})  # flags applied
+    assert out.splitlines()[-1].startswith("# effective at 8 processes x batch 256: total batch 2048, lr 0.002 ")
+    # without a count: torchrun's WORLD_SIZE, else one process
+    rc, out, _ = _print_config(["--config", "vim_small_in1k", "--print-config"], capsys, monkeypatch)
+    assert rc == 0 and "# effective at 1 process x batch 64: total batch 64, lr 0.000125 " in out
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    rc, out, _ = _print_config(["--config", "vim_small_in1k", "--print-config"], capsys, monkeypatch)
+    assert rc == 0 and "total batch 512, lr 0.001 " in out
+    rc, out, _ = _print_config(["--config", "demo", "--print-config", "2"], capsys, monkeypatch)
+    assert rc == 0 and "total batch 256, lr 0.002 (scale_lr false" in out  # absolute lr
+
+
+@pytest.mark.parametrize(
+    "argv, env, match",
+    [
+        (["--config", "no_such_preset", "--print-config"], None, "unknown preset"),
+        (["--config", "demo", "--print-config", "0"], None, "positive integer"),
+        (["--config", "demo", "--print-config"], "many", "WORLD_SIZE must be a positive integer"),
+    ],
+)
+def test_print_config_errors_are_one_line(argv, env, match, capsys, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", env)
+    rc, out, err = _print_config(argv, capsys, monkeypatch)
+    assert rc != 0 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and match in err

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from .config import UserError, list_presets, parse_kv_list, resolve_config
+from .config import UserError, format_config, list_presets, parse_kv_list, resolve_config
 from .console import guarded
 
 
@@ -22,6 +23,12 @@ def _bool(value: str) -> bool:
     if v in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file or preset name; explicit flags override it")
     t.add_argument("--model")
     t.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", help="extra model keyword arguments")
+    t.add_argument(
+        "--print-config", nargs="?", const=0, type=_positive_int, metavar="WORLD_SIZE",
+        help="print the resolved config as YAML, with the effective total batch and lr at WORLD_SIZE "
+        "processes (default: $WORLD_SIZE, else 1), and exit without building data or model",
+    )
     _add_data_flags(t)
     t.add_argument("--train-subset", type=int, help="train on a fixed random subset of this many images")
     g = t.add_argument_group("optimisation")
@@ -111,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import validate_config
     from .train import load_checkpoint, train
 
-    overrides = _overrides(args, {"command", "config"})
+    overrides = _overrides(args, {"command", "config", "print_config"})
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(args.resume)
@@ -124,7 +136,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = validate_config(cfg)
     else:
         cfg = resolve_config(args.config, overrides)
+    if args.print_config is not None:
+        print(format_config(cfg, world_size=_world_size(args.print_config), source=args.config or args.resume), end="")
+        return 0
     return train(cfg, resume_ckpt)
+
+
+def _world_size(given: int) -> int:
+    """``--print-config``'s process count: the flag's value, else torchrun's $WORLD_SIZE, else 1."""
+    if given:
+        return given
+    env = os.environ.get("WORLD_SIZE", "1")
+    if not env.isdigit() or int(env) < 1:
+        raise UserError(f"WORLD_SIZE must be a positive integer, got {env!r}")
+    return int(env)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

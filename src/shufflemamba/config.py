@@ -229,6 +229,28 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def effective_batch_lr(cfg: dict[str, Any], world_size: int) -> tuple[int, float]:
+    """Total batch per optimiser step and the lr it trains at, for ``world_size`` processes.
+
+    Total batch = ``batch_size`` x ``world_size`` x ``accum_steps``; with ``scale_lr`` the lr is
+    ``lr`` x total / 512 (the DeiT rule the reference scripts use), else ``lr`` as given.
+    """
+    total = cfg["batch_size"] * world_size * cfg["accum_steps"]
+    return total, cfg["lr"] * total / 512 if cfg["scale_lr"] else cfg["lr"]
+
+
+def format_config(cfg: dict[str, Any], *, world_size: int, source: str | None = None) -> str:
+    """The resolved config as YAML (sorted keys, as ``dump_config`` writes it), followed by a comment
+    with the effective total batch and lr at ``world_size`` processes; the text loads back as ``cfg``."""
+    total, lr = effective_batch_lr(cfg, world_size)
+    how = f"{cfg['lr']:g} x {total} / 512" if cfg["scale_lr"] else "scale_lr false: lr as given"
+    procs = f"{world_size} process{'es' if world_size != 1 else ''}"
+    head = f"# resolved config{' of ' + source if source else ''}\n"
+    tail = (f"# effective at {procs} x batch {cfg['batch_size'] * cfg['accum_steps']}: "
+            f"total batch {total}, lr {lr:g} ({how})\n")
+    return head + yaml.safe_dump(cfg, sort_keys=True) + tail
+
+
 def dump_config(cfg: dict[str, Any], path: str) -> None:
     """Write the resolved config as YAML (atomically: tmp file + rename)."""
     tmp = path + ".tmp"
