@@ -27,6 +27,8 @@ from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
+from .checkpoint import resize_pos_embed
+from .features import FeatureMixin, final_norm
 from .mamba_mixer import INITS, VimBlock, make_norm
 from .pretrained import default_cfgs, resolve_weights  # noqa: F401 (register_model reads default_cfgs here)
 
@@ -39,12 +41,16 @@ class PatchEmbed(nn.Module):
     """Image to token sequence with one strided Conv2d: (B, C, H, W) -> (B, M, D).
 
     ``stride`` defaults to ``patch_size``; a smaller stride gives overlapping patches (Vim's "+"
-    fine-tune uses stride 8 with patch 16).
+    fine-tune uses stride 8 with patch 16). Inputs must be ``img_size`` unless ``dynamic_img_size``;
+    then any size whose patches tile it exactly, or any size at all with ``dynamic_img_pad`` (zero
+    padding at the bottom / right up to whole patches, as timm's PatchEmbed).
     """
 
     def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16, stride: int | None = None,
-                 in_chans: int = 3, embed_dim: int = 192) -> None:
+                 in_chans: int = 3, embed_dim: int = 192, dynamic_img_size: bool = False,
+                 dynamic_img_pad: bool = False) -> None:
         super().__init__()
+        self.dynamic_img_size, self.dynamic_img_pad = dynamic_img_size, dynamic_img_pad
         self.img_size = tuple(to_2tuple(img_size))  # tuple() also for lists read back from yaml / json
         self.patch_size = tuple(to_2tuple(patch_size))
         self.stride = tuple(to_2tuple(stride or patch_size))
@@ -54,13 +60,33 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
 
+    def _padding(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Bottom / right zero padding that makes ``size`` whole patches (0 without dynamic_img_pad)."""
+        if not self.dynamic_img_pad:
+            return (0, 0)
+        return tuple(max(n, p) - n + (-(max(n, p) - p)) % s for n, p, s in zip(size, self.patch_size, self.stride))
+
+    def feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The patch grid (h, w) an input of ``img_size`` (H, W) gives."""
+        pad = self._padding(img_size)
+        return tuple((n + q - p) // s + 1 for n, q, p, s in zip(img_size, pad, self.patch_size, self.stride))
+
     def forward(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
+        size = tuple(x.shape[-2:])
+        if not self.dynamic_img_size:
+            if size != self.img_size:
+                raise ValueError(f"input size {size} does not match the model's img_size {self.img_size} "
+                                 "(build the model with dynamic_img_size=True for other sizes)")
+        elif self.dynamic_img_pad:
+            pad_h, pad_w = self._padding(size)
+            x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        elif any(n < p or (n - p) % s for n, p, s in zip(size, self.patch_size, self.stride)):
+            raise ValueError(f"input size {size} is not tiled by patches {self.patch_size} at stride {self.stride} "
+                             "(pad it, or build the model with dynamic_img_pad=True)")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, M, D)
 
 
-class VisionMamba(nn.Module):
+class VisionMamba(FeatureMixin, nn.Module):
     """Vision Mamba / ShuffleMamba classifier.
 
     Initialisation (``init``): every choice draws the position embedding trunc-normal (std 0.02),
@@ -75,8 +101,14 @@ class VisionMamba(nn.Module):
     default to their reference's init: ``vim_*`` and ``mambar_*`` "vim", ``shufflemamba_*``
     "shufflemamba".
 
+    Any input size (``dynamic_img_size``, timm's ViT semantics): the position embedding is resized
+    bicubically on the patch grid at every forward whose grid differs from the built one, the class
+    token's row taken out and put back at its index for the new grid (``middle``: M // 2). As timm
+    ViTs do, ``forward_intermediates`` gives block outputs as (B, D, h, w) maps and
+    ``features_only=True`` builds a backbone (``feature_info``: one entry per block).
+
     Args:
-        img_size: input resolution (int or (H, W)).
+        img_size: input resolution (int or (H, W)); the size ``pos_embed`` is built for.
         patch_size: patch (conv kernel) size.
         stride: patch stride (defaults to ``patch_size``).
         in_chans: input channels.
@@ -102,6 +134,9 @@ class VisionMamba(nn.Module):
         slws_per_sample: per-sample SLWS decisions and permutations (off in the paper).
         slws_keep_cls: never move the class token when shuffling (the paper moves it).
         scan_impl: selective-scan implementation passed to ``shufflemamba.ops.selective_scan``.
+        dynamic_img_size: accept any input size, resizing the position embedding on the fly
+            (``slws_keep_cls`` then keeps the class-token index of the built size).
+        dynamic_img_pad: with ``dynamic_img_size``, zero-pad inputs to whole patches.
 
     Attributes:
         model_kwargs: the constructor's keyword arguments; ``VisionMamba(**model.model_kwargs)``
@@ -135,6 +170,8 @@ class VisionMamba(nn.Module):
         slws_per_sample: bool = False,
         slws_keep_cls: bool = False,
         scan_impl: str = "auto",
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
     ) -> None:
         super().__init__()
         if dt_init_b is not None:
@@ -167,7 +204,9 @@ class VisionMamba(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, stride=stride,
-                                      in_chans=in_chans, embed_dim=embed_dim)
+                                      in_chans=in_chans, embed_dim=embed_dim, dynamic_img_size=dynamic_img_size,
+                                      dynamic_img_pad=dynamic_img_pad)
+        self.dynamic_img_size = dynamic_img_size
         num_patches = self.patch_embed.num_patches
         self.cls_index = num_patches // 2 if cls_position == "middle" else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -187,6 +226,9 @@ class VisionMamba(nn.Module):
         self.norm_f = make_norm(norm_layer, embed_dim, norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        stride = self.patch_embed.stride
+        reduction = stride[0] if stride[0] == stride[1] else stride
+        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
 
         # the same SLWS mechanism as for any block list: sets each VimBlock's rate in place
         self.slws_rates = apply_slws(self.layers, slws_rate, slws_schedule, per_sample=slws_per_sample,
@@ -263,22 +305,38 @@ class VisionMamba(nn.Module):
         return self.slws_rates
 
     # -- forward -----------------------------------------------------------------------------------
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> normalised token sequence (B, M + 1, D), class token at ``self.cls_index``."""
+    def _cls_index_for(self, num_patches: int) -> int:
+        return num_patches // 2 if self.cls_position == "middle" else 0
+
+    def _prefix_positions(self, num_patches: int) -> list[int]:
+        """Sequence indices of the non-patch tokens for ``num_patches`` patches: the class token."""
+        return [self._cls_index_for(num_patches)]
+
+    def _pos_embed_for(self, grid: tuple[int, int], cls_position: str | None) -> Tensor:
+        """``pos_embed``, resized (bicubic, differentiably) when ``grid`` is not the built one."""
+        if grid == self.patch_embed.grid_size:
+            return self.pos_embed
+        return resize_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, cls_position)
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> embedded sequence (B, M + 1, D) with position embedding, and the grid (h, w)."""
+        grid = self.patch_embed.feat_size(tuple(x.shape[-2:]))
         x = self.patch_embed(x)  # (B, M, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        i = self.cls_index
+        i = self._cls_index_for(x.shape[1])
         x = torch.cat((x[:, :i], cls, x[:, i:]), dim=1)  # (B, M + 1, D)
-        x = self.pos_drop(x + self.pos_embed)
-        hidden, residual = x, None
+        return self.pos_drop(x + self._pos_embed_for(grid, self.cls_position)), grid
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> normalised token sequence (B, M + 1, D), class token at index M // 2 or 0."""
+        hidden, residual = self._embed(x)[0], None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
-        residual = residual + self.drop_path(hidden)
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return final_norm(self.norm_f, residual + self.drop_path(hidden))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, M + 1, D) -> logits (B, num_classes), or the class-token feature (B, D) if pre_logits."""
-        x = self.head_drop(x[:, self.cls_index])
+        x = self.head_drop(x[:, self._cls_index_for(x.shape[1] - 1)])
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -306,8 +364,10 @@ def _create(variant: str, pretrained: bool = False, model_cls: type[VisionMamba]
     weight loading: :mod:`shufflemamba.models.pretrained`)."""
     if pretrained:
         kwargs = resolve_weights(variant, kwargs)  # a local file (Hub files fetched first), else a clear error
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
     return build_model_with_cfg(model_cls or VisionMamba, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+                                pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 # each family's defaults are its reference's, initialisation included

@@ -41,6 +41,17 @@ def register_positions(num_patches: int, num_registers: int) -> list[int]:
     return [(i + 1) * group + i for i in range(num_registers)]
 
 
+def _token_order(num_patches: int, num_registers: int) -> Tensor:
+    """Sequence position -> row of cat(patches, registers): registers at their positions, patches in order."""
+    n = num_patches + num_registers
+    order = torch.empty(n, dtype=torch.long)
+    is_reg = torch.zeros(n, dtype=torch.bool)
+    is_reg[register_positions(num_patches, num_registers)] = True
+    order[is_reg] = torch.arange(num_patches, n)
+    order[~is_reg] = torch.arange(num_patches)
+    return order
+
+
 class VisionMambaReg(VisionMamba):
     """Vim with register tokens instead of a class token (see the module docstring).
 
@@ -63,13 +74,7 @@ class VisionMambaReg(VisionMamba):
         D, R, M = self.embed_dim, num_registers, self.patch_embed.num_patches
         self.num_registers, self.cls_reduce = R, cls_reduce
         self.register_index = register_positions(M, R)
-        # sequence position -> row of cat(patches, registers): registers at register_index, patches in order
-        order = torch.empty(M + R, dtype=torch.long)
-        is_reg = torch.zeros(M + R, dtype=torch.bool)
-        is_reg[self.register_index] = True
-        order[is_reg] = torch.arange(M, M + R)
-        order[~is_reg] = torch.arange(M)
-        self.register_buffer("token_order", order, persistent=False)
+        self.register_buffer("token_order", _token_order(M, R), persistent=False)
         self.num_prefix_tokens = 0  # registers are spread through the sequence, not a prefix
         self.cls_position = self.cls_index = None  # no class token
 
@@ -103,20 +108,36 @@ class VisionMambaReg(VisionMamba):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"pos_embed_cls"}
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> normalised token sequence (B, M + R, D), registers at ``register_index``."""
-        x = self.pos_drop(self.patch_embed(x) + self.pos_embed)  # (B, M, D)
+    def _prefix_positions(self, num_patches: int) -> list[int]:
+        """Sequence indices of the registers for ``num_patches`` patches (they move with the grid)."""
+        if num_patches == self.patch_embed.num_patches:
+            return self.register_index
+        return register_positions(num_patches, self.num_registers)
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> (B, M + R, D) with registers spread by the grid's M, and the grid (h, w).
+
+        ``forward_features`` (VisionMamba's) runs the blocks on it; the sequence it returns has the
+        registers at ``register_positions(M, R)`` (``register_index`` at the built size).
+        """
+        grid = self.patch_embed.feat_size(tuple(x.shape[-2:]))
+        x = self.pos_drop(self.patch_embed(x) + self._pos_embed_for(grid, None))  # (B, M, D): no class row
+        m = x.shape[1]
+        order = self.token_order if m == self.patch_embed.num_patches else _token_order(m, self.num_registers)
         registers = (self.cls_token + self.pos_embed_cls).expand(x.shape[0], -1, -1)  # (B, R, D)
-        x = torch.cat((x, registers), dim=1)[:, self.token_order]  # (B, M + R, D), registers spread
-        hidden, residual = x, None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
-        residual = residual + self.drop_path(hidden)
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return torch.cat((x, registers), dim=1)[:, order.to(x.device)], grid  # (B, M + R, D), registers spread
+
+    def prune_intermediate_layers(self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """VisionMamba's, and with the head the register neck (``neck``, ``norm_neck``) goes too."""
+        if prune_head and hasattr(self, "neck"):
+            del self.neck, self.norm_neck
+            self.num_features = self.head_hidden_size = self.num_registers * self.embed_dim
+        return super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, M + R, D) -> logits, or the (B, R * D / cls_reduce) register feature if pre_logits."""
-        x = x[:, self.register_index]  # (B, R, D)
+        x = x[:, self._prefix_positions(x.shape[1] - self.num_registers)]  # (B, R, D)
         if hasattr(self, "neck"):
             x = self.norm_neck(self.neck(x).flatten(1))  # (B, R * D / cls_reduce)
         else:
