@@ -96,3 +96,45 @@ def test_groups_hold_every_trainable_parameter_once_and_skip_frozen():
 def test_unknown_grouping_rejected():
     with pytest.raises(ValueError, match="grouping"):
         no_weight_decay_names(_vim(), grouping="ours")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    root = str(tmp_path_factory.mktemp("optim_imgs"))
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(2):
+                Image.fromarray(np.full((16, 16, 3), 70 * i, np.uint8)).save(os.path.join(root, split, c, f"{i}.png"))
+    return root
+
+
+@pytest.mark.parametrize("grouping, decayed_a", [("reference", True), ("mamba", False)])
+def test_training_run_uses_the_configured_grouping(grouping, decayed_a, images, tmp_path, capsys):
+    """The optimizer a real `shufflemamba train` run saves has the groups wd_grouping asks for."""
+    import yaml
+
+    from shufflemamba.cli import main
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({"wd_grouping": grouping, "weight_decay": 0.07}))
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(cfg_path), "--data-dir", images, "--model", "vim_tiny_patch16_224",
+            "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=1", "d_state=4", "--img-size", "16",
+            "--batch-size", "2", "--epochs", "1", "--workers", "0", "--device", "cpu", "--output", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    groups = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.07]
+    model = timm.create_model("vim_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=1, d_state=4, num_classes=2)
+    expected = param_groups_weight_decay(model, weight_decay=0.07, grouping=grouping)
+    assert [len(g["params"]) for g in groups] == [len(g["params"]) for g in expected]
+    # torch numbers the saved parameters consecutively through the groups, in group order
+    order = [n for g in expected for q in g["params"] for n, p in model.named_parameters() if p is q]
+    decayed = {order[i] for i in groups[1]["params"]}
+    assert ("layers.0.mixer.A_log" in decayed) is decayed_a and ("layers.0.mixer.A_b_log" in decayed) is decayed_a
+    assert "layers.0.mixer.D" not in decayed and "pos_embed" not in decayed
