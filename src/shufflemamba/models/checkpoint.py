@@ -123,7 +123,7 @@ def prepare_state_dict(
     key: str | None = None,
     old_grid: int | tuple[int, int] | None = None,
 ) -> dict[str, Tensor]:
-    """Unwrap a checkpoint (raw / ``{"model": ...}`` / ...), strip a DDP ``module.`` prefix, resize pos_embed.
+    """Unwrap a checkpoint, strip a DDP ``module.`` prefix, resize pos_embed, adapt the patch conv to in_chans.
 
     Args:
         checkpoint: a state dict, or a dict holding one under one of :data:`CHECKPOINT_KEYS`.
@@ -145,6 +145,12 @@ def prepare_state_dict(
         # register models have no class-token row in pos_embed (their registers use pos_embed_cls)
         cls_position = None if getattr(model, "num_registers", 0) else getattr(model, "cls_position", "middle")
         state["pos_embed"] = resize_pos_embed(pe, model.patch_embed.grid_size, old_grid, cls_position)
+    w = state.get("patch_embed.proj.weight")
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(w, Tensor) and isinstance(proj, nn.Conv2d) and w.dim() == 4 and w.shape[1] != proj.in_channels:
+        from timm.models import adapt_input_conv  # RGB weights for a grey (or other) input, as timm does
+
+        state["patch_embed.proj.weight"] = adapt_input_conv(proj.in_channels, w)
     return state
 
 

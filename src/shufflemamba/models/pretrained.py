@@ -39,8 +39,10 @@ model's grid, and with another class count or register layout drop what does not
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
@@ -161,8 +163,12 @@ def resolve_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=overlay)
     name = f"{variant}.{cfg.tag}" if cfg.tag else variant
-    if cfg.state_dict is not None or cfg.file or cfg.url:
+    # timm resets custom_load when an overlay names a file; keep it, so that every file goes through
+    # VisionMamba.load_pretrained (pass custom_load=False in the overlay for timm's generic loader)
+    if cfg.state_dict is not None or cfg.url:
         return kwargs
+    if cfg.file:
+        return {**kwargs, "pretrained_cfg_overlay": {"custom_load": True, **overlay}}
     if not cfg.hf_hub_id:
         tags = ", ".join(f"{w.model}.{w.tag}" for w in RELEASED_WEIGHTS)
         raise ValueError(f"no downloadable weights for {name}: pass pretrained_cfg_overlay=dict(file='ckpt.pth') "
@@ -170,16 +176,36 @@ def resolve_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
                          f"released weights: {tags}")
     filename = cfg.hf_hub_filename or "pytorch_model.bin"
     try:
-        from huggingface_hub import hf_hub_download
-
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        path = hf_hub_download(repo, filename, revision=revision or None, cache_dir=kwargs.get("cache_dir"))
+        path = _hub_file(cfg.hf_hub_id, filename, kwargs.get("cache_dir"))
     except Exception as e:  # noqa: BLE001 - offline, missing repo, HTTP errors: one message for all
         raise RuntimeError(
             f"could not fetch the weights of {name} from the Hugging Face Hub ({cfg.hf_hub_id}/{filename}): "
-            f"{type(e).__name__}; without network, download that file elsewhere and pass "
-            f"pretrained_cfg_overlay=dict(file=PATH)") from e
-    return {**kwargs, "pretrained_cfg_overlay": {**overlay, "file": path}}
+            f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}; without network, download "
+            f"that file elsewhere and pass pretrained_cfg_overlay=dict(file=PATH)") from e
+    return {**kwargs, "pretrained_cfg_overlay": {"custom_load": True, **overlay, "file": path}}
+
+
+def _hub_file(hub_id: str, filename: str, cache_dir: str | os.PathLike | None) -> str:
+    """The local path of a Hub file: from the cache when it is there, else downloaded."""
+    from huggingface_hub import constants, hf_hub_download
+
+    repo, _, revision = hub_id.partition("@")
+    get = dict(repo_id=repo, filename=filename, revision=revision or None, cache_dir=cache_dir)
+    try:
+        return hf_hub_download(**get, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (the error types vary across huggingface_hub versions)
+        if constants.HF_HUB_OFFLINE:
+            raise ConnectionError("HF_HUB_OFFLINE is set and the file is not in the Hub cache") from None
+    # huggingface_hub retries a failed request five times with back-off (about 25 s) before it gives
+    # up; when the Hub's host name does not even resolve there is no network, so say so at once. A
+    # proxy may resolve names itself, so with one configured leave it to huggingface_hub.
+    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        host = urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as e:
+            raise ConnectionError(f"cannot resolve {host} (no network?)") from e
+    return hf_hub_download(**get)
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> Any:
