@@ -15,6 +15,8 @@ from typing import Any
 from .config import UserError, format_config, list_presets, parse_kv_list, resolve_config
 from .console import guarded
 
+TRUST_HELP = "load checkpoints that need Python's unpickler (only for files you trust; default: weights_only)"
+
 
 def _bool(value: str) -> bool:
     v = value.lower()
@@ -95,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--output")
     g.add_argument("--init-from", help="start from this checkpoint's weights (fine-tuning; pos_embed resized)")
-    g.add_argument("--resume", help="checkpoint to continue from (its config is the default)")
+    g.add_argument("--resume", help="run folder (its newest checkpoint) or checkpoint file to continue from; its config is the default")
+    g.add_argument("--checkpoint-every", type=float, metavar="MINUTES",
+                   help="mid-epoch step checkpoint every this many minutes (default 10; 0: only on signals and epoch ends)")
+    g.add_argument("--keep-last", type=int, metavar="K", help="step checkpoints kept on disk (default 2)")
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--log-interval", type=int)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val / test split")
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     e.add_argument("--model", help="only for checkpoints that do not name their model (official Vim weights)")
     e.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE")
+    e.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     _add_data_flags(e)
 
     sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench)", add_help=False)
@@ -119,11 +126,20 @@ def _overrides(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
     return out
 
 
+def _trust(args: argparse.Namespace) -> None:
+    """--trust-checkpoint: the full unpickler for every checkpoint this process reads."""
+    if args.trust_checkpoint:
+        from .checkpointing import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import validate_config
     from .train import load_checkpoint, train
 
-    overrides = _overrides(args, {"command", "config", "print_config"})
+    _trust(args)
+    overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint"})
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(args.resume)
@@ -155,7 +171,8 @@ def _world_size(given: int) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
-    overrides = _overrides(args, {"command", "checkpoint", "ema", "json"})
+    _trust(args)
+    overrides = _overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint"})
     m = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.ema)
     skipped = f" ({m['skipped']} unreadable skipped)" if m["skipped"] else ""
     print(

@@ -85,6 +85,10 @@ DEFAULTS: dict[str, Any] = {
     "resume": None,
     "log_interval": 50,
     "save_best": True,
+    # step checkpoints (step_<updates>.pt) every this many minutes of training, and on SIGTERM /
+    # SIGINT / SIGUSR1; a kill loses at most this much work. 0: only on signals and at epoch ends
+    "checkpoint_every": 10.0,
+    "keep_last": 2,  # step checkpoints kept on disk (older ones are deleted)
 }
 
 PRESET_DIR = "configs"
@@ -181,6 +185,12 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("batch_size", "accum_steps", "img_size", "max_nonfinite", "log_interval"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be >= 1, got {cfg[key]}")
+    # configs saved before step checkpoints existed (a checkpoint being resumed) get the defaults
+    cfg.setdefault("checkpoint_every", DEFAULTS["checkpoint_every"])
+    cfg.setdefault("keep_last", DEFAULTS["keep_last"])
+    _check_range(cfg, "checkpoint_every", 0.0, float("inf"))
+    if isinstance(cfg["keep_last"], bool) or not isinstance(cfg["keep_last"], int) or cfg["keep_last"] < 1:
+        raise UserError(f"keep_last must be an integer >= 1, got {cfg['keep_last']!r}")
     if cfg["workers"] < 0:
         raise UserError(f"workers must be >= 0, got {cfg['workers']}")
     for key in ("slws_rate", "drop_path"):

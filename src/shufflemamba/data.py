@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import struct
 import sys
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
 from .config import UserError
@@ -211,6 +212,73 @@ def subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return Subset(ds, idx)
 
 
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The seed of one training sample's augmentation: a function of where it falls in the run."""
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + rank) * 1_000_003 + position) % 2**63
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """The training order, resumable mid-epoch. Wraps the epoch-seeded ``base`` sampler (the order is
+    a function of seed and epoch) and yields ``(index, sample_seed)`` for :class:`SeededSamples`.
+
+    ``set_epoch(epoch, start)`` begins the epoch's order at position ``start`` (batches done x batch
+    size): a resumed epoch sees exactly the images it had not seen yet, in the same order.
+    """
+
+    def __init__(self, base: Sampler[int], seed: int, rank: int) -> None:
+        self.base, self.seed, self.rank = base, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.base.set_epoch(epoch)  # type: ignore[attr-defined]
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        for pos, index in enumerate(self.base):
+            if pos >= self.start:
+                yield index, sample_seed(self.seed, self.epoch, self.rank, pos)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.start)  # type: ignore[arg-type]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class SeededSamples(Dataset):
+    """Training samples whose random augmentation is seeded per sample (:func:`sample_seed`), so it
+    does not depend on the number of loader workers or on what ran before: a resumed epoch, even
+    with workers, augments its remaining images exactly as the uninterrupted run would have.
+
+    The key is ``(index, seed)`` from :class:`EpochSampler`. In the main process (``workers 0``) the
+    global RNG states are put back afterwards, so the model's own randomness (SLWS, drop path,
+    mixup) is untouched by data loading.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if get_worker_info() is not None:  # a worker's RNGs serve its samples only
+            _seed_all(seed)
+            return self.dataset[index]
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            _seed_all(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 class ShardSampler(Sampler[int]):
     """Evaluation sampler: rank r gets indices r, r + world, ... No padding, so summing the per-rank
     counts over ranks gives exact totals (timm's/torch's distributed samplers pad with repeats)."""
@@ -227,7 +295,7 @@ class ShardSampler(Sampler[int]):
 
 def build_loaders(cfg: dict[str, Any], in_chans: int, rank: int = 0, world: int = 1, train: bool = True) -> dict[str, Any]:
     """Datasets and loaders. Returns dict with val_loader, num_classes and, when ``train``,
-    train_loader and train_sampler (call ``set_epoch`` on it each epoch).
+    train_loader and train_sampler (an :class:`EpochSampler`: call ``set_epoch`` on it each epoch).
 
     Raises:
         UserError: missing/empty data, or train and val class folders that differ.
@@ -249,11 +317,12 @@ def build_loaders(cfg: dict[str, Any], in_chans: int, rank: int = 0, world: int 
         else:
             # also used with world == 1: the order is a function of (seed, epoch), so resume is exact
             sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"], drop_last=True)
+        sampler = EpochSampler(sampler, cfg["seed"], rank)
         per_rank = len(sampler)
         if per_rank < cfg["batch_size"]:
             raise UserError(f"training set too small: {per_rank} images per process for batch size {cfg['batch_size']}")
         out["train_loader"] = DataLoader(
-            train_ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"], drop_last=True,
+            SeededSamples(train_ds), batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"], drop_last=True,
             collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), persistent_workers=cfg["workers"] > 0,
         )
         out["train_sampler"] = sampler

@@ -1,4 +1,9 @@
-"""One training epoch and one evaluation pass (DDP-aware, AMP, accumulation, non-finite guard)."""
+"""One training epoch and one evaluation pass (DDP-aware, AMP, accumulation, non-finite guard).
+
+The epoch loop stops at accumulation boundaries (no half-accumulated gradients) to save a step
+checkpoint when the caller's clock says so or a stop signal arrived; under DDP those decisions are
+max-reduced over ranks with the non-finite flag, so every rank saves and stops at the same step.
+"""
 
 from __future__ import annotations
 
@@ -14,30 +19,45 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import faults
+from .checkpointing import EpochSums
 from .config import UserError
 
 
 class NonFiniteLossError(UserError):
-    """Too many consecutive non-finite losses: the run stops, keeping the last good checkpoint."""
+    """Too many consecutive non-finite losses: the run stops, keeping the last good state.
+
+    ``epoch`` / ``batches_done`` say where: the weights are those before the first of the streak
+    (skipped steps change nothing), so a step checkpoint at that position is the last good state.
+    """
+
+    def __init__(self, message: str, epoch: int = 0, batches_done: int = 0) -> None:
+        super().__init__(message)
+        self.epoch, self.batches_done = epoch, batches_done
 
 
 class Interrupted(Exception):
-    """SIGTERM / SIGINT arrived; raised between steps so the partial epoch is abandoned cleanly."""
+    """A stop signal arrived; raised at an accumulation boundary, after the step checkpoint."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, epoch: int = 0, batches_done: int = 0) -> None:
         super().__init__(signum)
-        self.signum = signum
+        self.signum, self.epoch, self.batches_done = signum, epoch, batches_done
 
 
 @dataclass
 class StepState:
-    """Counters that persist across epochs (and are checkpointed)."""
+    """What the epoch loop shares with the trainer: counters that persist across epochs (and are
+    checkpointed), the stop flag set by the signal handler, and the step-checkpoint hooks."""
 
     num_updates: int = 0
     nonfinite_streak: int = 0
-    stop_signal: int | None = None  # set by the signal handler; checked between steps
+    stop_signal: int | None = None  # set by the signal handler; checked every micro-batch
     skipped_images: int = 0
     log: Callable[[str], None] = field(default=print)
+    sums: EpochSums = field(default_factory=EpochSums)  # this rank's sums of the epoch in progress
+    checkpoint_due: Callable[[], bool] = field(default=lambda: False)  # the --checkpoint-every clock
+    save_step: Callable[[int, int], None] | None = None  # (epoch, batches_done) -> writes a step checkpoint
+    rank: int = 0
 
 
 def _dist() -> bool:
@@ -75,104 +95,127 @@ def train_one_epoch(
     model_ema: Any = None,
     scaler: Any = None,
     progress: bool = False,
+    start_batch: int = 0,
 ) -> dict[str, float]:
-    """Train for one epoch. Returns train_loss (mean over finite steps), images, seconds, lr.
+    """Train for one epoch, or its remainder from micro-batch ``start_batch`` (the loader then yields
+    only the remaining batches, and ``state.sums`` holds the sums of those before). Returns
+    train_loss (mean over finite steps), images, seconds, lr.
 
     Raises:
-        Interrupted: a stop signal arrived (checked between micro-batches).
+        Interrupted: a stop signal arrived (after the step checkpoint at the next boundary).
         NonFiniteLossError: ``cfg['max_nonfinite']`` non-finite losses in a row.
     """
     model.train()
     accum = cfg["accum_steps"]
-    n_batches = len(loader)
-    updates_per_epoch = max(1, n_batches // accum)
-    loss_sum, loss_count, images = 0.0, 0, 0
-    t0 = time.perf_counter()
+    n_batches = start_batch + len(loader)
+    sums = state.sums
+    t0 = time.perf_counter() - sums.seconds
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    save_due = stop = False
     optimizer.zero_grad(set_to_none=True)
-    for i, (x, y, skipped) in enumerate(loader):
-        if state.stop_signal is not None and not _dist():
-            raise Interrupted(state.stop_signal)
+    for i, (x, y, skipped) in enumerate(loader, start=start_batch):
         state.skipped_images += skipped
-        if len(x) == 0:
-            continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            if len(x) % 2:  # timm's batch mixup pairs samples; only happens after skipped images
-                x, y = x[:-1], y[:-1]
-            x, y = mixup_fn(x, y)
         is_update = (i + 1) % accum == 0 or i + 1 == n_batches
-        # DDP: skip the gradient all-reduce on micro-batches that do not end in an optimizer step
-        sync_ctx = model.no_sync() if (hasattr(model, "no_sync") and not is_update) else contextlib.nullcontext()
-        with sync_ctx:
-            with autocast_ctx(device, cfg["amp"], cfg["amp_dtype"]):
-                out = model(x)
-                loss = criterion(out.float(), y)
-            # [not finite, stop requested]; under DDP every rank must take the same branch, or the
-            # next gradient all-reduce hangs, so the flags are max-reduced over ranks
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(state.stop_signal is not None))])
-            if _dist():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            not_finite, stop = flags.tolist()
-            if stop:
-                raise Interrupted(state.stop_signal or signal.SIGTERM)
-            if not_finite:
-                state.nonfinite_streak += 1
-                state.log(f"warning: non-finite loss at epoch {epoch} step {i}; step skipped ({state.nonfinite_streak} in a row)")
-                optimizer.zero_grad(set_to_none=True)
-                if state.nonfinite_streak >= cfg["max_nonfinite"]:
-                    raise NonFiniteLossError(
-                        f"{state.nonfinite_streak} non-finite losses in a row at epoch {epoch}; stopping "
-                        "(last good checkpoint kept; try a lower --lr, --clip-grad or --amp off)"
-                    )
-                continue
-            state.nonfinite_streak = 0
-            scaled = loss / accum
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        loss_sum += loss.item()
-        loss_count += 1
-        images += len(x)
+        loss, dropped = None, False
+        if len(x):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                if len(x) % 2:  # timm's batch mixup pairs samples; only happens after skipped images
+                    x, y = x[:-1], y[:-1]
+                x, y = mixup_fn(x, y)
+            # DDP: skip the gradient all-reduce on micro-batches that do not end in an optimizer step
+            sync_ctx = model.no_sync() if (hasattr(model, "no_sync") and not is_update) else contextlib.nullcontext()
+            with sync_ctx:
+                with autocast_ctx(device, cfg["amp"], cfg["amp_dtype"]):
+                    loss = criterion(model(x).float(), y)
+                if epoch * n_batches + i in faults.FAULTS.nan:
+                    loss = loss * float("nan")
+                # [not finite, stop requested, checkpoint due]: under DDP every rank must take the
+                # same branch (or the next all-reduce hangs), so the flags are max-reduced
+                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                     loss.new_tensor(float(state.stop_signal is not None)),
+                                     loss.new_tensor(float(state.checkpoint_due()))])
+                if _dist():
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                not_finite, stop_flag, due_flag = (bool(v) for v in flags.tolist())
+                stop, save_due = stop or stop_flag, save_due or due_flag or stop_flag
+                if not_finite:
+                    _skip_nonfinite(state, optimizer, cfg, epoch, i)
+                    loss, dropped = None, True
+                else:
+                    state.nonfinite_streak = 0
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if loss is not None:
+            sums.loss_sum += loss.item()
+            sums.loss_count += 1
+            sums.images += len(x)
         if is_update:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.num_updates += 1
-            if model_ema is not None:
-                model_ema.update(_unwrap(model), step=state.num_updates)
-            if scheduler is not None and cfg["sched_on_updates"]:
-                scheduler.step_update(num_updates=state.num_updates)
+            if not dropped:  # a group ending in a non-finite loss takes no step (its gradients are gone)
+                _optimizer_step(model, optimizer, cfg, state, scheduler, model_ema, scaler)
+                faults.FAULTS.after_update(state.num_updates, state.rank)
+            if save_due or state.num_updates in faults.FAULTS.save:
+                sums.seconds = time.perf_counter() - t0
+                if state.save_step is not None:
+                    state.save_step(epoch, i + 1)
+                save_due = False
+            if stop:
+                raise Interrupted(state.stop_signal or signal.SIGTERM, epoch, i + 1)
         lr = optimizer.param_groups[0]["lr"]
-        ips = images / max(time.perf_counter() - t0, 1e-9)
+        ips = sums.images / max(time.perf_counter() - t0, 1e-9)
+        shown = f"{loss.item():.4f}" if loss is not None else "nan"
         if bar is not None:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
+            bar.set_postfix(loss=shown, lr=f"{lr:.2e}", ips=f"{ips:.0f}")
             bar.update(1)
         elif (i + 1) % cfg["log_interval"] == 0:
-            state.log(f"epoch {epoch} [{i + 1}/{n_batches}] loss {loss.item():.4f} lr {lr:.3e} {ips:.0f} img/s")
+            state.log(f"epoch {epoch} [{i + 1}/{n_batches}] loss {shown} lr {lr:.3e} {ips:.0f} img/s")
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
-    loss_sum, loss_count, images = _all_sum([loss_sum, loss_count, images], device)
+    sums.seconds = time.perf_counter() - t0
+    loss_sum, loss_count, images = _all_sum([sums.loss_sum, sums.loss_count, sums.images], device)
     return {
         "train_loss": loss_sum / loss_count if loss_count else math.nan,
         "images": int(images),
-        "seconds": seconds,
+        "seconds": sums.seconds,
         "lr": optimizer.param_groups[0]["lr"],
-        "updates_per_epoch": updates_per_epoch,
+        "updates_per_epoch": max(1, n_batches // accum),
     }
+
+
+def _skip_nonfinite(state: StepState, optimizer: torch.optim.Optimizer, cfg: dict[str, Any], epoch: int, i: int) -> None:
+    """Drop this micro-batch's gradients (and its accumulation group's so far); stop after too many."""
+    state.nonfinite_streak += 1
+    state.log(f"warning: non-finite loss at epoch {epoch} step {i}; step skipped ({state.nonfinite_streak} in a row)")
+    optimizer.zero_grad(set_to_none=True)
+    if state.nonfinite_streak >= cfg["max_nonfinite"]:
+        raise NonFiniteLossError(
+            f"{state.nonfinite_streak} non-finite losses in a row at epoch {epoch} step {i}; stopping "
+            "(try a lower --lr, --clip-grad or --amp false)", epoch, i + 1,
+        )
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: dict[str, Any], state: StepState,
+                    scheduler: Any, model_ema: Any, scaler: Any) -> None:
+    """Clip, step (through the scaler for fp16), update EMA and the per-update lr schedule."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg["clip_grad"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.num_updates += 1
+    if model_ema is not None:
+        model_ema.update(_unwrap(model), step=state.num_updates)
+    if scheduler is not None and cfg["sched_on_updates"]:
+        scheduler.step_update(num_updates=state.num_updates)
 
 
 @torch.no_grad()

@@ -1,37 +1,47 @@
-"""Training and checkpoint evaluation: model building, checkpoints, resume, signals, DDP, metrics.
+"""Training and checkpoint evaluation: model building, the training run, and ``evaluate_checkpoint``.
 
-Checkpoints (``last.pt``, ``best.pt``) always reflect *finished* epochs: they are written at the end
-of an epoch, atomically (tmp file + ``os.replace``). SIGTERM / Ctrl-C set a flag; the loop stops at
-the next step, keeps the checkpoint of the last finished epoch, and exits with code 128 + signal
-number. ``--resume`` reruns the interrupted epoch from its start, and truncates ``metrics.jsonl`` to
-the epochs before it, so every epoch is recorded exactly once.
+A run, read top to bottom (:func:`train`): set up the processes; build data, model, optimiser,
+schedule and loss (:class:`Trainer`); restore a checkpoint when resuming; then train epoch after
+epoch, evaluating, checkpointing and logging at each epoch's end.
+
+What a kill loses: ``last.pt`` / ``best.pt`` are written when an epoch ends; in between, a step
+checkpoint ``step_<updates>.pt`` is written every ``checkpoint_every`` minutes and when SIGTERM,
+SIGINT or SIGUSR1 arrives (then the run exits with 128 + signal number). A SIGKILL or a crash loses
+at most the minutes since the last one. ``--resume OUTPUT`` (or a checkpoint file) continues from
+the newest: the rest of the epoch in the same order with the same RNG streams, the lr schedule
+where it was, and ``metrics.jsonl`` rewritten from the checkpoint so every epoch appears once.
+The contents of a checkpoint are defined in :mod:`shufflemamba.checkpointing`.
 """
 
 from __future__ import annotations
 
 import difflib
-import gc
 import json
 import math
 import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from .checkpointing import (
+    EpochSums, Progress, gather_rank_states, load_checkpoint, remove_step_checkpoints, restore_training_state,
+    save_checkpoint, save_step_checkpoint, step_checkpoints, training_checkpoint,
+)
 from .config import UserError, dump_config
 from .data import build_loaders
-from .engine import Interrupted, StepState, evaluate, train_one_epoch
+from .distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
+from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
 from .plots import plot_curves, read_metrics
 
-CHECKPOINT_VERSION = 1
+__all__ = ["train", "evaluate_checkpoint", "build_model", "load_checkpoint", "save_checkpoint", "model_in_chans"]
 
 
 def _register_models() -> None:
@@ -91,27 +101,7 @@ def model_in_chans(kwargs: dict[str, Any]) -> int:
     return int(kwargs.get("in_chans", 3))
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(obj: dict[str, Any], path: str) -> None:
-    """``torch.save`` to a tmp file then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU. Raises UserError when missing or unreadable."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle / zip errors of many kinds
-        raise UserError(f"checkpoint '{path}' could not be read: {type(err).__name__}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"checkpoint '{path}' holds no model state dict")
-    return ckpt
+# --------------------------------------------------------------------------- weights
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: str) -> None:
@@ -139,20 +129,6 @@ def init_weights(model: nn.Module, path: str, name: str, log: Callable[[str], No
         load_weights(model, ckpt["model"], name, path)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -160,58 +136,304 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------------- distributed
+# --------------------------------------------------------------------------- the pieces of a run
 
 
-def setup_distributed(cfg: dict[str, Any]) -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU).
-    Returns (rank, world_size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = cfg["device"] == "cuda" or (cfg["device"] is None and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if want_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-        device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device("cuda") if want_cuda else torch.device("cpu")
+def build_optimizer(model: nn.Module, cfg: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    from .optim import param_groups_weight_decay
+
+    return create_optimizer_v2(  # groups carry their own decay (config key wd_grouping)
+        param_groups_weight_decay(model, weight_decay=cfg["weight_decay"], grouping=cfg["wd_grouping"]),
+        opt=cfg["opt"], lr=lr, betas=tuple(cfg["opt_betas"]), eps=cfg["opt_eps"],
+    )
 
 
-class _SignalCatcher:
-    """SIGTERM / SIGINT set ``state.stop_signal``; a second signal gets the default behaviour."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], updates_per_epoch: int) -> Any:
+    from timm.scheduler import create_scheduler_v2
 
-    def __init__(self, state: StepState) -> None:
-        self.state = state
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_SignalCatcher":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.state.stop_signal = signum
-        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg["sched"], num_epochs=max(cfg["epochs"], 1), warmup_epochs=cfg["warmup_epochs"],
+        warmup_lr=cfg["warmup_lr"], min_lr=cfg["min_lr"], step_on_epochs=not cfg["sched_on_updates"],
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
 
 
-# --------------------------------------------------------------------------- training
+def build_loss(cfg: dict[str, Any], num_classes: int) -> tuple[Callable | None, nn.Module]:
+    """(mixup / cutmix function or None, the matching criterion)."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
+        mixup_fn = Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], prob=cfg["mixup_prob"],
+                         switch_prob=cfg["mixup_switch_prob"], label_smoothing=cfg["smoothing"], num_classes=num_classes)
+        return mixup_fn, SoftTargetCrossEntropy()
+    if cfg["smoothing"] > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
+    return None, nn.CrossEntropyLoss()
 
 
-def _truncate_metrics(path: str, start_epoch: int) -> None:
-    """Keep only epochs before ``start_epoch``: a resumed run rewrites the rest exactly once."""
-    rows = [r for r in read_metrics(path) if r.get("epoch", -1) < start_epoch]
+def prepare_output(output: str) -> None:
+    """Create the output folder and check that we can write there (before any training)."""
+    try:
+        os.makedirs(output, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder '{output}': {err.strerror or type(err).__name__}") from None
+
+
+def write_metrics(path: str, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` atomically with exactly ``rows``."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
+
+
+class Trainer:
+    """One training run on this process: what it trains, where it stands, and how it saves."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world: int, device: torch.device, resuming: bool = False) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.output = cfg["output"]
+        seed_everything(cfg["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
+        self.loaders = build_loaders(cfg, model_in_chans(cfg["model_kwargs"]), rank, world, train=True)
+        self.batches_per_epoch = len(self.loaders["train_loader"])
+        self.kwargs = model_kwargs_for(cfg, self.loaders["num_classes"])
+        self.model = build_model(cfg["model"], self.kwargs).to(device)
+        if cfg["init_from"] and not resuming:
+            init_weights(self.model, cfg["init_from"], cfg["model"], log=self.log)
+        self.total_batch = cfg["batch_size"] * world * cfg["accum_steps"]
+        self.lr = cfg["lr"] * self.total_batch / 512 if cfg["scale_lr"] else cfg["lr"]
+        self.optimizer = build_optimizer(self.model, cfg, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg, max(1, self.batches_per_epoch // cfg["accum_steps"]))
+        self.model_ema = ModelEmaV3(self.model, decay=cfg["model_ema_decay"], device=device) if cfg["model_ema"] else None
+        use_scaler = cfg["amp"] and cfg["amp_dtype"] == "float16"
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.mixup_fn, self.criterion = build_loss(cfg, self.loaders["num_classes"])
+        self.progress = Progress()
+        self.state = StepState(log=self.log, rank=rank, checkpoint_due=self._checkpoint_due, save_step=self.save_step)
+        self.ddp_model: nn.Module | None = None
+        self.writer: Any = None
+        self.last_save = time.monotonic()
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ set-up
+
+    def restore(self, ckpt: dict[str, Any] | None) -> None:
+        """Continue from ``ckpt`` (weights, optimiser, schedule, EMA, scaler, RNG, position), or
+        start fresh with a different augmentation stream per rank."""
+        if ckpt is None:
+            seed_everything(self.cfg["seed"] + self.rank)
+            return
+        if ckpt.get("model_name") != self.cfg["model"]:
+            raise UserError(f"checkpoint '{self.cfg['resume']}' is for model '{ckpt.get('model_name')}', not '{self.cfg['model']}'")
+        load_weights(self.model, ckpt["model"], self.cfg["model"], self.cfg["resume"])
+        if self.model_ema is not None and ckpt.get("model_ema") is None:
+            self.model_ema.module.load_state_dict(self.model.state_dict())  # EMA switched on at resume
+        self.progress, self.state.sums = restore_training_state(
+            ckpt, model_ema=self.model_ema, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            rank=self.rank, updates_per_epoch=max(1, self.batches_per_epoch // self.cfg["accum_steps"]),
+        )
+        if self.progress.batches_done > self.batches_per_epoch:
+            raise UserError(f"checkpoint '{self.cfg['resume']}' is {self.progress.batches_done} batches into an epoch "
+                            f"of {self.batches_per_epoch}: the data or batch size changed since it was written")
+        for key in ("num_updates", "nonfinite_streak", "skipped_images"):
+            setattr(self.state, key, getattr(self.progress, key))
+
+    def prepare_output(self) -> None:
+        """Rank 0: output folder, config.yaml, metrics.jsonl as the checkpoint records it, TensorBoard.
+        Every rank learns whether that worked, so none is left waiting for the others."""
+        err: UserError | None = None
+        if self.rank == 0:
+            try:
+                prepare_output(self.output)
+                dump_config(self.cfg, os.path.join(self.output, "config.yaml"))
+                self._reset_metrics_file()
+                self._drop_stale_step_checkpoints()
+            except UserError as e:
+                err = e
+            except OSError as e:
+                err = UserError(f"cannot write to output folder '{self.output}': {e.strerror or type(e).__name__}")
+        if not all_ranks_agree(err is None, self.device):
+            raise err or UserError(f"rank 0 could not prepare output folder '{self.output}'")
+        if self.rank == 0:
+            self.writer = _tensorboard(self.output)
+
+    def _reset_metrics_file(self) -> None:
+        path = os.path.join(self.output, "metrics.jsonl")
+        rows = self.progress.history  # version-1 checkpoints kept none: keep the file's earlier epochs
+        if not rows:
+            rows = [r for r in read_metrics(path) if r.get("epoch", -1) < self.progress.epoch]
+        write_metrics(path, rows)
+
+    def _drop_stale_step_checkpoints(self) -> None:
+        """Step files past where this run starts belong to an abandoned future (or another run)."""
+        for path in step_checkpoints(self.output):
+            if self.progress.num_updates == 0 or int(os.path.basename(path)[5:-3]) > self.progress.num_updates:
+                os.remove(path)
+
+    def wrap_ddp(self) -> None:
+        self.ddp_model = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> int:
+        """Train the remaining epochs. Returns the exit code (128 + signal when stopped by one)."""
+        self.log(self._summary())
+        with SignalCatcher(self.state):
+            try:
+                while self.progress.epoch < self.cfg["epochs"]:
+                    stats = self.train_epoch()
+                    self.end_epoch(stats)
+                    if not all_ranks_agree(self.state.stop_signal is None, self.device):
+                        raise Interrupted(self.state.stop_signal or signal.SIGTERM, self.progress.epoch, 0)
+            except Interrupted as intr:
+                return self._stopped(intr)
+            except NonFiniteLossError as err:
+                self._save_last_good_state(err)
+        last = self.progress.history[-1] if self.progress.history else None
+        if last is not None:
+            self.log(f"final test top-1 {last['val_top1']:.2f}% (epoch {last['epoch']}); curves: "
+                     f"{os.path.join(self.output, 'curves.png')}; checkpoint: {os.path.join(self.output, 'last.pt')}")
+        return 0
+
+    def train_epoch(self) -> dict[str, float]:
+        """The current epoch, or what is left of it after a resume."""
+        p = self.progress
+        if p.batches_done == 0:
+            self.state.sums = EpochSums()
+        self.loaders["train_sampler"].set_epoch(p.epoch, start=p.batches_done * self.cfg["batch_size"])
+        return train_one_epoch(
+            self.ddp_model, self.loaders["train_loader"], self.optimizer, self.criterion, p.epoch, self.cfg, self.device,
+            self.state, scheduler=self.scheduler, mixup_fn=self.mixup_fn, model_ema=self.model_ema, scaler=self.scaler,
+            progress=self.rank == 0 and sys.stdout.isatty(), start_batch=p.batches_done,
+        )
+
+    def end_epoch(self, tr: dict[str, float]) -> None:
+        """Evaluate, then checkpoint (with this epoch's row in its history), then log the row."""
+        p, cfg = self.progress, self.cfg
+        self.scheduler.step(p.epoch + 1)  # per-epoch schedulers; a no-op when stepping on updates
+        t_eval = time.perf_counter()
+        ev = evaluate(self.model, self.loaders["val_loader"], self.device, cfg["amp"], cfg["amp_dtype"])
+        row = {
+            "epoch": p.epoch, "train_loss": tr["train_loss"], "val_loss": ev["loss"], "val_top1": ev["top1"],
+            "val_top5": ev["top5"], "lr": tr["lr"], "epoch_seconds": tr["seconds"] + time.perf_counter() - t_eval,
+            "images_per_second": tr["images"] / max(tr["seconds"], 1e-9),
+        }
+        if self.model_ema is not None:
+            row["ema_top1"] = evaluate(self.model_ema.module, self.loaders["val_loader"], self.device, cfg["amp"], cfg["amp_dtype"])["top1"]
+        if self.state.skipped_images:
+            row["skipped_images"] = self.state.skipped_images
+        is_best = row["val_top1"] > p.best_top1
+        p.best_top1 = max(p.best_top1, row["val_top1"])
+        p.history.append(row)
+        p.epoch, p.batches_done = p.epoch + 1, 0
+        self.save_epoch(is_best)
+        self.record(row)
+
+    # ------------------------------------------------------------------ checkpoints and records
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint of the current state (a collective under DDP; None on ranks other than 0)."""
+        for key in ("num_updates", "nonfinite_streak", "skipped_images"):
+            setattr(self.progress, key, getattr(self.state, key))
+        rank_states = gather_rank_states(self.state.sums, self.world)
+        if self.rank != 0:
+            return None
+        return training_checkpoint(
+            cfg=self.cfg, model_kwargs=self.kwargs, classes=self.loaders["classes"], model=self.model,
+            model_ema=self.model_ema, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            progress=self.progress, rank_states=rank_states,
+        )
+
+    def save_epoch(self, is_best: bool) -> None:
+        ckpt = self.checkpoint()
+        if ckpt is not None:
+            save_checkpoint(ckpt, os.path.join(self.output, "last.pt"))
+            if is_best and self.cfg["save_best"]:
+                save_checkpoint(ckpt, os.path.join(self.output, "best.pt"))
+            remove_step_checkpoints(self.output)
+        self.last_save = time.monotonic()
+
+    def save_step(self, epoch: int, batches_done: int) -> str | None:
+        """Mid-epoch checkpoint after ``batches_done`` micro-batches of ``epoch`` (called by the loop)."""
+        self.progress.epoch, self.progress.batches_done = epoch, batches_done
+        ckpt = self.checkpoint()
+        path = None
+        if ckpt is not None:
+            path = save_step_checkpoint(ckpt, self.output, self.cfg["keep_last"])
+        self.last_save = time.monotonic()
+        return path
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg["checkpoint_every"]
+        return every > 0 and time.monotonic() - self.last_save >= every * 60
+
+    def record(self, row: dict[str, Any]) -> None:
+        """metrics.jsonl, curves.png, TensorBoard and the log line of a finished epoch."""
+        if self.rank == 0:
+            metrics_path = os.path.join(self.output, "metrics.jsonl")
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            plot_curves(read_metrics(metrics_path), os.path.join(self.output, "curves.png"))
+            if self.writer is not None:
+                for k, v in row.items():
+                    if k != "epoch":
+                        self.writer.add_scalar(k, v, row["epoch"])
+                self.writer.flush()
+        ema = f" ema_top1 {row['ema_top1']:.2f}" if "ema_top1" in row else ""
+        self.log(
+            f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+            f"val_top1 {row['val_top1']:.2f} val_top5 {row['val_top5']:.2f}{ema} lr {row['lr']:.3e} "
+            f"{row['epoch_seconds']:.1f}s {row['images_per_second']:.0f} img/s"
+        )
+
+    # ------------------------------------------------------------------ endings
+
+    def _stopped(self, intr: Interrupted) -> int:
+        name = signal.Signals(intr.signum).name
+        where = (f"at epoch {intr.epoch}, batch {intr.batches_done} of {self.batches_per_epoch}"
+                 if intr.batches_done else f"after epoch {intr.epoch - 1}")
+        self.log(f"stopped by {name} {where}; saved; continue with: shufflemamba train --resume {self.output}")
+        return 128 + intr.signum
+
+    def _save_last_good_state(self, err: NonFiniteLossError) -> None:
+        """Too many non-finite losses: skipped steps changed nothing, so the current weights are the
+        last good ones (unless they are themselves non-finite). Save them, then stop with one line."""
+        finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
+        where = "the last checkpoint in it"
+        if all_ranks_agree(finite, self.device):
+            self.state.nonfinite_streak = 0  # a resumed run (say with a lower lr) starts a fresh count
+            path = self.save_step(err.epoch, err.batches_done)
+            where = path or "a step checkpoint"
+        raise NonFiniteLossError(f"{err}; the last good state is in {where}: resume with --resume {self.output}") from None
+
+    def _summary(self) -> str:
+        ld, p = self.loaders, self.progress
+        n_params = sum(t.numel() for t in self.model.parameters())
+        at = f" (resuming epoch {p.epoch} at batch {p.batches_done})" if p.batches_done else ""
+        return (f"model {self.cfg['model']} ({n_params / 1e6:.2f}M params) on {self.device.type} x{self.world}; "
+                f"{len(ld['train_loader'].dataset)} train / {len(ld['val_loader'].dataset)} val images, "
+                f"{ld['num_classes']} classes; batch {self.total_batch}, lr {self.lr:.3g}; "
+                f"epochs {p.epoch}..{self.cfg['epochs'] - 1}{at}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.ddp_model = None  # before the process group goes (see teardown_distributed)
 
 
 def _tensorboard(output: str) -> Any:
@@ -223,185 +445,21 @@ def _tensorboard(output: str) -> Any:
 
 
 def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None) -> int:
-    """Run the training described by the resolved config ``cfg``. Returns a process exit code."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-
+    """Run the training described by the resolved config ``cfg`` (continuing ``resume_ckpt`` when
+    given). Returns a process exit code."""
     rank, world, device = setup_distributed(cfg)
-    main_proc = rank == 0
-
-    def log(msg: str) -> None:
-        if main_proc:
-            print(msg, flush=True)
-
+    trainer = None
     try:
-        seed_everything(cfg["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
-        loaders = build_loaders(cfg, model_in_chans(cfg["model_kwargs"]), rank, world, train=True)
-        kwargs = model_kwargs_for(cfg, loaders["num_classes"])
-        model = build_model(cfg["model"], kwargs).to(device)
-        if cfg["init_from"] and resume_ckpt is None:
-            init_weights(model, cfg["init_from"], cfg["model"], log=log)
-        if resume_ckpt is not None:
-            if resume_ckpt.get("model_name") != cfg["model"]:
-                raise UserError(f"checkpoint '{cfg['resume']}' is for model '{resume_ckpt.get('model_name')}', not '{cfg['model']}'")
-            load_weights(model, resume_ckpt["model"], cfg["model"], cfg["resume"])
-        n_params = sum(p.numel() for p in model.parameters())
-        total_batch = cfg["batch_size"] * world * cfg["accum_steps"]
-        lr = cfg["lr"] * total_batch / 512 if cfg["scale_lr"] else cfg["lr"]
-        from .optim import param_groups_weight_decay
-
-        optimizer = create_optimizer_v2(  # groups carry their own decay (config key wd_grouping)
-            param_groups_weight_decay(model, weight_decay=cfg["weight_decay"], grouping=cfg["wd_grouping"]),
-            opt=cfg["opt"], lr=lr, betas=tuple(cfg["opt_betas"]), eps=cfg["opt_eps"],
-        )
-        updates_per_epoch = max(1, len(loaders["train_loader"]) // cfg["accum_steps"])
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched=cfg["sched"], num_epochs=max(cfg["epochs"], 1), warmup_epochs=cfg["warmup_epochs"],
-            warmup_lr=cfg["warmup_lr"], min_lr=cfg["min_lr"], step_on_epochs=not cfg["sched_on_updates"],
-            updates_per_epoch=updates_per_epoch,
-        )
-        model_ema = ModelEmaV3(model, decay=cfg["model_ema_decay"], device=device) if cfg["model_ema"] else None
-        use_scaler = cfg["amp"] and cfg["amp_dtype"] == "float16"
-        scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        mixup_on = cfg["mixup"] > 0 or cfg["cutmix"] > 0
-        mixup_fn = (
-            Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], prob=cfg["mixup_prob"], switch_prob=cfg["mixup_switch_prob"],
-                  label_smoothing=cfg["smoothing"], num_classes=loaders["num_classes"])
-            if mixup_on else None
-        )
-        if mixup_on:
-            criterion: nn.Module = SoftTargetCrossEntropy()
-        elif cfg["smoothing"] > 0:
-            criterion = LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
-        else:
-            criterion = nn.CrossEntropyLoss()
-
-        state = StepState(log=log)
-        start_epoch, best_top1 = 0, -math.inf
-        if resume_ckpt is not None:
-            optimizer.load_state_dict(resume_ckpt["optimizer"])
-            scheduler.load_state_dict(resume_ckpt["scheduler"])
-            if model_ema is not None and resume_ckpt.get("model_ema") is not None:
-                model_ema.module.load_state_dict(resume_ckpt["model_ema"])
-            if scaler is not None and resume_ckpt.get("scaler") is not None:
-                scaler.load_state_dict(resume_ckpt["scaler"])
-            start_epoch = int(resume_ckpt["epoch"]) + 1
-            best_top1 = float(resume_ckpt.get("best_top1", -math.inf))
-            state.num_updates = int(resume_ckpt.get("num_updates", start_epoch * updates_per_epoch))
-            saved_rng = resume_ckpt["rng"]  # one state per rank; a different world size reuses rank 0's
-            set_rng_state(saved_rng[rank] if rank < len(saved_rng) else saved_rng[0])
-        else:
-            seed_everything(cfg["seed"] + rank)  # different augmentation streams per rank
-
-        ddp_model: nn.Module = model
-        if world > 1:
-            ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        output = cfg["output"]
-        metrics_path = os.path.join(output, "metrics.jsonl")
-        curves_path = os.path.join(output, "curves.png")
-        writer = None
-        if main_proc:
-            os.makedirs(output, exist_ok=True)
-            dump_config(cfg, os.path.join(output, "config.yaml"))
-            _truncate_metrics(metrics_path, start_epoch)
-            writer = _tensorboard(output)
-        log(
-            f"model {cfg['model']} ({n_params / 1e6:.2f}M params) on {device.type} x{world}; "
-            f"{len(loaders['train_loader'].dataset)} train / {len(loaders['val_loader'].dataset)} val images, "
-            f"{loaders['num_classes']} classes; batch {total_batch}, lr {lr:.3g}; epochs {start_epoch}..{cfg['epochs'] - 1}"
-        )
-        progress = main_proc and sys.stdout.isatty()
-        last = None
-        with _SignalCatcher(state):
-            try:
-                for epoch in range(start_epoch, cfg["epochs"]):
-                    t_epoch = time.perf_counter()
-                    loaders["train_sampler"].set_epoch(epoch)
-                    tr = train_one_epoch(
-                        ddp_model, loaders["train_loader"], optimizer, criterion, epoch, cfg, device, state,
-                        scheduler=scheduler, mixup_fn=mixup_fn, model_ema=model_ema, scaler=scaler, progress=progress,
-                    )
-                    scheduler.step(epoch + 1)  # per-epoch schedulers; a no-op when stepping on updates
-                    ev = evaluate(model, loaders["val_loader"], device, cfg["amp"], cfg["amp_dtype"])
-                    row = {
-                        "epoch": epoch, "train_loss": tr["train_loss"], "val_loss": ev["loss"], "val_top1": ev["top1"],
-                        "val_top5": ev["top5"], "lr": tr["lr"], "epoch_seconds": time.perf_counter() - t_epoch,
-                        "images_per_second": tr["images"] / max(tr["seconds"], 1e-9),
-                    }
-                    if model_ema is not None:
-                        row["ema_top1"] = evaluate(model_ema.module, loaders["val_loader"], device, cfg["amp"], cfg["amp_dtype"])["top1"]
-                    if state.skipped_images:
-                        row["skipped_images"] = state.skipped_images
-                    last = row
-                    if main_proc:
-                        is_best = row["val_top1"] > best_top1
-                        best_top1 = max(best_top1, row["val_top1"])
-                        ckpt = {
-                            "version": CHECKPOINT_VERSION, "model_name": cfg["model"], "model_kwargs": kwargs,
-                            "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "num_updates": state.num_updates,
-                            "best_top1": best_top1, "config": cfg, "classes": loaders["classes"], "metrics": row,
-                        }
-                        ckpt["rng"] = _gather_rng(world)
-                        save_checkpoint(ckpt, os.path.join(output, "last.pt"))
-                        if is_best and cfg["save_best"]:
-                            save_checkpoint(ckpt, os.path.join(output, "best.pt"))
-                        with open(metrics_path, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(row) + "\n")
-                        plot_curves(read_metrics(metrics_path), curves_path)
-                        if writer is not None:
-                            for k, v in row.items():
-                                if k != "epoch":
-                                    writer.add_scalar(k, v, epoch)
-                            writer.flush()
-                    elif world > 1:
-                        _gather_rng(world)
-                    ema = f" ema_top1 {row['ema_top1']:.2f}" if "ema_top1" in row else ""
-                    log(
-                        f"epoch {epoch}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-                        f"val_top1 {row['val_top1']:.2f} val_top5 {row['val_top5']:.2f}{ema} lr {row['lr']:.3e} "
-                        f"{row['epoch_seconds']:.1f}s {row['images_per_second']:.0f} img/s"
-                    )
-            except Interrupted as intr:
-                name = signal.Signals(intr.signum).name
-                last_pt = os.path.join(output, "last.pt")
-                if last is None and resume_ckpt is None:
-                    log(f"stopped by {name} before the first epoch finished; nothing saved")
-                else:
-                    done = last["epoch"] if last is not None else start_epoch - 1
-                    log(f"stopped by {name}; {last_pt} holds epoch {done} (the partial epoch reruns); "
-                        f"continue with: shufflemamba train --resume {last_pt}")
-                return 128 + intr.signum
-        if writer is not None:
-            writer.close()
-        if last is not None:
-            log(f"final test top-1 {last['val_top1']:.2f}% (epoch {last['epoch']}); curves: {curves_path}; checkpoint: {os.path.join(output, 'last.pt')}")
-        return 0
+        trainer = Trainer(cfg, rank, world, device, resuming=resume_ckpt is not None)
+        trainer.restore(resume_ckpt)
+        trainer.prepare_output()
+        trainer.wrap_ddp()
+        return trainer.fit()
     finally:
-        if dist.is_available() and dist.is_initialized():
-            # Free the DDP wrapper first: its Reducer holds the process group, and if the Reducer
-            # dropped the group's last reference (after destroy_process_group), the group's
-            # destructor would join gloo's worker threads on this thread with the GIL held while a
-            # worker waits for the GIL to free a finished all_gather's tensors: a deadlock we hit
-            # in about 1 of 4 two-process CPU runs (pytorch/pytorch#56297 describes the pattern).
-            ddp_model = None  # noqa: F841
-            gc.collect()
-            dist.destroy_process_group()
-
-
-def _gather_rng(world: int) -> list[dict[str, Any]]:
-    """Every rank's RNG state (collective under DDP; rank 0 keeps the list)."""
-    mine = rng_state()
-    if world == 1:
-        return [mine]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, mine)
-    return out
+        if trainer is not None:
+            trainer.close()
+        del trainer
+        teardown_distributed()
 
 
 # --------------------------------------------------------------------------- evaluation
