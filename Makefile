@@ -1,23 +1,25 @@
 # The two commands a new user needs: `make demo` (the main job) and `make test`.
 # Both create .venv and install everything in the order this matters (SPEC 4):
-# torch (pinned CPU wheel) first, then torchvision, then the package with timm.
+# torch (pinned CPU wheel, constraints-cpu.txt) first, then torchvision, then the package with timm.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
+PINS   := constraints-cpu.txt
 
-.PHONY: install test demo study bench triton-report dataset clean
+.PHONY: install test demo study bench triton-report gpu-check dataset clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The exact versions live in $(PINS); pyproject.toml states only the range the library supports.
+$(STAMP): pyproject.toml $(PINS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q torchvision==0.28.0
-	$(BIN)/pip install -q -e ".[dev,triton]"
+	$(BIN)/pip install -q -c $(PINS) torch
+	$(BIN)/pip install -q -c $(PINS) torchvision
+	$(BIN)/pip install -q -c $(PINS) -e ".[dev,triton]"
 	touch $(STAMP)
 
 dataset:
@@ -39,6 +41,17 @@ bench: $(STAMP)
 # the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix
 triton-report: $(STAMP)
 	$(BIN)/python -m shufflemamba.ops.triton_compile --json benchmarks/results/triton-sm90.json
+
+# On a CUDA machine, with the torch (and timm, triton, mamba_ssm, ...) already installed there:
+# nothing is installed or fetched, the package runs from src/. GPU_PYTHON picks the interpreter
+# (default: python3 if it imports torch, else this project's .venv). Without a GPU: one line, exit 0.
+gpu-check:
+	@if [ -n "$(GPU_PYTHON)" ]; then py="$(GPU_PYTHON)"; \
+	  "$$py" -c "import torch" 2>/dev/null || { echo "error: GPU_PYTHON=$$py cannot import torch" >&2; exit 2; }; \
+	elif python3 -c "import torch" 2>/dev/null; then py=python3; \
+	elif [ -x $(BIN)/python ]; then py=$(BIN)/python; \
+	else echo "gpu-check: no Python with torch here, so no GPU to check (set GPU_PYTHON)"; exit 0; fi; \
+	PYTHONPATH=src "$$py" -m shufflemamba doctor --gpu $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,4 @@
-"""The ``shufflemamba`` command: ``train``, ``eval`` and ``bench`` subcommands.
+"""The ``shufflemamba`` command: ``train``, ``eval``, ``bench`` and ``doctor`` subcommands.
 
 Mistakes in what the user asked for raise :class:`~shufflemamba.config.UserError`; ``main`` prints
 them as one ``error: ...`` line on stderr and returns 2 (no traceback).
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(e)
 
     sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench)", add_help=False)
+    sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.gpu_check)",
+                   add_help=False)
     return parser
 
 
@@ -199,6 +201,10 @@ def _dispatch(argv: list[str]) -> int:
 
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "doctor":
+        from .gpu_check import main as doctor
+
+        return doctor(argv[1:])
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()

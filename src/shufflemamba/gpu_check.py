@@ -1,0 +1,416 @@
+"""One command that proves a GPU machine: ``make gpu-check`` / ``shufflemamba doctor --gpu``.
+
+Uses only what the machine already has (its torch, timm, triton, and mamba_ssm / causal-conv1d if
+installed); nothing is fetched. Without a CUDA device it prints one line and exits 0. With one it
+runs, each section guarded so that a failure is recorded and the rest still runs, within a time
+budget (default 420 s, under the 8 minutes promised):
+
+1. ``environment``: device, torch / CUDA / triton / timm versions, which scan kernels import.
+2. ``pytest``: the GPU tests, ``pytest -m gpu`` on the repository's tests/ (a subprocess).
+3. ``parity``: forward output and all eight gradients of every scan implementation present
+   (torch, triton, mamba_ssm) against the float64 reference, on Vim-Ti and Vim-S mixer shapes, fp32
+   and bf16, both scan directions.
+4. ``scan_timing``: forward+backward time of each implementation at batch 32 and the bandwidth that
+   implies (minimum-traffic byte count, as ``shufflemamba bench``), vs a measured copy peak.
+5. ``train_step``: a Vim-S training step at batch 64 under bf16 autocast (img/s, peak memory) with
+   each fast scan present, and timm's deit_small_patch16_224 at the same settings.
+6. ``slws``: SLWS overhead at rate 0.5 on Vim-Ti and Vim-S steps (``bench.bench_train``).
+
+It writes one JSON report and a markdown section between ``<!-- gpu-check:begin -->`` and
+``<!-- gpu-check:end -->`` in docs/benchmarks.md. ``shufflemamba doctor`` without ``--gpu`` prints
+the environment section only. ``--device cpu --quick`` runs every section on tiny sizes on the CPU:
+that is how the tests check this module on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
+REPO = Path(__file__).resolve().parents[2]  # src/shufflemamba/gpu_check.py -> repository root
+SHAPES = {"vim_ti": dict(E=384, L=197, N=16), "vim_s": dict(E=768, L=197, N=16)}
+QUICK_SHAPES = {"vim_ti": dict(E=16, L=9, N=4), "vim_s": dict(E=24, L=9, N=4)}
+TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # max |err| / max |reference|, per tensor
+SECTIONS = ("environment", "pytest", "parity", "scan_timing", "train_step", "slws")
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return importlib.metadata.version(mod)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    return {"status": "error", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+            "traceback": traceback.format_exc(limit=6)[-3000:]}
+
+
+def _scan_impls(device: torch.device) -> list[str]:
+    """The fast selective-scan implementations that can run on ``device`` here."""
+    from .ops.mamba_ssm_glue import mamba_ssm_scan
+
+    impls = ["torch"]
+    if device.type == "cuda":
+        try:
+            from .ops.triton_scan import triton_available
+        except ImportError:
+            pass
+        else:
+            if triton_available(device):
+                impls.append("triton")
+    elif device.type == "cpu":
+        impls.insert(0, "cpu")
+    if mamba_ssm_scan() is not None:
+        impls.append("mamba_ssm")
+    return impls
+
+
+# -- sections -------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions, the device, and which scan kernels import (with the reason when one does not)."""
+    from .ops.mamba_ssm_glue import status
+
+    out: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "timm": _version("timm"), "triton": _version("triton"), "mamba_ssm": _version("mamba_ssm"),
+        "causal_conv1d": _version("causal_conv1d") or _version("causal-conv1d"),
+        "kernels": status(), "scan_impls": _scan_impls(device), "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        out.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
+                   memory_gib=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported())
+    else:
+        out.update(device_name=platform.processor() or platform.machine())
+    from .ops.selective_scan import _resolve_impl
+
+    out["auto_impl"] = {dt: _resolve_impl("auto", device, getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+    return out
+
+
+def run_pytest(timeout_s: float) -> dict[str, Any]:
+    """``pytest -m gpu`` on the repository's tests, in a subprocess; the summary line and exit code."""
+    tests = REPO / "tests"
+    if not tests.is_dir():
+        return {"status": "skipped", "reason": f"no tests/ next to the package ({tests})"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(tests)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(timeout_s, 10))
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "error": f"pytest -m gpu did not finish in {timeout_s:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    summary = lines[-1] if lines else proc.stderr.strip().splitlines()[-1:] or ""
+    # exit code 5: no test selected (all deselected), which pytest counts as a failure
+    ok = proc.returncode == 0
+    return {"status": "ok" if ok else "fail", "returncode": proc.returncode, "summary": summary,
+            "seconds": round(time.perf_counter() - t0, 1), "output_tail": "\n".join(lines[-30:]) if not ok else ""}
+
+
+def _inputs(batch: int, E: int, L: int, N: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    from .bench import _scan_inputs
+
+    return _scan_inputs(batch, E, L, N, device, dtype, seed)
+
+
+def parity(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int) -> list[dict]:
+    """Every impl vs the float64 reference on the same (rounded) inputs: worst scaled error per tensor."""
+    from .ops.selective_scan import selective_scan
+
+    torch.manual_seed(0)
+    rows = []
+    for shape, s in shapes.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            dname = str(dtype).split(".")[-1]
+            for reverse in (False, True):
+                inputs = _inputs(batch, s["E"], s["L"], s["N"], device, dtype)
+                gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
+                ref_leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+                ref = selective_scan(**ref_leaves, delta_softplus=True, impl="ref", reverse=reverse)
+                ref.backward(gout.double())
+                for impl in impls:
+                    row: dict[str, Any] = dict(shape=shape, dtype=dname, reverse=reverse, impl=impl, batch=batch, **s)
+                    rows.append(row)
+                    try:
+                        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+                        out = selective_scan(**leaves, delta_softplus=True, impl=impl, reverse=reverse)
+                        out.backward(gout)
+                        errs = {"out": _scaled_err(out, ref)}
+                        errs.update({f"d{k}": _scaled_err(leaves[k].grad, ref_leaves[k].grad) for k in leaves})
+                    except Exception as exc:
+                        row.update(_error(exc))
+                        continue
+                    worst = max(errs, key=errs.get)
+                    ok = all(math.isfinite(e) for e in errs.values()) and errs[worst] <= TOLERANCE[dname]
+                    row.update(status="ok" if ok else "FAIL", worst=worst, worst_err=errs[worst], errors=errs)
+    return rows
+
+
+def _scaled_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.abs().max().item() or 1.0
+    return (x.double() - ref).abs().max().item() / scale
+
+
+def _copy_peak(device: torch.device, nbytes: int, repeats: int) -> float:
+    from .bench import _time_interleaved
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = _time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=repeats, warmup=2, device=device)["copy"]
+    return 2 * nbytes / statistics.median(t) / 1e9  # read + write
+
+
+def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int,
+                repeats: int, quick: bool) -> dict[str, Any]:
+    """Forward+backward ms of the reference and each impl (interleaved medians), GB/s and % of copy peak."""
+    from .bench import _scan_bytes, _time_interleaved
+    from .ops.selective_scan import selective_scan
+
+    peak = _copy_peak(device, (16 if quick else 1024) * 2**20, max(repeats, 5))
+    rows = []
+    for shape, s in shapes.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = _inputs(batch, s["E"], s["L"], s["N"], device, dtype)
+            gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
+            fns: dict[str, Callable[[], None]] = {}
+            for impl in ["ref", *impls]:
+                def step(impl: str = impl) -> None:
+                    for t in inputs.values():
+                        t.grad = None
+                    selective_scan(**inputs, delta_softplus=True, impl=impl).backward(gout)
+
+                fns[impl] = step
+            rec = dict(shape=shape, dtype=str(dtype).split(".")[-1], batch=batch, **s)
+            try:
+                times = _time_interleaved(fns, repeats, warmup=2, device=device)
+            except Exception as exc:  # one failing impl: time the others alone
+                rows.append(dict(rec, impl="(all)", **_error(exc)))
+                times = {}
+                for name, fn in fns.items():
+                    try:
+                        times[name] = _time_interleaved({name: fn}, repeats, warmup=2, device=device)[name]
+                    except Exception as exc2:
+                        rows.append(dict(rec, impl=name, **_error(exc2)))
+            nbytes = _scan_bytes(batch, s["E"], s["L"], s["N"], torch.finfo(dtype).bits // 8)
+            ref_ms = statistics.median(times["ref"]) * 1e3 if "ref" in times else None
+            for name, ts in times.items():
+                ms = statistics.median(ts) * 1e3
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                rows.append(dict(rec, impl=name, status="ok", ms_fwd_bwd=ms, speedup_vs_ref=ref_ms / ms if ref_ms else None,
+                                 gbytes_per_s=gbs, fraction_of_copy_peak=gbs / peak))
+    return {"status": "ok", "copy_peak_gbytes_per_s": peak, "rows": rows}
+
+
+def _step_record(name: str, device: torch.device, batch: int, img: int, repeats: int, quick: bool,
+                 **kwargs: Any) -> dict[str, Any]:
+    from .bench import _make_model, _time_interleaved, _train_step_fn
+
+    rec: dict[str, Any] = dict(model=name, batch=batch, img_size=img, amp="bfloat16", **kwargs)
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        model = _make_model(name, quick, device, **kwargs)
+        step = _train_step_fn(model, batch, img, device, torch.bfloat16)
+        ts = _time_interleaved({"s": step}, repeats, warmup=3, device=device)["s"]
+        rec.update(status="ok", ms=statistics.median(ts) * 1e3, images_per_s=batch / statistics.median(ts),
+                   peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
+        del model, step
+    except Exception as exc:
+        rec.update(_error(exc))
+    return rec
+
+
+def train_step(device: torch.device, impls: list[str], batch: int, repeats: int, quick: bool) -> dict[str, Any]:
+    """Vim-S with each fast scan present (auto's choice first) and DeiT-S: one bf16 AdamW step each."""
+    img = 32 if quick else 224
+    fast = [i for i in impls if i in ("mamba_ssm", "triton")] or impls[:1]
+    rows = [_step_record("vim_small_patch16_224", device, batch, img, repeats, quick, scan_impl=i) for i in fast]
+    rows.append(_step_record("deit_small_patch16_224", device, batch, img, repeats, quick))
+    deit = rows[-1].get("images_per_s")
+    for r in rows[:-1]:
+        if deit and r.get("images_per_s"):
+            r["vs_deit_s"] = r["images_per_s"] / deit
+    return {"status": "ok", "rows": rows}
+
+
+def slws(device: torch.device, batch: int, repeats: int, quick: bool) -> dict[str, Any]:
+    from .bench import bench_train
+
+    return {"status": "ok", **bench_train(device, quick, repeats, batch, torch.bfloat16)}
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def _f(x: Any, spec: str = ".1f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+def to_markdown(rep: dict[str, Any]) -> str:
+    env = rep.get("environment", {})
+    m = rep["meta"]
+    lines = ["## GPU check (`make gpu-check`)", "",
+             f"Run {m['date']}{' (--quick: tiny sizes, a smoke test of the check itself)' if m['quick'] else ''} on "
+             f"**{env.get('device_name', m['device'])}** ({m['device']}), torch {env.get('torch')}, CUDA "
+             f"{env.get('cuda')}, triton {env.get('triton')}, timm {env.get('timm')}, mamba_ssm {env.get('mamba_ssm')}, "
+             f"causal-conv1d {env.get('causal_conv1d')}; scan impls {', '.join(env.get('scan_impls', []))}; "
+             f"\"auto\" picks {env.get('auto_impl')}. {m['seconds']:.0f} s in all.", ""]
+    for name in SECTIONS[1:]:
+        sec = rep.get(name, {})
+        if sec.get("status") not in ("ok", "fail", None):
+            lines += [f"**{name}**: {sec.get('status')}: {sec.get('error') or sec.get('reason', '')}", ""]
+    p = rep.get("pytest", {})
+    if p.get("status") in ("ok", "fail"):
+        lines += [f"`pytest -m gpu`: **{p['status']}** ({p.get('summary')}, {p.get('seconds')} s)", ""]
+    par = rep.get("parity", {})
+    if par.get("rows"):
+        lines += ["### Scan parity vs the float64 reference (max |err| / max |ref|, worst of out and 8 gradients)", "",
+                  "| shape | dtype | direction | impl | worst | error | status |", "|---|---|---|---|---|---|---|"]
+        for r in par["rows"]:
+            lines.append(f"| {r['shape']} (B {r['batch']}) | {r['dtype']} | {'reverse' if r['reverse'] else 'forward'} "
+                         f"| {r['impl']} | {r.get('worst', '-')} | {_f(r.get('worst_err'), '.1e')} "
+                         f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |")
+        lines.append("")
+    st = rep.get("scan_timing", {})
+    if st.get("rows"):
+        lines += [f"### Scan forward + backward (copy peak {_f(st.get('copy_peak_gbytes_per_s'))} GB/s)", "",
+                  "| shape | dtype | impl | ms | vs ref | GB/s | % of copy peak | status |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in st["rows"]:
+            frac = r.get("fraction_of_copy_peak")
+            lines.append(f"| {r['shape']} (B {r['batch']}) | {r['dtype']} | {r['impl']} | {_f(r.get('ms_fwd_bwd'), '.2f')} "
+                         f"| {_f(r.get('speedup_vs_ref'), '.1f')}x | {_f(r.get('gbytes_per_s'))} "
+                         f"| {_f(100 * frac if frac is not None else None)} | {r['status']}"
+                         f"{': ' + r['error'] if 'error' in r else ''} |")
+        lines.append("")
+    ts = rep.get("train_step", {})
+    if ts.get("rows"):
+        lines += ["### Training step (AdamW, bf16 autocast)", "",
+                  "| model | scan | batch | img/s | peak memory GiB | vs DeiT-S | status |", "|---|---|---|---|---|---|---|"]
+        for r in ts["rows"]:
+            lines.append(f"| {r['model']} | {r.get('scan_impl', '-')} | {r['batch']} | {_f(r.get('images_per_s'))} "
+                         f"| {_f(r.get('peak_memory_gib'), '.2f')} | {_f(r.get('vs_deit_s'), '.2f')} "
+                         f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |")
+        lines.append("")
+    sl = rep.get("slws", {})
+    if sl.get("models"):
+        lines += [f"### SLWS overhead at rate 0.5 (batch {sl.get('batch')}, bf16)", "",
+                  "| model | img/s off | img/s 0.5 | overhead (median of pairs) | shuffle ops alone | status |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in sl["models"].items():
+            ov = r.get("slws_overhead_paired")
+            lines.append(f"| {name} | {_f(r.get('images_per_s_off'))} | {_f(r.get('images_per_s_slws'))} "
+                         f"| {_f(100 * ov if ov is not None else None, '+.2f')}% | {_f(r.get('slws_ops_ms'), '.2f')} ms "
+                         f"| {r.get('status')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, section: str) -> None:
+    """Put ``section`` between the gpu-check markers in ``path`` (appended when they are absent)."""
+    block = f"{BEGIN}\n{section}{END}\n"
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def run_check(device: torch.device, *, quick: bool = False, budget_s: float = 420.0,
+              skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the sections in order, each guarded; a section that would start past the budget is skipped."""
+    t0 = time.perf_counter()
+    rep: dict[str, Any] = {"meta": {"date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
+                                    "device": str(device), "budget_s": budget_s}}
+    shapes = QUICK_SHAPES if quick else SHAPES
+    repeats = 3 if quick else 10
+    impls = _scan_impls(device)
+    plan: dict[str, Callable[[], Any]] = {
+        "environment": lambda: environment(device),
+        "pytest": lambda: run_pytest(min(240.0, budget_s - (time.perf_counter() - t0))),
+        "parity": lambda: {"status": "ok", "rows": parity(device, impls, shapes, 2 if quick else 8)},
+        "scan_timing": lambda: scan_timing(device, impls, shapes, 2 if quick else 32, repeats, quick),
+        "train_step": lambda: train_step(device, impls, 2 if quick else 64, repeats, quick),
+        "slws": lambda: slws(device, 2 if quick else 64, repeats, quick),
+    }
+    for name, fn in plan.items():
+        elapsed = time.perf_counter() - t0
+        if name in skip:
+            rep[name] = {"status": "skipped", "reason": "--skip"}
+            continue
+        if elapsed > budget_s and name != "environment":  # the header of the report always runs
+            rep[name] = {"status": "skipped", "reason": f"time budget ({budget_s:.0f} s) spent"}
+            continue
+        print(f"[gpu-check] {name} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+        s0 = time.perf_counter()
+        try:
+            rep[name] = fn()
+        except Exception as exc:  # recorded; the next section still runs
+            rep[name] = _error(exc)
+        rep[name]["seconds"] = round(time.perf_counter() - s0, 1)
+    rep["meta"]["seconds"] = time.perf_counter() - t0
+    return rep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shufflemamba doctor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="run the GPU check and write its report")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny smoke run, with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the check itself")
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start after this")
+    p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS[1:], help="sections to leave out")
+    p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "gpu-check.json"))
+    p.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``shufflemamba doctor [--gpu]``; returns the exit code (0 also when there is no GPU)."""
+    from .config import UserError
+
+    args = build_parser().parse_args(argv)
+    if args.device not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda or cpu, got {args.device!r}")
+    if args.budget_s <= 0:
+        raise UserError(f"--budget-s must be positive, got {args.budget_s}")
+    if not args.gpu:  # plain `doctor`: what this machine has
+        device = torch.device("cuda" if torch.cuda.is_available() and args.device == "cuda" else "cpu")
+        print(json.dumps(environment(device), indent=1))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"gpu-check: no CUDA GPU here (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+              "nothing to check")
+        return 0
+    device = torch.device(args.device)
+    rep = run_check(device, quick=args.quick, budget_s=args.budget_s, skip=tuple(args.skip))
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    section = to_markdown(rep)
+    write_markdown(Path(args.markdown), section)
+    print(section)
+    print(f"[gpu-check] wrote {json_path} and {args.markdown}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["doctor", *sys.argv[1:]]))
