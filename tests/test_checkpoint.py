@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import shufflemamba  # noqa: F401  (registers the models in timm)
@@ -10,6 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from shufflemamba.models import load_checkpoint, prepare_state_dict, resize_pos_embed
+from shufflemamba.models.checkpoint import init_from_checkpoint
 
 TINY = dict(patch_size=16, embed_dim=16, depth=2, d_state=4, num_classes=3)
 
@@ -158,3 +160,71 @@ def test_timm_pretrained_from_local_file(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
     assert torch.equal(model.layers[1].mixer.A_log, src.layers[1].mixer.A_log)
     torch.testing.assert_close(model.pos_embed, resize_pos_embed(src.pos_embed, 4))
+
+
+# -- fine-tuning from a checkpoint (init_from_checkpoint, train --init-from) ------------------------
+
+def test_init_from_checkpoint_drops_what_another_class_count_changes(tmp_path):
+    src, dst = _model(num_classes=10), _model(num_classes=3)
+    path = tmp_path / "src.pth"
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(nb_classes=10)}, path)
+    lines = []
+    init_from_checkpoint(dst, path, log=lines.append)
+    assert len(lines) == 1
+    assert str(path) in lines[0] and "head.weight 10x16 -> 3x16" in lines[0] and "head.bias 10 -> 3" in lines[0]
+    for k, v in src.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(dst.state_dict()[k], v), k
+    lines.clear()
+    init_from_checkpoint(_model(num_classes=10), path, log=lines.append)  # same classes: nothing dropped
+    assert lines == []
+    with pytest.raises(ValueError, match="A_log"):  # the backbone must still match
+        init_from_checkpoint(_model(num_classes=3, d_state=8), path)
+
+
+def test_init_from_checkpoint_with_another_register_layout():
+    reg = dict(num_registers=2, cls_reduce=2)
+    src = _model("mambar_small_patch16_224", img_size=64, **reg)
+    dst = _model("mambar_small_patch16_224", img_size=64, num_registers=4, cls_reduce=2)
+    lines = []
+    init_from_checkpoint(dst, {"model": src.state_dict()}, log=lines.append)
+    (line,) = lines
+    for key in ("cls_token 1x2x16 -> 1x4x16", "pos_embed_cls", "norm_neck.weight 16 -> 32", "head.weight 3x16 -> 3x32"):
+        assert key in line, (key, line)
+    assert "neck.weight" not in line.replace("norm_neck.weight", "")  # 16 -> 8 both: loaded
+    assert torch.equal(dst.neck.weight, src.neck.weight) and torch.equal(dst.pos_embed, src.pos_embed)
+    # a model without a neck (cls_reduce 1): the checkpoint's neck is dropped as "not in the model"
+    lines.clear()
+    init_from_checkpoint(_model("mambar_small_patch16_224", img_size=64, num_registers=2, cls_reduce=1),
+                         {"model": src.state_dict()}, log=lines.append)
+    assert "neck.weight 8x16 (not in the model)" in lines[0]
+
+
+def test_train_init_from_prints_one_line_naming_the_dropped_entries(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from shufflemamba.cli import main
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            os.makedirs(tmp_path / "data" / split / f"c{c}")
+            for i in range(4):
+                img = (rng.random((16, 16, 3)) * 80 + c * 80).astype(np.uint8)
+                Image.fromarray(img).save(tmp_path / "data" / split / f"c{c}" / f"{i}.png")
+    kw = dict(patch_size=4, embed_dim=16, depth=2, d_state=4)
+    src = timm.create_model("vim_tiny_patch16_224", img_size=32, num_classes=10, **kw)  # another size and head
+    ckpt = tmp_path / "official.pth"
+    torch.save({"model": src.state_dict(), "model_ema": src.state_dict(), "args": argparse.Namespace()}, ckpt)
+    args = ["train", "--data-dir", str(tmp_path / "data"), "--model", "vim_tiny_patch16_224", "--model-kwargs",
+            *(f"{k}={v}" for k, v in kw.items()), "--img-size", "16", "--batch-size", "6", "--epochs", "1",
+            "--workers", "0", "--output", str(tmp_path / "run"), "--init-from", str(ckpt)]
+    assert main(args) == 0
+    out = [line for line in capsys.readouterr().out.splitlines() if "fine-tuning from" in line]
+    assert len(out) == 1 and "head.weight 10x16 -> 3x16" in out[0] and "head.bias" in out[0]
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": timm.create_model("vim_tiny_patch16_224", img_size=16, **{**kw, "depth": 3}).state_dict()},
+               bad)
+    assert main(args[:-1] + [str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert "does not fit model" in err and "Traceback" not in err
