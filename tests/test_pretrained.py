@@ -227,3 +227,17 @@ def test_no_network_fails_at_once_instead_of_retrying(monkeypatch):
     with pytest.raises(RuntimeError, match="mambar_base_patch16_224.in1k.*cannot resolve huggingface.co"):
         timm.create_model("mambar_base_patch16_224", pretrained=True)
     assert len(calls) == 1 and calls[0]["local_files_only"]
+
+
+def test_plus_fine_tune_starts_from_the_stride16_weights(tmp_path, caplog):
+    """Vim's "+" recipe: the stride-8 model fine-tuned from the stride-16 checkpoint (pos_embed resized)."""
+    src = _model("vim_tiny_patch16_224", img_size=64, num_classes=1000)  # grid 4 x 4
+    path = _released_layout(tmp_path / "vim_t_midclstok_76p1acc.pth", src, ema=src)
+    with caplog.at_level(logging.INFO, logger="shufflemamba"):
+        plus = timm.create_model("vim_tiny_patch16_stride8_224", pretrained=True, img_size=64, **TINY,
+                                 pretrained_cfg_overlay=dict(file=str(path)))  # grid 7 x 7
+    assert plus.pos_embed.shape == (1, 50, 16) and plus.cls_index == 24
+    torch.testing.assert_close(plus.pos_embed, resize_pos_embed(src.pos_embed, 7, cls_position="middle"))
+    assert torch.equal(plus.pos_embed[0, 24], src.pos_embed[0, 8])  # the class-token row, moved to the middle
+    _same_backbone(src, plus)
+    assert not [r for r in caplog.records if "fine-tuning" in r.getMessage()]
