@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 PINS   := constraints-cpu.txt
 
-.PHONY: install test demo study bench triton-report gpu-check dataset clean
+.PHONY: install test demo study bench triton-report gpu-check check-install dataset clean
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ bench: $(STAMP)
 # the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix
 triton-report: $(STAMP)
 	$(BIN)/python -m shufflemamba.ops.triton_compile --json benchmarks/results/triton-sm90.json
+
+# Install this checkout into another environment that has its own torch, torchvision and timm
+# (nothing else is installed or fetched), then import it and train one epoch of a tiny model there.
+check-install:
+	@[ -n "$(PY)" ] || { echo "error: usage: make check-install PY=/path/to/venv/bin/python" >&2; exit 2; }
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) tests/smoke_train_step.py
 
 # On a CUDA machine, with the torch (and timm, triton, mamba_ssm, ...) already installed there:
 # nothing is installed or fetched, the package runs from src/. GPU_PYTHON picks the interpreter
