@@ -50,7 +50,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="data loader worker processes")
     g.add_argument("--val-subset", type=int, help="evaluate on a fixed random subset of this many images")
     g.add_argument("--device", choices=["cpu", "cuda"])
-    g.add_argument("--amp", type=_bool, nargs="?", const=True, help="bf16 autocast (true/false)")
+    g.add_argument("--amp", type=_bool, nargs="?", const=True, help="autocast in --amp-dtype (true/false; default: auto, on for a bf16-capable GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,10 @@ DEFAULTS: dict[str, Any] = {
     "clip_grad": None,
     "model_ema": False,
     "model_ema_decay": 0.9999,
-    "amp": False,  # bf16 autocast (fp16 + GradScaler with amp_dtype float16)
+    # autocast in amp_dtype (bf16; fp16 adds a GradScaler). None: auto, resolved by resolve_amp when
+    # training starts: on for a CUDA device that supports bf16 (the official recipes train in bf16),
+    # off on the CPU. true / false force it.
+    "amp": None,
     "amp_dtype": "bfloat16",
     "max_nonfinite": 5,  # consecutive non-finite losses before the run stops
     # run
@@ -213,6 +216,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg.setdefault("wd_grouping", "mamba")
     if cfg["wd_grouping"] not in ("reference", "mamba"):
         raise UserError(f"wd_grouping must be 'reference' or 'mamba', got {cfg['wd_grouping']!r}")
+    if cfg["amp"] is not None and not isinstance(cfg["amp"], bool):
+        raise UserError(f"amp must be true, false or null (auto), got {cfg['amp']!r}")
     if cfg["amp_dtype"] not in ("bfloat16", "float16"):
         raise UserError(f"amp_dtype must be 'bfloat16' or 'float16', got {cfg['amp_dtype']!r}")
     if not isinstance(cfg["model_kwargs"], dict):
@@ -259,6 +264,20 @@ def format_config(cfg: dict[str, Any], *, world_size: int, source: str | None = 
     tail = (f"# effective at {procs} x batch {cfg['batch_size'] * cfg['accum_steps']}: "
             f"total batch {total}, lr {lr:g} ({how})\n")
     return head + yaml.safe_dump(cfg, sort_keys=True) + tail
+
+
+def resolve_amp(amp: bool | None, device: Any, amp_dtype: str = "bfloat16") -> bool:
+    """The ``amp`` setting for a run on ``device``: an explicit true / false stands; None (auto) means
+    autocast on a CUDA device that supports ``amp_dtype`` (bf16 needs compute capability 8.0+, as
+    on A100 / H100; fp16 runs on any), off elsewhere (on the CPU, autocast would turn off the mixer's compiled channel-last path)."""
+    if amp is not None:
+        return bool(amp)
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return amp_dtype == "float16" or torch.cuda.is_bf16_supported()
 
 
 def dump_config(cfg: dict[str, Any], path: str) -> None:

@@ -35,7 +35,7 @@ from .checkpointing import (
     EpochSums, Progress, gather_rank_states, load_checkpoint, remove_step_checkpoints, restore_training_state,
     save_checkpoint, save_step_checkpoint, step_checkpoints, training_checkpoint,
 )
-from .config import UserError, dump_config
+from .config import UserError, dump_config, resolve_amp
 from .data import build_loaders
 from .distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
@@ -448,6 +448,7 @@ def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None) -> int
     """Run the training described by the resolved config ``cfg`` (continuing ``resume_ckpt`` when
     given). Returns a process exit code."""
     rank, world, device = setup_distributed(cfg)
+    cfg["amp"] = resolve_amp(cfg["amp"], device, cfg["amp_dtype"])  # None (auto): bf16 on a capable GPU
     trainer = None
     try:
         trainer = Trainer(cfg, rank, world, device, resuming=resume_ckpt is not None)
