@@ -15,6 +15,7 @@ that needs the full unpickler is refused unless the user says they trust it.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import glob
 import math
@@ -59,6 +60,7 @@ class Progress:
     batches_done: int = 0  # micro-batches of ``epoch`` already trained
     num_updates: int = 0  # optimiser steps over the whole run (the lr schedule's clock)
     nonfinite_streak: int = 0
+    nonfinite_steps: int = 0  # micro-batches skipped for a non-finite loss
     skipped_images: int = 0  # unreadable images so far
     best_top1: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics rows of finished epochs
@@ -269,7 +271,9 @@ def load_checkpoint(path: str, *, trust: bool = False) -> dict[str, Any]:
         raise UserError(f"checkpoint '{path}' is empty")
     trusted = trust or trusted_by_env()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
+        # argparse.Namespace holds plain values: official Vim / Mamba-Reg files keep their arguments so
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as err:  # zip, pickle and EOF errors of many kinds
         if not trusted and "Weights only load failed" in str(err) and _needs_pickle(path):
             raise UserError(f"checkpoint '{path}' holds pickled Python objects that could run code, so it was not loaded; {TRUST_HINT}") from None

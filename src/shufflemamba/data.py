@@ -323,6 +323,9 @@ def build_loaders(cfg: dict[str, Any], in_chans: int, rank: int = 0, world: int 
             raise UserError(f"training set too small: {per_rank} images per process for batch size {cfg['batch_size']}")
         out["train_loader"] = DataLoader(
             SeededSamples(train_ds), batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"], drop_last=True,
+            # its own generator: starting an epoch's iterator must not draw from the global RNG, or
+            # a resumed epoch (which starts one mid-way) would shift the model's random stream
+            generator=torch.Generator().manual_seed(cfg["seed"]),
             collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), persistent_workers=cfg["workers"] > 0,
         )
         out["train_sampler"] = sampler

@@ -51,6 +51,7 @@ class StepState:
 
     num_updates: int = 0
     nonfinite_streak: int = 0
+    nonfinite_steps: int = 0  # micro-batches skipped for a non-finite loss, over the run
     stop_signal: int | None = None  # set by the signal handler; checked every micro-batch
     skipped_images: int = 0
     log: Callable[[str], None] = field(default=print)
@@ -189,6 +190,7 @@ def train_one_epoch(
 def _skip_nonfinite(state: StepState, optimizer: torch.optim.Optimizer, cfg: dict[str, Any], epoch: int, i: int) -> None:
     """Drop this micro-batch's gradients (and its accumulation group's so far); stop after too many."""
     state.nonfinite_streak += 1
+    state.nonfinite_steps += 1
     state.log(f"warning: non-finite loss at epoch {epoch} step {i}; step skipped ({state.nonfinite_streak} in a row)")
     optimizer.zero_grad(set_to_none=True)
     if state.nonfinite_streak >= cfg["max_nonfinite"]:

@@ -41,6 +41,8 @@ from .distributed import SignalCatcher, all_ranks_agree, setup_distributed, tear
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
 from .plots import plot_curves, read_metrics
 
+COUNTERS = ("num_updates", "nonfinite_streak", "nonfinite_steps", "skipped_images")  # kept by the loop, saved in Progress
+
 __all__ = ["train", "evaluate_checkpoint", "build_model", "load_checkpoint", "save_checkpoint", "model_in_chans"]
 
 
@@ -247,7 +249,7 @@ class Trainer:
         if self.progress.batches_done > self.batches_per_epoch:
             raise UserError(f"checkpoint '{self.cfg['resume']}' is {self.progress.batches_done} batches into an epoch "
                             f"of {self.batches_per_epoch}: the data or batch size changed since it was written")
-        for key in ("num_updates", "nonfinite_streak", "skipped_images"):
+        for key in COUNTERS:
             setattr(self.state, key, getattr(self.progress, key))
 
     def prepare_output(self) -> None:
@@ -335,8 +337,9 @@ class Trainer:
         }
         if self.model_ema is not None:
             row["ema_top1"] = evaluate(self.model_ema.module, self.loaders["val_loader"], self.device, cfg["amp"], cfg["amp_dtype"])["top1"]
-        if self.state.skipped_images:
-            row["skipped_images"] = self.state.skipped_images
+        for key in ("skipped_images", "nonfinite_steps"):  # over the run so far; absent when none
+            if getattr(self.state, key):
+                row[key] = getattr(self.state, key)
         is_best = row["val_top1"] > p.best_top1
         p.best_top1 = max(p.best_top1, row["val_top1"])
         p.history.append(row)
@@ -348,7 +351,7 @@ class Trainer:
 
     def checkpoint(self) -> dict[str, Any] | None:
         """The checkpoint of the current state (a collective under DDP; None on ranks other than 0)."""
-        for key in ("num_updates", "nonfinite_streak", "skipped_images"):
+        for key in COUNTERS:
             setattr(self.progress, key, getattr(self.state, key))
         rank_states = gather_rank_states(self.state.sums, self.world)
         if self.rank != 0:

@@ -1,0 +1,186 @@
+"""Faults, in one process: safe checkpoint loading, bad checkpoints and output folders, a full disk,
+non-finite losses. Each ends in one ``error:`` line and a non-zero exit, or in a loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import inspect
+import os
+import signal
+
+import pytest
+import torch
+
+import shufflemamba  # noqa: F401  (torchvision shim first)
+from shufflemamba import bench, faults
+from shufflemamba.checkpointing import TRUST_ENV, load_checkpoint, step_checkpoints
+from shufflemamba.cli import main
+from shufflemamba.config import UserError
+from test_train import make_folder, read_metrics, train_args
+
+
+class Foreign:
+    """A pickled object of a class no allowlist knows (what a foreign checkpoint may hold)."""
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def assert_one_error(code: int, err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return make_folder(str(tmp_path_factory.mktemp("imgs")))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def set_faults(monkeypatch, **kw) -> None:
+    monkeypatch.setattr(faults, "FAULTS", faults.Faults(**{k: frozenset(v) for k, v in kw.items()}))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(data, tmp_path_factory) -> str:
+    """Two epochs planned; SIGTERM after update 8: last.pt / best.pt of epoch 0 and step_9.pt."""
+    out = str(tmp_path_factory.mktemp("stopped") / "run")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(faults, "FAULTS", faults.Faults(sigterm=frozenset({8})))
+    try:
+        assert main(train_args(data, out, 2, "--model-ema")) == 128 + signal.SIGTERM
+    finally:
+        mp.undo()
+    return out
+
+
+def test_our_checkpoints_load_with_weights_only(stopped_run):
+    names = sorted(os.listdir(stopped_run))
+    assert {"last.pt", "best.pt", "step_00000009.pt"} <= set(names), names
+    for name in ("last.pt", "best.pt", "step_00000009.pt"):
+        ck = torch.load(os.path.join(stopped_run, name), map_location="cpu", weights_only=True)
+        assert ck["version"] == 2 and isinstance(ck["config"], dict) and len(ck["rng"]) == 1
+        assert isinstance(ck["rng"][0]["numpy"]["state"], torch.Tensor)
+    step = load_checkpoint(os.path.join(stopped_run, "step_00000009.pt"))
+    assert (step["progress"]["epoch"], step["progress"]["batches_done"], step["num_updates"]) == (1, 3, 9)
+    assert step["rank_sums"][0]["loss_count"] == 3 and [r["epoch"] for r in step["progress"]["history"]] == [0]
+
+
+def test_bad_checkpoints_are_one_line_errors(stopped_run, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    good = open(os.path.join(stopped_run, "last.pt"), "rb").read()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"model": {}, "extra": Foreign()}, tmp_path / "foreign.pt")
+    cases = [("empty.pt", "is empty"), ("truncated.pt", "could not be read"), ("junk.pt", "could not be read"),
+             ("foreign.pt", "--trust-checkpoint")]
+    for name, needle in cases:
+        path = str(tmp_path / name)
+        assert_one_error(*run_main(["train", "--resume", path], capsys)[::2], needle)
+        assert_one_error(*run_main(["eval", "--checkpoint", path, "--data-dir", data], capsys)[::2], needle)
+    assert_one_error(*run_main(["train", "--resume", str(tmp_path)], capsys)[::2], "holds no checkpoint")
+    # opting in loads the foreign file (it then fails for holding no weights, not for its pickle)
+    assert isinstance(load_checkpoint(str(tmp_path / "foreign.pt"), trust=True)["extra"], Foreign)
+    code, _, err = run_main(["eval", "--checkpoint", str(tmp_path / "foreign.pt"), "--data-dir", data, "--trust-checkpoint"], capsys)
+    assert_one_error(code, err)
+    assert "--trust-checkpoint" not in err
+    monkeypatch.delenv(TRUST_ENV, raising=False)  # --trust-checkpoint set it for this process
+
+
+def test_resume_from_folder_continues_step_checkpoint(stopped_run, capsys):
+    code, out, err = run_main(["train", "--resume", stopped_run], capsys)
+    assert code == 0, err
+    assert "resuming epoch 1 at batch 3" in out
+    assert [r["epoch"] for r in read_metrics(stopped_run)] == [0, 1]
+    assert step_checkpoints(stopped_run) == []
+
+
+def test_unwritable_output(data, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (str(blocker), str(blocker / "sub")):
+        assert_one_error(*run_main(train_args(data, out, 1), capsys)[::2], "cannot write to output folder")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert_one_error(*run_main(train_args(data, str(ro), 1), capsys)[::2], "cannot write to output folder")
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(data, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    real_save, calls, before = torch.save, [], {}
+
+    def full_disk(obj, f, *a, **kw):  # the third write (epoch 1's last.pt) runs out of space
+        calls.append(1)
+        if len(calls) < 3:
+            return real_save(obj, f, *a, **kw)
+        before["last"] = open(os.path.join(out, "last.pt"), "rb").read()
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, err = run_main(train_args(data, out, 2), capsys)
+    assert_one_error(code, err, "disk full", "last.pt", "untouched")
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before["last"]
+    assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0
+    assert not os.path.exists(os.path.join(out, "last.pt.tmp"))
+
+
+def test_nonfinite_loss_is_skipped_and_counted(data, tmp_path, capsys, monkeypatch):
+    set_faults(monkeypatch, nan={3})
+    out = str(tmp_path / "run")
+    code, stdout, err = run_main(train_args(data, out, 1), capsys)
+    assert code == 0, err
+    assert "non-finite loss at epoch 0 step 3; step skipped (1 in a row)" in stdout
+    assert read_metrics(out)[0]["nonfinite_steps"] == 1
+    assert load_checkpoint(os.path.join(out, "last.pt"))["num_updates"] == 5  # 6 batches, one skipped
+
+
+def test_nonfinite_streak_stops_with_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+    """Batches 2-5 of epoch 0 and 0 of epoch 1 are NaN: 5 in a row (max_nonfinite) across an epoch end."""
+    set_faults(monkeypatch, nan={2, 3, 4, 5, 6})
+    out = str(tmp_path / "run")
+    code, _, err = run_main(train_args(data, out, 2), capsys)
+    path = os.path.join(out, "step_00000002.pt")
+    assert_one_error(code, err, "5 non-finite losses in a row at epoch 1", f"last good state is in {path}")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    assert (ck["progress"]["epoch"], ck["progress"]["batches_done"], ck["num_updates"]) == (1, 1, 2)
+    assert all(int(s["step"]) == 2 for s in ck["optimizer"]["state"].values())  # two good updates, no more
+    assert all(torch.isfinite(t).all() for t in ck["model"].values())
+    set_faults(monkeypatch)
+    code, _, err = run_main(["train", "--resume", out], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+
+
+def test_step_checkpoint_options_are_validated(data, capsys):
+    assert_one_error(*run_main(train_args(data, "unused", 1, "--keep-last", "0"), capsys)[::2], "keep_last")
+    assert_one_error(*run_main(train_args(data, "unused", 1, "--checkpoint-every", "-1"), capsys)[::2], "checkpoint_every")
+
+
+def test_bench_does_not_import_cli():
+    """cli.py imports bench.py (for `shufflemamba bench`); the reverse would be an import circle."""
+    tree = ast.parse(inspect.getsource(bench))
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [n for n in names if n and n.endswith("cli")], names
+
+
+def test_user_error_from_load_is_not_a_traceback(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
