@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -66,16 +67,29 @@ def _tools_dir() -> Path:
 
 
 def _example_inputs(batch: int, E: int, L: int, N: int, dtype: torch.dtype) -> dict:
-    """Empty CPU tensors laid out as the Vim mixer passes them: B and C are views of x_proj's output."""
-    x_dbl = torch.empty(batch, L, 48 + 2 * N, dtype=dtype)  # (batch, L, dt_rank + 2N)
+    """Empty CPU tensors with the strides :class:`~shufflemamba.models.BiMambaMixer`'s (B, E, L) path
+    really passes (the CUDA path), so the compiler specialises as on a real launch:
+
+    * u: the conv + SiLU output, a contiguous (batch, E, L) tensor;
+    * z: the second half of ``in_proj``'s (batch, L, 2E) output seen as (batch, E, L): contiguous
+      along channels (stride 1 on E, 2E on L);
+    * delta: ``dt_proj``'s (batch, L, E) output transposed: contiguous along channels;
+    * B, C: column slices of ``x_proj``'s (batch, L, dt_rank + 2N) output, transposed to (batch, N, L);
+    * A, D, delta_bias: float32 parameters (they stay float32 under autocast).
+
+    dt_rank is Vim's ceil(D / 16) with D = E / 2.
+    """
+    dt_rank = math.ceil(E / 2 / 16)
+    xz = torch.empty(batch, L, 2 * E, dtype=dtype)  # in_proj output
+    x_dbl = torch.empty(batch, L, dt_rank + 2 * N, dtype=dtype)  # x_proj output
     return dict(
         u=torch.empty(batch, E, L, dtype=dtype),
-        delta=torch.empty(batch, E, L, dtype=dtype),
+        delta=torch.empty(batch, L, E, dtype=dtype).transpose(1, 2),
         A=torch.empty(E, N),
-        B=x_dbl[..., 48:48 + N].transpose(1, 2),
-        C=x_dbl[..., 48 + N:].transpose(1, 2),
+        B=x_dbl[..., dt_rank:dt_rank + N].transpose(1, 2),
+        C=x_dbl[..., dt_rank + N:].transpose(1, 2),
         D=torch.empty(E),
-        z=torch.empty(batch, E, L, dtype=dtype),
+        z=xz[..., E:].transpose(1, 2),
         delta_bias=torch.empty(E),
     )
 
