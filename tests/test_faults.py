@@ -184,3 +184,28 @@ def test_bench_does_not_import_cli():
 def test_user_error_from_load_is_not_a_traceback(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_version1_checkpoint_resumes_only_when_trusted(stopped_run, tmp_path, capsys, monkeypatch):
+    """Checkpoints written before step checkpoints pickled numpy's RNG state: refused by default,
+    resumed (from the next epoch) with --trust-checkpoint."""
+    import numpy as np
+
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    ck = load_checkpoint(os.path.join(stopped_run, "last.pt"))
+    for key in ("progress", "rank_sums", "metrics"):
+        ck.pop(key)
+    ck["version"] = 1
+    rng = ck["rng"][0]
+    npst = rng["numpy"]
+    rng["numpy"] = (npst["key"], npst["state"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    rng["python"] = (rng["python"]["version"], tuple(rng["python"]["state"].tolist()), rng["python"]["gauss_next"])
+    old = str(tmp_path / "v1.pt")
+    torch.save(ck, old)
+    argv = ["train", "--resume", old, "--output", str(tmp_path / "continued"), "--epochs", str(ck["epoch"] + 2)]
+    assert_one_error(*run_main(argv, capsys)[::2], "--trust-checkpoint")
+    code, stdout, err = run_main([*argv, "--trust-checkpoint"], capsys)
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    assert code == 0, err
+    nxt = ck["epoch"] + 1
+    assert f"epochs {nxt}..{nxt}" in stdout and [r["epoch"] for r in read_metrics(str(tmp_path / "continued"))] == [nxt]

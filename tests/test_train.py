@@ -72,7 +72,7 @@ def test_train_then_eval_agree(data, tmp_path, capsys, one_thread):
         assert key in rows[-1] and np.isfinite(rows[-1][key])
     for name in ("last.pt", "best.pt", "config.yaml", "curves.png"):
         assert os.path.isfile(os.path.join(out, name)), name
-    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["model_name"] == "vim_tiny_patch16_224"
     assert ckpt["model_kwargs"]["embed_dim"] == 16 and ckpt["model_kwargs"]["slws_rate"] == 0.5
     assert ckpt["model_ema"] is not None and ckpt["optimizer"]["state"]
@@ -105,7 +105,7 @@ def test_sigterm_then_resume_is_exact(data, tmp_path, one_thread):
     assert "Traceback" not in stderr and "stopped by SIGTERM" in stdout
     done = read_metrics(out)
     assert 1 <= len(done) < epochs
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == len(done) - 1
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == len(done) - 1
     # resume from the checkpoint alone: its config is the default
     res = subprocess.run([sys.executable, "-m", "shufflemamba", "train", "--resume", last], env=env1(),
                          capture_output=True, text=True, timeout=180)
@@ -126,7 +126,7 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     assert "x2" in res.stdout
     rows = read_metrics(out)
     assert len(rows) == 1  # rank 0 only writes
-    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
     assert len(ckpt["rng"]) == 2
 
 
