@@ -8,6 +8,7 @@ import ast
 import errno
 import inspect
 import os
+import shutil
 import signal
 
 import pytest
@@ -65,6 +66,7 @@ def stopped_run(data, tmp_path_factory) -> str:
         assert main(train_args(data, out, 2, "--model-ema")) == 128 + signal.SIGTERM
     finally:
         mp.undo()
+    shutil.copy(os.path.join(out, "step_00000009.pt"), out + "_step9.pt")  # a copy that later tests keep
     return out
 
 
@@ -209,3 +211,17 @@ def test_version1_checkpoint_resumes_only_when_trusted(stopped_run, tmp_path, ca
     assert code == 0, err
     nxt = ck["epoch"] + 1
     assert f"epochs {nxt}..{nxt}" in stdout and [r["epoch"] for r in read_metrics(str(tmp_path / "continued"))] == [nxt]
+
+
+def test_step_checkpoint_from_another_world_size_restarts_its_epoch(stopped_run, tmp_path, capsys):
+    """Another process count shards the epoch differently: the position is meaningless, so the
+    interrupted epoch restarts from its first batch (schedule and weights continue)."""
+    ck = load_checkpoint(stopped_run + "_step9.pt")
+    ck["rng"] = ck["rng"] * 2
+    ck["rank_sums"] = ck["rank_sums"] * 2
+    path = str(tmp_path / "two_ranks.pt")
+    torch.save(ck, path)
+    code, stdout, err = run_main(["train", "--resume", path, "--output", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert "written by 2 processes, resumed on 1; epoch 1 restarts from its first batch" in stdout
+    assert load_checkpoint(str(tmp_path / "out" / "last.pt"))["num_updates"] == 9 + 6

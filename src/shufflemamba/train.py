@@ -223,6 +223,7 @@ class Trainer:
         self.ddp_model: nn.Module | None = None
         self.writer: Any = None
         self.last_save = time.monotonic()
+        self.saved: str | None = None  # the newest checkpoint this run wrote
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -245,6 +246,11 @@ class Trainer:
             ckpt, model_ema=self.model_ema, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
             rank=self.rank, updates_per_epoch=max(1, self.batches_per_epoch // self.cfg["accum_steps"]),
         )
+        saved_world = len(ckpt["rng"])
+        if self.progress.batches_done and saved_world != self.world:  # another order: restart the epoch
+            self.log(f"warning: checkpoint written by {saved_world} processes, resumed on {self.world}; "
+                     f"epoch {self.progress.epoch} restarts from its first batch")
+            self.progress.batches_done, self.state.sums = 0, EpochSums()
         if self.progress.batches_done > self.batches_per_epoch:
             raise UserError(f"checkpoint '{self.cfg['resume']}' is {self.progress.batches_done} batches into an epoch "
                             f"of {self.batches_per_epoch}: the data or batch size changed since it was written")
@@ -364,7 +370,8 @@ class Trainer:
     def save_epoch(self, is_best: bool) -> None:
         ckpt = self.checkpoint()
         if ckpt is not None:
-            save_checkpoint(ckpt, os.path.join(self.output, "last.pt"))
+            self.saved = os.path.join(self.output, "last.pt")
+            save_checkpoint(ckpt, self.saved)
             if is_best and self.cfg["save_best"]:
                 save_checkpoint(ckpt, os.path.join(self.output, "best.pt"))
             remove_step_checkpoints(self.output)
@@ -376,7 +383,7 @@ class Trainer:
         ckpt = self.checkpoint()
         path = None
         if ckpt is not None:
-            path = save_step_checkpoint(ckpt, self.output, self.cfg["keep_last"])
+            path = self.saved = save_step_checkpoint(ckpt, self.output, self.cfg["keep_last"])
         self.last_save = time.monotonic()
         return path
 
@@ -409,7 +416,7 @@ class Trainer:
         name = signal.Signals(intr.signum).name
         where = (f"at epoch {intr.epoch}, batch {intr.batches_done} of {self.batches_per_epoch}"
                  if intr.batches_done else f"after epoch {intr.epoch - 1}")
-        self.log(f"stopped by {name} {where}; saved; continue with: shufflemamba train --resume {self.output}")
+        self.log(f"stopped by {name} {where}; saved {self.saved}; continue with: shufflemamba train --resume {self.output}")
         return 128 + intr.signum
 
     def _save_last_good_state(self, err: NonFiniteLossError) -> None:
