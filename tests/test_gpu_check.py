@@ -100,6 +100,18 @@ def test_a_failing_section_is_recorded_and_the_rest_still_runs(monkeypatch):
     assert "kernel exploded" in gpu_check.to_markdown(rep)
 
 
+def test_a_failing_impl_is_recorded_and_the_others_still_measured():
+    cpu, shapes = torch.device("cpu"), {"tiny": dict(E=8, L=5, N=2)}
+    rows = gpu_check.parity(cpu, ["torch", "nope"], shapes, batch=1)
+    assert {r["status"] for r in rows if r["impl"] == "torch"} == {"ok"}
+    assert all(r["status"] == "error" and "unknown impl" in r["error"] for r in rows if r["impl"] == "nope")
+    timing = gpu_check.scan_timing(cpu, ["torch", "nope"], shapes, batch=1, repeats=2, quick=True)
+    by_impl = {}
+    for r in timing["rows"]:
+        by_impl.setdefault(r["impl"], set()).add(r["status"])
+    assert by_impl == {"ref": {"ok"}, "torch": {"ok"}, "nope": {"error"}}
+
+
 def test_time_budget_skips_later_sections():
     rep = gpu_check.run_check(torch.device("cpu"), quick=True, budget_s=1e-9, skip=("pytest",))
     assert "status" not in rep["environment"]  # always runs: the report's header

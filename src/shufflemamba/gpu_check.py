@@ -105,9 +105,13 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def run_pytest(timeout_s: float) -> dict[str, Any]:
     """``pytest -m gpu`` on the repository's tests, in a subprocess; the summary line and exit code."""
+    import importlib.util
+
     tests = REPO / "tests"
     if not tests.is_dir():
         return {"status": "skipped", "reason": f"no tests/ next to the package ({tests})"}
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "skipped", "reason": "pytest is not installed in this environment"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(tests)]
     t0 = time.perf_counter()
     try:
@@ -115,7 +119,7 @@ def run_pytest(timeout_s: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"status": "error", "error": f"pytest -m gpu did not finish in {timeout_s:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    summary = lines[-1] if lines else proc.stderr.strip().splitlines()[-1:] or ""
+    summary = lines[-1] if lines else (proc.stderr.strip().splitlines() or [""])[-1]
     # exit code 5: no test selected (all deselected), which pytest counts as a failure
     ok = proc.returncode == 0
     return {"status": "ok" if ok else "fail", "returncode": proc.returncode, "summary": summary,
@@ -187,6 +191,7 @@ def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[s
         for dtype in (torch.float32, torch.bfloat16):
             inputs = _inputs(batch, s["E"], s["L"], s["N"], device, dtype)
             gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
+            rec = dict(shape=shape, dtype=str(dtype).split(".")[-1], batch=batch, **s)
             fns: dict[str, Callable[[], None]] = {}
             for impl in ["ref", *impls]:
                 def step(impl: str = impl) -> None:
@@ -194,18 +199,13 @@ def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[s
                         t.grad = None
                     selective_scan(**inputs, delta_softplus=True, impl=impl).backward(gout)
 
+                try:  # one untimed call first: an impl that fails is recorded and left out of the timing
+                    step()
+                except Exception as exc:
+                    rows.append(dict(rec, impl=impl, **_error(exc)))
+                    continue
                 fns[impl] = step
-            rec = dict(shape=shape, dtype=str(dtype).split(".")[-1], batch=batch, **s)
-            try:
-                times = _time_interleaved(fns, repeats, warmup=2, device=device)
-            except Exception as exc:  # one failing impl: time the others alone
-                rows.append(dict(rec, impl="(all)", **_error(exc)))
-                times = {}
-                for name, fn in fns.items():
-                    try:
-                        times[name] = _time_interleaved({name: fn}, repeats, warmup=2, device=device)[name]
-                    except Exception as exc2:
-                        rows.append(dict(rec, impl=name, **_error(exc2)))
+            times = _time_interleaved(fns, repeats, warmup=1, device=device)
             nbytes = _scan_bytes(batch, s["E"], s["L"], s["N"], torch.finfo(dtype).bits // 8)
             ref_ms = statistics.median(times["ref"]) * 1e3 if "ref" in times else None
             for name, ts in times.items():
