@@ -225,3 +225,18 @@ def test_step_checkpoint_from_another_world_size_restarts_its_epoch(stopped_run,
     assert code == 0, err
     assert "written by 2 processes, resumed on 1; epoch 1 restarts from its first batch" in stdout
     assert load_checkpoint(str(tmp_path / "out" / "last.pt"))["num_updates"] == 9 + 6
+
+
+def test_accumulation_resume_in_process_is_exact(data, tmp_path, capsys, monkeypatch):
+    """--accum-steps 2: a stop waits for the end of the accumulation group, and the resumed run
+    (here in the same process) ends with the weights of the uninterrupted one."""
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    assert run_main(train_args(data, ref, 2, "--accum-steps", "2"), capsys)[0] == 0
+    set_faults(monkeypatch, sigterm={4})  # after update 4 = epoch 1, micro-batch 1
+    code, stdout, _ = run_main(train_args(data, out, 2, "--accum-steps", "2"), capsys)
+    assert code == 128 + signal.SIGTERM and "at epoch 1, batch 4 of 6" in stdout
+    set_faults(monkeypatch)
+    assert run_main(["train", "--resume", out], capsys)[0] == 0
+    a, b = load_checkpoint(os.path.join(out, "last.pt")), load_checkpoint(os.path.join(ref, "last.pt"))
+    assert a["num_updates"] == b["num_updates"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
