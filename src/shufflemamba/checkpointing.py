@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import errno
 import glob
+import json
 import math
 import os
 import random
 import re
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -293,3 +295,34 @@ def latest_checkpoint(output: str) -> str:
     if not candidates:
         raise UserError(f"'{output}' holds no checkpoint (last.pt or step_*.pt) to resume from")
     return max(candidates, key=os.path.getmtime)
+
+
+# --------------------------------------------------------------------------- the rest of a run folder
+
+
+def prepare_output(output: str) -> None:
+    """Create the output folder and check that we can write there (before any training)."""
+    try:
+        os.makedirs(output, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder '{output}': {err.strerror or type(err).__name__}") from None
+
+
+def write_metrics(path: str, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` atomically with exactly ``rows``."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def tensorboard_writer(output: str) -> Any:
+    """A SummaryWriter on ``output/tb``, or None without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: optional
+        return None
+    return SummaryWriter(os.path.join(output, "tb"))

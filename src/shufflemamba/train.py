@@ -21,7 +21,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from .checkpointing import (
-    EpochSums, Progress, gather_rank_states, load_checkpoint, remove_step_checkpoints, restore_training_state,
-    save_checkpoint, save_step_checkpoint, step_checkpoints, training_checkpoint,
+    EpochSums, Progress, gather_rank_states, load_checkpoint, prepare_output, remove_step_checkpoints,
+    restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, tensorboard_writer,
+    training_checkpoint, write_metrics,
 )
 from .config import UserError, dump_config, resolve_amp
 from .data import build_loaders
@@ -176,25 +176,6 @@ def build_loss(cfg: dict[str, Any], num_classes: int) -> tuple[Callable | None, 
     return None, nn.CrossEntropyLoss()
 
 
-def prepare_output(output: str) -> None:
-    """Create the output folder and check that we can write there (before any training)."""
-    try:
-        os.makedirs(output, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to output folder '{output}': {err.strerror or type(err).__name__}") from None
-
-
-def write_metrics(path: str, rows: list[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl`` atomically with exactly ``rows``."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
 class Trainer:
     """One training run on this process: what it trains, where it stands, and how it saves."""
 
@@ -274,7 +255,7 @@ class Trainer:
         if not all_ranks_agree(err is None, self.device):
             raise err or UserError(f"rank 0 could not prepare output folder '{self.output}'")
         if self.rank == 0:
-            self.writer = _tensorboard(self.output)
+            self.writer = tensorboard_writer(self.output)
 
     def _reset_metrics_file(self) -> None:
         path = os.path.join(self.output, "metrics.jsonl")
@@ -443,14 +424,6 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         self.ddp_model = None  # before the process group goes (see teardown_distributed)
-
-
-def _tensorboard(output: str) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: optional
-        return None
-    return SummaryWriter(os.path.join(output, "tb"))
 
 
 def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None) -> int:
