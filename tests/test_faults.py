@@ -240,3 +240,13 @@ def test_accumulation_resume_in_process_is_exact(data, tmp_path, capsys, monkeyp
     a, b = load_checkpoint(os.path.join(out, "last.pt")), load_checkpoint(os.path.join(ref, "last.pt"))
     assert a["num_updates"] == b["num_updates"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_clock_checkpoints_keep_last_and_sigusr1(data, tmp_path, capsys, monkeypatch):
+    """A tiny --checkpoint-every makes every update due: step files rotate down to --keep-last;
+    SIGUSR1 (SLURM's warning signal) saves and stops like SIGTERM."""
+    set_faults(monkeypatch, sigusr1={3})
+    out = str(tmp_path / "run")
+    code, stdout, _ = run_main(train_args(data, out, 1, "--checkpoint-every", "1e-9", "--keep-last", "2"), capsys)
+    assert code == 128 + signal.SIGUSR1 and "stopped by SIGUSR1 at epoch 0, batch 4 of 6" in stdout
+    assert [os.path.basename(p) for p in step_checkpoints(out)] == ["step_00000003.pt", "step_00000004.pt"]

@@ -5,7 +5,7 @@ every check below is a set lookup on an empty set). The value is a space- or ``;
 
     nan=3,4,5      the loss of these micro-batches is NaN (counted over the run: epoch * batches + i)
     save=7         force a step checkpoint after these optimizer updates
-    sigterm=9      send this process SIGTERM after update 9
+    sigterm=9      send this process SIGTERM after update 9 (sigusr1=9: SIGUSR1)
     kill=9         SIGKILL this process after update 9 (no chance to save)
     pause_save=2   the 2nd checkpoint write stops after writing its temp file, creates
                    ``<output>/PAUSED`` and sleeps until killed
@@ -31,6 +31,7 @@ class Faults:
     nan: frozenset[int] = field(default_factory=frozenset)
     save: frozenset[int] = field(default_factory=frozenset)
     sigterm: frozenset[int] = field(default_factory=frozenset)
+    sigusr1: frozenset[int] = field(default_factory=frozenset)
     kill: frozenset[int] = field(default_factory=frozenset)
     pause_save: int | None = None
     rank: int | None = None
@@ -41,7 +42,7 @@ class Faults:
         kw: dict[str, object] = {}
         for item in spec:
             key, _, value = item.partition("=")
-            if key in ("nan", "save", "sigterm", "kill"):
+            if key in ("nan", "save", "sigterm", "sigusr1", "kill"):
                 kw[key] = _ints(value)
             elif key in ("pause_save", "rank"):
                 kw[key] = int(value)
@@ -57,6 +58,8 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if num_updates in self.sigterm:
             os.kill(os.getpid(), signal.SIGTERM)
+        if num_updates in self.sigusr1:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def maybe_pause_in_save(self, save_number: int, tmp_path: str) -> None:
         """Block forever inside the ``pause_save``-th checkpoint write (the test kills us here)."""
