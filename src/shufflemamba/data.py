@@ -242,20 +242,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return max(0, len(self.base) - self.start)  # type: ignore[arg-type]
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class SeededSamples(Dataset):
-    """Training samples whose random augmentation is seeded per sample (:func:`sample_seed`), so it
-    does not depend on the number of loader workers or on what ran before: a resumed epoch, even
-    with workers, augments its remaining images exactly as the uninterrupted run would have.
+    """Training samples whose random augmentation is exactly reproducible after a resume.
 
-    The key is ``(index, seed)`` from :class:`EpochSampler`. In the main process (``workers 0``) the
-    global RNG states are put back afterwards, so the model's own randomness (SLWS, drop path,
-    mixup) is untouched by data loading.
+    In a loader worker, each sample's augmentation is seeded by :func:`sample_seed` (its run, epoch,
+    rank and position): workers restart on a resume, and their RNG streams would otherwise restart
+    with them. In the main process (``workers 0``) augmentation draws from the global RNGs, whose
+    states every checkpoint holds, so nothing needs seeding (and nothing is spent on it).
+    The key is ``(index, seed)`` from :class:`EpochSampler`.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -267,16 +261,10 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         if get_worker_info() is not None:  # a worker's RNGs serve its samples only
-            _seed_all(seed)
-            return self.dataset[index]
-        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        try:
-            _seed_all(seed)
-            return self.dataset[index]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.default_generator.manual_seed(seed)
+        return self.dataset[index]
 
 
 class ShardSampler(Sampler[int]):
