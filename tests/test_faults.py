@@ -250,3 +250,16 @@ def test_clock_checkpoints_keep_last_and_sigusr1(data, tmp_path, capsys, monkeyp
     code, stdout, _ = run_main(train_args(data, out, 1, "--checkpoint-every", "1e-9", "--keep-last", "2"), capsys)
     assert code == 128 + signal.SIGUSR1 and "stopped by SIGUSR1 at epoch 0, batch 4 of 6" in stdout
     assert [os.path.basename(p) for p in step_checkpoints(out)] == ["step_00000003.pt", "step_00000004.pt"]
+
+
+def test_signal_at_an_epoch_end_stops_after_its_checkpoint(data, tmp_path, capsys, monkeypatch):
+    """SIGTERM right after an epoch's last update: the epoch is evaluated and saved, then the run
+    stops without a step checkpoint; during the last epoch's end it just finishes."""
+    set_faults(monkeypatch, sigterm={6})
+    out = str(tmp_path / "run")
+    code, stdout, _ = run_main(train_args(data, out, 2), capsys)
+    assert code == 128 + signal.SIGTERM
+    assert f"stopped by SIGTERM after epoch 0; saved {os.path.join(out, 'last.pt')}" in stdout
+    assert step_checkpoints(out) == [] and [r["epoch"] for r in read_metrics(out)] == [0]
+    code, stdout, _ = run_main(train_args(data, str(tmp_path / "one"), 1), capsys)
+    assert code == 0 and "final test top-1" in stdout

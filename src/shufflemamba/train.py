@@ -286,7 +286,8 @@ class Trainer:
                 while self.progress.epoch < self.cfg["epochs"]:
                     stats = self.train_epoch()
                     self.end_epoch(stats)
-                    if not all_ranks_agree(self.state.stop_signal is None, self.device):
+                    more = self.progress.epoch < self.cfg["epochs"]  # a signal during the last evaluation changes nothing
+                    if more and not all_ranks_agree(self.state.stop_signal is None, self.device):
                         raise Interrupted(self.state.stop_signal or signal.SIGTERM, self.progress.epoch, 0)
             except Interrupted as intr:
                 return self._stopped(intr)
