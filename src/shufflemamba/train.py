@@ -265,10 +265,14 @@ class Trainer:
         write_metrics(path, rows)
 
     def _drop_stale_step_checkpoints(self) -> None:
-        """Step files past where this run starts belong to an abandoned future (or another run)."""
-        for path in step_checkpoints(self.output):
-            if self.progress.num_updates == 0 or int(os.path.basename(path)[5:-3]) > self.progress.num_updates:
-                os.remove(path)
+        """Step files past where this run starts belong to an abandoned future (or an earlier run in
+        this folder): left there, they would look newer than this run's own."""
+        stale = [p for p in step_checkpoints(self.output)
+                 if self.progress.num_updates == 0 or int(os.path.basename(p)[5:-3]) > self.progress.num_updates]
+        for path in stale:
+            os.remove(path)
+        if stale:
+            self.log(f"removed {len(stale)} step checkpoint(s) in {self.output} newer than this run's start")
 
     def wrap_ddp(self) -> None:
         self.ddp_model = self.model
