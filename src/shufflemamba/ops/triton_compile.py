@@ -58,6 +58,7 @@ class KernelReport:
     instructions_per_element: float  # loop body / (e, n, t) elements each thread handles per iteration
     sass_ops: dict[str, int] = field(default_factory=dict)  # whole kernel
     loop_ops: dict[str, int] = field(default_factory=dict)  # the chunk loop's body only
+    triton: str = ""  # the compiler's version: the same kernels compile very differently across releases
 
 
 def _tools_dir() -> Path:
@@ -170,6 +171,7 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
             kernel=launch.name, arch=f"sm_{arch}", shape=(batch, E, L, N), dtype=str(dtype).split(".")[-1],
             reverse=reverse, block_e=cfg.block_e, block_t=cfg.block_t, num_warps=cfg.num_warps,
             instructions_per_element=round(res["loop_instructions"] / per_thread, 1), **res,
+            triton=ts.triton.__version__,
         ))
     return reports
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for r in reports:
         ops = " ".join(f"{k}={v}" for k, v in r.loop_ops.items())
-        print(f"{r.kernel}: {r.arch} {r.dtype} shape={r.shape} block_e={r.block_e} block_t={r.block_t} "
+        print(f"{r.kernel}: triton {r.triton} {r.arch} {r.dtype} shape={r.shape} block_e={r.block_e} block_t={r.block_t} "
               f"warps={r.num_warps} | regs={r.registers} local={r.local_bytes}B stack={r.stack_bytes}B "
               f"shared={r.shared_bytes}B | loop body {r.loop_instructions} SASS instrs "
               f"({r.instructions_per_element} per element-step) of {r.sass_instructions}; in the loop: {ops}")
