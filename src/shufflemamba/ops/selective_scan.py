@@ -66,8 +66,9 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.fl
     else our Triton kernel, else the pure-PyTorch path. mamba_ssm comes first because it is the
     kernel official Vim trains with, tuned and used for years, while our Triton kernel has so far
     only been compiled and checked for correctness, never timed on a GPU (docs/benchmarks.md: by
-    its instruction count it is issue-bound well below the bandwidth target). Swap the order once
-    ``make gpu-check`` measures Triton faster on the GPUs we care about.
+    its instruction count it is issue-bound well below the bandwidth target, and Triton 3.6 compiles
+    it to about 3x more instructions than 3.9). Swap the order once ``make gpu-check`` measures
+    Triton faster on the GPUs we care about.
     """
     if impl not in IMPLS:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
