@@ -379,15 +379,9 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, section: str) -> None:
     """Put ``section`` between the bench markers in ``path``, keeping everything else in the file."""
-    block = f"{BEGIN}\n{section}{END}\n"
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from shufflemamba.reports import write_marked_section
+
+    write_marked_section(path, section, BEGIN, END)
 
 
 # -- entry point ------------------------------------------------------------------------------------------

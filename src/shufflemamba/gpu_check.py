@@ -321,16 +321,10 @@ def to_markdown(rep: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, section: str) -> None:
-    """Put ``section`` between the gpu-check markers in ``path`` (appended when they are absent)."""
-    block = f"{BEGIN}\n{section}{END}\n"
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Put ``section`` between the gpu-check markers in ``path``, keeping everything else in the file."""
+    from shufflemamba.reports import write_marked_section
+
+    write_marked_section(path, section, BEGIN, END)
 
 
 def run_check(device: torch.device, *, quick: bool = False, budget_s: float = 420.0,
