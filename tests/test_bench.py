@@ -38,10 +38,18 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
             assert r["slws_overhead"] > -1 and r["slws_ops_ms"] > 0 and 0 < r["slws_ops_fraction"] < 1
     assert "skipped" in res["gpu"]
 
+    from shufflemamba.bench_vit import SETUPS
+    assert set(res["vit"]["setups"]) == set(SETUPS)
+    for r in res["vit"]["setups"].values():
+        assert r["status"] == "ok", r
+        assert r["images_per_s_vim"] > 0 and r["images_per_s_vit"] > 0 and r["vim_over_vit_paired"] > 0
+        assert r["tokens"] > 1 and r["params_vim"] > 0 and r["params_vit"] > 0
+
     text = md.read_text()
     assert "Hand-written section that must survive." in text
     assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
     assert "Selective scan, forward + backward" in text
+    assert "Vim vs timm's ViT of the same width, depth and tokens" in text
 
 
 def test_write_markdown_replaces_only_its_section(tmp_path):

@@ -41,6 +41,7 @@ from torch import Tensor
 import shufflemamba  # noqa: F401  (torchvision shim and model registration before timm)
 from shufflemamba.config import UserError
 from shufflemamba.ops.selective_scan import selective_scan, selective_scan_ref
+from shufflemamba.reports import cpu_model, write_marked_section
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -312,7 +313,7 @@ def bench_gpu(device: torch.device, quick: bool, repeats: int, scan_records: lis
 def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
-        "device": str(device), "device_name": platform.processor() or platform.machine(),
+        "device": str(device), "device_name": cpu_model(),
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -358,7 +359,12 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f" | {r['status']} |")
     lines += ["", "Target: SLWS overhead at most 2% of a training step. The last column times SLWS's own work "
               "(randperm, argsort, gathers) in isolation as if every block shuffled: an upper bound that, unlike "
-              "the difference of two step times, does not drown in machine noise.", "", "### GPU", ""]
+              "the difference of two step times, does not drown in machine noise."]
+    if res.get("vit"):
+        from shufflemamba.bench_vit import to_markdown as vit_markdown
+
+        lines += vit_markdown(res["vit"])
+    lines += ["", "### GPU", ""]
     g = res.get("gpu")
     if not g or "skipped" in g:
         lines.append(f"Not measured in this run: {g.get('skipped') if g else 'no GPU'}. Still unmeasured: "
@@ -379,8 +385,6 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, section: str) -> None:
     """Put ``section`` between the bench markers in ``path``, keeping everything else in the file."""
-    from shufflemamba.reports import write_marked_section
-
     write_marked_section(path, section, BEGIN, END)
 
 
@@ -395,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--scan-batch", type=int, default=None, help="batch of the scan benchmark")
     p.add_argument("--train-batch", type=int, default=None, help="batch of the training-step benchmark")
-    p.add_argument("--skip", nargs="*", default=[], choices=["scan", "train", "gpu"], help="sections to skip")
+    p.add_argument("--skip", nargs="*", default=[], choices=["scan", "train", "vit", "gpu"], help="sections to skip")
     return p
 
 
@@ -430,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         res["train"] = bench_train(device, args.quick, repeats, train_batch, torch.bfloat16 if gpu else None)
     else:
         res["train"] = {"batch": train_batch, "img_size": None, "amp": None, "models": {}}
+    if "vit" not in args.skip:
+        from shufflemamba.bench_vit import bench_vs_vit
+
+        print("[bench] training steps, our Vim vs timm's ViT of the same size ...", file=sys.stderr)
+        res["vit"] = bench_vs_vit(device, args.quick, repeats, torch.bfloat16 if gpu else None)
     if gpu and "gpu" not in args.skip:
         print("[bench] GPU bandwidth and Vim-S vs DeiT-S ...", file=sys.stderr)
         res["gpu"] = bench_gpu(device, args.quick, repeats, res["scan"], train_batch)

@@ -96,7 +96,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         out.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
                    memory_gib=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported())
     else:
-        out.update(device_name=platform.processor() or platform.machine())
+        from shufflemamba.reports import cpu_model
+
+        out.update(device_name=cpu_model())
     from .ops.selective_scan import _resolve_impl
 
     out["auto_impl"] = {dt: _resolve_impl("auto", device, getattr(torch, dt)) for dt in ("float32", "bfloat16")}

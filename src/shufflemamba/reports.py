@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), e.g. "AMD EPYC": CPU figures must name it,
+    since machines of one kind differ (platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_marked_section(path: Path, section: str, begin: str, end: str) -> None:

@@ -1,0 +1,110 @@
+"""Our Vim against timm's ViT of the same width, depth and token count: training images/s, one process.
+
+Issue 12's yardstick for the CPU path: a Vim should train at least as fast as the plain ViT it is
+meant to replace. Both models get the same embedding width D, depth, patch size, image size and a
+class token (so the same number of tokens), the same batch, AdamW and fp32 (bf16 autocast on CUDA).
+The ViT has D / 32 heads and MLP ratio 4 (timm's defaults); the Vim has d_state and expand as given,
+SLWS off (its shuffle costs < 1% of a step, measured in the training-step section).
+
+The two step functions are timed round-robin in one process (``bench._time_interleaved``), so a
+change in machine load hits both alike; the ratio of each interleaved pair's times is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# name -> settings shared by both models, and the Vim's own
+SETUPS: dict[str, dict[str, Any]] = {
+    # the demo's model (configs/demo.yaml): 28 px Fashion-MNIST, patch 4 -> 49 patches + class token
+    "demo (D 96, depth 4, 50 tokens)": dict(
+        shared=dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_classes=10), batch=128,
+        vim=dict(d_state=8, cls_position="head"),
+    ),
+    # Vim-Ti's width and half its depth at 64 px, patch 8 -> 64 patches + class token
+    "D 192, depth 12, 65 tokens": dict(
+        shared=dict(img_size=64, patch_size=8, in_chans=3, embed_dim=192, depth=12, num_classes=100), batch=64,
+        vim=dict(d_state=16, cls_position="middle"),
+    ),
+}
+
+
+def _models(setup: dict[str, Any], quick: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    shared = dict(setup["shared"])
+    if quick:  # the same code paths at a size that runs in a second
+        shared.update(depth=2, embed_dim=32)
+    vim = timm.create_model("vim_tiny_patch16_224", slws_rate=0.0, **shared, **setup["vim"])
+    vit = VisionTransformer(num_heads=max(1, shared["embed_dim"] // 32), mlp_ratio=4.0, class_token=True,
+                            global_pool="token", **shared)
+    return vim, vit
+
+
+def _step_fn(model: torch.nn.Module, batch: int, shared: dict[str, Any], device: torch.device,
+             amp: torch.dtype | None):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, shared["in_chans"], shared["img_size"], shared["img_size"], generator=g).to(device)
+    y = torch.randint(0, shared["num_classes"], (batch,), generator=g).to(device)
+    model.to(device).train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dtype | None) -> dict[str, Any]:
+    """Training images/s of our Vim and timm's ViT at each of :data:`SETUPS`, interleaved in one process."""
+    from .bench import _time_interleaved
+
+    out: dict[str, Any] = {"amp": str(amp) if amp else None, "threads": torch.get_num_threads(), "setups": {}}
+    for name, setup in SETUPS.items():
+        batch = 4 if quick else setup["batch"]
+        rec: dict[str, Any] = {"batch": batch}
+        out["setups"][name] = rec
+        try:
+            vim, vit = _models(setup, quick)
+            shared = {**setup["shared"], **({"embed_dim": 32, "depth": 2} if quick else {})}
+            fns = {"vim": _step_fn(vim, batch, shared, device, amp), "vit": _step_fn(vit, batch, shared, device, amp)}
+            times = _time_interleaved(fns, repeats, 2, device)
+        except Exception as e:  # one setup failing must not lose the others' figures
+            rec["status"] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            continue
+        vim_s, vit_s = statistics.median(times["vim"]), statistics.median(times["vit"])
+        rec.update(
+            status="ok", tokens=vim.pos_embed.shape[1],
+            params_vim=sum(p.numel() for p in vim.parameters()), params_vit=sum(p.numel() for p in vit.parameters()),
+            ms_vim=vim_s * 1e3, ms_vit=vit_s * 1e3, images_per_s_vim=batch / vim_s, images_per_s_vit=batch / vit_s,
+            # each interleaved pair ran back to back: the median of their ratios is the steadiest figure
+            vim_over_vit_paired=statistics.median(a / b for a, b in zip(times["vit"], times["vim"])),
+            repeats=repeats,
+        )
+        del vim, vit, fns
+    return out
+
+
+def to_markdown(res: dict[str, Any]) -> list[str]:
+    """The section's lines for docs/benchmarks.md."""
+    from .bench import _fmt
+
+    lines = ["", f"### Vim vs timm's ViT of the same width, depth and tokens (training, {res['amp'] or 'fp32'}, "
+                 f"AdamW, {res['threads']} threads)", "",
+             "| setup | batch | tokens | params Vim / ViT | img/s Vim | img/s ViT | Vim / ViT (median of pairs) | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["setups"].items():
+        params = (f"{r['params_vim'] / 1e6:.2f}M / {r['params_vit'] / 1e6:.2f}M" if "params_vim" in r else "-")
+        lines.append(f"| {name} | {r['batch']} | {r.get('tokens', '-')} | {params} | {_fmt(r.get('images_per_s_vim'))}"
+                     f" | {_fmt(r.get('images_per_s_vit'))} | {_fmt(r.get('vim_over_vit_paired'), '.2f')}x | {r['status']} |")
+    lines += ["", "Target (issue 12): Vim / ViT >= 1.0x at both setups, on the Intel and the AMD machines of this kind."]
+    return lines
