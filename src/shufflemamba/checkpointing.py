@@ -15,7 +15,6 @@ that needs the full unpickler is refused unless the user says they trust it.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import glob
 import json
@@ -271,14 +270,16 @@ def load_checkpoint(path: str, *, trust: bool = False) -> dict[str, Any]:
         raise UserError(f"checkpoint '{path}' not found")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint '{path}' is empty")
+    from .models.checkpoint import read_checkpoint  # the one torch.load of the project (Namespace allowed)
+
     trusted = trust or trusted_by_env()
     try:
-        # argparse.Namespace holds plain values: official Vim / Mamba-Reg files keep their arguments so
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except Exception as err:  # zip, pickle and EOF errors of many kinds
-        if not trusted and "Weights only load failed" in str(err) and _needs_pickle(path):
+        ckpt = read_checkpoint(path, weights_only=not trusted)
+    except ValueError:  # read_checkpoint's weights-only refusal; junk bytes are refused the same way
+        if _needs_pickle(path):
             raise UserError(f"checkpoint '{path}' holds pickled Python objects that could run code, so it was not loaded; {TRUST_HINT}") from None
+        raise UserError(f"checkpoint '{path}' could not be read (truncated, or not a PyTorch checkpoint): UnpicklingError") from None
+    except Exception as err:  # zip, pickle and EOF errors of many kinds
         raise UserError(f"checkpoint '{path}' could not be read (truncated, or not a PyTorch checkpoint): {type(err).__name__}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"checkpoint '{path}' holds no model state dict")
