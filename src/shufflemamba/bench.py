@@ -41,7 +41,7 @@ from torch import Tensor
 import shufflemamba  # noqa: F401  (torchvision shim and model registration before timm)
 from shufflemamba.config import UserError
 from shufflemamba.ops.selective_scan import selective_scan, selective_scan_ref
-from shufflemamba.reports import cpu_model, write_marked_section
+from shufflemamba.reports import cpu_model, format_number, write_marked_section
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -199,10 +199,10 @@ def _make_model(name: str, quick: bool, device: torch.device, **kwargs: Any) -> 
 
 
 def _train_step_fn(model: torch.nn.Module, batch: int, img: int, device: torch.device,
-                   amp: torch.dtype | None) -> Callable[[], None]:
+                   amp: torch.dtype | None, in_chans: int = 3) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, img, img, generator=g).to(device)
+    x = torch.randn(batch, in_chans, img, img, generator=g).to(device)
     num_classes = model.num_classes if hasattr(model, "num_classes") else 1000
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
     model.train()
@@ -326,8 +326,7 @@ def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
     return meta
 
 
-def _fmt(x: Any, spec: str = ".1f") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) and x is not None else "-"
+_fmt = format_number
 
 
 def to_markdown(res: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ import statistics
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 # name -> settings shared by both models, and the Vim's own
 SETUPS: dict[str, dict[str, Any]] = {
@@ -46,27 +45,9 @@ def _models(setup: dict[str, Any], quick: bool) -> tuple[torch.nn.Module, torch.
     return vim, vit
 
 
-def _step_fn(model: torch.nn.Module, batch: int, shared: dict[str, Any], device: torch.device,
-             amp: torch.dtype | None):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, shared["in_chans"], shared["img_size"], shared["img_size"], generator=g).to(device)
-    y = torch.randint(0, shared["num_classes"], (batch,), generator=g).to(device)
-    model.to(device).train()
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dtype | None) -> dict[str, Any]:
     """Training images/s of our Vim and timm's ViT at each of :data:`SETUPS`, interleaved in one process."""
-    from .bench import _time_interleaved
+    from .bench import _time_interleaved, _train_step_fn
 
     out: dict[str, Any] = {"amp": str(amp) if amp else None, "threads": torch.get_num_threads(), "setups": {}}
     for name, setup in SETUPS.items():
@@ -75,8 +56,9 @@ def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dty
         out["setups"][name] = rec
         try:
             vim, vit = _models(setup, quick)
-            shared = {**setup["shared"], **({"embed_dim": 32, "depth": 2} if quick else {})}
-            fns = {"vim": _step_fn(vim, batch, shared, device, amp), "vit": _step_fn(vit, batch, shared, device, amp)}
+            img, chans = setup["shared"]["img_size"], setup["shared"]["in_chans"]  # --quick keeps both
+            fns = {key: _train_step_fn(model.to(device), batch, img, device, amp, chans)
+                   for key, model in (("vim", vim), ("vit", vit))}
             times = _time_interleaved(fns, repeats, 2, device)
         except Exception as e:  # one setup failing must not lose the others' figures
             rec["status"] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"

@@ -259,7 +259,9 @@ def slws(device: torch.device, batch: int, repeats: int, quick: bool) -> dict[st
 
 # -- report ---------------------------------------------------------------------------------------------
 def _f(x: Any, spec: str = ".1f") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+    from shufflemamba.reports import format_number
+
+    return format_number(x, spec)
 
 
 def to_markdown(rep: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -17,6 +18,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def format_number(x: Any, spec: str = ".1f") -> str:
+    """``x`` formatted with ``spec``, or "-" for a figure that is missing (None) or not a number."""
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
 
 def write_marked_section(path: Path, section: str, begin: str, end: str) -> None:
