@@ -151,8 +151,9 @@ def train_one_epoch(
                     state.nonfinite_streak = 0
                     scaled = loss / accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_value = loss.item() if loss is not None else math.nan  # one host read per micro-batch
         if loss is not None:
-            sums.loss_sum += loss.item()
+            sums.loss_sum += loss_value
             sums.loss_count += 1
             sums.images += len(x)
         if is_update:
@@ -168,7 +169,7 @@ def train_one_epoch(
                 raise Interrupted(state.stop_signal or signal.SIGTERM, epoch, i + 1)
         lr = optimizer.param_groups[0]["lr"]
         ips = sums.images / max(time.perf_counter() - t0, 1e-9)
-        shown = f"{loss.item():.4f}" if loss is not None else "nan"
+        shown = f"{loss_value:.4f}"
         if bar is not None:
             bar.set_postfix(loss=shown, lr=f"{lr:.2e}", ips=f"{ips:.0f}")
             bar.update(1)
