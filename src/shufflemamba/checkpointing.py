@@ -221,10 +221,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def step_number(path: str) -> int:
+    """The optimiser-step count in a step checkpoint's name (``step_<updates>.pt``)."""
+    return int(STEP_PATTERN.search(path).group(1))
+
+
 def step_checkpoints(output: str) -> list[str]:
     """The step checkpoints in ``output``, oldest first."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output, "step_*.pt")) if (m := STEP_PATTERN.search(p))]
-    return [p for _, p in sorted(found)]
+    found = [p for p in glob.glob(os.path.join(output, "step_*.pt")) if STEP_PATTERN.search(p)]
+    return sorted(found, key=step_number)
 
 
 def save_step_checkpoint(obj: dict[str, Any], output: str, keep_last: int) -> str:

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .checkpointing import (
     EpochSums, Progress, gather_rank_states, load_checkpoint, prepare_output, remove_step_checkpoints,
-    restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, tensorboard_writer,
+    restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, step_number, tensorboard_writer,
     training_checkpoint, write_metrics,
 )
 from .config import UserError, dump_config, resolve_amp
@@ -268,7 +268,7 @@ class Trainer:
         """Step files past where this run starts belong to an abandoned future (or an earlier run in
         this folder): left there, they would look newer than this run's own."""
         stale = [p for p in step_checkpoints(self.output)
-                 if self.progress.num_updates == 0 or int(os.path.basename(p)[5:-3]) > self.progress.num_updates]
+                 if self.progress.num_updates == 0 or step_number(p) > self.progress.num_updates]
         for path in stale:
             os.remove(path)
         if stale:
