@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
-from .checkpoint import resize_pos_embed
+from .checkpoint import _cls_index, resize_pos_embed
 from .features import FeatureMixin, final_norm
 from .mamba_mixer import INITS, VimBlock, make_norm
 from .pretrained import default_cfgs, resolve_weights  # noqa: F401 (register_model reads default_cfgs here)
@@ -208,7 +208,7 @@ class VisionMamba(FeatureMixin, nn.Module):
                                       dynamic_img_pad=dynamic_img_pad)
         self.dynamic_img_size = dynamic_img_size
         num_patches = self.patch_embed.num_patches
-        self.cls_index = num_patches // 2 if cls_position == "middle" else 0
+        self.cls_index = _cls_index(num_patches, cls_position)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -306,7 +306,7 @@ class VisionMamba(FeatureMixin, nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def _cls_index_for(self, num_patches: int) -> int:
-        return num_patches // 2 if self.cls_position == "middle" else 0
+        return _cls_index(num_patches, self.cls_position)
 
     def _prefix_positions(self, num_patches: int) -> list[int]:
         """Sequence indices of the non-patch tokens for ``num_patches`` patches: the class token."""
