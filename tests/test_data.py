@@ -103,3 +103,40 @@ def test_debian_fashion_mnist_reads():
     assert x.shape == (2, 1, 28, 28) and y.dtype == torch.long
     ds = FashionMNIST(None, "train")
     assert len(ds) == 60000 and set(np.unique(ds.targets)) == set(range(10))
+
+
+def _image_bytes(ds, i):
+    x = ds[i][0]
+    return x.numpy().tobytes()
+
+
+def test_holdout_validates_on_training_images_never_trained_on(tmp_path):
+    # 2 classes x 10 train images, each image distinct; val/ has its own 2 x 3 images
+    root = str(tmp_path)
+    for c, base in (("a", 0), ("b", 100)):
+        d = os.path.join(root, "train", c)
+        os.makedirs(d)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), base + i, np.uint8)).save(os.path.join(d, f"{i}.png"))
+    _folder(root, n=3, size=8, split="val")
+    cfg = _cfg(data_dir=root, holdout=6, train_subset=8, hflip=0.0, scale=[1.0, 1.0], ratio=[1.0, 1.0], seed=3)
+    out = build_loaders(cfg, 3)
+    val, train = out["val_loader"].dataset, out["train_loader"].dataset.dataset
+    assert len(val) == 6 and len(train) == 8
+    val_pixels = {val[i][0][0, 0, 0].item() for i in range(len(val))}
+    train_pixels = {train[i][0][0, 0, 0].item() for i in range(len(train))}
+    assert not val_pixels & train_pixels  # disjoint: no held-out image is trained on
+    # the same seed draws the same held-out images; another seed draws others
+    again = build_loaders(cfg, 3, train=False)["val_loader"].dataset
+    assert {again[i][0][0, 0, 0].item() for i in range(6)} == val_pixels
+    other = build_loaders({**cfg, "seed": 4}, 3, train=False)["val_loader"].dataset
+    assert {other[i][0][0, 0, 0].item() for i in range(6)} != val_pixels
+    # without holdout the val loader reads val/ (6 images)
+    assert len(build_loaders({**cfg, "holdout": None}, 3, train=False)["val_loader"].dataset) == 6
+
+
+def test_holdout_too_large_is_a_user_error(tmp_path):
+    root = _folder(str(tmp_path), n=3)
+    _folder(root, n=1, split="val")
+    with pytest.raises(UserError, match="holdout 6 leaves no training images"):
+        build_loaders(_cfg(data_dir=root, holdout=6), 3)

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_flags(t)
     t.add_argument("--train-subset", type=int, help="train on a fixed random subset of this many images")
+    t.add_argument(
+        "--holdout", type=int,
+        help="validate on this many training images held out of training (the val/ split is left for `evaluate`)",
+    )
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float, help="base lr at total batch 512 (scaled), or absolute with --scale-lr false")

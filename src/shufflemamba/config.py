@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "std": None,
     "train_subset": None,  # int: train on a fixed random subset of this many images
     "val_subset": None,
+    # int: hold this many training images out as the validation set (curves, selection); the val/
+    # (test) split is then left for final evaluation (`shufflemamba evaluate`) only
+    "holdout": None,
     "workers": 2,
     # augmentation / regularisation
     "aa": None,  # e.g. "rand-m9-mstd0.5-inc1"
@@ -233,7 +236,7 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         if not (isinstance(v, (list, tuple)) and len(v) == 2 and 0 < float(v[0]) <= float(v[1])):
             raise UserError(f"{key} must be two increasing positive numbers, got {v!r}")
         cfg[key] = [float(x) for x in v]
-    for key in ("train_subset", "val_subset"):
+    for key in ("train_subset", "val_subset", "holdout"):
         if cfg[key] is not None and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1):
             raise UserError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if cfg["dataset"] is not None:

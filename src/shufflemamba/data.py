@@ -212,6 +212,22 @@ def subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
     return Subset(ds, idx)
 
 
+def holdout_split(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(n)`` into (training pool, held-out validation) indices, both sorted.
+
+    The held-out images are a fixed random draw for ``seed`` and never enter training; a
+    ``train_subset`` is then drawn from the pool, so it is disjoint from them.
+
+    Raises:
+        UserError: ``holdout`` leaves no training images.
+    """
+    if holdout >= n:
+        raise UserError(f"holdout {holdout} leaves no training images (the training split has {n})")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    return perm[holdout:].sort().values.tolist(), perm[:holdout].sort().values.tolist()
+
+
 def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
     """The seed of one training sample's augmentation: a function of where it falls in the run."""
     return (((seed * 1_000_003 + epoch) * 1_000_003 + rank) * 1_000_003 + position) % 2**63
@@ -289,14 +305,23 @@ def build_loaders(cfg: dict[str, Any], in_chans: int, rank: int = 0, world: int 
         UserError: missing/empty data, or train and val class folders that differ.
     """
     out: dict[str, Any] = {}
-    val_ds = build_dataset(cfg, "val", in_chans, build_transform(cfg, in_chans, is_training=False))
+    eval_transform = build_transform(cfg, in_chans, is_training=False)
+    val_ds = build_dataset(cfg, "val", in_chans, eval_transform)
     classes = class_names(val_ds)
+    pool = None
+    if cfg.get("holdout"):
+        # validate on held-out training images (eval transform); the val/ split stays unseen
+        train_eval = build_dataset(cfg, "train", in_chans, eval_transform)
+        pool, held = holdout_split(len(train_eval), cfg["holdout"], cfg["seed"])
+        val_ds = Subset(train_eval, held)
     if train:
         train_ds = build_dataset(cfg, "train", in_chans, build_transform(cfg, in_chans, is_training=True))
         train_classes = class_names(train_ds)
         if train_classes != classes:
             diff = sorted(set(train_classes) ^ set(classes))
             raise UserError(f"train/ and val/ class folders differ: {', '.join(diff[:5]) or 'order differs'}")
+        if pool is not None:
+            train_ds = Subset(train_ds, pool)
         train_ds = subset(train_ds, cfg["train_subset"], cfg["seed"])
         if cfg["repeated_aug"] and world > 1:
             from timm.data.distributed_sampler import RepeatAugSampler

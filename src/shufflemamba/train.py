@@ -475,6 +475,7 @@ def evaluate_checkpoint(path: str, overrides: dict[str, Any], use_ema: bool = Fa
         cfg["dataset"] = None  # a data dir alone means the ImageFolder layout
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     cfg["val_subset"] = overrides.get("val_subset")
+    cfg["holdout"] = None  # evaluate reads the val/ (test) split, never the run's held-out training images
     cfg = validate_config(cfg)
     state = ckpt["model"]
     if use_ema:
