@@ -231,9 +231,9 @@
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
             /* hs: (L+1) x N x EB states h_{s-1} (row 0 zero); as: (L+1) x N x EB decays, row L */ \
-            /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u; then N x EB g, dA, A.     */  \
+            /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u; then N x EB g, dA, A. */ \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
-            T *buf = (T *)malloc(sizeof(T) * (2 * rows + 4 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB)); \
+            T *buf = (T *)malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB)); \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -243,10 +243,11 @@
                 T *CL_RESTRICT hs = buf, *CL_RESTRICT as = buf + rows;                             \
                 T *CL_RESTRICT ds = as + rows, *CL_RESTRICT sgs = ds + L * EB;                     \
                 T *CL_RESTRICT gys = sgs + L * EB, *CL_RESTRICT us = gys + L * EB;                 \
-                T *CL_RESTRICT g = us + L * EB, *CL_RESTRICT dAa = g + N * EB, *CL_RESTRICT Ab = dAa + N * EB; \
+                T *CL_RESTRICT dus = us + L * EB;                                                  \
+                T *CL_RESTRICT g = dus + L * EB, *CL_RESTRICT dAa = g + N * EB, *CL_RESTRICT Ab = dAa + N * EB; \
                 T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT y = Ds + EB; \
-                T *CL_RESTRICT go = y + EB, *CL_RESTRICT zz = go + EB, *CL_RESTRICT dl = zz + EB;  \
-                T *CL_RESTRICT dd = dl + EB, *CL_RESTRICT sgB = dd + EB;                           \
+                T *CL_RESTRICT go = y + EB, *CL_RESTRICT zz = go + EB, *CL_RESTRICT szs = zz + EB; \
+                T *CL_RESTRICT dd = szs + EB, *CL_RESTRICT sgB = dd + EB;                          \
                 const int64_t b = item / nblk, blk = item % nblk, e0 = blk * EB;                   \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
                 T *dBb = dB_part + (blk * batch + b) * L * N, *dCb = dC_part + (blk * batch + b) * L * N; \
@@ -264,6 +265,7 @@
                     const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
                     T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;                \
                     T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;               \
+                    T *CL_RESTRICT du = dus + s * EB;                                              \
                     CL_LOAD(T, uu, u + row, ne);                                                   \
                     CL_LOAD(T, d, dsv + row, ne);                                                  \
                     CL_LOAD(T, go, gout + row, ne);                                                \
@@ -275,12 +277,20 @@
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) sg[j] = (T)1;                                 \
                     }                                                                              \
+                    /* d*u once per step: both passes multiply it by a scalar per state */         \
                     _Pragma("omp simd")                                                            \
-                    for (int j = 0; j < EB; ++j) y[j] = (T)0;                                      \
+                    for (int j = 0; j < EB; ++j) {                                                 \
+                        du[j] = d[j] * uu[j];                                                      \
+                        y[j] = (T)0;                                                               \
+                    }                                                                              \
                     if (z) {                                                                       \
+                        /* sigmoid(z) once: the gate (gy) and its derivative (dz) both use it */   \
                         CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) gy[j] = go[j] * zz[j] / ((T)1 + EXP(-zz[j])); \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            szs[j] = SM_SIGMOID(T, EXP, zz[j]);                                    \
+                            gy[j] = go[j] * zz[j] * szs[j];                                        \
+                        }                                                                          \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) gy[j] = go[j];                                \
@@ -293,7 +303,7 @@
                         T dc = (T)0;                                                               \
                         _Pragma("omp simd reduction(+ : dc)")                                      \
                         for (int j = 0; j < EB; ++j) {                                             \
-                            const T a = EXP(d[j] * an[j]), hn = a * hp[j] + d[j] * uu[j] * bn;     \
+                            const T a = EXP(d[j] * an[j]), hn = a * hp[j] + du[j] * bn;            \
                             ac[j] = a;                                                             \
                             hc[j] = hn;                                                            \
                             y[j] += cn * hn;                                                       \
@@ -304,7 +314,7 @@
                     if (z) {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
-                            const T sz = SM_SIGMOID(T, EXP, zz[j]);                                \
+                            const T sz = szs[j];                                                   \
                             y[j] = go[j] * (y[j] + Ds[j] * uu[j]) * sz * ((T)1 + zz[j] * ((T)1 - sz)); \
                         }                                                                          \
                         CL_STORE(T, dz + row, y, ne);                               \
@@ -317,6 +327,7 @@
                     const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
                     const T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;          \
                     const T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;         \
+                    const T *CL_RESTRICT du = dus + s * EB;                                        \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) dd[j] = sgB[j] = (T)0;                            \
@@ -335,7 +346,7 @@
                             dd[j] += ga * an[j];                                                   \
                             dAn[j] += ga * d[j];                                                   \
                             sgB[j] += gv * bn;                                                     \
-                            db += gv * d[j] * uu[j];                                               \
+                            db += gv * du[j];                                                      \
                         }                                                                          \
                         dBb[t * N + n] = db;                                                       \
                     }                                                                              \
