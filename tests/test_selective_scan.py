@@ -343,3 +343,59 @@ def test_cpu_kernel_flushes_denormals_and_restores_the_callers_mode():
     assert out[0, 0, 9] == 0  # ... the kernel flushes it
     torch.testing.assert_close(out[..., :8], ref[..., :8], rtol=1e-5, atol=0)
     assert (torch.tensor([1e-30]) * 1e-10).item() != 0  # this thread still computes denormals
+
+
+def test_scan_cl_out_scale_and_accumulate_match_the_sum():
+    """accumulate + out_scale * scan(...), in place: the values and every gradient, including the
+    one flowing into the accumulated tensor, equal those of the separate expression."""
+    _needs("cpu")
+    u, delta, A, B, C, Dv, zv, bv = make_inputs(batch=2, E=70, L=7, N=3)
+    cl = [u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), Dv, zv.transpose(1, 2), bv]
+    base = torch.randn(2, 7, 70, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    gout = torch.randn(2, 7, 70, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def run(fused):
+        leaves = [t.detach().contiguous().requires_grad_() for t in cl]
+        w = base.clone().requires_grad_()
+        acc = w * 2.0  # a non-leaf, as the mixer's first direction's output is
+        if fused:
+            out = cpu_scan.selective_scan_cl(*leaves, delta_softplus=True, reverse=True, out_scale=0.5, accumulate=acc)
+            assert out is acc
+        else:
+            out = acc + 0.5 * cpu_scan.selective_scan_cl(*leaves, delta_softplus=True, reverse=True)
+        return out.detach(), torch.autograd.grad(out, [*leaves, w], gout)
+
+    out, grads = run(True)
+    ref, ref_grads = run(False)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="accumulate"):
+        cpu_scan.selective_scan_cl(*[t.contiguous() for t in cl], accumulate=base[:, :3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mixer_fused_combine_matches_reference_directions(dtype):
+    """The fused mixer (second direction summed in place into the first's halved output) gives the
+    reference ``_direction`` path's output and the gradients of the input and every parameter."""
+    _needs("cpu")
+    from shufflemamba.models import BiMambaMixer
+
+    torch.manual_seed(1)
+    mixer = BiMambaMixer(8, d_state=3, dt_rank=2).to(dtype)  # E = 16: float64 conv1d stays fast
+    hidden = torch.randn(3, 6, 8, dtype=dtype, requires_grad=True)
+    assert mixer._use_fused_cpu(hidden)
+    out = mixer(hidden)
+    gout = torch.randn_like(out)
+    params = [hidden, *mixer.parameters()]
+    grads = torch.autograd.grad(out, params, gout)
+    # the reference: both directions through _direction on (B, E, L), the scan by selective_scan_ref
+    mixer.scan_impl = "ref"
+    assert not mixer._use_fused_cpu(hidden)
+    ref = mixer(hidden)
+    ref_grads = torch.autograd.grad(ref, params, gout)
+    tol = dict(atol=1e-11, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    for (name, _), g, rg in zip([("hidden", None), *mixer.named_parameters()], grads, ref_grads):
+        assert torch.count_nonzero(rg) > 0, name
+        torch.testing.assert_close(g, rg, **tol, msg=lambda m, n=name: f"{n}: {m}")

@@ -221,11 +221,13 @@ class BiMambaMixer(nn.Module):
         return cpu_scan_available()
 
     def _direction_cl(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-                      a_log: Tensor, d: Tensor, reverse: bool) -> Tensor:
+                      a_log: Tensor, d: Tensor, reverse: bool, accumulate: Tensor | None = None) -> Tensor:
         """One direction on channel-last tensors. x, z: (B, L, E) views of in_proj's output -> (B, L, E).
 
         ``reverse`` runs the conv anti-causally and the scan from the end, which equals the flipped
-        computation of :meth:`_direction` flipped back, without copying any flipped tensor.
+        computation of :meth:`_direction` flipped back, without copying any flipped tensor. The
+        result is halved in the scan kernel; with ``accumulate`` (the other direction's halved
+        output) it is added into that tensor in place, so ``(y_f + y_b) / 2`` costs no extra pass.
         """
         from ..ops.cpu_scan import causal_conv1d_silu_cl, selective_scan_cl
 
@@ -238,17 +240,17 @@ class BiMambaMixer(nn.Module):
         # paths compute the same numbers for float64 models too
         a = -torch.exp(a_log.float()).to(dtype)  # (E, N)
         return selective_scan_cl(x, delta, a, b, c, d.float().to(dtype), z, dt_proj.bias.float().to(dtype),
-                                 delta_softplus=True, reverse=reverse)
+                                 delta_softplus=True, reverse=reverse, out_scale=0.5, accumulate=accumulate)
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden: (B, L, D) -> (B, L, D)."""
         if self._use_fused_cpu(hidden):
             xz = self.in_proj(hidden)  # (B, L, 2E)
             x, z = xz.chunk(2, dim=-1)  # (B, L, E) strided views, no copy
-            y_f = self._direction_cl(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False)
-            y_b = self._direction_cl(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                                     True)
-            return self.out_proj((y_f + y_b) * 0.5)
+            y = self._direction_cl(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False)
+            y = self._direction_cl(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
+                                   True, accumulate=y)  # y_f / 2 + y_b / 2, summed in place by the kernel
+            return self.out_proj(y)
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each
         y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False)

@@ -43,7 +43,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     # ~20% faster with 512-bit ones. No effect on CPUs without AVX-512 (x86 only: gcc on ARM
     # rejects the flag).
     _FLAGS += ("-mprefer-vector-width=512",)
-_ABI_VERSION = 2
+_ABI_VERSION = 3  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -87,7 +87,7 @@ def _build(cc: str, out: Path) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for sfx in ("f32", "f64"):
         fwd = getattr(lib, f"ss_fwd_{sfx}")
         fwd.argtypes = [p] * 9 + [i64] * 4 + [i32, i32]
@@ -100,8 +100,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, p, p] + [i64] * 4 + [i32, i32]
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
-        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p] + [i64] * 4 + [i32, i32, i32]
-        getattr(lib, f"sl_bwd_{sfx}").argtypes = head[:-1] + [p] * 8 + [i64] * 4 + [i32, i32, i32]
+        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p] + [i64] * 4 + [i32, i32, f64, i32, i32]
+        getattr(lib, f"sl_bwd_{sfx}").argtypes = head[:-1] + [p] * 8 + [i64] * 4 + [i32, i32, f64, i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
@@ -320,10 +320,15 @@ def causal_conv1d_silu_cl(x: Tensor, weight: Tensor, bias: Tensor | None, revers
 
 
 class _ScanCL(torch.autograd.Function):
-    """Channel-last selective scan; the backward recomputes states per (batch, channel block)."""
+    """Channel-last selective scan; the backward recomputes states per (batch, channel block).
+
+    Returns ``out_scale * y``, or with ``acc`` given, ``acc`` itself with ``out_scale * y`` added in
+    place (marked dirty, so autograd knows; its gradient is passed through).
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool,
+                out_scale: float, acc):
         lib = _lib_or_raise()
         u, delta = u.contiguous(), delta.contiguous()
         B, C = _rowmajor(B), _rowmajor(C)
@@ -332,7 +337,7 @@ class _ScanCL(torch.autograd.Function):
         At = A.t().contiguous()  # (N, E)
         batch, L, E = u.shape
         N = A.shape[1]
-        out = torch.empty_like(u)
+        out = torch.empty_like(u) if acc is None else acc
         # the backward needs delta only as d = softplus(delta + bias): the forward writes d out
         # and that is saved instead, so the backward skips the softplus (and its log1p)
         dsave = torch.empty_like(u) if any(ctx.needs_input_grad) else None
@@ -340,10 +345,13 @@ class _ScanCL(torch.autograd.Function):
             _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
             _ptr(delta_bias), _ptr(out), _ptr(dsave), batch, E, L, N, int(delta_softplus), int(reverse),
-            _threads(batch * L * E * N),
+            float(out_scale), int(acc is not None), _threads(batch * L * E * N),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("selective scan kernel: out of memory")
+        if acc is not None:
+            ctx.mark_dirty(acc)
+        ctx.out_scale, ctx.has_acc = float(out_scale), acc is not None
         ctx.flags = (delta_softplus, reverse, D is not None, z is not None, delta_bias is not None)
         ctx.save_for_backward(u, dsave, At, B, C, D, z)
         return out
@@ -366,7 +374,7 @@ class _ScanCL(torch.autograd.Function):
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
             _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part),
             _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), batch, E, L, N, int(softplus), int(reverse),
-            _threads(batch * L * E * N),
+            ctx.out_scale, _threads(batch * L * E * N),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("selective scan kernel: out of memory")
@@ -375,7 +383,7 @@ class _ScanCL(torch.autograd.Function):
         dA = dA_part.sum(0).t()  # (E, N)
         dD = dD_part.sum(0) if has_D else None
         dbias = ddelta.sum((0, 1)) if has_bias else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, (gout if ctx.has_acc else None)
 
 
 def selective_scan_cl(
@@ -389,13 +397,24 @@ def selective_scan_cl(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     reverse: bool = False,
+    out_scale: float = 1.0,
+    accumulate: Tensor | None = None,
 ) -> Tensor:
     """Selective scan on channel-last tensors: u, delta, z (batch, L, E); B, C (batch, L, N).
 
     Same semantics as :func:`shufflemamba.ops.selective_scan` on the transposed tensors;
     ``reverse=True`` scans from the last step to the first (``flip(scan(flip(.)))`` along L).
     Inputs must share one float32 / float64 dtype; B, C and z may be strided slices with unit
-    stride along their last dim. Returns (batch, L, E) contiguous.
+    stride along their last dim.
+
+    Args:
+        out_scale: the result is ``out_scale * y`` (scaled in the kernel, no extra pass).
+        accumulate: a contiguous (batch, L, E) tensor of u's dtype that ``out_scale * y`` is added
+            to in place and returned (the mixer's two directions sum into one buffer this way);
+            autograd sees the in-place update. It must not be a leaf that requires grad.
+
+    Returns:
+        (batch, L, E) contiguous: a new tensor, or ``accumulate``.
     """
     check_scan_inputs("selective_scan_cl", u, delta, A, B, C, D, z, delta_bias, channel_last=True)
     for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
@@ -403,4 +422,9 @@ def selective_scan_cl(
             raise TypeError(f"selective_scan_cl: {name} is {t.dtype} but u is {u.dtype}")
     if u.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"selective_scan_cl: float32 or float64 inputs expected, got {u.dtype}")
-    return _ScanCL.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse))
+    if accumulate is not None and (accumulate.shape != u.shape or accumulate.dtype != u.dtype
+                                   or not accumulate.is_contiguous()):
+        raise ValueError(f"selective_scan_cl: accumulate must be a contiguous {tuple(u.shape)} {u.dtype} tensor, "
+                         f"got {tuple(accumulate.shape)} {accumulate.dtype}")
+    return _ScanCL.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse),
+                         float(out_scale), accumulate)

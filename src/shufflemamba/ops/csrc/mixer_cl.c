@@ -142,7 +142,10 @@
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
                      const T *CL_RESTRICT dbias, T *CL_RESTRICT out, T *CL_RESTRICT dsave,         \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
-                     int nthreads) {                                                               \
+                     double oscale, int accumulate, int nthreads) {                                \
+        /* out = oscale * y, or out += oscale * y with accumulate: the mixer's second direction   \
+         * adds its half into the first one's output, with no separate (y_f + y_b) / 2 pass */  \
+        const T os = (T)oscale;                                                                    \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
@@ -201,12 +204,21 @@
                         CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j)                                               \
-                            y[j] = (y[j] + Ds[j] * uu[j]) * zz[j] / ((T)1 + EXP(-zz[j]));          \
+                            y[j] = (y[j] + Ds[j] * uu[j]) * zz[j] / ((T)1 + EXP(-zz[j])) * os;     \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) y[j] += Ds[j] * uu[j];                        \
+                        for (int j = 0; j < EB; ++j) y[j] = (y[j] + Ds[j] * uu[j]) * os;           \
                     }                                                                              \
-                    CL_STORE(T, out + row, y, ne);                                  \
+                    if (accumulate) {                                                              \
+                        T *CL_RESTRICT o = out + row;                                              \
+                        if (ne == EB) {                                                            \
+                            _Pragma("omp simd") for (int j = 0; j < EB; ++j) o[j] += y[j];         \
+                        } else {                                                                   \
+                            for (int64_t j = 0; j < ne; ++j) o[j] += y[j];                         \
+                        }                                                                          \
+                    } else {                                                                       \
+                        CL_STORE(T, out + row, y, ne);                                             \
+                    }                                                                              \
                 }                                                                                  \
             }                                                                                      \
             SM_FTZ_END                                                                             \
@@ -224,9 +236,10 @@
                      T *CL_RESTRICT ddelta, T *CL_RESTRICT dz, T *CL_RESTRICT dA_part,             \
                      T *CL_RESTRICT dB_part, T *CL_RESTRICT dC_part, T *CL_RESTRICT dD_part,       \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
-                     int nthreads) {                                                               \
+                     double oscale, int nthreads) {                                                \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
+        const T os = (T)oscale; /* gout is the gradient of oscale * y */                           \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
@@ -269,6 +282,8 @@
                     CL_LOAD(T, uu, u + row, ne);                                                   \
                     CL_LOAD(T, d, dsv + row, ne);                                                  \
                     CL_LOAD(T, go, gout + row, ne);                                                \
+                    _Pragma("omp simd")                                                            \
+                    for (int j = 0; j < EB; ++j) go[j] *= os;                                      \
                     /* softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): no log1p here */         \
                     if (softplus) {                                                                \
                         _Pragma("omp simd")                                                        \
