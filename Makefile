@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 PINS   := constraints-cpu.txt
 
-.PHONY: install test demo study bench triton-report gpu-check check-install dataset clean
+.PHONY: install test demo study study-depth bench triton-report gpu-check check-install dataset clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP) dataset
 
 study: $(STAMP) dataset
 	$(BIN)/python benchmarks/study.py --output runs/study --background
+
+# the second round (docs/study.md): depths 6 and 24 under a heavy recipe, ~90 min on 2 cores
+study-depth: $(STAMP) dataset
+	$(BIN)/python benchmarks/study_depth.py --output runs/study_depth --background
 
 bench: $(STAMP)
 	$(BIN)/shufflemamba bench

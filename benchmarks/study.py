@@ -24,11 +24,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
+from shufflemamba.reports import write_marked_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,6 +131,7 @@ def _mean_sd(values: list[float]) -> str:
 
 
 FINDINGS_BEGIN, FINDINGS_END = "<!-- findings:begin -->", "<!-- findings:end -->"
+FIRST_BEGIN, FIRST_END = "<!-- first-study:begin -->", "<!-- first-study:end -->"
 
 
 def kept_findings(path: str) -> str:
@@ -139,7 +142,7 @@ def kept_findings(path: str) -> str:
             text = f.read()
         if FINDINGS_BEGIN in text and FINDINGS_END in text:
             return text.split(FINDINGS_BEGIN, 1)[1].split(FINDINGS_END, 1)[0].strip("\n")
-    return "## What the numbers say\n\n(to be written by whoever ran the study, from the table above)"
+    return "### What the numbers say\n\n(to be written by whoever ran the study, from the table above)"
 
 
 def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
@@ -173,7 +176,7 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     lines = [
-        "# SLWS evidence study",
+        "## First round: SLWS as the only regulariser",
         "",
         f"A Vim ({recipe['model_kwargs']}) trained {args.epochs} epochs with the recipe in `benchmarks/study.yaml`",
         f"(AdamW lr {recipe['lr']}, batch {recipe['batch_size']}, no augmentation, no label smoothing, no drop path)",
@@ -185,7 +188,7 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
         "Mean ± standard deviation over seeds "
         f"{', '.join(map(str, SEEDS))}. The train/test gap is train top-1 (final weights, no augmentation) minus test top-1.",
         "",
-        "| setting | test top-1 (%) | best epoch on the curve (%) | train top-1 (%) | gap (points) | final train loss | test loss | train s / epoch |",
+        "| setting | test top-1 (%) | best epoch, picked on test images: optimistic (%) | train top-1 (%) | gap (points) | final train loss | test loss | train s / epoch |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
@@ -210,9 +213,8 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> str
     path = os.path.join(docs, "study.md")
     lines += ["", FINDINGS_BEGIN, kept_findings(path), FINDINGS_END]
     text = "\n".join(lines) + "\n"
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    # only this study's section: docs/study.md also holds the depth study's (benchmarks/study_depth.py)
+    write_marked_section(Path(path), text, FIRST_BEGIN, FIRST_END)
     return text
 
 

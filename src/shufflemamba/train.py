@@ -299,7 +299,8 @@ class Trainer:
                 self._save_last_good_state(err)
         last = self.progress.history[-1] if self.progress.history else None
         if last is not None:
-            self.log(f"final test top-1 {last['val_top1']:.2f}% (epoch {last['epoch']}); curves: "
+            split = "held-out val" if self.cfg.get("holdout") else "test"  # --holdout: val/ is not read in training
+            self.log(f"final {split} top-1 {last['val_top1']:.2f}% (epoch {last['epoch']}); curves: "
                      f"{os.path.join(self.output, 'curves.png')}; checkpoint: {os.path.join(self.output, 'last.pt')}")
         return 0
 
