@@ -232,6 +232,10 @@ def write_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         json.dump({"epochs": args.epochs, "runs": runs}, f, indent=1)
     recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # the package the training runs imported (PYTHONPATH may point at a frozen checkout, so that
+    # commits made while the study runs cannot change its later runs)
+    pkg = Path(shufflemamba.__file__).resolve().parent
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=pkg, capture_output=True, text=True).stdout.strip()
     depths = sorted({r["depth"] for r in runs})
     slws = [s for s in args.settings if s != "off"]
     lines = [
@@ -293,7 +297,8 @@ def write_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         "",
         f"Produced by `make study-depth` (`python benchmarks/study_depth.py --output {args.output} --depths "
         f"{' '.join(map(str, args.depths))} --settings {' '.join(args.settings)} --seeds {' '.join(map(str, args.seeds))} "
-        f"--jobs {args.jobs} --threads {args.threads}`) at commit {commit}, on {cpu_model()} ({os.cpu_count()} cores, "
+        f"--jobs {args.jobs} --threads {args.threads}`), training code of commit {code} ({pkg}), report rendered at "
+        f"commit {commit}, on {cpu_model()} ({os.cpu_count()} cores, "
         f"no GPU), torch {torch.__version__}. Train s / epoch is the training pass alone at {args.threads} thread(s), "
         f"{args.jobs} runs at a time. Per-run metrics: `{args.output}/*/metrics.jsonl`; the numbers above: "
         "`docs/study_depth.json`.",
