@@ -114,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             base = next((r["fwd_bwd_ms"] for r in rows if r["impl"] == "unbind" and r["shape"] == row["shape"]), None)
             row["speedup"] = base / row["fwd_bwd_ms"] if base else None
         rows += cl_rows
-    env = {"cpu": cpu_model(), "torch": torch.__version__, "threads": args.threads, "python": platform.python_version()}
+    from shufflemamba.ops.cpu_scan import describe_vector_width
+
+    env = {"cpu": cpu_model(), "torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
+           "cpu_kernels": describe_vector_width()}
     command = "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = scan_markdown(rows)
     print(f"{env['cpu']}, torch {env['torch']}, {args.threads} threads, {args.dtype}, median of {args.repeat}")
+    print(env["cpu_kernels"])
     print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(
             "## Selective scan (CPU)\n\n"
             f"Device: {env['cpu']}; torch {env['torch']}; {args.threads} threads; {args.dtype}; "
-            f"forward + backward with D, z, delta_bias and softplus; median of {args.repeat} runs.\n\n"
+            f"forward + backward with D, z, delta_bias and softplus; median of {args.repeat} runs; "
+            f"{env['cpu_kernels']}.\n\n"
             f"Command: `{command}`\n\n{table}\n"
         )
     return 0

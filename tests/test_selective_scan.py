@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,6 +200,7 @@ def test_build_into_fresh_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_scan, "_lib", None)
     monkeypatch.setattr(cpu_scan, "_load_error", None)
     monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(tmp_path))
+    monkeypatch.setenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", "512")  # one build (auto builds two on AVX-512)
     assert cpu_scan.cpu_scan_available()
     files = [p.name for p in tmp_path.iterdir()]
     assert len(files) == 1 and files[0].startswith("selective_scan_") and files[0].endswith(".so"), files
@@ -399,3 +402,109 @@ def test_mixer_fused_combine_matches_reference_directions(dtype):
     for (name, _), g, rg in zip([("hidden", None), *mixer.named_parameters()], grads, ref_grads):
         assert torch.count_nonzero(rg) > 0, name
         torch.testing.assert_close(g, rg, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --- vector width: SHUFFLEMAMBA_CPU_VECTOR_WIDTH and the auto choice (cpu_scan._choose_width) ---
+
+
+@pytest.fixture(scope="module")
+def width_cache(tmp_path_factory):
+    """One cache directory for the width tests, so each variant is built once."""
+    if cpu_scan.shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    return tmp_path_factory.mktemp("width_cache")
+
+
+def _fresh_load(monkeypatch, cache, width=None):
+    monkeypatch.setattr(cpu_scan, "_lib", None)
+    monkeypatch.setattr(cpu_scan, "_load_error", None)
+    monkeypatch.setattr(cpu_scan, "_width_info", None)
+    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(cache))
+    if width is None:
+        monkeypatch.delenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", raising=False)
+    else:
+        monkeypatch.setenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", width)
+    assert cpu_scan.cpu_scan_available(), cpu_scan._load_error
+    return cpu_scan.vector_width_info()
+
+
+def _scan_cl_fp32():
+    u, delta, A, B, C, Dv, zv, bv = make_inputs(batch=2, E=70, L=9, N=4, dtype=torch.float32)
+    cl = [u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), Dv, zv.transpose(1, 2), bv]
+    leaves = [t.detach().contiguous().requires_grad_() for t in cl]
+    out = cpu_scan.selective_scan_cl(*leaves, delta_softplus=True)
+    return [out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+
+def test_vector_width_env_override_is_honoured(monkeypatch, width_cache):
+    if not cpu_scan._is_x86():
+        pytest.skip("the width flag is x86-only")
+    results, libs = {}, {}
+    for width in ("256", "512"):
+        info = _fresh_load(monkeypatch, width_cache, width)
+        assert info["width"] == int(width) and info["source"] == "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
+        libs[width] = cpu_scan._lib._name
+        results[width] = _scan_cl_fp32()
+    assert libs["256"] != libs["512"]  # two builds, the width in the cache key
+    for a, b in zip(results["256"], results["512"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not list(width_cache.glob("vector_width_*.json"))  # a forced width measures nothing
+
+
+def test_vector_width_bad_value_raises(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_scan, "_lib", None)
+    monkeypatch.setattr(cpu_scan, "_load_error", None)
+    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(tmp_path))
+    monkeypatch.setenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", "1024")
+    with pytest.raises(ValueError, match="SHUFFLEMAMBA_CPU_VECTOR_WIDTH must be 256, 512 or auto"):
+        cpu_scan.load_library()
+
+
+def test_vector_width_choice_file_round_trip(tmp_path):
+    path = tmp_path / "sub" / "vector_width_x.json"
+    rec = {"width": 256, "ms": {"256": 1.0, "512": 1.5}, "ratio_512_over_256": 1.5, "cpu": "X"}
+    cpu_scan._write_choice(path, rec)
+    assert cpu_scan._read_choice(path) == rec
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    path.write_text('{"width": 51')  # torn or corrupt: measure again rather than trust it
+    assert cpu_scan._read_choice(path) is None
+    path.write_text('{"width": 128}')
+    assert cpu_scan._read_choice(path) is None
+    assert cpu_scan._read_choice(tmp_path / "missing.json") is None
+
+
+@pytest.mark.parametrize("faster", ["256", "512"])
+def test_vector_width_auto_measures_once_then_reads_the_record(monkeypatch, width_cache, faster):
+    """auto on an AVX-512 CPU: times both builds (timings faked here: no timing in tests), loads the
+    faster, records it; the next process reads the record without measuring."""
+    if not cpu_scan._is_x86():
+        pytest.skip("the width flag is x86-only")
+    for f in width_cache.glob("vector_width_*.json"):
+        f.unlink()
+    monkeypatch.setattr(cpu_scan, "_has_avx512", lambda: True)
+    calls = []
+
+    def fake_time(libs, **kw):
+        calls.append(sorted(libs))
+        return {w: (1.0 if w == faster else 2.0) for w in libs}
+
+    monkeypatch.setattr(cpu_scan, "_time_scan", fake_time)
+    info = _fresh_load(monkeypatch, width_cache)
+    assert calls == [["256", "512"]]
+    assert info["source"] == "measured" and info["width"] == int(faster)
+    rec = json.loads(Path(info["file"]).read_text())
+    assert rec["width"] == int(faster) and rec["ms"] == {"256": 1.0 if faster == "256" else 2.0,
+                                                          "512": 1.0 if faster == "512" else 2.0}
+    info2 = _fresh_load(monkeypatch, width_cache)
+    assert calls == [["256", "512"]]  # not measured again
+    assert info2["source"] == "recorded" and info2["width"] == int(faster)
+    assert str(int(faster)) in cpu_scan.describe_vector_width()
+    results = _scan_cl_fp32()  # the recorded build runs
+    assert torch.isfinite(results[0]).all()
+
+
+def test_vector_width_no_measurement_without_avx512(monkeypatch, width_cache):
+    monkeypatch.setattr(cpu_scan, "_has_avx512", lambda: False)
+    monkeypatch.setattr(cpu_scan, "_time_scan", lambda *a, **k: pytest.fail("measured without AVX-512"))
+    info = _fresh_load(monkeypatch, width_cache)
+    assert info["width"] is None and "one build" in info["source"]

@@ -318,6 +318,10 @@ def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
     }
     if device.type == "cuda":
         meta["device_name"] = torch.cuda.get_device_name(device)
+    else:  # which vector width the compiled CPU kernels run with, and why (cpu_scan's auto rule)
+        from .ops.cpu_scan import describe_vector_width
+
+        meta["cpu_kernels"] = describe_vector_width()
     for mod in ("triton", "mambapy", "timm"):
         try:
             meta[mod] = importlib.metadata.version(mod)
@@ -335,7 +339,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         "## Benchmark suite (`shufflemamba bench`)", "",
         f"Run {m['date']}{' (--quick: tiny sizes, smoke test only)' if m['quick'] else ''} on "
         f"**{m['device_name']}** ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
-        f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats.", "",
+        f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats."
+        + (f" {m['cpu_kernels'][0].upper()}{m['cpu_kernels'][1:]}." if m.get("cpu_kernels") else ""), "",
         "### Selective scan, forward + backward", "",
         "| shape | batch, E, L, N | impl | ms | speedup vs reference | max abs err vs ref | status |",
         "|---|---|---|---|---|---|---|",

@@ -7,10 +7,20 @@ sources and headers, the compiler flags and the CPU (``-march=native`` binaries 
 machines), and is built under a temporary name then renamed into place, so processes that
 start together (pytest workers, torchrun ranks) never load a half-written file.
 
+Vector width (x86 CPUs with AVX-512 only): gcc keeps 256-bit vectors there unless asked for 512-bit
+ones, and which is faster depends on the CPU (some split 512-bit operations in two). With the
+default ``auto`` the first process builds both variants, times a small forward + backward of the
+channel-last scan on each (interleaved rounds, median), loads the faster and records the choice in
+``vector_width_<key>.json`` next to the libraries, keyed by the CPU, compiler and sources, so later
+processes read it instead of measuring. Delete that file to measure again. Other CPUs: one build.
+``python -m shufflemamba.ops.cpu_scan`` prints the choice.
+
 Environment variables:
     SHUFFLEMAMBA_CACHE: cache directory (default ``$XDG_CACHE_HOME/shufflemamba`` or
         ``~/.cache/shufflemamba``).
     SHUFFLEMAMBA_NO_COMPILE: set to 1 to skip the compiled path (the pure-PyTorch one is used).
+    SHUFFLEMAMBA_CPU_VECTOR_WIDTH: ``256``, ``512`` or ``auto`` (default; see above). On x86 a
+        number forces that width without measuring; elsewhere it is ignored.
     CC: C compiler (default ``cc``).
 """
 
@@ -18,36 +28,39 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._checks import check_scan_inputs
 
-__all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu"]
+__all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu",
+           "vector_width_info"]
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-if platform.machine().lower() in ("x86_64", "amd64"):
-    # gcc keeps 256-bit vectors on AVX-512 CPUs unless asked; the exp-bound scan loops measured
-    # ~20% faster with 512-bit ones. No effect on CPUs without AVX-512 (x86 only: gcc on ARM
-    # rejects the flag).
-    _FLAGS += ("-mprefer-vector-width=512",)
 _ABI_VERSION = 3  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate)
+_WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
+_WIDTHS = ("256", "512")
+_ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None  # why the compiled path is unavailable, once we know
+_width_info: dict[str, Any] | None = None  # the vector width loaded and how it was chosen
 
 
 def _cache_dir() -> Path:
@@ -70,13 +83,38 @@ def _cpu_signature() -> str:
     return sig
 
 
-def _build(cc: str, out: Path) -> None:
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return any(ln.startswith("flags") and "avx512f" in ln.split() for ln in f)
+    except OSError:
+        return False
+
+
+def _width_setting() -> str:
+    """SHUFFLEMAMBA_CPU_VECTOR_WIDTH: "256", "512" or "auto" (unset or empty)."""
+    value = os.environ.get(_WIDTH_ENV, "").strip().lower() or "auto"
+    if value not in ("auto", *_WIDTHS):
+        raise ValueError(f"{_WIDTH_ENV} must be 256, 512 or auto, got {value!r}")
+    return value
+
+
+def _flags(width: str | None) -> tuple[str, ...]:
+    # x86 only: gcc on ARM rejects the flag
+    return _FLAGS + ((f"-mprefer-vector-width={width}",) if width else ())
+
+
+def _build(cc: str, out: Path, width: str | None = None) -> None:
     """Compile the kernel to ``out`` atomically (temp file in the same directory, then rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, f"-I{_CSRC}", "-o", tmp, *map(str, _SOURCES), "-lm"]
+        cmd = [cc, *_flags(width), f"-I{_CSRC}", "-o", tmp, *map(str, _SOURCES), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()}")
@@ -108,33 +146,158 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sl_block_size.restype = i32
 
 
+def _base_key(cc: str) -> str:
+    """Hash of sources, headers, compiler, common flags and CPU (``-march=native`` binaries must not
+    travel between machines): the libraries' names add the width to it, the choice file uses it."""
+    key = hashlib.sha256()
+    for src in (*_SOURCES, *_HEADERS):
+        key.update(src.read_bytes())
+    key.update(" ".join((cc, *_FLAGS)).encode())
+    key.update(_cpu_signature().encode())
+    return key.hexdigest()
+
+
+def _load_variant(cc: str, base: str, width: str | None) -> ctypes.CDLL:
+    """Build (if needed) and load the library of one vector width (None: no width flag)."""
+    tag = hashlib.sha256(f"{base} {' '.join(_flags(width))}".encode()).hexdigest()[:16]
+    path = _cache_dir() / f"selective_scan_{tag}.so"
+    if not path.exists():
+        _build(cc, path, width)
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    if lib.ss_abi_version() != _ABI_VERSION:
+        raise RuntimeError(f"stale library {path}")
+    return lib
+
+
+def _choice_path(base: str) -> Path:
+    return _cache_dir() / f"vector_width_{base[:16]}.json"
+
+
+def _read_choice(path: Path) -> dict[str, Any] | None:
+    """The recorded choice, or None when there is none (or it is unreadable: measure again)."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or str(rec.get("width")) not in _WIDTHS:
+        return None
+    return rec
+
+
+def _write_choice(path: Path, rec: dict[str, Any]) -> None:
+    """Write the choice atomically (temp file in the same directory, then rename): a process that
+    starts meanwhile reads the old file, the new one or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(rec, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# shape of the timing behind the auto choice: small (a fraction of a second in all) but with a
+# Vim-like channel count and state size, so the state loops dominate as they do in training
+_TIMING_SHAPE = dict(batch=4, L=64, E=192, N=16)
+
+
+def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 6) -> dict[str, float]:
+    """Median ms of one float32 forward + backward of the channel-last scan per library, one
+    thread, the libraries interleaved in every round (alternating which goes first)."""
+    batch, L, E, N = (_TIMING_SHAPE[k] for k in ("batch", "L", "E", "N"))
+    g = torch.Generator().manual_seed(0)
+    seq = [torch.randn(batch, L, E, generator=g) for _ in range(4)]  # u, delta, z, gout
+    u, delta, z, gout = seq
+    At = -torch.rand(N, E, generator=g).add(0.1)
+    B, C = torch.randn(batch, L, N, generator=g), torch.randn(batch, L, N, generator=g)
+    D, bias = torch.randn(E, generator=g), torch.randn(E, generator=g)
+    out, dsave, du, ddelta, dz = (torch.empty(batch, L, E) for _ in range(5))
+    dA, dD = torch.empty(batch, N, E), torch.empty(batch, E)
+    times: dict[str, list[float]] = {w: [] for w in libs}
+
+    def step(lib: ctypes.CDLL) -> None:
+        nblk = -(-E // lib.sl_block_size())
+        dB, dC = torch.empty(nblk, batch, L, N), torch.empty(nblk, batch, L, N)
+        head = (_ptr(u), None, _ptr(At), _ptr(B), L * N, N, _ptr(C), L * N, N, _ptr(D), _ptr(z), L * E, E)
+        lib.sl_fwd_f32(*head[:1], _ptr(delta), *head[2:], _ptr(bias), _ptr(out), _ptr(dsave),
+                       batch, E, L, N, 1, 0, 1.0, 0, 1)
+        lib.sl_bwd_f32(*head[:1], _ptr(dsave), *head[2:], _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz),
+                       _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), batch, E, L, N, 1, 0, 1.0, 1)
+
+    for lib in libs.values():
+        step(lib)  # warm-up: page faults, caches
+    order = list(libs)
+    for r in range(rounds):
+        for w in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step(libs[w])
+            times[w].append((time.perf_counter() - t0) * 1e3 / reps)
+    return {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _choose_width(cc: str, base: str) -> tuple[ctypes.CDLL, dict[str, Any]]:
+    """The auto rule on an AVX-512 CPU: the recorded choice, else measure both builds and record."""
+    path = _choice_path(base)
+    rec = _read_choice(path)
+    if rec is not None:
+        return _load_variant(cc, base, str(rec["width"])), {**rec, "source": "recorded", "file": str(path)}
+    libs = {w: _load_variant(cc, base, w) for w in _WIDTHS}
+    ms = _time_scan(libs)
+    width = min(ms, key=ms.get)
+    rec = {
+        "width": int(width), "ms": {w: round(t, 4) for w, t in ms.items()},
+        "ratio_512_over_256": round(ms["512"] / ms["256"], 4), "cpu": _cpu_model(),
+        "rounds": _ROUNDS, "shape": _TIMING_SHAPE, "loadavg": round(os.getloadavg()[0], 2),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_choice(path, rec)
+    return libs[width], {**rec, "source": "measured", "file": str(path)}
+
+
 def load_library() -> ctypes.CDLL | None:
-    """Build (if needed) and load the compiled kernel; None, with one warning, if impossible."""
-    global _lib, _load_error
+    """Build (if needed) and load the compiled kernel; None, with one warning, if impossible.
+
+    Raises:
+        ValueError: SHUFFLEMAMBA_CPU_VECTOR_WIDTH is set to something other than 256, 512 or auto.
+    """
+    global _lib, _load_error, _width_info
     if _lib is not None or _load_error is not None:
         return _lib
     with _lock:
         if _lib is not None or _load_error is not None:
             return _lib
+        setting = _width_setting()  # a bad value is the user's to fix, not a reason to fall back
         try:
             if os.environ.get("SHUFFLEMAMBA_NO_COMPILE", "0") not in ("", "0"):
                 raise RuntimeError("disabled by SHUFFLEMAMBA_NO_COMPILE")
             cc = shutil.which(os.environ.get("CC", "cc"))
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC or install gcc)")
-            key = hashlib.sha256()
-            for src in (*_SOURCES, *_HEADERS):
-                key.update(src.read_bytes())
-            key.update(" ".join((cc, *_FLAGS)).encode())
-            key.update(_cpu_signature().encode())
-            path = _cache_dir() / f"selective_scan_{key.hexdigest()[:16]}.so"
-            if not path.exists():
-                _build(cc, path)
-            lib = ctypes.CDLL(str(path))
-            _declare(lib)
-            if lib.ss_abi_version() != _ABI_VERSION:
-                raise RuntimeError(f"stale library {path}")
-            _lib = lib
+            base = _base_key(cc)
+            if not _is_x86():
+                lib, info = _load_variant(cc, base, None), {"width": None, "source": "not x86: one build"}
+            elif setting != "auto":
+                lib, info = _load_variant(cc, base, setting), {"width": int(setting), "source": f"{_WIDTH_ENV}"}
+            elif not _has_avx512():
+                lib, info = _load_variant(cc, base, None), {"width": None, "source": "no AVX-512: one build"}
+            else:
+                lib, info = _choose_width(cc, base)
+            _lib, _width_info = lib, info
         except Exception as exc:  # any failure: fall back, but say why once
             _load_error = str(exc)
             if "SHUFFLEMAMBA_NO_COMPILE" not in _load_error:
@@ -150,6 +313,32 @@ def load_library() -> ctypes.CDLL | None:
 def cpu_scan_available() -> bool:
     """True when the compiled kernel is built and loaded (builds it on the first call)."""
     return load_library() is not None
+
+
+def vector_width_info() -> dict[str, Any] | None:
+    """The loaded kernels' vector width and how it was chosen (builds / measures on first call).
+
+    Returns:
+        None without compiled kernels, else a dict with ``width`` (256, 512, or None for a build
+        without a width flag), ``source`` ("measured", "recorded", the environment variable, or why
+        there was one build) and, for an auto choice, ``ms`` (median forward + backward per width),
+        ``ratio_512_over_256``, ``cpu`` and ``file`` (the choice file).
+    """
+    return dict(_width_info) if load_library() is not None and _width_info is not None else None
+
+
+def describe_vector_width() -> str:
+    """One line for reports: the width the CPU kernels run with, and why."""
+    info = vector_width_info()
+    if info is None:
+        return f"cpu kernels: unavailable ({_load_error})"
+    width = f"{info['width']}-bit" if info["width"] else "compiler default"
+    line = f"cpu kernels: {width} vectors ({info['source']}"
+    if "ms" in info:
+        ms = info["ms"]
+        line += (f"; fwd+bwd {ms['512']:.3f} ms at 512-bit, {ms['256']:.3f} ms at 256-bit, "
+                 f"ratio {info['ratio_512_over_256']:.3f}; {info['file']}")
+    return line + ")"
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -428,3 +617,7 @@ def selective_scan_cl(
                          f"got {tuple(accumulate.shape)} {accumulate.dtype}")
     return _ScanCL.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(reverse),
                          float(out_scale), accumulate)
+
+
+if __name__ == "__main__":  # python -m shufflemamba.ops.cpu_scan
+    print(describe_vector_width())
