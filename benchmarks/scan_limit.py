@@ -1,0 +1,173 @@
+"""How far the CPU selective scan is from its arithmetic limit (issue 12), on this CPU.
+
+The limit is what the scan's arithmetic alone would cost at this CPU's measured peak rates, with
+memory traffic, loop overhead and synchronisation taken as free:
+
+    limit = element-steps x (exps per element-step / exp rate + other ops per element-step / FMA rate)
+
+* element-steps = batch x E x L x N (one state of one channel at one time step);
+* the exp rate is that of the kernels' own inlined exp (``sm_expf``, common.h) in an ``omp simd``
+  loop, and the FMA rate that of 16-float vector FMAs with independent accumulators, both measured
+  here by ``benchmarks/csrc/cpu_peak.c`` built with the kernels' flags, on all ``--threads`` threads;
+* op counts are read off the channel-last kernels (``mixer_cl.c``), every multiply, add or FMA
+  counted as one op (they share the same vector ports on current x86 cores); the per-channel work
+  of each step (softplus, the gate, their derivatives) is spread over the N states.
+
+The measured time is forward + backward of ``selective_scan_cl`` (the kernel the Vim mixer runs)
+at the Vim-Ti shape, median of ``--repeat`` runs, in the same process.
+
+    python benchmarks/scan_limit.py --threads 2 --json benchmarks/results/scan-limit-<cpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import shufflemamba  # noqa: F401  (torchvision shim)
+from shufflemamba.reports import cpu_model, write_marked_section
+
+HERE = Path(__file__).resolve().parent
+KERNEL_SRC = HERE.parent / "src" / "shufflemamba" / "ops" / "csrc"
+BEGIN, END = "<!-- scan-limit:begin -->", "<!-- scan-limit:end -->"
+
+# Per element-step (b, e, t, n) of the channel-last kernels, read off mixer_cl.c:
+#  forward  : a = exp(d*A); h = a*h + (d*u)*B; y += C*h                      -> 1 exp, 4 ops
+#  backward : pass 1 recomputes the forward and stores h and a, dC += gy*h  -> 1 exp, 5 ops
+#             pass 2: g = gy*C + a'*g; ga = g*h*a; dd += ga*A; dA += ga*d;
+#                     dB += g*(d*u) (lane sum); sgB += g*B                 -> 8 ops
+# Per channel-step (b, e, t), spread over the N states: forward softplus (exp + log1p, counted
+# as 2 exps) and the gate's sigmoid (1 exp); backward softplus' (expm1) and sigmoid(z) (1 each).
+OPS = {
+    "forward": {"exp": 1.0, "ops": 4.0, "exp_per_channel": 3.0, "ops_per_channel": 8.0},
+    "backward": {"exp": 1.0, "ops": 13.0, "exp_per_channel": 2.0, "ops_per_channel": 14.0},
+}
+VIM_TI = {"batch": 32, "E": 384, "L": 197, "N": 16}
+
+
+def build_peak(vector_width: int | None) -> ctypes.CDLL:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("error: no C compiler (cc/gcc) found")
+    flags = ["-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
+    if vector_width and platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append(f"-mprefer-vector-width={vector_width}")
+    out = Path(tempfile.mkdtemp()) / "cpu_peak.so"
+    cmd = [cc, *flags, f"-I{KERNEL_SRC}", "-o", str(out), str(HERE / "csrc" / "cpu_peak.c"), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"error: building cpu_peak.c failed: {res.stderr.strip()}")
+    lib = ctypes.CDLL(str(out))
+    for name in ("fma_rate", "exp_rate"):
+        getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_double
+    return lib
+
+
+def peak_rates(lib: ctypes.CDLL, threads: int, repeat: int) -> dict[str, float]:
+    lib.fma_rate(2_000_000, threads), lib.exp_rate(200_000, threads)  # warm up clocks and threads
+    fma = statistics.median(lib.fma_rate(20_000_000, threads) for _ in range(repeat))
+    exp = statistics.median(lib.exp_rate(2_000_000, threads) for _ in range(repeat))
+    return {"fma_per_s": fma, "exp_per_s": exp}
+
+
+def limit_ms(shape: dict[str, int], rates: dict[str, float]) -> dict[str, float]:
+    steps = shape["batch"] * shape["E"] * shape["L"] * shape["N"]
+    out = {}
+    for phase, c in OPS.items():
+        exps = c["exp"] + c["exp_per_channel"] / shape["N"]
+        ops = c["ops"] + c["ops_per_channel"] / shape["N"]
+        out[phase] = 1e3 * steps * (exps / rates["exp_per_s"] + ops / rates["fma_per_s"])
+    out["total"] = out["forward"] + out["backward"]
+    return out
+
+
+def measure_scan(shape: dict[str, int], threads: int, repeat: int) -> dict[str, float]:
+    from shufflemamba.ops.cpu_scan import cpu_scan_available, selective_scan_cl
+
+    if not cpu_scan_available():
+        raise SystemExit("error: the compiled CPU scan is not available here (see the warning above)")
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    b, e, l, n = shape["batch"], shape["E"], shape["L"], shape["N"]
+    u, delta, z = (torch.randn(b, l, e, generator=g) for _ in range(3))
+    bm, cm = torch.randn(b, l, n, generator=g), torch.randn(b, l, n, generator=g)
+    a = -torch.rand(e, n, generator=g) * 4 - 0.5
+    d, bias = torch.randn(e, generator=g), torch.randn(e, generator=g) * 0.1 - 3
+    leaves = [t.requires_grad_() for t in (u, delta, a, bm, cm, d, z, bias)]
+    gout = torch.randn(b, l, e, generator=g)
+
+    def once(backward: bool) -> float:
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        if backward:
+            selective_scan_cl(*leaves, delta_softplus=True).backward(gout)
+        else:
+            with torch.no_grad():
+                selective_scan_cl(*leaves, delta_softplus=True)
+        return time.perf_counter() - t0
+
+    once(True)
+    fwd = statistics.median(once(False) for _ in range(repeat))
+    both = statistics.median(once(True) for _ in range(repeat))
+    return {"forward": 1e3 * fwd, "total": 1e3 * both, "backward": 1e3 * (both - fwd)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--vector-width", type=int, choices=[256, 512], default=512,
+                   help="x86: -mprefer-vector-width of the peak-rate build (default 512)")
+    p.add_argument("--json", type=Path, help="write the numbers here")
+    p.add_argument("--docs", type=Path, help="write a marked section into this markdown file (docs/benchmarks.md)")
+    args = p.parse_args(argv)
+
+    from shufflemamba.ops import cpu_scan
+
+    rates = peak_rates(build_peak(args.vector_width), args.threads, args.repeat)
+    limit = limit_ms(VIM_TI, rates)
+    measured = measure_scan(VIM_TI, args.threads, args.repeat)
+    kernels = cpu_scan.describe_vector_width() if hasattr(cpu_scan, "describe_vector_width") else ""
+    cpu = cpu_model()
+    shape = f"({VIM_TI['batch']}, {VIM_TI['E']}, {VIM_TI['L']}, {VIM_TI['N']})"
+    lines = [
+        f"{cpu}, {args.threads} threads, torch {torch.__version__}; peak-rate build -mprefer-vector-width={args.vector_width}; {kernels}",
+        f"measured peak: {rates['fma_per_s'] / 1e9:.1f} G FMA/s, {rates['exp_per_s'] / 1e9:.2f} G exp/s "
+        f"({rates['fma_per_s'] / rates['exp_per_s']:.1f} FMAs per exp)",
+        "",
+        f"| selective_scan_cl at Vim-Ti {shape}, float32 | arithmetic limit ms | measured ms | measured / limit |",
+        "|---|---:|---:|---:|",
+    ]
+    for phase in ("forward", "backward", "total"):
+        label = "forward + backward" if phase == "total" else phase
+        lines.append(f"| {label} | {limit[phase]:.1f} | {measured[phase]:.1f} | {measured[phase] / limit[phase]:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    command = "python benchmarks/scan_limit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "torch": torch.__version__,
+                                         "kernels": kernels, "rates": rates, "ops": OPS, "shape": VIM_TI,
+                                         "limit_ms": limit, "measured_ms": measured, "command": command}, indent=2))
+    if args.docs:
+        section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation in the script's "
+                   f"docstring and below).\n\n{table}\n\n")
+        write_marked_section(args.docs, section, BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
