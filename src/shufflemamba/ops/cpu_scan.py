@@ -52,7 +52,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 3  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate)
+_ABI_VERSION = 4  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -138,8 +138,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, p, p] + [i64] * 4 + [i32, i32]
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
-        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p] + [i64] * 4 + [i32, i32, f64, i32, i32]
-        getattr(lib, f"sl_bwd_{sfx}").argtypes = head[:-1] + [p] * 8 + [i64] * 4 + [i32, i32, f64, i32]
+        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, i32]
+        getattr(lib, f"sl_bwd_{sfx}").argtypes = [p, p, *head[1:-1]] + [p] * 8 + [i64] * 4 + [i32, i32, f64, i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
@@ -214,7 +214,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     At = -torch.rand(N, E, generator=g).add(0.1)
     B, C = torch.randn(batch, L, N, generator=g), torch.randn(batch, L, N, generator=g)
     D, bias = torch.randn(E, generator=g), torch.randn(E, generator=g)
-    out, dsave, du, ddelta, dz = (torch.empty(batch, L, E) for _ in range(5))
+    out, dsave, ysave, du, ddelta, dz = (torch.empty(batch, L, E) for _ in range(6))
     dA, dD = torch.empty(batch, N, E), torch.empty(batch, E)
     times: dict[str, list[float]] = {w: [] for w in libs}
 
@@ -222,9 +222,9 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
         nblk = -(-E // lib.sl_block_size())
         dB, dC = torch.empty(nblk, batch, L, N), torch.empty(nblk, batch, L, N)
         head = (_ptr(u), None, _ptr(At), _ptr(B), L * N, N, _ptr(C), L * N, N, _ptr(D), _ptr(z), L * E, E)
-        lib.sl_fwd_f32(*head[:1], _ptr(delta), *head[2:], _ptr(bias), _ptr(out), _ptr(dsave),
+        lib.sl_fwd_f32(*head[:1], _ptr(delta), *head[2:], _ptr(bias), _ptr(out), _ptr(dsave), _ptr(ysave),
                        batch, E, L, N, 1, 0, 1.0, 0, 1)
-        lib.sl_bwd_f32(*head[:1], _ptr(dsave), *head[2:], _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz),
+        lib.sl_bwd_f32(*head[:1], _ptr(dsave), _ptr(ysave), *head[2:], _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz),
                        _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), batch, E, L, N, 1, 0, 1.0, 1)
 
     for lib in libs.values():
@@ -530,10 +530,13 @@ class _ScanCL(torch.autograd.Function):
         # the backward needs delta only as d = softplus(delta + bias): the forward writes d out
         # and that is saved instead, so the backward skips the softplus (and its log1p)
         dsave = torch.empty_like(u) if any(ctx.needs_input_grad) else None
+        # with a gate, dz needs y + D u before it: saved too, so the backward's replay of the
+        # states skips the C_t h_t sum (a load, an FMA and a store per step, channel and state)
+        ysave = torch.empty_like(u) if dsave is not None and z is not None else None
         rc = getattr(lib, f"sl_fwd_{_sfx(u)}")(
             _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
-            _ptr(delta_bias), _ptr(out), _ptr(dsave), batch, E, L, N, int(delta_softplus), int(reverse),
+            _ptr(delta_bias), _ptr(out), _ptr(dsave), _ptr(ysave), batch, E, L, N, int(delta_softplus), int(reverse),
             float(out_scale), int(acc is not None), _threads(batch * L * E * N),
         )  # fmt: skip
         if rc != 0:
@@ -542,12 +545,12 @@ class _ScanCL(torch.autograd.Function):
             ctx.mark_dirty(acc)
         ctx.out_scale, ctx.has_acc = float(out_scale), acc is not None
         ctx.flags = (delta_softplus, reverse, D is not None, z is not None, delta_bias is not None)
-        ctx.save_for_backward(u, dsave, At, B, C, D, z)
+        ctx.save_for_backward(u, dsave, ysave, At, B, C, D, z)
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        u, dsave, At, B, C, D, z = ctx.saved_tensors
+        u, dsave, ysave, At, B, C, D, z = ctx.saved_tensors
         softplus, reverse, has_D, has_z, has_bias = ctx.flags
         batch, L, E = u.shape
         N = At.shape[0]
@@ -559,7 +562,7 @@ class _ScanCL(torch.autograd.Function):
         dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
         dD_part = u.new_empty(batch, E) if has_D else None
         rc = getattr(_lib_or_raise(), f"sl_bwd_{_sfx(u)}")(
-            _ptr(u), _ptr(dsave), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
+            _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
             _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part),
             _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), batch, E, L, N, int(softplus), int(reverse),

@@ -7,6 +7,8 @@
  * transposed or copied. Strided inputs pass (batch stride, time stride) in elements.
  *   x (conv input), z             : (batch, L, E) strided
  *   u, delta, gout                : (batch, L, E) contiguous
+ *   ysave / ysv                   : (batch, L, E) y + D u before the gate (only with z), written by
+ *                                   the forward so the backward's replay needs no C_t h_t sum
  *   dsave / dsv                   : (batch, L, E) the step d = softplus(delta + bias), written by
  *                                   the forward and read by the backward instead of delta
  *   Bm, Cm                        : (batch, L, N) strided (slices of x_proj's output)
@@ -141,7 +143,7 @@
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
                      const T *CL_RESTRICT dbias, T *CL_RESTRICT out, T *CL_RESTRICT dsave,         \
-                     int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
+                     T *CL_RESTRICT ysave, int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, int accumulate, int nthreads) {                                \
         /* out = oscale * y, or out += oscale * y with accumulate: the mixer's second direction   \
          * adds its half into the first one's output, with no separate (y_f + y_b) / 2 pass */  \
@@ -203,8 +205,10 @@
                     if (z) {                                                                       \
                         CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j)                                               \
-                            y[j] = (y[j] + Ds[j] * uu[j]) * zz[j] / ((T)1 + EXP(-zz[j])) * os;     \
+                        for (int j = 0; j < EB; ++j) y[j] += Ds[j] * uu[j];                        \
+                        if (ysave) CL_STORE(T, ysave + row, y, ne); /* dz needs it, ungated */     \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) y[j] = y[j] * zz[j] / ((T)1 + EXP(-zz[j])) * os; \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) y[j] = (y[j] + Ds[j] * uu[j]) * os;           \
@@ -229,7 +233,8 @@
                                                                                                    \
     /* du, ddelta, dz: (batch, L, E) contiguous; dA_part (batch, N, E); dD_part (batch, E);        \
      * dB_part, dC_part: (nblk, batch, L, N), every entry written (no zeroing needed) */           \
-    int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT At,    \
+    int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
+                     const T *CL_RESTRICT At,                                                      \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
                      const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,                             \
@@ -294,10 +299,7 @@
                     }                                                                              \
                     /* d*u once per step: both passes multiply it by a scalar per state */         \
                     _Pragma("omp simd")                                                            \
-                    for (int j = 0; j < EB; ++j) {                                                 \
-                        du[j] = d[j] * uu[j];                                                      \
-                        y[j] = (T)0;                                                               \
-                    }                                                                              \
+                    for (int j = 0; j < EB; ++j) du[j] = d[j] * uu[j];                             \
                     if (z) {                                                                       \
                         /* sigmoid(z) once: the gate (gy) and its derivative (dz) both use it */   \
                         CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
@@ -310,9 +312,11 @@
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) gy[j] = go[j];                                \
                     }                                                                              \
-                    const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
+                    const T *Bn = Bm + b * sB_b + t * sB_t;                                        \
+                    /* the replay needs h only for dC and the reverse pass: y (for dz) is the    \
+                     * forward's ysave, so no C_t h_t sum here */                                  \
                     for (int64_t n = 0; n < N; ++n) {                                              \
-                        const T bn = Bn[n], cn = Cn[n];                                            \
+                        const T bn = Bn[n];                                                        \
                         const T *CL_RESTRICT hp = hs + (s * N + n) * EB, *CL_RESTRICT an = Ab + n * EB; \
                         T *CL_RESTRICT hc = hs + ((s + 1) * N + n) * EB, *CL_RESTRICT ac = as + (s * N + n) * EB; \
                         T dc = (T)0;                                                               \
@@ -321,16 +325,16 @@
                             const T a = EXP(d[j] * an[j]), hn = a * hp[j] + du[j] * bn;            \
                             ac[j] = a;                                                             \
                             hc[j] = hn;                                                            \
-                            y[j] += cn * hn;                                                       \
                             dc += gy[j] * hn;                                                      \
                         }                                                                          \
                         dCb[t * N + n] = dc;                                                       \
                     }                                                                              \
                     if (z) {                                                                       \
+                        CL_LOAD(T, y, ysv + row, ne);                                              \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
                             const T sz = szs[j];                                                   \
-                            y[j] = go[j] * (y[j] + Ds[j] * uu[j]) * sz * ((T)1 + zz[j] * ((T)1 - sz)); \
+                            y[j] = go[j] * y[j] * sz * ((T)1 + zz[j] * ((T)1 - sz));               \
                         }                                                                          \
                         CL_STORE(T, dz + row, y, ne);                               \
                     }                                                                              \
