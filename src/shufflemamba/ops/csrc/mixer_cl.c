@@ -192,7 +192,23 @@
                     }                                                                              \
                     if (dsave) CL_STORE(T, dsave + row, d, ne); /* the backward starts from d */   \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
-                    for (int64_t n = 0; n < N; ++n) {                                              \
+                    /* two states per pass over the block: y, d and du are loaded and y stored    \
+                     * once per pair of states instead of once per state */                        \
+                    int64_t n = 0;                                                                 \
+                    for (; n + 1 < N; n += 2) {                                                    \
+                        const T b0 = Bn[n], c0 = Cn[n], b1 = Bn[n + 1], c1 = Cn[n + 1];            \
+                        T *CL_RESTRICT h0 = h + n * EB, *CL_RESTRICT h1 = h + (n + 1) * EB;        \
+                        const T *CL_RESTRICT a0 = Ab + n * EB, *CL_RESTRICT a1 = Ab + (n + 1) * EB; \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            const T x0 = EXP(d[j] * a0[j]) * h0[j] + du[j] * b0;                   \
+                            const T x1 = EXP(d[j] * a1[j]) * h1[j] + du[j] * b1;                   \
+                            h0[j] = x0;                                                            \
+                            h1[j] = x1;                                                            \
+                            y[j] += c0 * x0 + c1 * x1;                                             \
+                        }                                                                          \
+                    }                                                                              \
+                    if (n < N) { /* odd N: the last state alone */                                 \
                         const T bn = Bn[n], cn = Cn[n];                                            \
                         T *CL_RESTRICT hn = h + n * EB;                                            \
                         const T *CL_RESTRICT an = Ab + n * EB;                                     \
@@ -350,7 +366,35 @@
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) dd[j] = sgB[j] = (T)0;                            \
-                    for (int64_t n = 0; n < N; ++n) {                                              \
+                    /* states in pairs: dd, sgB (and d, du, gy) loaded and stored once per pair */ \
+                    int64_t n = 0;                                                                 \
+                    for (; n + 1 < N; n += 2) {                                                    \
+                        const T b0 = Bn[n], c0 = Cn[n], b1 = Bn[n + 1], c1 = Cn[n + 1];            \
+                        const T *CL_RESTRICT hp0 = hs + (s * N + n) * EB, *CL_RESTRICT hp1 = hp0 + EB; \
+                        const T *CL_RESTRICT an0 = Ab + n * EB, *CL_RESTRICT an1 = an0 + EB;       \
+                        const T *CL_RESTRICT ac0 = as + (s * N + n) * EB, *CL_RESTRICT ac1 = ac0 + EB; \
+                        const T *CL_RESTRICT ax0 = as + ((s + 1) * N + n) * EB, *CL_RESTRICT ax1 = ax0 + EB; \
+                        T *CL_RESTRICT g0 = g + n * EB, *CL_RESTRICT g1 = g0 + EB;                 \
+                        T *CL_RESTRICT dA0 = dAa + n * EB, *CL_RESTRICT dA1 = dA0 + EB;            \
+                        T db0 = (T)0, db1 = (T)0;                                                  \
+                        _Pragma("omp simd reduction(+ : db0, db1)")                                \
+                        for (int j = 0; j < EB; ++j) {                                             \
+                            const T gv0 = gy[j] * c0 + ax0[j] * g0[j];                             \
+                            const T gv1 = gy[j] * c1 + ax1[j] * g1[j];                             \
+                            g0[j] = gv0;                                                           \
+                            g1[j] = gv1;                                                           \
+                            const T ga0 = gv0 * hp0[j] * ac0[j], ga1 = gv1 * hp1[j] * ac1[j];      \
+                            dd[j] += ga0 * an0[j] + ga1 * an1[j];                                  \
+                            dA0[j] += ga0 * d[j];                                                  \
+                            dA1[j] += ga1 * d[j];                                                  \
+                            sgB[j] += gv0 * b0 + gv1 * b1;                                         \
+                            db0 += gv0 * du[j];                                                    \
+                            db1 += gv1 * du[j];                                                    \
+                        }                                                                          \
+                        dBb[t * N + n] = db0;                                                      \
+                        dBb[t * N + n + 1] = db1;                                                  \
+                    }                                                                              \
+                    for (; n < N; ++n) { /* odd N: the last state alone */                         \
                         const T bn = Bn[n], cn = Cn[n];                                            \
                         const T *CL_RESTRICT hp = hs + (s * N + n) * EB, *CL_RESTRICT an = Ab + n * EB; \
                         const T *CL_RESTRICT ac = as + (s * N + n) * EB;                           \
