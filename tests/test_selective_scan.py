@@ -508,3 +508,16 @@ def test_vector_width_no_measurement_without_avx512(monkeypatch, width_cache):
     monkeypatch.setattr(cpu_scan, "_time_scan", lambda *a, **k: pytest.fail("measured without AVX-512"))
     info = _fresh_load(monkeypatch, width_cache)
     assert info["width"] is None and "one build" in info["source"]
+
+
+def test_vector_width_timing_runs_the_kernels(monkeypatch, width_cache):
+    """The timing behind the auto choice calls the real kernels through ctypes (shapes, argument
+    order); only that it runs and returns a positive time per library is checked."""
+    info = _fresh_load(monkeypatch, width_cache, "512" if cpu_scan._is_x86() else None)
+    assert info is not None
+    torch.set_default_dtype(torch.float64)  # the timing must not follow the caller's default dtype
+    try:
+        ms = cpu_scan._time_scan({"a": cpu_scan._lib, "b": cpu_scan._lib}, rounds=1, reps=1)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert set(ms) == {"a", "b"} and all(t > 0 for t in ms.values())

@@ -208,24 +208,27 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     """Median ms of one float32 forward + backward of the channel-last scan per library, one
     thread, the libraries interleaved in every round (alternating which goes first)."""
     batch, L, E, N = (_TIMING_SHAPE[k] for k in ("batch", "L", "E", "N"))
-    g = torch.Generator().manual_seed(0)
-    seq = [torch.randn(batch, L, E, generator=g) for _ in range(4)]  # u, delta, z, gout
-    u, delta, z, gout = seq
-    At = -torch.rand(N, E, generator=g).add(0.1)
-    B, C = torch.randn(batch, L, N, generator=g), torch.randn(batch, L, N, generator=g)
-    D, bias = torch.randn(E, generator=g), torch.randn(E, generator=g)
-    out, dsave, ysave, du, ddelta, dz = (torch.empty(batch, L, E) for _ in range(6))
-    dA, dD = torch.empty(batch, N, E), torch.empty(batch, E)
+    g = torch.Generator().manual_seed(0)  # its own generator: the global RNG stays untouched
+    kw = dict(dtype=torch.float32, device="cpu")  # whatever default dtype / device the caller set
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, **kw)
+
+    u, delta, z, gout = (randn(batch, L, E) for _ in range(4))
+    At = -torch.rand(N, E, generator=g, **kw).add(0.1)
+    B, C, D, bias = randn(batch, L, N), randn(batch, L, N), randn(E), randn(E)
+    out, dsave, ysave, du, ddelta, dz = (torch.empty(batch, L, E, **kw) for _ in range(6))
+    dA, dD = torch.empty(batch, N, E, **kw), torch.empty(batch, E, **kw)
     times: dict[str, list[float]] = {w: [] for w in libs}
 
     def step(lib: ctypes.CDLL) -> None:
         nblk = -(-E // lib.sl_block_size())
-        dB, dC = torch.empty(nblk, batch, L, N), torch.empty(nblk, batch, L, N)
-        head = (_ptr(u), None, _ptr(At), _ptr(B), L * N, N, _ptr(C), L * N, N, _ptr(D), _ptr(z), L * E, E)
-        lib.sl_fwd_f32(*head[:1], _ptr(delta), *head[2:], _ptr(bias), _ptr(out), _ptr(dsave), _ptr(ysave),
-                       batch, E, L, N, 1, 0, 1.0, 0, 1)
-        lib.sl_bwd_f32(*head[:1], _ptr(dsave), _ptr(ysave), *head[2:], _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz),
-                       _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), batch, E, L, N, 1, 0, 1.0, 1)
+        dB, dC = torch.empty(nblk, batch, L, N, **kw), torch.empty(nblk, batch, L, N, **kw)
+        Bs, Cs, zs = (_ptr(B), L * N, N), (_ptr(C), L * N, N), (_ptr(z), L * E, E)  # (ptr, batch, time strides)
+        lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
+                       _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, 1)
+        lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
+                       _ptr(ddelta), _ptr(dz), _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), batch, E, L, N, 1, 0, 1.0, 1)
 
     for lib in libs.values():
         step(lib)  # warm-up: page faults, caches
