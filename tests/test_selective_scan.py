@@ -521,3 +521,19 @@ def test_vector_width_timing_runs_the_kernels(monkeypatch, width_cache):
     finally:
         torch.set_default_dtype(torch.float32)
     assert set(ms) == {"a", "b"} and all(t > 0 for t in ms.values())
+
+
+def test_scan_cl_float32_softplus_and_its_derivative_are_accurate():
+    """With L = 1, N = 1, u = B = C = 1, no D or z and a zero state, the scan's output is
+    d = softplus(delta) and d out / d delta = sigmoid(delta): this checks the float32 kernels'
+    inlined softplus and expm1 (sigmoid = -expm1(-d)) against torch over [-30, 30], to a few ulp."""
+    _needs("cpu")
+    x = torch.cat([torch.linspace(-30, 30, 4001), torch.tensor([-1e-6, 0.0, 1e-6, 0.34, 0.36, 19.99, 20.01])])
+    delta = x.reshape(1, 1, -1).clone().requires_grad_()  # (batch 1, L 1, E channels)
+    ones = torch.ones(1, 1, x.numel())
+    out = cpu_scan.selective_scan_cl(ones, delta, -torch.ones(x.numel(), 1), torch.ones(1, 1, 1), torch.ones(1, 1, 1),
+                                     delta_softplus=True)
+    (g,) = torch.autograd.grad(out.sum(), delta)
+    x64 = x.double()
+    torch.testing.assert_close(out.flatten().double(), F.softplus(x64), rtol=5e-7, atol=1e-30)
+    torch.testing.assert_close(g.flatten().double(), torch.sigmoid(x64), rtol=5e-7, atol=1e-30)

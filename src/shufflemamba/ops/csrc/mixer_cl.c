@@ -57,7 +57,7 @@
         }                                                                                          \
     } while (0)
 
-#define CL_DEFINE(T, SFX, EXP, LOG1P, EXPM1)                                                              \
+#define CL_DEFINE(T, SFX, EXP, SOFTPLUS, EXPM1)                                                            \
     /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
     int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
                      const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,      \
@@ -179,7 +179,7 @@
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
                             const T x = dl[j] + bs[j];                                             \
-                            d[j] = SM_SOFTPLUS(T, EXP, LOG1P, x);                                  \
+                            d[j] = SOFTPLUS(x);                                                    \
                         }                                                                          \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
@@ -418,8 +418,8 @@
         return failed;                                                                             \
     }
 
-CL_DEFINE(float, f32, sm_expf, log1pf, expm1f)
-CL_DEFINE(double, f64, exp, log1p, expm1)
+CL_DEFINE(float, f32, sm_expf, sm_softplusf, sm_expm1f)
+CL_DEFINE(double, f64, exp, sm_softplus, expm1)
 
 /* channel block width: the size of the dB/dC partial buffers depends on it */
 int sl_block_size(void) { return EB; }
