@@ -52,7 +52,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 4  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave
+_ABI_VERSION = 5  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -139,7 +139,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
         getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, i32]
-        getattr(lib, f"sl_bwd_{sfx}").argtypes = [p, p, *head[1:-1]] + [p] * 8 + [i64] * 4 + [i32, i32, f64, i32]
+        getattr(lib, f"sl_bwd_{sfx}").argtypes = [p, p, *head[1:-1]] + [p] * 9 + [i64] * 4 + [i32, i32, f64, i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
@@ -218,7 +218,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     At = -torch.rand(N, E, generator=g, **kw).add(0.1)
     B, C, D, bias = randn(batch, L, N), randn(batch, L, N), randn(E), randn(E)
     out, dsave, ysave, du, ddelta, dz = (torch.empty(batch, L, E, **kw) for _ in range(6))
-    dA, dD = torch.empty(batch, N, E, **kw), torch.empty(batch, E, **kw)
+    dA, dD, dbias_part = torch.empty(batch, N, E, **kw), torch.empty(batch, E, **kw), torch.empty(batch, E, **kw)
     times: dict[str, list[float]] = {w: [] for w in libs}
 
     def step(lib: ctypes.CDLL) -> None:
@@ -228,7 +228,8 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
         lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
                        _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
-                       _ptr(ddelta), _ptr(dz), _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), batch, E, L, N, 1, 0, 1.0, 1)
+                       _ptr(ddelta), _ptr(dz), _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), _ptr(dbias_part), batch, E, L, N,
+                       1, 0, 1.0, 1)
 
     for lib in libs.values():
         step(lib)  # warm-up: page faults, caches
@@ -564,11 +565,12 @@ class _ScanCL(torch.autograd.Function):
         dA_part = u.new_empty(batch, N, E)
         dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
         dD_part = u.new_empty(batch, E) if has_D else None
+        dbias_part = u.new_empty(batch, E) if has_bias else None  # summed in the kernel, not from ddelta
         rc = getattr(_lib_or_raise(), f"sl_bwd_{_sfx(u)}")(
             _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
             _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part),
-            _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), batch, E, L, N, int(softplus), int(reverse),
+            _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part), batch, E, L, N, int(softplus), int(reverse),
             ctx.out_scale, _threads(batch * L * E * N),
         )  # fmt: skip
         if rc != 0:
@@ -577,7 +579,7 @@ class _ScanCL(torch.autograd.Function):
         dC = dC_part.sum(0) if nblk > 1 else dC_part[0]
         dA = dA_part.sum(0).t()  # (E, N)
         dD = dD_part.sum(0) if has_D else None
-        dbias = ddelta.sum((0, 1)) if has_bias else None
+        dbias = dbias_part.sum(0) if has_bias else None
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, (gout if ctx.has_acc else None)
 
 

@@ -234,7 +234,8 @@
         return failed;                                                                             \
     }                                                                                              \
                                                                                                    \
-    /* du, ddelta, dz: (batch, L, E) contiguous; dA_part (batch, N, E); dD_part (batch, E);        \
+    /* du, ddelta, dz: (batch, L, E) contiguous; dA_part (batch, N, E); dD_part, dbias_part         \
+     * (batch, E): per-sample sums (dbias_part: of ddelta over time, so no pass over ddelta after);  \
      * dB_part, dC_part: (nblk, batch, L, N), every entry written (no zeroing needed) */           \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
                      const T *CL_RESTRICT At,                                                      \
@@ -243,6 +244,7 @@
                      const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,                             \
                      T *CL_RESTRICT ddelta, T *CL_RESTRICT dz, T *CL_RESTRICT dA_part,             \
                      T *CL_RESTRICT dB_part, T *CL_RESTRICT dC_part, T *CL_RESTRICT dD_part,       \
+                     T *CL_RESTRICT dbias_part,                                                    \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, int nthreads) {                                                \
         int failed = 0;                                                                            \
@@ -278,9 +280,9 @@
                 memset(as + (size_t)L * N * EB, 0, sizeof(T) * (size_t)(N * EB));                  \
                 memset(g, 0, sizeof(T) * (size_t)(N * EB));                                        \
                 memset(dAa, 0, sizeof(T) * (size_t)(N * EB));                                      \
-                T dDacc[EB];                                                                       \
+                T dDacc[EB], dbacc[EB];                                                            \
                 _Pragma("omp simd")                                                                \
-                for (int j = 0; j < EB; ++j) dDacc[j] = (T)0;                                      \
+                for (int j = 0; j < EB; ++j) dDacc[j] = dbacc[j] = (T)0;                           \
                 /* pass 1: recompute the forward in processing order; dC, dz, dD need only it */   \
                 for (int64_t s = 0; s < L; ++s) {                                                  \
                     const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
@@ -404,6 +406,7 @@
                     for (int j = 0; j < EB; ++j) {                                                 \
                         y[j] = d[j] * sgB[j] + gy[j] * Ds[j];                                      \
                         dd[j] = (dd[j] + uu[j] * sgB[j]) * sg[j];                                  \
+                        dbacc[j] += dd[j]; /* the bias gradient: the sum of ddelta over time */     \
                     }                                                                              \
                     CL_STORE(T, du_out + row, y, ne);                               \
                     CL_STORE(T, ddelta + row, dd, ne);                              \
@@ -411,6 +414,7 @@
                 for (int64_t n = 0; n < N; ++n)                                                    \
                     memcpy(dA_part + (b * N + n) * E + e0, dAa + n * EB, sizeof(T) * (size_t)ne);  \
                 if (dD_part) memcpy(dD_part + b * E + e0, dDacc, sizeof(T) * (size_t)ne);          \
+                if (dbias_part) memcpy(dbias_part + b * E + e0, dbacc, sizeof(T) * (size_t)ne);    \
             }                                                                                      \
             SM_FTZ_END                                                                             \
             free(buf);                                                                             \
