@@ -139,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(dict(threads=args.threads, compare=res), indent=2))
         return 0
 
-    results = {"threads": args.threads, "loadavg_start": os.getloadavg()[0], "torch": torch.__version__, "models": {}}
+    from shufflemamba.ops.cpu_scan import describe_vector_width
+
+    kernels = describe_vector_width()  # which vector width the compiled kernels run with (issue 12)
+    print(kernels)
+    results = {"threads": args.threads, "loadavg_start": os.getloadavg()[0], "torch": torch.__version__,
+               "cpu_kernels": kernels, "models": {}}
     for name in args.models:
         step = make_step(name)
         times = time_step(step, args.steps, args.warmup)
