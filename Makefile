@@ -35,9 +35,10 @@ demo: $(STAMP) dataset
 study: $(STAMP) dataset
 	$(BIN)/python benchmarks/study.py --output runs/study --background
 
-# the second round (docs/study.md): depths 6 and 24 under a heavy recipe, ~90 min on 2 cores
+# the second round (docs/study.md): depths 6 and 24 under a heavy recipe, ~40 min on 2 cores; its
+# 5,000-image pilot: python benchmarks/study_depth.py --pilot --train-subset 5000 --output runs/study_depth_pilot5k
 study-depth: $(STAMP) dataset
-	$(BIN)/python benchmarks/study_depth.py --output runs/study_depth --background
+	$(BIN)/python benchmarks/study_depth.py --output runs/study_depth --background --pilots runs/study_depth_pilot5k
 
 bench: $(STAMP)
 	$(BIN)/shufflemamba bench

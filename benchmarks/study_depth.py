@@ -2,7 +2,7 @@
 
 One width, two depths far apart (6 and 24 layers), SLWS off against the paper's linear 0.5, the
 same seeds for both (paired), the recipe in ``study_depth.yaml`` (augmentation, label smoothing,
-drop path, AdamW warmup + cosine, 40 epochs on 5,000 Fashion-MNIST images per seed). Curves are
+drop path, AdamW warmup + cosine, 40 epochs on 2,000 Fashion-MNIST images per seed). Curves are
 read on 2,000 held-out training images; the 10,000 test images are read once, by each run's final
 weights. The report is the paired difference SLWS minus off per depth with its standard error, and
 the depth interaction (difference at 24 minus difference at 6), written to the "depth study"
@@ -66,7 +66,7 @@ def run_one(args: argparse.Namespace, depth: int, setting: str, seed: int) -> No
     cmd = [
         sys.executable, "-m", "shufflemamba", "train", "--config", str(RECIPE), "--epochs", str(args.epochs),
         "--model-kwargs", f"depth={depth}", "--slws-rate", str(rate), "--slws-schedule", schedule,
-        "--seed", str(seed), "--output", out,
+        "--seed", str(seed), "--train-subset", str(args.train_subset), "--output", out,
     ]
     if os.path.isdir(out) and any(f.endswith(".pt") for f in os.listdir(out)):
         cmd += ["--resume", out]
@@ -265,6 +265,17 @@ def write_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
                 f"{', '.join(str(v) for v in col('val_min_epoch'))} | {_mean_sd(col('val_rise'), 3)} | "
                 f"{_mean_sd(col('train_seconds_per_epoch'), 1)} |"
             )
+    for pilot_dir in args.pilots:  # earlier pilots that decided the subset size
+        for name in sorted(os.listdir(pilot_dir)) if os.path.isdir(pilot_dir) else []:
+            rows = read_rows(os.path.join(pilot_dir, name))
+            cfg_path = os.path.join(pilot_dir, name, "config.yaml")
+            if "-off-" not in name or not rows or not os.path.exists(cfg_path):  # pilots are SLWS-off runs
+                continue
+            n = yaml.safe_load(open(cfg_path, encoding="utf-8")).get("train_subset")
+            r = loss_rise(rows)
+            lines += ["", f"Pilot `{pilot_dir}/{name}` ({n:,} training images, {len(rows)} epochs): held-out loss "
+                      f"lowest at epoch {r['min_epoch']} ({r['min_loss']:.3f}), final {r['final_loss']:.3f} "
+                      f"(rise {r['rise']:.3f}); held-out top-1 at the end {rows[-1]['val_top1']:.1f}%."]
     lines += [
         "",
         "Mean ± standard deviation over seeds. The paired difference is per seed, SLWS minus off, in test",
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/study_depth")
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--train-subset", type=int, default=5000, help="must match study_depth.yaml (seconds per epoch)")
+    parser.add_argument("--train-subset", type=int, default=2000, help="training images per seed (the pilot at 5,000 was run with --train-subset 5000)")
     parser.add_argument("--depths", type=int, nargs="+", default=[6, 24])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["off", "linear-0.5"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -324,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pilot", action="store_true", help="train only the deepest SLWS-off run of the first seed")
     parser.add_argument("--report", action="store_true", help="only re-render the report from finished runs")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where study.md, study_depth.png/.json go")
+    parser.add_argument("--pilots", nargs="*", default=[], metavar="DIR",
+                        help="output folders of earlier --pilot runs (other subsets) to summarise in the report")
     args = parser.parse_args(argv)
     if "off" not in args.settings:
         parser.error("--settings must include off (every difference is paired against it)")
