@@ -12,7 +12,9 @@ ones, and which is faster depends on the CPU (some split 512-bit operations in t
 default ``auto`` the first process builds both variants, times a small forward + backward of the
 channel-last scan on each (interleaved rounds, median), loads the faster and records the choice in
 ``vector_width_<key>.json`` next to the libraries, keyed by the CPU, compiler and sources, so later
-processes read it instead of measuring. Delete that file to measure again. Other CPUs: one build.
+processes read it instead of measuring (it is timed in thread CPU time, so waiting for a busy core
+does not count, but a loaded machine still disturbs caches: delete the file to measure again, or
+set the width). Other CPUs: one build.
 ``python -m shufflemamba.ops.cpu_scan`` prints the choice.
 
 Environment variables:
@@ -206,7 +208,10 @@ _TIMING_SHAPE = dict(batch=4, L=64, E=192, N=16)
 
 def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 6) -> dict[str, float]:
     """Median ms of one float32 forward + backward of the channel-last scan per library, one
-    thread, the libraries interleaved in every round (alternating which goes first)."""
+    thread, the libraries interleaved in every round (alternating which goes first).
+
+    Timed in CPU time of the calling thread (the kernels run on it alone): on a busy machine the
+    wall clock also counts the time the thread waits for a core, which is noise here."""
     batch, L, E, N = (_TIMING_SHAPE[k] for k in ("batch", "L", "E", "N"))
     g = torch.Generator().manual_seed(0)  # its own generator: the global RNG stays untouched
     kw = dict(dtype=torch.float32, device="cpu")  # whatever default dtype / device the caller set
@@ -236,10 +241,10 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     order = list(libs)
     for r in range(rounds):
         for w in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for _ in range(reps):
                 step(libs[w])
-            times[w].append((time.perf_counter() - t0) * 1e3 / reps)
+            times[w].append((time.thread_time() - t0) * 1e3 / reps)
     return {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
 
 
@@ -266,7 +271,7 @@ def _choose_width(cc: str, base: str) -> tuple[ctypes.CDLL, dict[str, Any]]:
     rec = {
         "width": int(width), "ms": {w: round(t, 4) for w, t in ms.items()},
         "ratio_512_over_256": round(ms["512"] / ms["256"], 4), "cpu": _cpu_model(),
-        "rounds": _ROUNDS, "shape": _TIMING_SHAPE, "loadavg": round(os.getloadavg()[0], 2),
+        "rounds": _ROUNDS, "shape": _TIMING_SHAPE, "clock": "thread CPU time", "loadavg": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write_choice(path, rec)
