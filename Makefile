@@ -36,9 +36,10 @@ study: $(STAMP) dataset
 	$(BIN)/python benchmarks/study.py --output runs/study --background
 
 # the second round (docs/study.md): depths 6 and 24 under a heavy recipe, ~40 min on 2 cores; its
-# 5,000-image pilot: python benchmarks/study_depth.py --pilot --train-subset 5000 --output runs/study_depth_pilot5k
+# pilots: python benchmarks/study_depth.py --pilot --train-subset 5000 --output runs/study_depth_pilot5k
+# (and --train-subset 1000 --epochs 80 --output runs/study_depth_pilot1k)
 study-depth: $(STAMP) dataset
-	$(BIN)/python benchmarks/study_depth.py --output runs/study_depth --background --pilots runs/study_depth_pilot5k
+	$(BIN)/python benchmarks/study_depth.py --output runs/study_depth --background --pilots runs/study_depth_pilot5k runs/study_depth_pilot1k
 
 bench: $(STAMP)
 	$(BIN)/shufflemamba bench

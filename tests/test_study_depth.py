@@ -53,6 +53,9 @@ def test_loss_rise_finds_the_minimum_and_the_climb(sd):
     assert sd.loss_rise(rows) == {"min_epoch": 3, "min_loss": 0.5, "final_loss": 0.7, "rise": pytest.approx(0.2)}
     falling = [{"val_loss": v} for v in (1.0, 0.8, 0.7)]
     assert sd.loss_rise(falling)["rise"] == 0.0 and sd.loss_rise(falling)["min_epoch"] == 3
+    assert sd.overfits(sd.loss_rise(rows)) and not sd.overfits(sd.loss_rise(falling))
+    noisy = [{"val_loss": v} for v in (1.0, 0.64, 0.66, 0.6475)]  # ends 1.2% above its minimum: noise
+    assert not sd.overfits(sd.loss_rise(noisy))
 
 
 def test_jobs_start_with_the_pilot_and_go_seed_by_seed(sd):
