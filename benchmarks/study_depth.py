@@ -319,7 +319,7 @@ def write_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         "",
         f"Produced by `make study-depth` (`python benchmarks/study_depth.py --output {args.output} --depths "
         f"{' '.join(map(str, args.depths))} --settings {' '.join(args.settings)} --seeds {' '.join(map(str, args.seeds))} "
-        f"--jobs {args.jobs} --threads {args.threads}`), training code of commit {code} ({pkg}), report rendered at "
+        f"--jobs {args.jobs} --threads {args.threads}`), training code of commit {code}, report rendered at "
         f"commit {commit}, on {cpu_model()} ({os.cpu_count()} cores, "
         f"no GPU), torch {torch.__version__}. Train s / epoch is the training pass alone at {args.threads} thread(s), "
         f"{args.jobs} runs at a time. Per-run metrics: `{args.output}/*/metrics.jsonl`; the numbers above: "
