@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "kernels": kernels, "rates": rates, "ops": OPS, "shape": VIM_TI,
                                          "limit_ms": limit, "measured_ms": measured, "command": command}, indent=2))
     if args.docs:
-        section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation in the script's "
-                   f"docstring and below).\n\n{table}\n\n")
+        section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation: the script's "
+                   f"docstring and the paragraph below this section).\n\n{table}\n\n")
         write_marked_section(args.docs, section, BEGIN, END)
     return 0
 
