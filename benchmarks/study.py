@@ -233,6 +233,22 @@ def study_lock(output: str) -> Any:
     return lock
 
 
+def run_in_background(script: str, argv: list[str] | None, output: str, what: str) -> int:
+    """Re-run ``script`` with ``argv`` minus --background, detached, logging to OUTPUT/study.log;
+    1 (with an error line) if a study already holds OUTPUT's lock."""
+    lock = study_lock(output)
+    if lock is None:
+        return 1
+    lock.close()  # the detached child takes it
+    log_path = os.path.join(output, "study.log")
+    cmd = [sys.executable, os.path.abspath(script), *[a for a in (argv or sys.argv[1:]) if a != "--background"]]
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"{what} running in the background (pid {proc.pid}); follow it with: tail -f {log_path}")
+    print("run the same command again to resume it if it is interrupted")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/study")
@@ -246,17 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output, exist_ok=True)
 
     if args.background:
-        lock = study_lock(args.output)
-        if lock is None:
-            return 1
-        lock.close()  # the detached child takes it
-        log_path = os.path.join(args.output, "study.log")
-        cmd = [sys.executable, os.path.abspath(__file__), *[a for a in (argv or sys.argv[1:]) if a != "--background"]]
-        with open(log_path, "a", encoding="utf-8") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        print(f"study running in the background (pid {proc.pid}); follow it with: tail -f {log_path}")
-        print("run the same command again to resume it if it is interrupted")
-        return 0
+        return run_in_background(__file__, argv, args.output, "study")
 
     if not args.report:
         from concurrent.futures import ThreadPoolExecutor

@@ -36,7 +36,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 from shufflemamba.reports import cpu_model, write_marked_section
-from study import read_rows, study_lock  # the first study's helpers (same folder)
+from study import read_rows, run_in_background, study_lock  # the first study's helpers (same folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = Path(__file__).resolve().parent / "study_depth.yaml"
@@ -354,17 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output, exist_ok=True)
 
     if args.background:
-        lock = study_lock(args.output)
-        if lock is None:
-            return 1
-        lock.close()  # the detached child takes it
-        log_path = os.path.join(args.output, "study.log")
-        cmd = [sys.executable, os.path.abspath(__file__), *[a for a in (argv or sys.argv[1:]) if a != "--background"]]
-        with open(log_path, "a", encoding="utf-8") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        print(f"depth study running in the background (pid {proc.pid}); follow it with: tail -f {log_path}")
-        print("run the same command again to resume it if it is interrupted")
-        return 0
+        return run_in_background(__file__, argv, args.output, "depth study")
 
     if not args.report:
         lock = study_lock(args.output)  # held until this process exits

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_scan_inputs
+from ..reports import cpu_model
 
 __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu",
            "vector_width_info"]
@@ -248,17 +249,6 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     return {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _choose_width(cc: str, base: str) -> tuple[ctypes.CDLL, dict[str, Any]]:
     """The auto rule on an AVX-512 CPU: the recorded choice, else measure both builds and record."""
     path = _choice_path(base)
@@ -270,7 +260,7 @@ def _choose_width(cc: str, base: str) -> tuple[ctypes.CDLL, dict[str, Any]]:
     width = min(ms, key=ms.get)
     rec = {
         "width": int(width), "ms": {w: round(t, 4) for w, t in ms.items()},
-        "ratio_512_over_256": round(ms["512"] / ms["256"], 4), "cpu": _cpu_model(),
+        "ratio_512_over_256": round(ms["512"] / ms["256"], 4), "cpu": cpu_model(),
         "rounds": _ROUNDS, "shape": _TIMING_SHAPE, "clock": "thread CPU time", "loadavg": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
