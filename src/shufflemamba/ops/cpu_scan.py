@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_scan_inputs
+from ..config import UserError
 from ..reports import cpu_model
 
 __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu",
@@ -98,11 +99,15 @@ def _has_avx512() -> bool:
         return False
 
 
+class VectorWidthError(UserError, ValueError):
+    """A bad SHUFFLEMAMBA_CPU_VECTOR_WIDTH: the CLI reports it as one line (UserError)."""
+
+
 def _width_setting() -> str:
     """SHUFFLEMAMBA_CPU_VECTOR_WIDTH: "256", "512" or "auto" (unset or empty)."""
     value = os.environ.get(_WIDTH_ENV, "").strip().lower() or "auto"
     if value not in ("auto", *_WIDTHS):
-        raise ValueError(f"{_WIDTH_ENV} must be 256, 512 or auto, got {value!r}")
+        raise VectorWidthError(f"{_WIDTH_ENV} must be 256, 512 or auto, got {value!r}")
     return value
 
 
