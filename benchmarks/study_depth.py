@@ -36,7 +36,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 from shufflemamba.reports import cpu_model, write_marked_section
-from study import read_rows, run_in_background, study_lock  # the first study's helpers (same folder)
+from study import _mean_sd, read_rows, run_in_background, study_lock  # the first study's helpers (same folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = Path(__file__).resolve().parent / "study_depth.yaml"
@@ -222,13 +222,6 @@ def plot(args: argparse.Namespace, runs: list[dict[str, Any]], path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _mean_sd(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "n/a"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def write_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
