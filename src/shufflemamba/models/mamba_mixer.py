@@ -58,7 +58,9 @@ class BiMambaMixer(nn.Module):
 
     On CPU (float32 / float64, ``scan_impl`` "auto" or "cpu", compiled kernels available) the
     forward takes a channel-last path with the same results: compiled conv1d + SiLU and scan on
-    (B, L, E) views of ``in_proj``'s output. Elsewhere (CUDA, autocast, other impls) it runs the
+    (B, L, E) views of ``in_proj``'s output, both directions in one autograd function whose
+    backward writes the kernels' gradients straight into ``in_proj``'s output gradient
+    (:func:`shufflemamba.ops.cpu_mixer.bimamba_core_cl`). Elsewhere (CUDA, autocast, other impls) it runs the
     (B, E, L) path. Both run the backward direction in reverse (look-ahead conv, scan from the end)
     rather than on flipped copies. Where mamba_ssm and causal-conv1d import, ``scan_impl`` "auto"
     on CUDA (or "mamba_ssm" anywhere) runs their kernels instead, on flipped copies as official Vim
@@ -220,36 +222,28 @@ class BiMambaMixer(nn.Module):
 
         return cpu_scan_available()
 
-    def _direction_cl(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-                      a_log: Tensor, d: Tensor, reverse: bool, accumulate: Tensor | None = None) -> Tensor:
-        """One direction on channel-last tensors. x, z: (B, L, E) views of in_proj's output -> (B, L, E).
+    def _params_cl(self, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, a_log: Tensor, d: Tensor,
+                   dtype: torch.dtype) -> Any:
+        """One direction's parameters for :func:`~shufflemamba.ops.cpu_mixer.bimamba_core_cl`.
 
-        ``reverse`` runs the conv anti-causally and the scan from the end, which equals the flipped
-        computation of :meth:`_direction` flipped back, without copying any flipped tensor. The
-        result is halved in the scan kernel; with ``accumulate`` (the other direction's halved
-        output) it is added into that tensor in place, so ``(y_f + y_b) / 2`` costs no extra pass.
+        A, D and the dt bias go through float32 as in :meth:`_direction` (a no-op for fp32 models),
+        so both paths compute the same numbers for float64 models too.
         """
-        from ..ops.cpu_scan import causal_conv1d_silu_cl, selective_scan_cl
+        from ..ops.cpu_mixer import DirectionParams
 
-        dtype = x.dtype
-        x = causal_conv1d_silu_cl(x, conv.weight, conv.bias, reverse)  # (B, L, E)
-        x_dbl = x_proj(x)  # (B, L, dt_rank + 2N)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight)  # (B, L, E); bias added in the scan
-        # A, D and the dt bias go through float32 as in _direction (no-op for fp32 models), so both
-        # paths compute the same numbers for float64 models too
-        a = -torch.exp(a_log.float()).to(dtype)  # (E, N)
-        return selective_scan_cl(x, delta, a, b, c, d.float().to(dtype), z, dt_proj.bias.float().to(dtype),
-                                 delta_softplus=True, reverse=reverse, out_scale=0.5, accumulate=accumulate)
+        return DirectionParams(conv.weight, conv.bias, x_proj.weight, dt_proj.weight,
+                               dt_proj.bias.float().to(dtype), -torch.exp(a_log.float()).to(dtype),
+                               d.float().to(dtype))
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden: (B, L, D) -> (B, L, D)."""
         if self._use_fused_cpu(hidden):
-            xz = self.in_proj(hidden)  # (B, L, 2E)
-            x, z = xz.chunk(2, dim=-1)  # (B, L, E) strided views, no copy
-            y = self._direction_cl(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False)
-            y = self._direction_cl(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                                   True, accumulate=y)  # y_f / 2 + y_b / 2, summed in place by the kernel
+            from ..ops.cpu_mixer import bimamba_core_cl
+
+            xz = self.in_proj(hidden)  # (B, L, 2E): x | z, channel-last, no transpose
+            fwd = self._params_cl(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, xz.dtype)
+            bwd = self._params_cl(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, xz.dtype)
+            y = bimamba_core_cl(xz, self.dt_rank, fwd, bwd)  # (B, L, E) = (y_f + y_b) / 2
             return self.out_proj(y)
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each

@@ -56,7 +56,8 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 5  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part
+_ABI_VERSION = 6  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+# 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -143,11 +144,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd.restype = i32
         # channel-last kernels (mixer_cl.c)
         getattr(lib, f"cv_fwd_{sfx}").argtypes = [p, i64, i64, p, p, p] + [i64] * 4 + [i32, i32]
-        getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, p, p] + [i64] * 4 + [i32, i32]
+        getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, i64, i64, i32, p, p] + [i64] * 4 + [i32, i32]
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
         getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, i32]
-        getattr(lib, f"sl_bwd_{sfx}").argtypes = [p, p, *head[1:-1]] + [p] * 9 + [i64] * 4 + [i32, i32, f64, i32]
+        getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 5
+                                                  + [i64] * 4 + [i32, i32, f64, i32])
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
@@ -239,7 +241,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
         lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
                        _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
-                       _ptr(ddelta), _ptr(dz), _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), _ptr(dbias_part), batch, E, L, N,
+                       _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), _ptr(dbias_part), batch, E, L, N,
                        1, 0, 1.0, 1)
 
     for lib in libs.values():
@@ -482,7 +484,7 @@ class _ConvSiluCL(torch.autograd.Function):
         dx = x.new_empty(batch, L, E)
         dw_part, db_part = x.new_empty(batch, K, E), x.new_empty(batch, E)
         rc = getattr(_lib_or_raise(), f"cv_bwd_{_sfx(x)}")(
-            _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx),
+            _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx), L * E, E, 0,
             _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(ctx.reverse), _threads(batch * L * E),
         )  # fmt: skip
         if rc != 0:
@@ -569,7 +571,7 @@ class _ScanCL(torch.autograd.Function):
         rc = getattr(_lib_or_raise(), f"sl_bwd_{_sfx(u)}")(
             _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
-            _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), _ptr(dA_part),
+            _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(dA_part),
             _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part), batch, E, L, N, int(softplus), int(reverse),
             ctx.out_scale, _threads(batch * L * E * N),
         )  # fmt: skip

@@ -78,11 +78,13 @@
         return 0;                                                                                  \
     }                                                                                              \
                                                                                                    \
-    /* dx (contiguous), dw_part (batch, K, E), db_part (batch, E): per-batch partial sums */       \
+    /* dx (batch, L, E) strided (sdx_b, sdx_t), written, or added to with acc_dx (the mixer's     \
+     * two directions sum into one gradient buffer); dw_part (batch, K, E), db_part (batch, E):    \
+     * per-batch partial sums */                                                                   \
     int cv_bwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
-                     const T *CL_RESTRICT bias, const T *CL_RESTRICT gout, T *CL_RESTRICT dx,      \
-                     T *CL_RESTRICT dw_part, T *CL_RESTRICT db_part, int64_t batch, int64_t E,     \
-                     int64_t L, int64_t K, int reverse, int nthreads) {                            \
+                     const T *CL_RESTRICT bias, const T *CL_RESTRICT gout, T *dx, int64_t sdx_b,   \
+                     int64_t sdx_t, int acc_dx, T *CL_RESTRICT dw_part, T *CL_RESTRICT db_part,    \
+                     int64_t batch, int64_t E, int64_t L, int64_t K, int reverse, int nthreads) {  \
         int failed = 0;                                                                            \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
@@ -123,8 +125,9 @@
                 }                                                                                  \
                 /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s */                    \
                 for (int64_t s = 0; s < L; ++s) {                                                  \
-                    T *CL_RESTRICT d = dx + (b * L + s) * E;                                       \
-                    for (int64_t e = 0; e < E; ++e) d[e] = (T)0;                                   \
+                    T *CL_RESTRICT d = dx + b * sdx_b + s * sdx_t;                                 \
+                    if (!acc_dx)                                                                   \
+                        for (int64_t e = 0; e < E; ++e) d[e] = (T)0;                               \
                     for (int64_t k = 0; k < K; ++k) {                                              \
                         const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);             \
                         if (t < 0 || t >= L) continue;                                             \
@@ -234,7 +237,8 @@
         return failed;                                                                             \
     }                                                                                              \
                                                                                                    \
-    /* du, ddelta, dz: (batch, L, E) contiguous; dA_part (batch, N, E); dD_part, dbias_part         \
+    /* du, ddelta: (batch, L, E) contiguous; dz (batch, L, E) strided (sdz_b, sdz_t), written, or   \
+     * added to with acc_dz; dA_part (batch, N, E); dD_part, dbias_part                             \
      * (batch, E): per-sample sums (dbias_part: of ddelta over time, so no pass over ddelta after);  \
      * dB_part, dC_part: (nblk, batch, L, N), every entry written (no zeroing needed) */           \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
@@ -242,7 +246,8 @@
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
                      const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,                             \
-                     T *CL_RESTRICT ddelta, T *CL_RESTRICT dz, T *CL_RESTRICT dA_part,             \
+                     T *CL_RESTRICT ddelta, T *dz, int64_t sdz_b, int64_t sdz_t, int acc_dz,       \
+                     T *CL_RESTRICT dA_part,                                                       \
                      T *CL_RESTRICT dB_part, T *CL_RESTRICT dC_part, T *CL_RESTRICT dD_part,       \
                      T *CL_RESTRICT dbias_part,                                                    \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
@@ -341,7 +346,13 @@
                             const T sz = szs[j];                                                   \
                             y[j] = go[j] * y[j] * sz * ((T)1 + zz[j] * ((T)1 - sz));               \
                         }                                                                          \
-                        CL_STORE(T, dz + row, y, ne);                               \
+                        T *CL_RESTRICT dzr = dz + b * sdz_b + t * sdz_t + e0;                      \
+                        if (acc_dz && ne == EB) {                                                  \
+                            _Pragma("omp simd") for (int j = 0; j < EB; ++j) y[j] += dzr[j];       \
+                        } else if (acc_dz) {                                                       \
+                            for (int64_t j = 0; j < ne; ++j) y[j] += dzr[j];                       \
+                        }                                                                          \
+                        CL_STORE(T, dzr, y, ne);                                                   \
                     }                                                                              \
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) dDacc[j] += gy[j] * uu[j];                        \

@@ -1,0 +1,174 @@
+"""The core of the bidirectional Vim mixer as one autograd function on the CPU (channel-last).
+
+Between ``in_proj`` and ``out_proj`` the mixer runs, per direction, a depthwise conv + SiLU, the
+``x_proj`` and ``dt_proj`` linears and the selective scan, then averages the two directions. Left
+to autograd, the backward of that graph spends a measurable share of a small model's step on
+bookkeeping passes over (batch, L, E) tensors: the gradients of x and z from the two directions
+are added (``add_``), concatenated back into the gradient of ``in_proj``'s output (``cat`` of a
+(batch, L, 2E) tensor per layer), ``x_proj``'s split output is concatenated back the same way, and
+the conv output's two gradient paths (the scan's u and ``x_proj``'s input) are added.
+
+:func:`bimamba_core_cl` runs the same computation with a hand-written backward in which the
+kernels write straight into one (batch, L, 2E) gradient buffer: the conv kernel writes dx into its
+first half and the scan kernel dz into its second half, the second direction adding to the first
+(``acc`` flags of ``cv_bwd`` / ``sl_bwd`` in ``mixer_cl.c``), and ``x_proj``'s input gradient is
+added into the scan's du in place (``addmm_``). Same numbers as the per-op path up to float
+summation order; ``tests/test_selective_scan.py`` holds both against the (batch, E, L) reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .cpu_scan import _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads
+
+__all__ = ["DirectionParams", "bimamba_core_cl"]
+
+
+class DirectionParams(NamedTuple):
+    """One scan direction's parameters, as the mixer holds them (A already ``-exp(A_log)``)."""
+
+    conv_weight: Tensor  # (E, 1, K)
+    conv_bias: Tensor | None  # (E,)
+    x_proj_weight: Tensor  # (R + 2N, E)
+    dt_proj_weight: Tensor  # (E, R)
+    dt_proj_bias: Tensor  # (E,)
+    A: Tensor  # (E, N)
+    D: Tensor  # (E,)
+
+
+def _conv_fwd(lib, x: Tensor, wt: Tensor, bias: Tensor | None, reverse: bool) -> Tensor:
+    batch, L, E = x.shape
+    out = x.new_empty(batch, L, E)
+    getattr(lib, f"cv_fwd_{_sfx(x)}")(
+        _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(out),
+        batch, E, L, wt.shape[0], int(reverse), _threads(batch * L * E),
+    )  # fmt: skip
+    return out
+
+
+class _BiMambaCoreCL(torch.autograd.Function):
+    """xz (batch, L, 2E) and both directions' parameters -> (y_f + y_b) / 2 (batch, L, E)."""
+
+    @staticmethod
+    def forward(ctx, xz, dt_rank: int, *flat):
+        lib = _lib_or_raise()
+        batch, L, E2 = xz.shape
+        E = E2 // 2
+        x, z = xz[..., :E], xz[..., E:]  # (batch, L, E) strided views, unit stride along E
+        dirs = [DirectionParams(*flat[:7]), DirectionParams(*flat[7:])]
+        train = any(ctx.needs_input_grad)
+        y = xz.new_empty(batch, L, E)
+        saved: list[Tensor | None] = []
+        for k, p in enumerate(dirs):
+            reverse = k == 1
+            wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
+            bias = _contig(p.conv_bias)
+            xc = _conv_fwd(lib, x, wt, bias, reverse)  # (batch, L, E) = silu(conv(x))
+            x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
+            N = p.A.shape[1]
+            dt, bm, cm = torch.split(x_dbl, [dt_rank, N, N], dim=-1)
+            delta = torch.matmul(dt, p.dt_proj_weight.t())  # (batch, L, E); its bias is added in the scan
+            At = p.A.t().contiguous()  # (N, E)
+            dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
+            ysave = torch.empty_like(xc) if train else None  # y + D u before the gate, for dz
+            rc = getattr(lib, f"sl_fwd_{_sfx(xc)}")(
+                _ptr(xc), _ptr(delta), _ptr(At), _ptr(bm), bm.stride(0), bm.stride(1), _ptr(cm), cm.stride(0),
+                cm.stride(1), _ptr(_contig(p.D)), _ptr(z), z.stride(0), z.stride(1), _ptr(_contig(p.dt_proj_bias)),
+                _ptr(y), _ptr(dsave), _ptr(ysave), batch, E, L, N, 1, int(reverse), 0.5, int(k == 1),
+                _threads(batch * L * E * N),
+            )  # fmt: skip
+            if rc != 0:
+                raise MemoryError("selective scan kernel: out of memory")
+            saved += [wt, bias, xc, x_dbl, At, dsave, ysave]
+        if train:
+            ctx.save_for_backward(xz, *flat, *saved)
+        ctx.dt_rank = dt_rank
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xz, *rest = ctx.saved_tensors
+        flat, saved = rest[:14], rest[14:]
+        lib = _lib_or_raise()
+        batch, L, E2 = xz.shape
+        E, R = E2 // 2, ctx.dt_rank
+        x, z = xz[..., :E], xz[..., E:]
+        gy = gy.contiguous()
+        dxz = torch.empty_like(xz)  # dx in [..., :E], dz in [..., E:]: both directions write, then add
+        dx, dz = dxz[..., :E], dxz[..., E:]
+        grads: list[Tensor | None] = []
+        nblk = -(-E // lib.sl_block_size())  # channel blocks of the scan kernel
+        for k in range(2):
+            p = DirectionParams(*flat[7 * k: 7 * k + 7])
+            wt, bias, xc, x_dbl, At, dsave, ysave = saved[7 * k: 7 * k + 7]
+            N, K = At.shape[0], wt.shape[0]
+            bm, cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]
+            du, ddelta = torch.empty_like(xc), torch.empty_like(xc)
+            dA_part = xc.new_empty(batch, N, E)
+            dB_part, dC_part = xc.new_empty(nblk, batch, L, N), xc.new_empty(nblk, batch, L, N)
+            dD_part, dbias_part = xc.new_empty(batch, E), xc.new_empty(batch, E)
+            rc = getattr(lib, f"sl_bwd_{_sfx(xc)}")(
+                _ptr(xc), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(bm), bm.stride(0), bm.stride(1), _ptr(cm),
+                cm.stride(0), cm.stride(1), _ptr(_contig(p.D)), _ptr(z), z.stride(0), z.stride(1),
+                _ptr(gy), _ptr(du), _ptr(ddelta), _ptr(dz), dz.stride(0), dz.stride(1), int(k == 1), _ptr(dA_part),
+                _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part), batch, E, L, N, 1, int(k == 1),
+                0.5, _threads(batch * L * E * N),
+            )  # fmt: skip
+            if rc != 0:
+                raise MemoryError("selective scan kernel: out of memory")
+            # x_dbl = [dt | B | C]: its gradient assembled in one (batch * L, R + 2N) buffer
+            ddelta2 = ddelta.view(-1, E)
+            dx_dbl = xc.new_empty(batch * L, R + 2 * N)
+            dx_dbl[:, :R] = torch.mm(ddelta2, p.dt_proj_weight)  # (batch * L, R)
+            dx_dbl[:, R:R + N] = dB_part.sum(0).view(-1, N)
+            dx_dbl[:, R + N:] = dC_part.sum(0).view(-1, N)
+            d_dt_w = torch.mm(ddelta2.t(), x_dbl.view(-1, R + 2 * N)[:, :R])  # (E, R)
+            xc2 = xc.view(-1, E)
+            d_xproj_w = torch.mm(dx_dbl.t(), xc2)  # (R + 2N, E)
+            du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
+            dw_part, db_part = xc.new_empty(batch, K, E), xc.new_empty(batch, E)
+            rc = getattr(lib, f"cv_bwd_{_sfx(xc)}")(
+                _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(du), _ptr(dx), dx.stride(0),
+                dx.stride(1), int(k == 1), _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(k == 1),
+                _threads(batch * L * E),
+            )  # fmt: skip
+            if rc != 0:
+                raise MemoryError("conv1d kernel: out of memory")
+            grads += [
+                dw_part.sum(0).t().reshape(p.conv_weight.shape),
+                db_part.sum(0) if p.conv_bias is not None else None,
+                d_xproj_w, d_dt_w, dbias_part.sum(0), dA_part.sum(0).t(), dD_part.sum(0),
+            ]
+        return (dxz, None, *grads)
+
+
+def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward: DirectionParams) -> Tensor:
+    """``(y_f + y_b) / 2`` of Vim's bidirectional mixer from ``in_proj``'s output, channel-last, CPU.
+
+    Args:
+        xz: (batch, L, 2E) float32 / float64, ``in_proj``'s output (x in the first half, z the gate).
+        dt_rank: R, the width of the dt slice of ``x_proj``'s output ([dt | B | C]).
+        forward, backward: each direction's :class:`DirectionParams`; ``backward`` runs in reverse
+            time (anti-causal conv, scan from the end), equal to the flipped computation flipped back.
+
+    Returns:
+        (batch, L, E) contiguous: the input of ``out_proj``.
+    """
+    xz = _rowmajor(xz)
+    if xz.dim() != 3 or xz.shape[-1] % 2:
+        raise ValueError(f"bimamba_core_cl: xz must be (batch, L, 2E), got {tuple(xz.shape)}")
+    if xz.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"bimamba_core_cl: float32 or float64 expected, got {xz.dtype}")
+    if xz.stride(0) != xz.shape[1] * xz.stride(1):
+        xz = xz.contiguous()
+    flat = []
+    for p in (forward, backward):
+        for t in p:
+            if t is not None and t.dtype != xz.dtype:
+                raise TypeError(f"bimamba_core_cl: parameters must be {xz.dtype}, got {t.dtype}")
+        flat += list(p)
+    return _BiMambaCoreCL.apply(xz, int(dt_rank), *flat)
