@@ -23,6 +23,17 @@ __all__ = ["RMSNorm", "BiMambaMixer", "VimBlock", "make_norm", "INITS"]
 INITS = ("vim", "shufflemamba", "mamba")
 
 
+def _cpu_kernels_apply(x: Tensor) -> bool:
+    """The compiled channel-last CPU kernels can take x: CPU, float32 / float64, no autocast, built."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    from ..ops.cpu_scan import cpu_scan_available
+
+    return cpu_scan_available()
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, weight only: ``x / sqrt(mean(x^2) + eps) * weight`` (computed in fp32)."""
 
@@ -32,6 +43,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _cpu_kernels_apply(x) and self.weight.dtype == x.dtype:
+            from ..ops.cpu_mixer import rms_norm_cpu
+
+            return rms_norm_cpu(x, self.weight, self.eps)  # same numbers, two kernel passes
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -212,15 +227,9 @@ class BiMambaMixer(nn.Module):
 
     def _use_fused_cpu(self, hidden: Tensor) -> bool:
         """Channel-last compiled path: CPU, fp32/fp64, scan_impl auto/cpu, kernel built."""
-        if hidden.device.type != "cpu" or self.scan_impl not in ("auto", "cpu"):
+        if self.scan_impl not in ("auto", "cpu") or self.in_proj.weight.dtype != hidden.dtype:
             return False
-        if torch.is_autocast_enabled("cpu") or hidden.dtype not in (torch.float32, torch.float64):
-            return False
-        if self.in_proj.weight.dtype != hidden.dtype:
-            return False
-        from ..ops.cpu_scan import cpu_scan_available
-
-        return cpu_scan_available()
+        return _cpu_kernels_apply(hidden)
 
     def _params_cl(self, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear, a_log: Tensor, d: Tensor,
                    dtype: torch.dtype) -> Any:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .cpu_scan import _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads
 
-__all__ = ["DirectionParams", "bimamba_core_cl"]
+__all__ = ["DirectionParams", "bimamba_core_cl", "rms_norm_cpu"]
 
 
 class DirectionParams(NamedTuple):
@@ -172,3 +172,51 @@ def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward
                 raise TypeError(f"bimamba_core_cl: parameters must be {xz.dtype}, got {t.dtype}")
         flat += list(p)
     return _BiMambaCoreCL.apply(xz, int(dt_rank), *flat)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm over the last dim in two kernel passes (forward: one; backward: one, with the
+    weight gradient's per-chunk partial sums), instead of autograd's ~12 elementwise and reduction
+    ops, several of them broadcasts over the (rows, 1) scale."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        lib = _lib_or_raise()
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D)
+        rows = x2.shape[0]
+        y = torch.empty_like(x2)
+        train = any(ctx.needs_input_grad)
+        rstd = x2.new_empty(rows) if train else None
+        getattr(lib, f"rms_fwd_{_sfx(x2)}")(_ptr(x2), _ptr(weight), _ptr(y), _ptr(rstd), rows, D, float(eps),
+                                            _threads(rows * D))
+        if train:
+            ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, rstd = ctx.saved_tensors
+        rows, D = x2.shape
+        gy2 = gy.reshape(rows, D).contiguous()
+        gx = torch.empty_like(x2)
+        nthreads = _threads(rows * D)
+        nchunk = max(1, min(rows, 4 * nthreads))  # a few chunks per thread; their partial sums added after
+        gw_part = x2.new_empty(nchunk, D)
+        getattr(_lib_or_raise(), f"rms_bwd_{_sfx(x2)}")(_ptr(x2), _ptr(weight), _ptr(rstd), _ptr(gy2), _ptr(gx),
+                                                       _ptr(gw_part), rows, D, nchunk, nthreads)
+        return gx.view(gy.shape), gw_part.sum(0), None
+
+
+def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``x / sqrt(mean(x^2, -1) + eps) * weight`` with the compiled CPU kernels.
+
+    Args:
+        x: (..., D) float32 / float64 on the CPU (made contiguous if it is not).
+        weight: (D,) of x's dtype.
+        eps: added to the mean square.
+    """
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
+        raise TypeError(f"rms_norm_cpu: x (..., D) and weight (D,) of one float32/float64 dtype expected, got "
+                        f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    return _RMSNormCPU.apply(x.contiguous(), weight.contiguous(), float(eps))

@@ -57,7 +57,7 @@ _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 _ABI_VERSION = 6  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
-# 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated
+# 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -150,7 +150,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, i32]
         getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 5
                                                   + [i64] * 4 + [i32, i32, f64, i32])
-        for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd"):
+        getattr(lib, f"rms_fwd_{sfx}").argtypes = [p, p, p, p, i64, i64, f64, i32]
+        getattr(lib, f"rms_bwd_{sfx}").argtypes = [p] * 6 + [i64] * 3 + [i32]
+        for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd", "rms_fwd", "rms_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
     lib.sl_block_size.restype = i32

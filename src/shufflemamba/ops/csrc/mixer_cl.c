@@ -433,6 +433,56 @@
         return failed;                                                                             \
     }
 
+/* RMSNorm of rows of width D (the Vim block's norm): y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps).
+ * The backward: gx = rstd * gy * w - x * rstd^3 * mean(gy * w * x); gw = sum over rows of gy * x * rstd,
+ * accumulated per chunk of rows into gw_part (nchunk, D) so that threads never share a row of it. */
+#define RMS_DEFINE(T, SFX, SQRT)                                                                   \
+    int rms_fwd_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT w, T *CL_RESTRICT y,            \
+                      T *CL_RESTRICT rstd, int64_t rows, int64_t D, double eps, int nthreads) {    \
+        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)")       \
+        for (int64_t r = 0; r < rows; ++r) {                                                       \
+            const T *CL_RESTRICT xr = x + r * D;                                                   \
+            T *CL_RESTRICT yr = y + r * D;                                                         \
+            T ss = (T)0;                                                                           \
+            _Pragma("omp simd reduction(+ : ss)")                                                  \
+            for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];                                   \
+            const T rs = (T)1 / SQRT(ss / (T)D + (T)eps);                                          \
+            if (rstd) rstd[r] = rs;                                                                \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * rs * w[i];                             \
+        }                                                                                          \
+        return 0;                                                                                  \
+    }                                                                                              \
+                                                                                                   \
+    int rms_bwd_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT w, const T *CL_RESTRICT rstd,   \
+                      const T *CL_RESTRICT gy, T *CL_RESTRICT gx, T *CL_RESTRICT gw_part,          \
+                      int64_t rows, int64_t D, int64_t nchunk, int nthreads) {                     \
+        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)")       \
+        for (int64_t c = 0; c < nchunk; ++c) {                                                     \
+            T *CL_RESTRICT gw = gw_part + c * D;                                                   \
+            memset(gw, 0, sizeof(T) * (size_t)D);                                                  \
+            const int64_t r0 = rows * c / nchunk, r1 = rows * (c + 1) / nchunk;                    \
+            for (int64_t r = r0; r < r1; ++r) {                                                    \
+                const T *CL_RESTRICT xr = x + r * D, *CL_RESTRICT gr = gy + r * D;                 \
+                T *CL_RESTRICT gxr = gx + r * D;                                                   \
+                const T rs = rstd[r];                                                              \
+                T dot = (T)0;                                                                      \
+                _Pragma("omp simd reduction(+ : dot)")                                             \
+                for (int64_t i = 0; i < D; ++i) {                                                  \
+                    dot += gr[i] * w[i] * xr[i];                                                   \
+                    gw[i] += gr[i] * xr[i] * rs;                                                   \
+                }                                                                                  \
+                const T k = rs * rs * rs * dot / (T)D;                                             \
+                _Pragma("omp simd")                                                                \
+                for (int64_t i = 0; i < D; ++i) gxr[i] = rs * gr[i] * w[i] - k * xr[i];            \
+            }                                                                                      \
+        }                                                                                          \
+        return 0;                                                                                  \
+    }
+
+RMS_DEFINE(float, f32, sqrtf)
+RMS_DEFINE(double, f64, sqrt)
+
 CL_DEFINE(float, f32, sm_expf, sm_softplusf, sm_expm1f)
 CL_DEFINE(double, f64, exp, sm_softplus, expm1)
 

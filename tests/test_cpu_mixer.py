@@ -1,0 +1,111 @@
+"""The fused CPU functions of the Vim block (ops/cpu_mixer.py): RMSNorm and the bidirectional mixer core."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shufflemamba  # noqa: F401  (before timm / torchvision)
+from shufflemamba.models import mamba_mixer
+from shufflemamba.models.mamba_mixer import BiMambaMixer, RMSNorm
+from shufflemamba.ops import cpu_scan
+
+pytestmark = pytest.mark.skipif(not cpu_scan.cpu_scan_available(), reason="compiled CPU kernels unavailable")
+
+
+def _rms_reference(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_rms_norm_kernel_gradcheck_float64():
+    from shufflemamba.ops.cpu_mixer import rms_norm_cpu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(7, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    torch.testing.assert_close(rms_norm_cpu(x, w, 1e-5), _rms_reference(x, w, 1e-5))
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm_cpu(a, b, 1e-5), (x, w))
+
+
+@pytest.mark.parametrize("shape", [(128, 50, 96), (3, 1, 40), (1, 7)])
+def test_rms_norm_module_fast_path_matches_torch_ops(shape, monkeypatch):
+    norm = RMSNorm(shape[-1])
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(*shape, requires_grad=True)
+    gy = torch.randn(*shape)
+    out = norm(x)
+    grads = torch.autograd.grad(out, [x, norm.weight], gy)
+    monkeypatch.setattr(mamba_mixer, "_cpu_kernels_apply", lambda t: False)  # the plain torch ops
+    ref = norm(x)
+    ref_grads = torch.autograd.grad(ref, [x, norm.weight], gy)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_rms_norm_kernel_rejects_mixed_dtypes():
+    from shufflemamba.ops.cpu_mixer import rms_norm_cpu
+
+    with pytest.raises(TypeError, match="rms_norm_cpu"):
+        rms_norm_cpu(torch.randn(2, 4), torch.ones(4, dtype=torch.float64), 1e-5)
+    with pytest.raises(TypeError, match="rms_norm_cpu"):
+        rms_norm_cpu(torch.randn(2, 4), torch.ones(3), 1e-5)
+
+
+def _core_inputs(E=6, L=5, N=2, R=2, K=3, batch=2, seed=0):
+    from shufflemamba.ops.cpu_mixer import DirectionParams
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.5):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    xz = r(batch, L, 2 * E, scale=1.0)
+    dirs = [DirectionParams(r(E, 1, K), r(E), r(R + 2 * N, E), r(E, R), r(E),
+                            (-torch.rand(E, N, generator=g, dtype=torch.float64) - 0.2).requires_grad_(), r(E))
+            for _ in range(2)]
+    return xz, R, dirs
+
+
+def test_mixer_core_gradcheck_float64():
+    """Finite differences through both directions (strided x / z, accumulated dx / dz, x_proj's split)."""
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
+
+    xz, R, (fwd, bwd) = _core_inputs()
+    leaves = [xz, *fwd, *bwd]
+
+    def f(xz, *flat):
+        return bimamba_core_cl(xz, R, type(fwd)(*flat[:7]), type(fwd)(*flat[7:]))
+
+    assert torch.autograd.gradcheck(f, leaves, atol=1e-6)
+
+
+def test_mixer_core_without_grad_matches_training_forward():
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
+
+    xz, R, (fwd, bwd) = _core_inputs(E=70, L=9, N=3)  # 70 channels: one full and one partial block
+    out = bimamba_core_cl(xz, R, fwd, bwd)
+    with torch.no_grad():
+        out_eval = bimamba_core_cl(xz, R, fwd, bwd)
+    torch.testing.assert_close(out_eval, out.detach(), atol=0, rtol=0)
+
+
+def test_mixer_core_rejects_bad_input():
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
+
+    xz, R, (fwd, bwd) = _core_inputs()
+    with pytest.raises(ValueError, match="2E"):
+        bimamba_core_cl(xz[..., :-1], R, fwd, bwd)
+    with pytest.raises(TypeError, match="parameters must be"):
+        bimamba_core_cl(xz.float(), R, fwd, bwd)
+
+
+def test_mixer_uses_the_fused_core_and_its_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(48, d_state=4)
+    hidden = torch.randn(2, 6, 48, requires_grad=True)
+    assert mixer._use_fused_cpu(hidden)
+    mixer(hidden).square().sum().backward()
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
