@@ -71,19 +71,19 @@ class _BiMambaCoreCL(torch.autograd.Function):
             x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
             N = p.A.shape[1]
             dt, bm, cm = torch.split(x_dbl, [dt_rank, N, N], dim=-1)
-            delta = torch.matmul(dt, p.dt_proj_weight.t())  # (batch, L, E); its bias is added in the scan
+            dtw = p.dt_proj_weight.t().contiguous()  # (R, E): the scan forms delta = dt dtw itself
             At = p.A.t().contiguous()  # (N, E)
             dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
             ysave = torch.empty_like(xc) if train else None  # y + D u before the gate, for dz
             rc = getattr(lib, f"sl_fwd_{_sfx(xc)}")(
-                _ptr(xc), _ptr(delta), _ptr(At), _ptr(bm), bm.stride(0), bm.stride(1), _ptr(cm), cm.stride(0),
+                _ptr(xc), None, _ptr(At), _ptr(bm), bm.stride(0), bm.stride(1), _ptr(cm), cm.stride(0),
                 cm.stride(1), _ptr(_contig(p.D)), _ptr(z), z.stride(0), z.stride(1), _ptr(_contig(p.dt_proj_bias)),
                 _ptr(y), _ptr(dsave), _ptr(ysave), batch, E, L, N, 1, int(reverse), 0.5, int(k == 1),
-                _threads(batch * L * E * N),
+                _ptr(dt), dt.stride(0), dt.stride(1), _ptr(dtw), dt_rank, _threads(batch * L * E * N),
             )  # fmt: skip
             if rc != 0:
                 raise MemoryError("selective scan kernel: out of memory")
-            saved += [wt, bias, xc, x_dbl, At, dsave, ysave]
+            saved += [wt, bias, xc, x_dbl, At, dtw, dsave, ysave]
         if train:
             ctx.save_for_backward(xz, *flat, *saved)
         ctx.dt_rank = dt_rank
@@ -93,6 +93,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
     def backward(ctx, gy):
         xz, *rest = ctx.saved_tensors
         flat, saved = rest[:14], rest[14:]
+        nsaved = len(saved) // 2
         lib = _lib_or_raise()
         batch, L, E2 = xz.shape
         E, R = E2 // 2, ctx.dt_rank
@@ -104,29 +105,30 @@ class _BiMambaCoreCL(torch.autograd.Function):
         nblk = -(-E // lib.sl_block_size())  # channel blocks of the scan kernel
         for k in range(2):
             p = DirectionParams(*flat[7 * k: 7 * k + 7])
-            wt, bias, xc, x_dbl, At, dsave, ysave = saved[7 * k: 7 * k + 7]
+            wt, bias, xc, x_dbl, At, dtw, dsave, ysave = saved[nsaved * k: nsaved * (k + 1)]
             N, K = At.shape[0], wt.shape[0]
-            bm, cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]
-            du, ddelta = torch.empty_like(xc), torch.empty_like(xc)
+            dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
+            du = torch.empty_like(xc)
             dA_part = xc.new_empty(batch, N, E)
             dB_part, dC_part = xc.new_empty(nblk, batch, L, N), xc.new_empty(nblk, batch, L, N)
             dD_part, dbias_part = xc.new_empty(batch, E), xc.new_empty(batch, E)
+            ddt_part, ddtw_part = xc.new_empty(nblk, batch, L, R), xc.new_empty(batch, R, E)
             rc = getattr(lib, f"sl_bwd_{_sfx(xc)}")(
                 _ptr(xc), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(bm), bm.stride(0), bm.stride(1), _ptr(cm),
                 cm.stride(0), cm.stride(1), _ptr(_contig(p.D)), _ptr(z), z.stride(0), z.stride(1),
-                _ptr(gy), _ptr(du), _ptr(ddelta), _ptr(dz), dz.stride(0), dz.stride(1), int(k == 1), _ptr(dA_part),
+                _ptr(gy), _ptr(du), None, _ptr(dz), dz.stride(0), dz.stride(1), int(k == 1), _ptr(dA_part),
                 _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part), batch, E, L, N, 1, int(k == 1),
-                0.5, _threads(batch * L * E * N),
+                0.5, _ptr(dt), dt.stride(0), dt.stride(1), _ptr(dtw), R, _ptr(ddt_part), _ptr(ddtw_part),
+                _threads(batch * L * E * N),
             )  # fmt: skip
             if rc != 0:
                 raise MemoryError("selective scan kernel: out of memory")
             # x_dbl = [dt | B | C]: its gradient assembled in one (batch * L, R + 2N) buffer
-            ddelta2 = ddelta.view(-1, E)
             dx_dbl = xc.new_empty(batch * L, R + 2 * N)
-            dx_dbl[:, :R] = torch.mm(ddelta2, p.dt_proj_weight)  # (batch * L, R)
+            dx_dbl[:, :R] = ddt_part.sum(0).view(-1, R)  # the kernel's per-block dt_proj input gradients
             dx_dbl[:, R:R + N] = dB_part.sum(0).view(-1, N)
             dx_dbl[:, R + N:] = dC_part.sum(0).view(-1, N)
-            d_dt_w = torch.mm(ddelta2.t(), x_dbl.view(-1, R + 2 * N)[:, :R])  # (E, R)
+            d_dt_w = ddtw_part.sum(0).t()  # (E, R)
             xc2 = xc.view(-1, E)
             d_xproj_w = torch.mm(dx_dbl.t(), xc2)  # (R + 2N, E)
             du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed

@@ -57,7 +57,7 @@ _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 _ABI_VERSION = 6  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
-# 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd
+# 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -147,9 +147,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, i64, i64, i32, p, p] + [i64] * 4 + [i32, i32]
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
-        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, i32]
+        dtproj = [p, i64, i64, p, i64]  # dt (ptr, batch, time strides), dtw (R, E), R
+        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj, i32]
         getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 5
-                                                  + [i64] * 4 + [i32, i32, f64, i32])
+                                                  + [i64] * 4 + [i32, i32, f64, *dtproj, p, p, i32])
         getattr(lib, f"rms_fwd_{sfx}").argtypes = [p, p, p, p, i64, i64, f64, i32]
         getattr(lib, f"rms_bwd_{sfx}").argtypes = [p] * 6 + [i64] * 3 + [i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd", "rms_fwd", "rms_bwd"):
@@ -241,10 +242,10 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
         dB, dC = torch.empty(nblk, batch, L, N, **kw), torch.empty(nblk, batch, L, N, **kw)
         Bs, Cs, zs = (_ptr(B), L * N, N), (_ptr(C), L * N, N), (_ptr(z), L * E, E)  # (ptr, batch, time strides)
         lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
-                       _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, 1)
+                       _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
                        _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), _ptr(dbias_part), batch, E, L, N,
-                       1, 0, 1.0, 1)
+                       1, 0, 1.0, *_NO_DTPROJ, None, None, 1)
 
     for lib in libs.values():
         step(lib)  # warm-up: page faults, caches
@@ -446,6 +447,9 @@ def selective_scan_cpu(
 # ---------------------------------------------------------------------------------------------
 
 
+_NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd read delta itself (dt_proj not fused)
+
+
 def _rowmajor(t: Tensor) -> Tensor:
     """A (batch, L, C) view with unit stride along C: strided slices pass, anything else is copied."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -545,7 +549,7 @@ class _ScanCL(torch.autograd.Function):
             _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
             _ptr(delta_bias), _ptr(out), _ptr(dsave), _ptr(ysave), batch, E, L, N, int(delta_softplus), int(reverse),
-            float(out_scale), int(acc is not None), _threads(batch * L * E * N),
+            float(out_scale), int(acc is not None), *_NO_DTPROJ, _threads(batch * L * E * N),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("selective scan kernel: out of memory")
@@ -575,7 +579,7 @@ class _ScanCL(torch.autograd.Function):
             C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
             _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(dA_part),
             _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part), batch, E, L, N, int(softplus), int(reverse),
-            ctx.out_scale, _threads(batch * L * E * N),
+            ctx.out_scale, *_NO_DTPROJ, None, None, _threads(batch * L * E * N),
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("selective scan kernel: out of memory")

@@ -147,16 +147,19 @@
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
                      const T *CL_RESTRICT dbias, T *CL_RESTRICT out, T *CL_RESTRICT dsave,         \
                      T *CL_RESTRICT ysave, int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
-                     double oscale, int accumulate, int nthreads) {                                \
+                     double oscale, int accumulate, const T *dt, int64_t sdt_b, int64_t sdt_t,     \
+                     const T *CL_RESTRICT dtw, int64_t R, int nthreads) {                          \
         /* out = oscale * y, or out += oscale * y with accumulate: the mixer's second direction   \
-         * adds its half into the first one's output, with no separate (y_f + y_b) / 2 pass */  \
+         * adds its half into the first one's output, with no separate (y_f + y_b) / 2 pass.      \
+         * With dtw (R, E) given, delta is not read: delta_t = dtw^T dt_t is formed per step from  \
+         * dt (batch, L, R) strided (dt_proj fused: no (batch, L, E) delta written or read) */    \
         const T os = (T)oscale;                                                                    \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
-            T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB));                       \
+            T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB + R * EB));              \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -166,17 +169,30 @@
                 T *CL_RESTRICT h = buf, *CL_RESTRICT Ab = buf + N * EB;                            \
                 T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT d = Ds + EB; \
                 T *CL_RESTRICT uu = d + EB, *CL_RESTRICT du = uu + EB, *CL_RESTRICT y = du + EB;   \
-                T *CL_RESTRICT zz = y + EB, *CL_RESTRICT dl = zz + EB;                             \
+                T *CL_RESTRICT zz = y + EB, *CL_RESTRICT dl = zz + EB, *CL_RESTRICT wb = dl + EB;  \
                 const int64_t b = item / nblk, e0 = (item % nblk) * EB;                            \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
                 for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
                 if (dbias) CL_LOAD(T, bs, dbias + e0, ne); else memset(bs, 0, sizeof(T) * EB);     \
+                if (dtw)                                                                           \
+                    for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
                 if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
                 memset(h, 0, sizeof(T) * (size_t)(N * EB));                                        \
                 for (int64_t s = 0; s < L; ++s) {                                                  \
                     const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
                     CL_LOAD(T, uu, u + row, ne);                                                   \
-                    CL_LOAD(T, dl, delta + row, ne);                                               \
+                    if (dtw) {                                                                     \
+                        const T *dtr = dt + b * sdt_b + t * sdt_t;                                 \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) dl[j] = (T)0;                                 \
+                        for (int64_t r = 0; r < R; ++r) {                                          \
+                            const T v = dtr[r], *CL_RESTRICT wr = wb + r * EB;                     \
+                            _Pragma("omp simd")                                                    \
+                            for (int j = 0; j < EB; ++j) dl[j] += v * wr[j];                       \
+                        }                                                                          \
+                    } else {                                                                       \
+                        CL_LOAD(T, dl, delta + row, ne);                                           \
+                    }                                                                              \
                     /* branch outside the loops: a flag read inside defeats vectorisation */       \
                     if (softplus) {                                                                \
                         _Pragma("omp simd")                                                        \
@@ -251,7 +267,9 @@
                      T *CL_RESTRICT dB_part, T *CL_RESTRICT dC_part, T *CL_RESTRICT dD_part,       \
                      T *CL_RESTRICT dbias_part,                                                    \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
-                     double oscale, int nthreads) {                                                \
+                     double oscale, const T *dt, int64_t sdt_b, int64_t sdt_t,                     \
+                     const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt_part,                 \
+                     T *CL_RESTRICT ddtw_part, int nthreads) {                                     \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         const T os = (T)oscale; /* gout is the gradient of oscale * y */                           \
@@ -261,7 +279,9 @@
             /* hs: (L+1) x N x EB states h_{s-1} (row 0 zero); as: (L+1) x N x EB decays, row L */ \
             /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u; then N x EB g, dA, A. */ \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
-            T *buf = (T *)malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB)); \
+            /* with dtw: R x EB rows of dtw and of its gradient */                                 \
+            T *buf = (T *)malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB \
+                                              + 2 * (size_t)(R * EB)));                            \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -276,9 +296,14 @@
                 T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT y = Ds + EB; \
                 T *CL_RESTRICT go = y + EB, *CL_RESTRICT zz = go + EB, *CL_RESTRICT szs = zz + EB; \
                 T *CL_RESTRICT dd = szs + EB, *CL_RESTRICT sgB = dd + EB;                          \
+                T *CL_RESTRICT wb = sgB + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
                 const int64_t b = item / nblk, blk = item % nblk, e0 = blk * EB;                   \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
                 T *dBb = dB_part + (blk * batch + b) * L * N, *dCb = dC_part + (blk * batch + b) * L * N; \
+                if (dtw) {                                                                         \
+                    for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
+                    memset(dwb, 0, sizeof(T) * (size_t)(R * EB));                                  \
+                }                                                                                  \
                 for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
                 if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
                 memset(hs, 0, sizeof(T) * (size_t)(N * EB));                                       \
@@ -420,12 +445,30 @@
                         dbacc[j] += dd[j]; /* the bias gradient: the sum of ddelta over time */     \
                     }                                                                              \
                     CL_STORE(T, du_out + row, y, ne);                               \
-                    CL_STORE(T, ddelta + row, dd, ne);                              \
+                    if (dtw) { /* dt_proj's gradients: ddt = dtw dd (lane sums), ddtw += dd dt^T */   \
+                        const T *dtr = dt + b * sdt_b + t * sdt_t;                                 \
+                        T *ddtr = ddt_part + ((blk * batch + b) * L + t) * R;                      \
+                        for (int64_t r = 0; r < R; ++r) {                                          \
+                            const T v = dtr[r], *CL_RESTRICT wr = wb + r * EB;                     \
+                            T *CL_RESTRICT dwr = dwb + r * EB;                                     \
+                            T acc = (T)0;                                                          \
+                            _Pragma("omp simd reduction(+ : acc)")                                 \
+                            for (int j = 0; j < EB; ++j) {                                         \
+                                acc += dd[j] * wr[j];                                              \
+                                dwr[j] += dd[j] * v;                                               \
+                            }                                                                      \
+                            ddtr[r] = acc;                                                         \
+                        }                                                                          \
+                    }                                                                              \
+                    if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
                 }                                                                                  \
                 for (int64_t n = 0; n < N; ++n)                                                    \
                     memcpy(dA_part + (b * N + n) * E + e0, dAa + n * EB, sizeof(T) * (size_t)ne);  \
                 if (dD_part) memcpy(dD_part + b * E + e0, dDacc, sizeof(T) * (size_t)ne);          \
                 if (dbias_part) memcpy(dbias_part + b * E + e0, dbacc, sizeof(T) * (size_t)ne);    \
+                if (dtw)                                                                           \
+                    for (int64_t r = 0; r < R; ++r)                                                \
+                        memcpy(ddtw_part + (b * R + r) * E + e0, dwb + r * EB, sizeof(T) * (size_t)ne); \
             }                                                                                      \
             SM_FTZ_END                                                                             \
             free(buf);                                                                             \
