@@ -36,11 +36,10 @@ from pathlib import Path
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim)
-from shufflemamba.reports import cpu_model, write_marked_section
+from shufflemamba.reports import cpu_model, machine_tag, write_marked_section
 
 HERE = Path(__file__).resolve().parent
 KERNEL_SRC = HERE.parent / "src" / "shufflemamba" / "ops" / "csrc"
-BEGIN, END = "<!-- scan-limit:begin -->", "<!-- scan-limit:end -->"
 
 # Per element-step (b, e, t, n) of the channel-last kernels, read off mixer_cl.c:
 #  forward  : a = exp(d*A); h = a*h + (d*u)*B; y += C*h                      -> 1 exp, 4 ops
@@ -167,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation: the script's "
                    f"docstring and the paragraph below this section).\n\n{table}\n\n")
-        write_marked_section(args.docs, section, BEGIN, END)
+        tag = machine_tag(cpu)  # one section per CPU model: the other machines' figures stay
+        write_marked_section(args.docs, section, f"<!-- scan-limit:{tag}:begin -->", f"<!-- scan-limit:{tag}:end -->")
     return 0
 
 

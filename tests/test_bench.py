@@ -8,6 +8,7 @@ import pytest
 
 from shufflemamba import bench
 from shufflemamba.config import UserError
+from shufflemamba.reports import machine_tag
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
@@ -47,20 +48,32 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
 
     text = md.read_text()
     assert "Hand-written section that must survive." in text
-    assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
+    begin, end = bench.markers(machine_tag(res["meta"]["device_name"]))
+    assert text.count(begin) == 1 and text.count(end) == 1
     assert "Selective scan, forward + backward" in text
     assert "Vim vs timm's ViT of the same width, depth and tokens" in text
 
 
 def test_write_markdown_replaces_only_its_section(tmp_path):
     md = tmp_path / "b.md"
-    md.write_text(f"intro\n\n{bench.BEGIN}\nold\n{bench.END}\n\n## Selective scan (CPU)\nkept\n")
-    bench.write_markdown(md, "new\n")
+    begin, end = bench.markers("intel-xeon")
+    other = "\n".join(bench.markers("amd-epyc"))
+    md.write_text(f"intro\n\n{begin}\nold\n{end}\n{other}\n\n## Selective scan (CPU)\nkept\n")
+    bench.write_markdown(md, "new\n", "intel-xeon")
     text = md.read_text()
-    assert "old" not in text and "new" in text
+    assert "old" not in text and "new" in text and other in text  # the other machine's section stays
     assert text.startswith("intro") and text.rstrip().endswith("kept")
-    bench.write_markdown(md, "newer\n")
-    assert md.read_text().count(bench.BEGIN) == 1 and "newer" in md.read_text()
+    bench.write_markdown(md, "newer\n", "intel-xeon")
+    assert md.read_text().count(begin) == 1 and "newer" in md.read_text()
+    bench.write_markdown(md, "gpu\n", "nvidia-h200")  # a new machine's section is appended
+    assert md.read_text().count(bench.markers("nvidia-h200")[0]) == 1 and "newer" in md.read_text()
+
+
+@pytest.mark.parametrize("name, tag", [("Intel(R) Xeon(R) Processor", "intel-xeon"),
+                                       ("AMD EPYC 9R14 96-Core Processor", "amd-epyc"),
+                                       ("NVIDIA H200", "nvidia-h200"), ("", "unknown")])
+def test_machine_tag(name, tag):
+    assert machine_tag(name) == tag
 
 
 def test_bad_arguments():

@@ -5,9 +5,10 @@ Everything runs side by side in one process and is written as JSON plus a markdo
     python -m shufflemamba.bench [--quick] [--device cpu|cuda] [--json PATH] [--markdown PATH]
     shufflemamba bench ...                      (the CLI calls :func:`main`)
 
-The markdown goes between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in the target file (other
-content is kept; the section is appended when the markers are absent), so the suite can share
-docs/benchmarks.md with hand-written sections.
+The markdown goes between ``<!-- bench:TAG:begin -->`` and ``<!-- bench:TAG:end -->`` in the target file,
+TAG naming the machine (``reports.machine_tag``: "intel-xeon", "amd-epyc", "nvidia-h200"; other content,
+other machines' sections included, is kept; the section is appended when the markers are absent), so the
+suite can share docs/benchmarks.md with hand-written sections and with runs on other machines.
 
 Measured, all as medians over interleaved repeats:
 
@@ -41,9 +42,11 @@ from torch import Tensor
 import shufflemamba  # noqa: F401  (torchvision shim and model registration before timm)
 from shufflemamba.config import UserError
 from shufflemamba.ops.selective_scan import selective_scan, selective_scan_ref
-from shufflemamba.reports import cpu_model, format_number, write_marked_section
+from shufflemamba.reports import cpu_model, format_number, machine_tag, write_marked_section
 
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+def markers(tag: str) -> tuple[str, str]:
+    """The begin / end markers of one machine's section (``tag`` from ``reports.machine_tag``)."""
+    return f"<!-- bench:{tag}:begin -->", f"<!-- bench:{tag}:end -->"
 
 # Mixer shapes: E = 2 * embed_dim, L = 196 patches + class token, N = d_state
 SCAN_SHAPES = {"vim_ti": dict(E=384, L=197, N=16), "vim_s": dict(E=768, L=197, N=16)}
@@ -387,9 +390,9 @@ def to_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Put ``section`` between the bench markers in ``path``, keeping everything else in the file."""
-    write_marked_section(path, section, BEGIN, END)
+def write_markdown(path: Path, section: str, tag: str) -> None:
+    """Put ``section`` between machine ``tag``'s bench markers in ``path``, keeping everything else."""
+    write_marked_section(path, section, *markers(tag))
 
 
 # -- entry point ------------------------------------------------------------------------------------------
@@ -399,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default="runs/bench.json", help="where to write the results as JSON")
     p.add_argument("--markdown", default="docs/benchmarks.md",
-                   help="markdown file whose <!-- bench:begin/end --> section is (re)written")
+                   help="markdown file whose <!-- bench:MACHINE:begin/end --> section is (re)written")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--scan-batch", type=int, default=None, help="batch of the scan benchmark")
     p.add_argument("--train-batch", type=int, default=None, help="batch of the training-step benchmark")
@@ -453,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(res, indent=2) + "\n")
     section = to_markdown(res)
-    write_markdown(Path(args.markdown), section)
+    write_markdown(Path(args.markdown), section, machine_tag(res["meta"]["device_name"]))
     print(section)
     print(f"[bench] wrote {json_path} and {args.markdown}", file=sys.stderr)
     return 0

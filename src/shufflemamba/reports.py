@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_tag(name: str) -> str:
+    """A short slug of a CPU or GPU model name for file names and section markers: its first two
+    words, lower case ("Intel(R) Xeon(R) Processor" -> "intel-xeon", "NVIDIA H200" -> "nvidia-h200"),
+    so that figures of different machines live side by side instead of overwriting each other."""
+    words = re.sub(r"\((r|tm)\)", " ", name.lower()).replace("processor", " ").split()
+    slug = "-".join(re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words[:2])
+    return slug or "unknown"
 
 
 def format_number(x: Any, spec: str = ".1f") -> str:
