@@ -140,3 +140,31 @@ def test_holdout_too_large_is_a_user_error(tmp_path):
     _folder(root, n=1, split="val")
     with pytest.raises(UserError, match="holdout 6 leaves no training images"):
         build_loaders(_cfg(data_dir=root, holdout=6), 3)
+
+
+def test_fashion_mnist_loaders_transform_whole_batches(tmp_path):
+    """The in-memory dataset goes through the batched transform (through Subset for train_subset
+    and holdout too) when the config allows it, and through timm's per-sample one when it does not."""
+    from shufflemamba.batch_aug import BatchAugment
+
+    imgs = np.arange(40 * 28 * 28).reshape(40, 28, 28) % 251
+    labels = np.arange(40) % 10
+    for fi, fl in (("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                   ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
+        _write_idx(str(tmp_path / fi), imgs)
+        _write_idx(str(tmp_path / fl), labels)
+    base = dict(dataset="fashion-mnist", data_dir=str(tmp_path), img_size=20, mean=[0.286], std=[0.353],
+                scale=[0.5, 1.0], ratio=[0.9, 1.1], interpolation="bilinear", batch_size=4, train_subset=20,
+                holdout=8, aa=None, color_jitter=0.0, reprob=0.0)
+    out = build_loaders(_cfg(**base), 1, train=True)
+    out["train_sampler"].set_epoch(0)
+    x, y, skipped = next(iter(out["train_loader"]))
+    assert x.shape == (4, 1, 20, 20) and y.shape == (4,) and skipped == 0
+    xv, _, _ = next(iter(out["val_loader"]))
+    assert xv.shape == (4, 1, 20, 20)
+    train_base = out["train_loader"].dataset.dataset
+    while not isinstance(train_base, FashionMNIST):
+        train_base = train_base.dataset
+    assert isinstance(train_base.batch_transform, BatchAugment) and train_base.batch_transform.is_training
+    per_sample = build_loaders(_cfg(**{**base, "reprob": 0.25}), 1, train=False)
+    assert per_sample["val_loader"].dataset.dataset.batch_transform is None

@@ -103,11 +103,15 @@ class FashionMNIST(Dataset):
         split: ``"train"`` (60k) or ``"val"`` (the 10k test set).
         transform: applied to the 28x28 PIL image.
         mode: ``"L"`` keeps one channel; ``"RGB"`` replicates it to three.
+        batch_transform: a :class:`~shufflemamba.batch_aug.BatchAugment` that transforms the
+            uint8 images of a whole batch at once (``__getitems__``, which the DataLoader calls
+            with a batch's indices); ``transform`` is then unused.
     """
 
     classes = FMNIST_CLASSES
 
-    def __init__(self, root: str | None = None, split: str = "train", transform: Callable | None = None, mode: str = "L") -> None:
+    def __init__(self, root: str | None = None, split: str = "train", transform: Callable | None = None, mode: str = "L",
+                 batch_transform: Callable | None = None) -> None:
         root = root or FMNIST_DIR
         img_file, lbl_file = FMNIST_FILES[split]
         paths = [os.path.join(root, img_file), os.path.join(root, lbl_file)]
@@ -122,12 +126,21 @@ class FashionMNIST(Dataset):
         self.targets = read_idx(paths[1]).astype(np.int64)  # (N,)
         if len(self.images) != len(self.targets):
             raise UserError(f"Fashion-MNIST files in {root} disagree on the number of samples")
-        self.transform, self.mode = transform, mode
+        self.transform, self.mode, self.batch_transform = transform, mode, batch_transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, int]]:
+        """A batch's samples; with a ``batch_transform``, transformed together as one tensor."""
+        if self.batch_transform is None:
+            return [self[i] for i in indices]
+        images = self.batch_transform(torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)]))
+        return list(zip(images.unbind(0), self.targets[indices].tolist()))
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.batch_transform is not None:
+            return self.__getitems__([index])[0]
         img = Image.fromarray(self.images[index], mode="L")
         if self.mode != "L":
             img = img.convert(self.mode)
@@ -180,13 +193,23 @@ def build_transform(cfg: dict[str, Any], in_chans: int, is_training: bool) -> Ca
     )
 
 
-def build_dataset(cfg: dict[str, Any], split: str, in_chans: int, transform: Callable | None) -> Dataset:
+def build_dataset(cfg: dict[str, Any], split: str, in_chans: int, transform: Callable | None,
+                  is_training: bool | None = None) -> Dataset:
     """The ``split`` ("train" or "val") dataset the config names. Grayscale stays one channel when
-    ``in_chans == 1``; otherwise images are converted to RGB (grayscale replicated)."""
+    ``in_chans == 1``; otherwise images are converted to RGB (grayscale replicated).
+
+    Fashion-MNIST, held in memory, is transformed a batch at a time (:mod:`shufflemamba.batch_aug`,
+    the training transform when ``is_training``, else the eval one) whenever the config asks only
+    for what that does; otherwise, and for image folders, ``transform`` runs per sample."""
     mode = "L" if in_chans == 1 else "RGB"
     if in_chans not in (1, 3):
         raise UserError(f"in_chans must be 1 or 3 for image data, got {in_chans}")
     if cfg["dataset"] == "fashion-mnist":
+        from . import batch_aug
+
+        if is_training is not None and batch_aug.supports(cfg):
+            batched = batch_aug.BatchAugment(cfg, *norm_stats(cfg, in_chans), in_chans, is_training)
+            return FashionMNIST(cfg["data_dir"], split, None, mode, batch_transform=batched)
         return FashionMNIST(cfg["data_dir"], split, transform, mode)
     if not cfg["data_dir"]:
         raise UserError("no data: pass --data-dir DIR (with train/ and val/ class folders) or --dataset fashion-mnist")
@@ -277,10 +300,24 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         if get_worker_info() is not None:  # a worker's RNGs serve its samples only
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.default_generator.manual_seed(seed)
+            _seed_all(seed)
         return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch: through the dataset's own ``__getitems__`` when it has one (batched transforms;
+        in a worker seeded once, by the batch's first sample), else sample by sample."""
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is None:
+            return [self[key] for key in keys]
+        if get_worker_info() is not None:
+            _seed_all(keys[0][1])
+        return getitems([index for index, _ in keys])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
 
 
 class ShardSampler(Sampler[int]):
@@ -306,16 +343,16 @@ def build_loaders(cfg: dict[str, Any], in_chans: int, rank: int = 0, world: int 
     """
     out: dict[str, Any] = {}
     eval_transform = build_transform(cfg, in_chans, is_training=False)
-    val_ds = build_dataset(cfg, "val", in_chans, eval_transform)
+    val_ds = build_dataset(cfg, "val", in_chans, eval_transform, is_training=False)
     classes = class_names(val_ds)
     pool = None
     if cfg.get("holdout"):
         # validate on held-out training images (eval transform); the val/ split stays unseen
-        train_eval = build_dataset(cfg, "train", in_chans, eval_transform)
+        train_eval = build_dataset(cfg, "train", in_chans, eval_transform, is_training=False)
         pool, held = holdout_split(len(train_eval), cfg["holdout"], cfg["seed"])
         val_ds = Subset(train_eval, held)
     if train:
-        train_ds = build_dataset(cfg, "train", in_chans, build_transform(cfg, in_chans, is_training=True))
+        train_ds = build_dataset(cfg, "train", in_chans, build_transform(cfg, in_chans, is_training=True), is_training=True)
         train_classes = class_names(train_ds)
         if train_classes != classes:
             diff = sorted(set(train_classes) ^ set(classes))
