@@ -58,6 +58,7 @@ _HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cac
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 _ABI_VERSION = 6  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*
+_NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -445,9 +446,6 @@ def selective_scan_cpu(
 # with unit stride along E: the layout the mixer's linears produce, so their strided slices go
 # in as they are. ``reverse=True`` equals flip(op(flip(x))) along L, without materialising flips.
 # ---------------------------------------------------------------------------------------------
-
-
-_NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd read delta itself (dt_proj not fused)
 
 
 def _rowmajor(t: Tensor) -> Tensor:
