@@ -121,7 +121,7 @@ def test_print_config_shows_the_resolved_recipe_and_exits(capsys, monkeypatch):
     rc, out, _ = _print_config(["--config", "vim_small_in1k", "--print-config"], capsys, monkeypatch)
     assert rc == 0 and "total batch 512, lr 0.001 " in out
     rc, out, _ = _print_config(["--config", "demo", "--print-config", "2"], capsys, monkeypatch)
-    assert rc == 0 and "total batch 256, lr 0.002 (scale_lr false" in out  # absolute lr
+    assert rc == 0 and "total batch 256, lr 0.004 (scale_lr false" in out  # absolute lr
 
 
 @pytest.mark.parametrize(
