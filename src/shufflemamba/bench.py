@@ -339,7 +339,7 @@ _fmt = format_number
 def to_markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     lines = [
-        "## Benchmark suite (`shufflemamba bench`)", "",
+        f"## Benchmark suite (`shufflemamba bench`), {m['device_name']}", "",
         f"Run {m['date']}{' (--quick: tiny sizes, smoke test only)' if m['quick'] else ''} on "
         f"**{m['device_name']}** ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
         f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats."

@@ -19,8 +19,13 @@ import torch
 
 # name -> settings shared by both models, and the Vim's own
 SETUPS: dict[str, dict[str, Any]] = {
-    # the demo's model (configs/demo.yaml): 28 px Fashion-MNIST, patch 4 -> 49 patches + class token
-    "demo (D 96, depth 4, 50 tokens)": dict(
+    # the demo's model (configs/demo.yaml): Fashion-MNIST resized to 16 px, patch 4 -> 16 patches + class token
+    "demo (D 96, depth 4, 17 tokens)": dict(
+        shared=dict(img_size=16, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_classes=10), batch=128,
+        vim=dict(d_state=8, cls_position="head"),
+    ),
+    # the demo's model as it was until 2026-12-01 (28 px, 49 patches + class token): the figures before
+    "demo at 28 px (D 96, depth 4, 50 tokens)": dict(
         shared=dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_classes=10), batch=128,
         vim=dict(d_state=8, cls_position="head"),
     ),
