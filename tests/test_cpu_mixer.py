@@ -109,3 +109,17 @@ def test_mixer_uses_the_fused_core_and_its_gradients_reach_every_parameter():
     mixer(hidden).square().sum().backward()
     for name, p in mixer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_second_derivative_through_the_fused_functions_raises():
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl, rms_norm_cpu
+
+    xz, R, (fwd, bwd) = _core_inputs()
+    (g,) = torch.autograd.grad(bimamba_core_cl(xz, R, fwd, bwd).square().sum(), xz, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(rms_norm_cpu(x, torch.ones(8, dtype=torch.float64), 1e-5).square().sum(), x,
+                               create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .cpu_scan import _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads
 
@@ -90,6 +91,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a hand-written backward: a second derivative through it raises instead of being wrong
     def backward(ctx, gy):
         xz, *rest = ctx.saved_tensors
         flat, saved = rest[:14], rest[14:]
@@ -197,6 +199,7 @@ class _RMSNormCPU(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x2, weight, rstd = ctx.saved_tensors
         rows, D = x2.shape
