@@ -43,10 +43,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if _cpu_kernels_apply(x) and self.weight.dtype == x.dtype:
+        if x.dtype == torch.float32 and self.weight.dtype == x.dtype and _cpu_kernels_apply(x):
             from ..ops.cpu_mixer import rms_norm_cpu
 
-            return rms_norm_cpu(x, self.weight, self.eps)  # same numbers, two kernel passes
+            return rms_norm_cpu(x, self.weight, self.eps)  # same fp32 arithmetic, two kernel passes
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
