@@ -138,3 +138,30 @@ def test_training_run_uses_the_configured_grouping(grouping, decayed_a, images, 
     decayed = {order[i] for i in groups[1]["params"]}
     assert ("layers.0.mixer.A_log" in decayed) is decayed_a and ("layers.0.mixer.A_b_log" in decayed) is decayed_a
     assert "layers.0.mixer.D" not in decayed and "pos_embed" not in decayed
+
+
+@pytest.mark.parametrize("opt, fused", [("adamw", True), ("adam", True), ("sgd", None)])
+def test_adam_optimizers_are_torchs_fused_kernels(opt, fused):
+    """AdamW / Adam run torch's fused kernel (one per parameter); its update equals the plain rule."""
+    from shufflemamba.config import DEFAULTS
+    from shufflemamba.train import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+    cfg = {**DEFAULTS, "opt": opt, "weight_decay": 0.05}
+    optimizer = build_optimizer(model, cfg, lr=1e-2)
+    assert optimizer.defaults.get("fused") == fused
+    if fused:
+        ref_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+        ref_model.load_state_dict(model.state_dict())
+        ref = build_optimizer(ref_model, cfg, lr=1e-2)
+        for group in ref.param_groups:
+            group["fused"], group["foreach"] = None, False  # the single-tensor reference loop
+        x = torch.randn(8, 6)
+        for m, o in ((model, optimizer), (ref_model, ref)):
+            for _ in range(3):
+                o.zero_grad()
+                m(x).square().sum().backward()
+                o.step()
+        for a, b in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
