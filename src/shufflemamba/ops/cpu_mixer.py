@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .cpu_scan import _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads
+from .cpu_scan import (_contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads, conv_silu_bwd_cl, conv_silu_fwd_cl,
+                       scan_bwd_cl, scan_fwd_cl)
 
 __all__ = ["DirectionParams", "bimamba_core_cl", "rms_norm_cpu"]
 
@@ -41,34 +42,22 @@ class DirectionParams(NamedTuple):
     D: Tensor  # (E,)
 
 
-def _conv_fwd(lib, x: Tensor, wt: Tensor, bias: Tensor | None, reverse: bool) -> Tensor:
-    batch, L, E = x.shape
-    out = x.new_empty(batch, L, E)
-    getattr(lib, f"cv_fwd_{_sfx(x)}")(
-        _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(out),
-        batch, E, L, wt.shape[0], int(reverse), _threads(batch * L * E),
-    )  # fmt: skip
-    return out
-
-
 class _BiMambaCoreCL(torch.autograd.Function):
     """xz (batch, L, 2E) and both directions' parameters -> (y_f + y_b) / 2 (batch, L, E)."""
 
     @staticmethod
     def forward(ctx, xz, dt_rank: int, *flat):
-        lib = _lib_or_raise()
         batch, L, E2 = xz.shape
         E = E2 // 2
         x, z = xz[..., :E], xz[..., E:]  # (batch, L, E) strided views, unit stride along E
-        dirs = [DirectionParams(*flat[:7]), DirectionParams(*flat[7:])]
         train = any(ctx.needs_input_grad)
         y = xz.new_empty(batch, L, E)
         saved: list[Tensor | None] = []
-        for k, p in enumerate(dirs):
+        for k, p in enumerate((DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))):
             reverse = k == 1
             wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
             bias = _contig(p.conv_bias)
-            xc = _conv_fwd(lib, x, wt, bias, reverse)  # (batch, L, E) = silu(conv(x))
+            xc = conv_silu_fwd_cl(x, wt, bias, reverse)  # (batch, L, E) = silu(conv(x))
             x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
             N = p.A.shape[1]
             dt, bm, cm = torch.split(x_dbl, [dt_rank, N, N], dim=-1)
@@ -76,14 +65,9 @@ class _BiMambaCoreCL(torch.autograd.Function):
             At = p.A.t().contiguous()  # (N, E)
             dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
             ysave = torch.empty_like(xc) if train else None  # y + D u before the gate, for dz
-            rc = getattr(lib, f"sl_fwd_{_sfx(xc)}")(
-                _ptr(xc), None, _ptr(At), _ptr(bm), bm.stride(0), bm.stride(1), _ptr(cm), cm.stride(0),
-                cm.stride(1), _ptr(_contig(p.D)), _ptr(z), z.stride(0), z.stride(1), _ptr(_contig(p.dt_proj_bias)),
-                _ptr(y), _ptr(dsave), _ptr(ysave), batch, E, L, N, 1, int(reverse), 0.5, int(k == 1),
-                _ptr(dt), dt.stride(0), dt.stride(1), _ptr(dtw), dt_rank, _threads(batch * L * E * N),
-            )  # fmt: skip
-            if rc != 0:
-                raise MemoryError("selective scan kernel: out of memory")
+            # halved, the second direction added in place: y = (y_f + y_b) / 2 with no extra pass
+            scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), z, _contig(p.dt_proj_bias), y, dsave, ysave,
+                        softplus=True, reverse=reverse, out_scale=0.5, accumulate=k == 1, dt=dt, dtw=dtw)
             saved += [wt, bias, xc, x_dbl, At, dtw, dsave, ysave]
         if train:
             ctx.save_for_backward(xz, *flat, *saved)
@@ -96,56 +80,32 @@ class _BiMambaCoreCL(torch.autograd.Function):
         xz, *rest = ctx.saved_tensors
         flat, saved = rest[:14], rest[14:]
         nsaved = len(saved) // 2
-        lib = _lib_or_raise()
         batch, L, E2 = xz.shape
         E, R = E2 // 2, ctx.dt_rank
         x, z = xz[..., :E], xz[..., E:]
-        gy = gy.contiguous()
+        gy = gy.contiguous()  # read by both directions' kernels
         dxz = torch.empty_like(xz)  # dx in [..., :E], dz in [..., E:]: both directions write, then add
         dx, dz = dxz[..., :E], dxz[..., E:]
         grads: list[Tensor | None] = []
-        nblk = -(-E // lib.sl_block_size())  # channel blocks of the scan kernel
         for k in range(2):
             p = DirectionParams(*flat[7 * k: 7 * k + 7])
             wt, bias, xc, x_dbl, At, dtw, dsave, ysave = saved[nsaved * k: nsaved * (k + 1)]
-            N, K = At.shape[0], wt.shape[0]
+            N = At.shape[0]
             dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
             du = torch.empty_like(xc)
-            dA_part = xc.new_empty(batch, N, E)
-            dB_part, dC_part = xc.new_empty(nblk, batch, L, N), xc.new_empty(nblk, batch, L, N)
-            dD_part, dbias_part = xc.new_empty(batch, E), xc.new_empty(batch, E)
-            ddt_part, ddtw_part = xc.new_empty(nblk, batch, L, R), xc.new_empty(batch, R, E)
-            rc = getattr(lib, f"sl_bwd_{_sfx(xc)}")(
-                _ptr(xc), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(bm), bm.stride(0), bm.stride(1), _ptr(cm),
-                cm.stride(0), cm.stride(1), _ptr(_contig(p.D)), _ptr(z), z.stride(0), z.stride(1),
-                _ptr(gy), _ptr(du), None, _ptr(dz), dz.stride(0), dz.stride(1), int(k == 1), _ptr(dA_part),
-                _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part), batch, E, L, N, 1, int(k == 1),
-                0.5, _ptr(dt), dt.stride(0), dt.stride(1), _ptr(dtw), R, _ptr(ddt_part), _ptr(ddtw_part),
-                _threads(batch * L * E * N),
-            )  # fmt: skip
-            if rc != 0:
-                raise MemoryError("selective scan kernel: out of memory")
+            g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, dz_accumulate=k == 1,
+                            softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw)
             # x_dbl = [dt | B | C]: its gradient assembled in one (batch * L, R + 2N) buffer
             dx_dbl = xc.new_empty(batch * L, R + 2 * N)
-            dx_dbl[:, :R] = ddt_part.sum(0).view(-1, R)  # the kernel's per-block dt_proj input gradients
-            dx_dbl[:, R:R + N] = dB_part.sum(0).view(-1, N)
-            dx_dbl[:, R + N:] = dC_part.sum(0).view(-1, N)
-            d_dt_w = ddtw_part.sum(0).t()  # (E, R)
-            xc2 = xc.view(-1, E)
-            d_xproj_w = torch.mm(dx_dbl.t(), xc2)  # (R + 2N, E)
+            dx_dbl[:, :R] = g.ddt.view(-1, R)  # dt_proj's input gradient, reduced in the kernel
+            dx_dbl[:, R:R + N] = g.dB.view(-1, N)
+            dx_dbl[:, R + N:] = g.dC.view(-1, N)
+            d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
             du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
-            dw_part, db_part = xc.new_empty(batch, K, E), xc.new_empty(batch, E)
-            rc = getattr(lib, f"cv_bwd_{_sfx(xc)}")(
-                _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(du), _ptr(dx), dx.stride(0),
-                dx.stride(1), int(k == 1), _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(k == 1),
-                _threads(batch * L * E),
-            )  # fmt: skip
-            if rc != 0:
-                raise MemoryError("conv1d kernel: out of memory")
+            dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
             grads += [
-                dw_part.sum(0).t().reshape(p.conv_weight.shape),
-                db_part.sum(0) if p.conv_bias is not None else None,
-                d_xproj_w, d_dt_w, dbias_part.sum(0), dA_part.sum(0).t(), dD_part.sum(0),
+                dwt.t().reshape(p.conv_weight.shape), db if p.conv_bias is not None else None,
+                d_xproj_w, g.ddtw.t(), g.dbias, g.dA, g.dD,
             ]
         return (dxz, None, *grads)
 

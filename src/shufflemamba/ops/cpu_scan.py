@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -459,43 +459,127 @@ def _threads(work: int) -> int:
     return 1 if work < (1 << 15) else torch.get_num_threads()
 
 
+def _strides(t: Tensor | None) -> tuple[int, int]:
+    """(batch, time) strides of a (batch, L, C) tensor, in elements; (0, 0) for None."""
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def conv_silu_fwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, reverse: bool) -> Tensor:
+    """The ``cv_fwd`` kernel: ``silu(conv(x) + bias)``, (batch, L, E) contiguous, from x (batch, L, E)
+    with unit stride along E and the weight as (K, E)."""
+    batch, L, E = x.shape
+    out = x.new_empty(batch, L, E)
+    getattr(_lib_or_raise(), f"cv_fwd_{_sfx(x)}")(
+        _ptr(x), *_strides(x), _ptr(wt), _ptr(bias), _ptr(out), batch, E, L, wt.shape[0], int(reverse),
+        _threads(batch * L * E),
+    )  # fmt: skip
+    return out
+
+
+def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, dx: Tensor, accumulate: bool,
+                     reverse: bool) -> tuple[Tensor, Tensor]:
+    """The ``cv_bwd`` kernel: writes dx (batch, L, E, unit stride along E), or adds to it with
+    ``accumulate``; returns the weight gradient as (K, E) and the bias gradient (E,)."""
+    batch, L, E = x.shape
+    K = wt.shape[0]
+    gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
+    dw_part, db_part = x.new_empty(batch, K, E), x.new_empty(batch, E)  # per-sample partial sums
+    rc = getattr(_lib_or_raise(), f"cv_bwd_{_sfx(x)}")(
+        _ptr(x), *_strides(x), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx), *_strides(dx),
+        int(accumulate), _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(reverse), _threads(batch * L * E),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("conv1d kernel: out of memory")
+    return dw_part.sum(0), db_part.sum(0)
+
+
+def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                z: Tensor | None, delta_bias: Tensor | None, out: Tensor, dsave: Tensor | None, ysave: Tensor | None,
+                *, softplus: bool, reverse: bool, out_scale: float, accumulate: bool,
+                dt: Tensor | None = None, dtw: Tensor | None = None) -> None:
+    """The ``sl_fwd`` kernel into ``out`` (added to it with ``accumulate``). u contiguous; B, C, z and
+    dt (batch, L, .) with unit last stride; At (N, E). With ``dtw`` (R, E) the kernel forms
+    delta = dt dtw itself and ``delta`` is not read; ``dsave`` / ``ysave`` (for the backward) may be None."""
+    batch, L, E = u.shape
+    N = At.shape[0]
+    dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), dtw.shape[0]) if dtw is not None else _NO_DTPROJ
+    rc = getattr(_lib_or_raise(), f"sl_fwd_{_sfx(u)}")(
+        _ptr(u), _ptr(delta), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D), _ptr(z), *_strides(z),
+        _ptr(delta_bias), _ptr(out), _ptr(dsave), _ptr(ysave), batch, E, L, N, int(softplus), int(reverse),
+        float(out_scale), int(accumulate), *dtproj, _threads(batch * L * E * N),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("selective scan kernel: out of memory")
+
+
+class ScanGrads(NamedTuple):
+    """What :func:`scan_bwd_cl` returns besides the tensors it writes (partial sums already reduced)."""
+
+    dA: Tensor  # (E, N)
+    dB: Tensor  # (batch, L, N)
+    dC: Tensor  # (batch, L, N)
+    dD: Tensor  # (E,)
+    dbias: Tensor  # (E,): the delta bias gradient, the sum of ddelta over batch and time
+    ddt: Tensor | None  # (batch, L, R) with dt_proj fused, else None
+    ddtw: Tensor | None  # (R, E) with dt_proj fused, else None
+
+
+def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                z: Tensor | None, gout: Tensor, du: Tensor, ddelta: Tensor | None, dz: Tensor | None, *,
+                dz_accumulate: bool, softplus: bool, reverse: bool, out_scale: float,
+                dt: Tensor | None = None, dtw: Tensor | None = None) -> ScanGrads:
+    """The ``sl_bwd`` kernel: writes du and (when given) ddelta, contiguous, and dz (unit last stride;
+    added to with ``dz_accumulate``); ``gout`` is the gradient of the forward's ``out_scale * y``.
+    With ``dtw`` the dt_proj gradients come back in :class:`ScanGrads` and ddelta may be None."""
+    batch, L, E = u.shape
+    N = At.shape[0]
+    lib = _lib_or_raise()
+    gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
+    nblk = -(-E // lib.sl_block_size())  # channel blocks (EB in mixer_cl.c): dB, dC partial per block
+    dA_part = u.new_empty(batch, N, E)
+    dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
+    dD_part, dbias_part = u.new_empty(batch, E), u.new_empty(batch, E)  # summed in the kernel
+    ddt_part = ddtw_part = None
+    dtproj = _NO_DTPROJ
+    if dtw is not None:
+        R = dtw.shape[0]
+        ddt_part, ddtw_part = u.new_empty(nblk, batch, L, R), u.new_empty(batch, R, E)
+        dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), R)
+    rc = getattr(lib, f"sl_bwd_{_sfx(u)}")(
+        _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D),
+        _ptr(z), *_strides(z), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), *_strides(dz),
+        int(dz_accumulate), _ptr(dA_part), _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part),
+        batch, E, L, N, int(softplus), int(reverse), float(out_scale), *dtproj, _ptr(ddt_part), _ptr(ddtw_part),
+        _threads(batch * L * E * N),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("selective scan kernel: out of memory")
+    return ScanGrads(
+        dA_part.sum(0).t(), dB_part.sum(0) if nblk > 1 else dB_part[0], dC_part.sum(0) if nblk > 1 else dC_part[0],
+        dD_part.sum(0), dbias_part.sum(0), None if ddt_part is None else ddt_part.sum(0),
+        None if ddtw_part is None else ddtw_part.sum(0),
+    )
+
+
 class _ConvSiluCL(torch.autograd.Function):
     """silu(depthwise causal conv1d(x) + bias) on (batch, L, E); saves x, recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, reverse: bool):
-        lib = _lib_or_raise()
         x = _rowmajor(x)
-        batch, L, E = x.shape
-        K = weight.shape[-1]
+        E, K = x.shape[-1], weight.shape[-1]
         wt = weight.reshape(E, K).t().contiguous()  # (K, E): channels innermost
         bias = _contig(bias)
-        out = x.new_empty(batch, L, E)
-        getattr(lib, f"cv_fwd_{_sfx(x)}")(
-            _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(out),
-            batch, E, L, K, int(reverse), _threads(batch * L * E),
-        )  # fmt: skip
         ctx.reverse, ctx.wshape, ctx.has_bias = reverse, weight.shape, bias is not None
         ctx.save_for_backward(x, wt, bias)
-        return out
+        return conv_silu_fwd_cl(x, wt, bias, reverse)
 
     @staticmethod
     def backward(ctx, gout):
         x, wt, bias = ctx.saved_tensors
-        batch, L, E = x.shape
-        K = wt.shape[0]
-        gout = gout.contiguous()
-        dx = x.new_empty(batch, L, E)
-        dw_part, db_part = x.new_empty(batch, K, E), x.new_empty(batch, E)
-        rc = getattr(_lib_or_raise(), f"cv_bwd_{_sfx(x)}")(
-            _ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx), L * E, E, 0,
-            _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(ctx.reverse), _threads(batch * L * E),
-        )  # fmt: skip
-        if rc != 0:
-            raise MemoryError("conv1d kernel: out of memory")
-        dw = dw_part.sum(0).t().reshape(ctx.wshape)
-        db = db_part.sum(0) if ctx.has_bias else None
-        return dx, dw, db, None
+        dx = x.new_empty(x.shape)
+        dwt, db = conv_silu_bwd_cl(x, wt, bias, gout, dx, False, ctx.reverse)
+        return dx, dwt.t().reshape(ctx.wshape), (db if ctx.has_bias else None), None
 
 
 def causal_conv1d_silu_cl(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool = False) -> Tensor:
@@ -528,14 +612,11 @@ class _ScanCL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool,
                 out_scale: float, acc):
-        lib = _lib_or_raise()
         u, delta = u.contiguous(), delta.contiguous()
         B, C = _rowmajor(B), _rowmajor(C)
         z = None if z is None else _rowmajor(z)
         D, delta_bias = _contig(D), _contig(delta_bias)
         At = A.t().contiguous()  # (N, E)
-        batch, L, E = u.shape
-        N = A.shape[1]
         out = torch.empty_like(u) if acc is None else acc
         # the backward needs delta only as d = softplus(delta + bias): the forward writes d out
         # and that is saved instead, so the backward skips the softplus (and its log1p)
@@ -543,14 +624,8 @@ class _ScanCL(torch.autograd.Function):
         # with a gate, dz needs y + D u before it: saved too, so the backward's replay of the
         # states skips the C_t h_t sum (a load, an FMA and a store per step, channel and state)
         ysave = torch.empty_like(u) if dsave is not None and z is not None else None
-        rc = getattr(lib, f"sl_fwd_{_sfx(u)}")(
-            _ptr(u), _ptr(delta), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
-            C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
-            _ptr(delta_bias), _ptr(out), _ptr(dsave), _ptr(ysave), batch, E, L, N, int(delta_softplus), int(reverse),
-            float(out_scale), int(acc is not None), *_NO_DTPROJ, _threads(batch * L * E * N),
-        )  # fmt: skip
-        if rc != 0:
-            raise MemoryError("selective scan kernel: out of memory")
+        scan_fwd_cl(u, delta, At, B, C, D, z, delta_bias, out, dsave, ysave, softplus=delta_softplus,
+                    reverse=reverse, out_scale=out_scale, accumulate=acc is not None)
         if acc is not None:
             ctx.mark_dirty(acc)
         ctx.out_scale, ctx.has_acc = float(out_scale), acc is not None
@@ -562,31 +637,12 @@ class _ScanCL(torch.autograd.Function):
     def backward(ctx, gout):
         u, dsave, ysave, At, B, C, D, z = ctx.saved_tensors
         softplus, reverse, has_D, has_z, has_bias = ctx.flags
-        batch, L, E = u.shape
-        N = At.shape[0]
-        nblk = -(-E // _lib_or_raise().sl_block_size())  # channel blocks (EB in mixer_cl.c)
-        gout = gout.contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dz = torch.empty_like(u) if has_z else None
-        dA_part = u.new_empty(batch, N, E)
-        dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
-        dD_part = u.new_empty(batch, E) if has_D else None
-        dbias_part = u.new_empty(batch, E) if has_bias else None  # summed in the kernel, not from ddelta
-        rc = getattr(_lib_or_raise(), f"sl_bwd_{_sfx(u)}")(
-            _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), B.stride(0), B.stride(1), _ptr(C), C.stride(0),
-            C.stride(1), _ptr(D), _ptr(z), *(z.stride()[:2] if z is not None else (0, 0)),
-            _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(dA_part),
-            _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part), batch, E, L, N, int(softplus), int(reverse),
-            ctx.out_scale, *_NO_DTPROJ, None, None, _threads(batch * L * E * N),
-        )  # fmt: skip
-        if rc != 0:
-            raise MemoryError("selective scan kernel: out of memory")
-        dB = dB_part.sum(0) if nblk > 1 else dB_part[0]  # (batch, L, N)
-        dC = dC_part.sum(0) if nblk > 1 else dC_part[0]
-        dA = dA_part.sum(0).t()  # (E, N)
-        dD = dD_part.sum(0) if has_D else None
-        dbias = dbias_part.sum(0) if has_bias else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, (gout if ctx.has_acc else None)
+        g = scan_bwd_cl(u, dsave, ysave, At, B, C, D, z, gout, du, ddelta, dz, dz_accumulate=False,
+                        softplus=softplus, reverse=reverse, out_scale=ctx.out_scale)
+        return (du, ddelta, g.dA, g.dB, g.dC, g.dD if has_D else None, dz, g.dbias if has_bias else None,
+                None, None, None, (gout if ctx.has_acc else None))
 
 
 def selective_scan_cl(
