@@ -27,7 +27,7 @@ from torch import Tensor
 
 __all__ = ["BatchAugment", "supports"]
 
-_MODES = {"bilinear": "bilinear", "bicubic": "bicubic"}
+_MODES = ("bilinear", "bicubic")  # F.interpolate modes named as the config names them
 
 
 def supports(cfg: dict[str, Any]) -> bool:
@@ -55,7 +55,7 @@ class BatchAugment:
         self.scale = tuple(float(s) for s in cfg["scale"])
         self.log_ratio = tuple(math.log(float(r)) for r in cfg["ratio"])
         self.hflip = float(cfg["hflip"])
-        self.mode = _MODES[cfg["interpolation"]]
+        self.mode = cfg["interpolation"]
         self.in_chans = in_chans
         self.is_training = is_training
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
