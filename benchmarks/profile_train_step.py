@@ -1,6 +1,9 @@
 """Profile one CPU training step (forward + backward + AdamW) of Vim models.
 
-    python benchmarks/profile_train_step.py --threads 2 --models demo study tiny224 --top 15
+    python benchmarks/profile_train_step.py --threads 2 --models demo16 demo study tiny224 --top 15
+
+Models: ``demo16`` (the demo as configs/demo.yaml has it: 16 px, 17 tokens), ``demo`` (the demo's
+model before 2026-12-01: 28 px, 50 tokens), ``study``, ``tiny224``.
     python benchmarks/profile_train_step.py --compare --steps 5   # unfused vs fused mixer, interleaved
 
 For each model: the median ms/step over ``--steps`` timed steps (after ``--warmup``), then one
@@ -33,6 +36,12 @@ MODELS: dict[str, tuple[dict, int, int, int]] = {
         dict(model_name="vim_tiny_patch16_224", in_chans=1, img_size=28, patch_size=4, embed_dim=96, depth=4,
              d_state=8, cls_position="head", num_classes=10, slws_rate=0.1),
         128, 28, 1,
+    ),
+    # the demo as configs/demo.yaml has it since 2026-12-01: 16 px, patch 4 -> 16 patches + class token
+    "demo16": (
+        dict(model_name="vim_tiny_patch16_224", in_chans=1, img_size=16, patch_size=4, embed_dim=96, depth=4,
+             d_state=8, cls_position="head", num_classes=10, slws_rate=0.1),
+        128, 16, 1,
     ),
     "study": (
         dict(model_name="vim_tiny_patch16_224", in_chans=1, img_size=28, patch_size=4, embed_dim=128, depth=8,

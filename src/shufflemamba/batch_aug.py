@@ -1,9 +1,9 @@
 """Batched augmentation of an in-memory uint8 image array (the embedded Fashion-MNIST).
 
 timm's pipeline transforms one PIL image at a time: for 28x28 images its Python overhead per sample
-(PIL image, crop parameters, resize, flip, to-tensor, normalise, collate) costs about 12-17 s per
-60,000-image epoch on one core, 15-20% of a small model's epoch on 2 cores. :class:`BatchAugment`
-does the same operations on a whole batch of tensors:
+(PIL image, crop parameters, resize, flip, to-tensor, normalise, collate) is a visible share of a
+small model's epoch on 2 cores (``benchmarks/bench_loader.py`` measures both paths).
+:class:`BatchAugment` does the same operations on a whole batch of tensors:
 
 * training: RandomResizedCrop (torchvision's parameter draw: up to 10 tries of area ``scale`` and
   log-uniform ``ratio``, then a centre crop clamped to ``ratio``), horizontal flip with probability
