@@ -63,4 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shufflemamba.console import guarded  # a bad --config: one "error:" line and exit 2
+
+    sys.exit(guarded(main, sys.argv[1:]))

@@ -140,3 +140,12 @@ def test_print_config_errors_are_one_line(argv, env, match, capsys, monkeypatch)
     rc, out, err = _print_config(argv, capsys, monkeypatch)
     assert rc != 0 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and match in err
+
+
+def test_demo_recipe_is_the_one_its_header_measures():
+    """configs/demo.yaml is our own recipe (no reference script): its header derives these values
+    (issue 12 trials) and the README's demo table was measured with them."""
+    cfg = resolve_config("demo", {})
+    assert (cfg["img_size"], cfg["scale"], cfg["ratio"], cfg["hflip"]) == (16, [1.0, 1.0], [1.0, 1.0], 0.5)
+    assert (cfg["lr"], cfg["scale_lr"], cfg["warmup_epochs"], cfg["epochs"], cfg["batch_size"]) == (4e-3, False, 0.5, 7, 128)
+    assert cfg["model_kwargs"]["patch_size"] == 4 and cfg["slws_rate"] == 0.1
