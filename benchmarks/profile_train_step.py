@@ -5,11 +5,18 @@
 Models: ``demo16`` (the demo as configs/demo.yaml has it: 16 px, 17 tokens), ``demo`` (the demo's
 model before 2026-12-01: 28 px, 50 tokens), ``study``, ``tiny224``.
     python benchmarks/profile_train_step.py --compare --steps 5   # unfused vs fused mixer, interleaved
+    python benchmarks/profile_train_step.py --kernels-from HEAD~1 --models demo16 d192   # kernels A/B
 
 For each model: the median ms/step over ``--steps`` timed steps (after ``--warmup``), then one
 step under ``torch.profiler`` with the top ops by self CPU time, so that the share of the scan,
 the linears, conv1d, flips / copies and elementwise ops is visible. Not a test: timings depend on
 the machine and its load (printed from ``os.getloadavg``). ``--json`` saves the numbers.
+
+``--kernels-from REV`` builds the compiled CPU kernels (``src/shufflemamba/ops/csrc``) as they were
+at git revision REV, with the flags and vector width the current ones run with, and times training
+steps alternately with those and the current kernels in one process (the Python side is the
+current one for both, so REV must have the same kernel ABI): the before / after of a kernel change
+measured side by side, with the machine's load changes hitting both alike.
 
 ``--compare`` times the mixer's unfused path ((B, E, L) scan with flips and transposes) against
 the fused channel-last path (compiled conv1d + reverse scan) on the same model, alternating
@@ -49,6 +56,12 @@ MODELS: dict[str, tuple[dict, int, int, int]] = {
         128, 28, 1,
     ),
     "tiny224": (dict(model_name="vim_tiny_patch16_224", num_classes=1000), 8, 224, 3),
+    # the Vim of `shufflemamba bench`'s "D 192, depth 12, 65 tokens" setup (bench_vit.py), SLWS off as there
+    "d192": (
+        dict(model_name="vim_tiny_patch16_224", in_chans=3, img_size=64, patch_size=8, embed_dim=192, depth=12,
+             d_state=16, cls_position="middle", num_classes=100, slws_rate=0.0),
+        64, 64, 3,
+    ),
 }
 
 
@@ -129,6 +142,68 @@ def compare(name: str, steps: int, warmup: int) -> dict:
     return dict(median=med, times=times)
 
 
+def kernels_at(rev: str):
+    """The compiled CPU kernels as they were at git revision ``rev``, built like the current ones."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    from shufflemamba.ops import cpu_scan
+
+    current = cpu_scan._lib_or_raise()
+    root = Path(__file__).resolve().parent.parent
+    csrc = "src/shufflemamba/ops/csrc"
+
+    def git(*cmd: str) -> str:
+        res = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"error: git {' '.join(cmd)}: {res.stderr.strip()}")
+        return res.stdout
+
+    tmp = Path(tempfile.mkdtemp(prefix="kernels-"))
+    names = git("ls-tree", "--name-only", f"{rev}:{csrc}").split()
+    for name in names:
+        (tmp / name).write_text(git("show", f"{rev}:{csrc}/{name}"))
+    width = (cpu_scan.vector_width_info() or {}).get("width")
+    cmd = [os.environ.get("CC", "cc"), *cpu_scan._flags(str(width) if width else None), f"-I{tmp}", "-o",
+           str(tmp / "lib.so"), *(str(tmp / n) for n in names if n.endswith(".c")), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"error: building the kernels of {rev} failed: {res.stderr.strip()[-2000:]}")
+    lib = ctypes.CDLL(str(tmp / "lib.so"))
+    lib.ss_abi_version.restype = ctypes.c_int
+    if lib.ss_abi_version() != current.ss_abi_version():
+        raise SystemExit(f"error: {rev}'s kernels have ABI {lib.ss_abi_version()}, the current ones "
+                         f"{current.ss_abi_version()}: their Python sides differ, compare with an older checkout")
+    cpu_scan._declare(lib)
+    return lib
+
+
+def compare_kernels(name: str, rev: str, steps: int, warmup: int) -> dict:
+    """Interleaved steps of one model with the kernels of ``rev`` and the current ones; medians of each."""
+    from shufflemamba.ops import cpu_scan
+
+    libs = {rev: kernels_at(rev), "current": cpu_scan._lib_or_raise()}
+    step = make_step(name)
+    times: dict[str, list[float]] = {k: [] for k in libs}
+    order = list(libs)
+    try:
+        for i in range(warmup + steps):
+            for k in order if i % 2 == 0 else order[::-1]:
+                cpu_scan._lib = libs[k]
+                t0 = time.perf_counter()
+                step()
+                if i >= warmup:
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        cpu_scan._lib = libs["current"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired = statistics.median(a / b for a, b in zip(times[rev], times["current"]))
+    print(f"{name}: kernels of {rev} {med[rev]:.1f} ms/step, current {med['current']:.1f} ms/step; "
+          f"speed-up (median of pairs) {paired:.3f}x, load {os.getloadavg()[0]:.2f}")
+    return dict(median=med, speedup_paired=paired, times=times)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -138,9 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--no-profile", action="store_true", help="only time the steps")
     p.add_argument("--compare", action="store_true", help="unfused vs fused mixer, interleaved")
+    p.add_argument("--kernels-from", metavar="REV", help="A/B: the CPU kernels of git revision REV vs the current ones")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.kernels_from:
+        from shufflemamba.ops.cpu_scan import describe_vector_width
+
+        print(describe_vector_width())
+        res = {name: compare_kernels(name, args.kernels_from, args.steps, args.warmup) for name in args.models}
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(dict(threads=args.threads, kernels_from=args.kernels_from,
+                                                 cpu_kernels=describe_vector_width(), compare=res), indent=2))
+        return 0
     if args.compare:
         res = {name: compare(name, args.steps, args.warmup) for name in args.models}
         if args.json:

@@ -57,7 +57,7 @@
         }                                                                                          \
     } while (0)
 
-#define CL_DEFINE(T, SFX, EXP, SOFTPLUS, EXPM1)                                                            \
+#define CL_DEFINE(T, SFX, EXP, EXP2, SOFTPLUS, EXPM1)                                                            \
     /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
     int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
                      const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,      \
@@ -173,6 +173,9 @@
                 const int64_t b = item / nblk, e0 = (item % nblk) * EB;                            \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
                 for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
+                /* A log2(e): the decays are 2^(d A log2 e), one multiply fewer per element */     \
+                _Pragma("omp simd")                                                                \
+                for (int64_t j = 0; j < N * EB; ++j) Ab[j] *= (T)SM_LOG2E_D;                       \
                 if (dbias) CL_LOAD(T, bs, dbias + e0, ne); else memset(bs, 0, sizeof(T) * EB);     \
                 if (dtw)                                                                           \
                     for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
@@ -220,7 +223,7 @@
                         const T *CL_RESTRICT an = Ab + n * EB;                                     \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
-                            hn[j] = EXP(d[j] * an[j]) * hn[j] + du[j] * bn;                        \
+                            hn[j] = EXP2(d[j] * an[j]) * hn[j] + du[j] * bn;                       \
                             y[j] += cn * hn[j];                                                    \
                         }                                                                          \
                     }                                                                              \
@@ -305,6 +308,9 @@
                     memset(dwb, 0, sizeof(T) * (size_t)(R * EB));                                  \
                 }                                                                                  \
                 for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
+                /* A log2(e), as in the forward; pass 2's sum over A (dd) is scaled back by ln 2 */ \
+                _Pragma("omp simd")                                                                \
+                for (int64_t j = 0; j < N * EB; ++j) Ab[j] *= (T)SM_LOG2E_D;                       \
                 if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
                 memset(hs, 0, sizeof(T) * (size_t)(N * EB));                                       \
                 memset(as + (size_t)L * N * EB, 0, sizeof(T) * (size_t)(N * EB));                  \
@@ -357,7 +363,7 @@
                         T dc = (T)0;                                                               \
                         _Pragma("omp simd reduction(+ : dc)")                                      \
                         for (int j = 0; j < EB; ++j) {                                             \
-                            const T a = EXP(d[j] * an[j]), hn = a * hp[j] + du[j] * bn;            \
+                            const T a = EXP2(d[j] * an[j]), hn = a * hp[j] + du[j] * bn;           \
                             ac[j] = a;                                                             \
                             hc[j] = hn;                                                            \
                             dc += gy[j] * hn;                                                      \
@@ -441,7 +447,7 @@
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) {                                                 \
                         y[j] = d[j] * sgB[j] + gy[j] * Ds[j];                                      \
-                        dd[j] = (dd[j] + uu[j] * sgB[j]) * sg[j];                                  \
+                        dd[j] = (dd[j] * (T)SM_LN2_D + uu[j] * sgB[j]) * sg[j];                    \
                         dbacc[j] += dd[j]; /* the bias gradient: the sum of ddelta over time */     \
                     }                                                                              \
                     CL_STORE(T, du_out + row, y, ne);                               \
@@ -526,8 +532,8 @@
 RMS_DEFINE(float, f32, sqrtf)
 RMS_DEFINE(double, f64, sqrt)
 
-CL_DEFINE(float, f32, sm_expf, sm_softplusf, sm_expm1f)
-CL_DEFINE(double, f64, exp, sm_softplus, expm1)
+CL_DEFINE(float, f32, sm_expf, sm_exp2f, sm_softplusf, sm_expm1f)
+CL_DEFINE(double, f64, exp, exp2, sm_softplus, expm1)
 
 /* channel block width: the size of the dB/dC partial buffers depends on it */
 int sl_block_size(void) { return EB; }
