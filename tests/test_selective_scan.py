@@ -217,9 +217,9 @@ def _cl_flip(t, reverse):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("opts", [(True, True, True, True), (False, False, False, False), (True, False, True, False)],
                          ids=["full", "bare", "D-bias"])
-@pytest.mark.parametrize("shape", [dict(batch=2, E=5, L=9, N=4), dict(batch=2, E=70, L=7, N=3)], ids=["small", "tail"])
+@pytest.mark.parametrize("shape", [dict(batch=2, E=5, L=9, N=4), dict(batch=2, E=200, L=7, N=3)], ids=["small", "tail"])
 def test_scan_cl_matches_reference(reverse, opts, shape):
-    """Strided (sliced) B, C, z; reverse equals flip(scan(flip)); E=70 has a partial channel block."""
+    """Strided (sliced) B, C, z; reverse equals flip(scan(flip)); E=200 has full channel blocks and a partial one."""
     _needs("cpu")
     D, z, bias, softplus = opts
     u, delta, A, B, C, Dv, zv, bv = make_inputs(D=D, z=z, bias=bias, **shape)
@@ -262,7 +262,7 @@ def test_scan_cl_float32_and_gradcheck():
 def test_conv_cl_matches_conv1d(reverse, K):
     _needs("cpu")
     g = torch.Generator().manual_seed(0)
-    batch, L, E = 3, 7, 70
+    batch, L, E = 3, 7, 200  # full channel blocks and a partial one
     wide = torch.randn(batch, L, 2 * E, generator=g, dtype=torch.float64)
     x = wide[..., :E].clone().requires_grad_()
     w = torch.randn(E, 1, K, generator=g, dtype=torch.float64, requires_grad=True)

@@ -32,8 +32,14 @@
 #define CL_RESTRICT __restrict__
 /* every channel loop carries "omp simd": without it gcc leaves several of them scalar
  * ("no vectype" after folding the row copies), which measured 2-3x slower */
+/* 96 channels a block (6 vectors of 16 floats, 12 of 8): each state's pass then has 6 or 12 independent
+ * vector chains to overlap, against 4 or 8 at 64, and 96 divides every Vim's E (2 D, D a multiple of
+ * 48: 192, 384, 768, 1536) and the demo's 192. Measured on the 2-core Intel Xeon, scan forward +
+ * backward interleaved in one process, 64 -> 96: (64, 384, 65, 16) 44.6 -> 34.3 ms, (128, 192, 17, 8)
+ * 7.9 -> 7.5 ms, (32, 384, 197, 16) 84.4 -> 79.3 ms (a scratch script; the training-step A/B is
+ * docs/benchmarks.md's, from benchmarks/profile_train_step.py --kernels-from). */
 #ifndef EB
-#define EB 64
+#define EB 96
 #endif
 
 /* copy ne (<= EB) values into an EB-long local row, zero the rest; full rows (the common case)
