@@ -6,7 +6,8 @@ memory traffic, loop overhead and synchronisation taken as free:
     limit = element-steps x (exps per element-step / exp rate + other ops per element-step / FMA rate)
 
 * element-steps = batch x E x L x N (one state of one channel at one time step);
-* the exp rate is that of the kernels' own inlined exp (``sm_expf``, common.h) in an ``omp simd``
+* the exp rate is that of the kernels' own inlined exp (``sm_exp2f``, common.h: the decays are
+  computed as 2^(d A log2 e)) in an ``omp simd``
   loop, and the FMA rate that of 16-float vector FMAs with independent accumulators, both measured
   here by ``benchmarks/csrc/cpu_peak.c`` built with the kernels' flags, on all ``--threads`` threads;
 * op counts are read off the channel-last kernels (``mixer_cl.c``), every multiply, add or FMA

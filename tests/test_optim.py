@@ -165,3 +165,12 @@ def test_adam_optimizers_are_torchs_fused_kernels(opt, fused):
                 o.step()
         for a, b in zip(model.parameters(), ref_model.parameters()):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_adam_is_chosen_only_for_float_cpu_or_cuda_parameters():
+    """The predicate training and `shufflemamba bench` share: integer or meta tensors rule fused AdamW out."""
+    from shufflemamba.train import fused_adam_supported
+
+    assert fused_adam_supported([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
+    assert not fused_adam_supported([torch.zeros(2), torch.zeros(2, dtype=torch.int64)])
+    assert not fused_adam_supported([torch.zeros(2, device="meta")])

@@ -2,8 +2,9 @@
  * Peak arithmetic rates of this CPU, in the form the scan kernels use them (benchmarks/scan_limit.py):
  *   fma_rate: fused multiply-adds per second, vectors of 16 floats, 16 independent accumulators
  *             (enough to cover the FMA latency on current x86 cores), every thread busy;
- *   exp_rate: sm_expf (the kernels' inlined exp, common.h) per second over an L1-resident row of
- *             64 floats in an `omp simd` loop -- the shape of the scan's inner loops. Each exp's
+ *   exp_rate: sm_exp2f (the kernels' inlined 2^x, common.h, which the scans' decays call) per second
+ *             over an L1-resident row of 64 floats in an `omp simd` loop -- the shape of the scan's
+ *             inner loops. Each exp's
  *             input is independent of the previous results, so this measures throughput, not latency.
  * Both return operations per second summed over `nthreads` OpenMP threads.
  */
@@ -42,7 +43,7 @@ double exp_rate(int64_t iters, int nthreads) {
         for (int j = 0; j < 64; ++j) x[j] = -0.01f * (float)(j + 1), y[j] = 0.0f;
         for (int64_t it = 0; it < iters; ++it) {
 #pragma omp simd
-            for (int j = 0; j < 64; ++j) y[j] += sm_expf(x[j] - 1e-3f * (float)(it & 7)); /* independent exps */
+            for (int j = 0; j < 64; ++j) y[j] += sm_exp2f(x[j] - 1e-3f * (float)(it & 7)); /* independent exps */
         }
         for (int j = 0; j < 64; ++j) sink += y[j];
     }

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -140,18 +140,22 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- the pieces of a run
 
 
+def fused_adam_supported(params: Iterable[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam(W) can take these parameters (CPU / CUDA floats): one kernel per
+    parameter instead of a dozen foreach ops over all of them, the same update rule
+    (tests/test_optim.py holds it to the single-tensor loop). Training uses it, and so does
+    ``shufflemamba bench`` for both models it compares."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
+                                                                 torch.float64) for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: dict[str, Any], lr: float) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
     from .optim import param_groups_weight_decay
 
     extra: dict[str, Any] = {}
-    params = list(model.parameters())
-    if cfg["opt"].lower() in ("adam", "adamw") and all(
-            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-            for p in params):
-        # torch's fused Adam(W): one kernel per parameter instead of a dozen foreach ops over all of
-        # them, the same update rule (tests/test_optim.py holds it to the single-tensor loop)
+    if cfg["opt"].lower() in ("adam", "adamw") and fused_adam_supported(model.parameters()):
         extra["fused"] = True
     return create_optimizer_v2(  # groups carry their own decay (config key wd_grouping)
         param_groups_weight_decay(model, weight_decay=cfg["weight_decay"], grouping=cfg["wd_grouping"]),
