@@ -116,10 +116,34 @@ def test_second_derivative_through_the_fused_functions_raises():
 
     xz, R, (fwd, bwd) = _core_inputs()
     (g,) = torch.autograd.grad(bimamba_core_cl(xz, R, fwd, bwd).square().sum(), xz, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(rms_norm_cpu(x, torch.ones(8, dtype=torch.float64), 1e-5).square().sum(), x,
                                create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+def test_second_derivative_through_the_compiled_scan_and_conv_raises():
+    """The (batch, E, L) scan, the channel-last scan and conv: a hand-written backward each, so a
+    second derivative must raise rather than silently miss the kernels' part."""
+    from shufflemamba.ops import cpu_scan
+
+    g = torch.Generator().manual_seed(0)
+    batch, E, L, N = 2, 5, 6, 3
+    u = torch.randn(batch, E, L, generator=g, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(batch, E, L, generator=g, dtype=torch.float64)
+    A = -torch.rand(E, N, generator=g, dtype=torch.float64)
+    B, C = (torch.randn(batch, N, L, generator=g, dtype=torch.float64) for _ in range(2))
+    calls = {
+        "cpu": lambda: cpu_scan.selective_scan_cpu(u, delta, A, B, C, delta_softplus=True),
+        "cl": lambda: cpu_scan.selective_scan_cl(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+                                                 C.transpose(1, 2), delta_softplus=True),
+        "conv": lambda: cpu_scan.causal_conv1d_silu_cl(u.transpose(1, 2), torch.randn(E, 1, 4, dtype=torch.float64,
+                                                                                        generator=g), None, False),
+    }
+    for name, call in calls.items():
+        (gu,) = torch.autograd.grad(call().square().sum(), u, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gu.sum().backward()

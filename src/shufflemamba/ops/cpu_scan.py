@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_scan_inputs
 from ..config import UserError
@@ -394,6 +395,7 @@ class _CompiledScan(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not differentiable: a second derivative raises
     def backward(ctx, gout):
         u, delta, A, Bt, Ct, D, z, delta_bias = ctx.saved_tensors
         has_D, has_z, has_bias = ctx.has
@@ -575,6 +577,7 @@ class _ConvSiluCL(torch.autograd.Function):
         return conv_silu_fwd_cl(x, wt, bias, reverse)
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not differentiable: a second derivative raises
     def backward(ctx, gout):
         x, wt, bias = ctx.saved_tensors
         dx = x.new_empty(x.shape)
@@ -634,6 +637,7 @@ class _ScanCL(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not differentiable: a second derivative raises
     def backward(ctx, gout):
         u, dsave, ysave, At, B, C, D, z = ctx.saved_tensors
         softplus, reverse, has_D, has_z, has_bias = ctx.flags
