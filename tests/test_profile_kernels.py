@@ -1,0 +1,47 @@
+"""benchmarks/profile_train_step.py --kernels-from: another revision's CPU kernels, swapped in per step."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("profile_train_step", ROOT / "benchmarks" / "profile_train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _needs_checkout_and_kernels():
+    from shufflemamba.ops import cpu_scan
+
+    if not cpu_scan.cpu_scan_available():
+        pytest.skip("compiled CPU kernels unavailable")
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                                     capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+
+
+def test_kernels_from_head_run_and_the_current_library_is_restored():
+    _needs_checkout_and_kernels()
+    from shufflemamba.ops import cpu_scan
+
+    mod = _module()
+    current = cpu_scan._lib_or_raise()
+    res = mod.compare_kernels("demo16", "HEAD", steps=1, warmup=0)
+    assert cpu_scan._lib is current  # the A/B must not leave the other revision's library loaded
+    assert set(res["median"]) == {"HEAD", "current"} and all(v > 0 for v in res["median"].values())
+    assert res["speedup_paired"] > 0
+
+
+def test_kernels_from_an_unknown_revision_is_one_error_line():
+    _needs_checkout_and_kernels()
+    with pytest.raises(SystemExit, match="error: git"):
+        _module().kernels_at("no-such-revision-xyz")
