@@ -176,6 +176,18 @@ def test_torchrun_two_processes_sigterm_and_sigkill_then_resume(data, tmp_path):
     assert_same_run(out, ref)
 
 
+@pytest.mark.slow
+def test_torchrun_a_rank_with_an_empty_batch_does_not_hang(data, tmp_path):
+    """Under torchrun (2 CPU processes): when every image of one rank's micro-batch was unreadable, that
+    rank has nothing to run; both ranks drop the step together (a warning says so) instead of the
+    other one waiting forever in the gradient all-reduce."""
+    out = str(tmp_path / "run")
+    res = run(args(data, out, "--batch-size", "4"), faults="empty=2 rank=1", torchrun=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "epoch 0 step 2: a process had no readable images; step skipped on every process" in res.stdout
+    assert [m["epoch"] for m in metrics(out)] == list(range(EPOCHS))
+
+
 @pytest.fixture(scope="module")
 def idx_data(tmp_path_factory) -> str:
     """A 48-image Fashion-MNIST in IDX files: the batched augmentation path (batch_aug.py)."""

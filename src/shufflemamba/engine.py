@@ -122,29 +122,43 @@ def train_one_epoch(
         state.skipped_images += skipped
         is_update = (i + 1) % accum == 0 or i + 1 == n_batches
         loss, dropped = None, False
-        if len(x):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                if len(x) % 2:  # timm's batch mixup pairs samples; only happens after skipped images
-                    x, y = x[:-1], y[:-1]
-                x, y = mixup_fn(x, y)
+        if faults.FAULTS.empty_batch(epoch * n_batches + i, state.rank):
+            x, y = x[:0], y[:0]
+        if mixup_fn is not None and len(x) % 2:  # timm's batch mixup pairs samples; only after skipped images
+            x, y = x[:-1], y[:-1]
+        if len(x) or _dist():
             # DDP: skip the gradient all-reduce on micro-batches that do not end in an optimizer step
             sync_ctx = model.no_sync() if (hasattr(model, "no_sync") and not is_update) else contextlib.nullcontext()
             with sync_ctx:
-                with autocast_ctx(device, cfg["amp"], cfg["amp_dtype"]):
-                    loss = criterion(model(x).float(), y)
-                if epoch * n_batches + i in faults.FAULTS.nan:
-                    loss = loss * float("nan")
-                # [not finite, stop requested, checkpoint due]: under DDP every rank must take the
-                # same branch (or the next all-reduce hangs), so the flags are max-reduced
-                flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                     loss.new_tensor(float(state.stop_signal is not None)),
-                                     loss.new_tensor(float(state.checkpoint_due()))])
+                if len(x):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if mixup_fn is not None:
+                        x, y = mixup_fn(x, y)
+                    with autocast_ctx(device, cfg["amp"], cfg["amp_dtype"]):
+                        loss = criterion(model(x).float(), y)
+                    if epoch * n_batches + i in faults.FAULTS.nan:
+                        loss = loss * float("nan")
+                # [not finite, stop requested, checkpoint due, no images]: under DDP every rank must
+                # take the same branch (or the next all-reduce hangs), so the flags are max-reduced;
+                # a rank whose images were all unreadable has no loss but still takes part
+                asked = [float(state.stop_signal is not None), float(state.checkpoint_due())]
+                if loss is not None:  # on the device: one host read (below) per micro-batch
+                    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), *map(loss.new_tensor, asked),
+                                         loss.new_tensor(0.0)])
+                else:
+                    flags = torch.tensor([0.0, *asked, 1.0], device=device)
                 if _dist():
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                not_finite, stop_flag, due_flag = (bool(v) for v in flags.tolist())
+                not_finite, stop_flag, due_flag, some_empty = (bool(v) for v in flags.tolist())
                 stop, save_due = stop or stop_flag, save_due or due_flag or stop_flag
-                if not_finite:
+                if some_empty:
+                    # some rank has nothing to back-propagate: every rank drops this micro-batch and
+                    # its accumulation group, so that the gradient all-reduce stays in step
+                    state.log(f"warning: epoch {epoch} step {i}: a process had no readable images; "
+                              "step skipped on every process")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, dropped = None, True
+                elif not_finite:
                     _skip_nonfinite(state, optimizer, cfg, epoch, i)
                     loss, dropped = None, True
                 else:

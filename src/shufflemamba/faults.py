@@ -9,7 +9,9 @@ every check below is a set lookup on an empty set). The value is a space- or ``;
     kill=9         SIGKILL this process after update 9 (no chance to save)
     pause_save=2   the 2nd checkpoint write stops after writing its temp file, creates
                    ``<output>/PAUSED`` and sleeps until killed
-    rank=1         sigterm / kill apply to this rank only (default: every rank)
+    empty=3        these micro-batches (counted like nan) arrive with no images, as when every image
+                   of a batch was unreadable
+    rank=1         sigterm / kill / empty apply to this rank only (default: every rank)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Faults:
     sigterm: frozenset[int] = field(default_factory=frozenset)
     sigusr1: frozenset[int] = field(default_factory=frozenset)
     kill: frozenset[int] = field(default_factory=frozenset)
+    empty: frozenset[int] = field(default_factory=frozenset)
     pause_save: int | None = None
     rank: int | None = None
 
@@ -42,13 +45,17 @@ class Faults:
         kw: dict[str, object] = {}
         for item in spec:
             key, _, value = item.partition("=")
-            if key in ("nan", "save", "sigterm", "sigusr1", "kill"):
+            if key in ("nan", "save", "sigterm", "sigusr1", "kill", "empty"):
                 kw[key] = _ints(value)
             elif key in ("pause_save", "rank"):
                 kw[key] = int(value)
             else:
                 raise ValueError(f"{ENV}: unknown fault '{item}'")
         return cls(**kw)  # type: ignore[arg-type]
+
+    def empty_batch(self, step: int, rank: int) -> bool:
+        """Whether micro-batch ``step`` (epoch * batches + i) of this rank is to arrive empty."""
+        return step in self.empty and (self.rank is None or rank == self.rank)
 
     def after_update(self, num_updates: int, rank: int) -> None:
         """Signal or kill this process if the test asked for it at this update."""
