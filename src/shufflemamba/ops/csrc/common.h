@@ -11,6 +11,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* 2^t for float, inlined so that the compiler vectorises it without a libmvec call per vector.
@@ -38,6 +39,14 @@ static inline float sm_exp2f(float t) {
     float scale;
     memcpy(&scale, &sbits, sizeof scale);
     return p * scale;
+}
+
+/* Kernel work buffers on 64-byte boundaries: their rows (EB floats, a multiple of 16) are then whole
+ * cache lines, so no 512-bit load or store of them straddles two lines (glibc's malloc aligns to 16
+ * bytes only). Freed with free(). NULL on failure, like malloc. */
+static inline void *sm_aligned_malloc(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
 }
 
 /* log2(e) and ln(2) in double: cast to the kernel's element type where used */

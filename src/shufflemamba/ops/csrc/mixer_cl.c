@@ -95,7 +95,7 @@
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
-            T *gpre = (T *)malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre of one sample */        \
+            T *gpre = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre of one sample */        \
             if (!gpre) {                                                                           \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -165,7 +165,7 @@
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
-            T *buf = (T *)malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB + R * EB));              \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB + R * EB));              \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -289,7 +289,7 @@
             /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u; then N x EB g, dA, A. */ \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
-            T *buf = (T *)malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB \
                                               + 2 * (size_t)(R * EB)));                            \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
