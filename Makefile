@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 PINS   := constraints-cpu.txt
 
-.PHONY: install test demo study study-depth bench triton-report gpu-check check-install dataset clean
+.PHONY: install test demo study study-depth bench cpu-figures triton-report gpu-check check-install dataset clean
 
 install: $(STAMP)
 
@@ -43,6 +43,15 @@ study-depth: $(STAMP) dataset
 
 bench: $(STAMP)
 	$(BIN)/shufflemamba bench
+
+# issue 12's CPU figures of this machine, each in files and docs sections named after its CPU
+# (intel-xeon, amd-epyc, ...): the benchmark suite (with Vim vs ViT) and the scan vs its
+# arithmetic limit. ~3 minutes on 2 cores; run it on an idle machine.
+cpu-figures: $(STAMP)
+	@tag=$$($(BIN)/python -c "from shufflemamba.reports import cpu_model, machine_tag; print(machine_tag(cpu_model()))") && \
+	  $(BIN)/shufflemamba bench --device cpu --json benchmarks/results/bench-cpu-$$tag.json && \
+	  $(BIN)/python benchmarks/scan_limit.py --threads 2 --repeat 5 --docs docs/benchmarks.md \
+	    --json benchmarks/results/scan-limit-$$tag.json
 
 # the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix
 triton-report: $(STAMP)
