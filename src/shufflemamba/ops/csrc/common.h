@@ -64,8 +64,13 @@ static inline float sm_expf(float x) {
     memcpy(&bits, &kf, sizeof bits);
     const float k = (float)(bits - (0x4B400000 + 127));
     /* explicit fmas: written as x - k c1 + k c2, -ffast-math reassociates to x + k c2 - k c1, whose
-     * first sum rounds (~1e-6 relative error in the result for |x| ~ 20) */
+     * first sum rounds (~1e-6 relative error in the result for |x| ~ 20). Without hardware FMA,
+     * fmaf would be a libm call per element, so there the plain (reassociable) form stays. */
+#if defined(__FMA__) || defined(__aarch64__)
     const float r = __builtin_fmaf(k, 2.12194440e-4f, __builtin_fmaf(k, -0.693359375f, x));
+#else
+    const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+#endif
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
