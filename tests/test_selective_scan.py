@@ -537,3 +537,31 @@ def test_scan_cl_float32_softplus_and_its_derivative_are_accurate():
     x64 = x.double()
     torch.testing.assert_close(out.flatten().double(), F.softplus(x64), rtol=5e-7, atol=1e-30)
     torch.testing.assert_close(g.flatten().double(), torch.sigmoid(x64), rtol=5e-7, atol=1e-30)
+
+
+def test_scan_cl_float32_decay_extremes():
+    """The float32 kernels' inlined 2^x for the decays exp(delta A): tiny steps (decays within 1e-8 of
+    1) and huge ones (delta |A| up to 1.5e4, far below 2^-126: the argument must be clamped, or the
+    exponent bits wrap into garbage) match the float64 reference, and a NaN step reaches the output
+    instead of vanishing."""
+    _needs("cpu")
+    g = torch.Generator().manual_seed(0)
+    batch, L, E, N = 2, 7, 40, 3
+    u = torch.randn(batch, L, E, generator=g)
+    A = -torch.rand(E, N, generator=g) - 0.5
+    B, C = torch.randn(batch, L, N, generator=g), torch.randn(batch, L, N, generator=g)
+
+    def cl(delta):
+        return cpu_scan.selective_scan_cl(u, delta, A, B, C)
+
+    def ref(delta):
+        t = lambda x: x.transpose(1, 2)  # noqa: E731  (batch, L, .) -> (batch, ., L)
+        return t(selective_scan_ref(t(u).double(), t(delta).double(), A.double(), t(B).double(), t(C).double()))
+
+    for value in (1e-8, 200.0, 1e4):
+        delta = torch.full((batch, L, E), value)
+        torch.testing.assert_close(cl(delta).double(), ref(delta), rtol=1e-5, atol=1e-5 * value)
+    nan_delta = torch.rand(batch, L, E, generator=g)
+    nan_delta[0, 2, 5] = float("nan")
+    out = cl(nan_delta)
+    assert torch.isnan(out[0, 2:, 5]).all() and torch.isfinite(out[1]).all()
