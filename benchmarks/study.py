@@ -249,15 +249,40 @@ def run_in_background(script: str, argv: list[str] | None, output: str, what: st
     return 0
 
 
+_HELD_LOCKS: list[Any] = []  # study locks this process holds until it exits
+
+
+def add_run_options(parser: argparse.ArgumentParser, report_help: str) -> None:
+    """The options both studies share: how many runs at once, threads per run, detaching, report only."""
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--background", action="store_true", help="detach and log to OUTPUT/study.log")
+    parser.add_argument("--report", action="store_true", help=report_help)
+
+
+def train_all(output: str, jobs: int, run: Any, todo: list[tuple]) -> float | None:
+    """Train ``run(*job)`` for every job in ``todo``, ``jobs`` at a time, under OUTPUT's study lock
+    (held until the process exits, so that the report written after is this study's too); the
+    minutes it took, or None (with an error line) if another study holds the lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = study_lock(output)
+    if lock is None:
+        return None
+    _HELD_LOCKS.append(lock)
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for fut in [pool.submit(run, *job) for job in todo]:
+            fut.result()
+    return (time.time() - start) / 60
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/study")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--train-subset", type=int, default=2000)
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--background", action="store_true", help="detach and log to OUTPUT/study.log")
-    parser.add_argument("--report", action="store_true", help="only re-render docs/study.md from finished runs")
+    add_run_options(parser, "only re-render docs/study.md from finished runs")
     args = parser.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
 
@@ -265,18 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_in_background(__file__, argv, args.output, "study")
 
     if not args.report:
-        from concurrent.futures import ThreadPoolExecutor
-
-        lock = study_lock(args.output)  # held until this process exits
-        if lock is None:
+        todo = [(args, name, rate, sched, seed) for seed in SEEDS for name, rate, sched in SETTINGS]
+        minutes = train_all(args.output, args.jobs, run_one, todo)
+        if minutes is None:
             return 1
-
-        start = time.time()
-        jobs = [(name, rate, sched, seed) for seed in SEEDS for name, rate, sched in SETTINGS]
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for fut in [pool.submit(run_one, args, *job) for job in jobs]:
-                fut.result()
-        print(f"[study] all runs finished in {(time.time() - start) / 60:.1f} min", flush=True)
+        print(f"[study] all runs finished in {minutes:.1f} min", flush=True)
     print(write_report(args, summarise(args)))
     return 0
 

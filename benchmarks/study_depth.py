@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 from shufflemamba.reports import cpu_model, write_marked_section
-from study import _mean_sd, read_rows, run_in_background, study_lock  # the first study's helpers (same folder)
+from study import _mean_sd, add_run_options, read_rows, run_in_background, train_all  # the first study's helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = Path(__file__).resolve().parent / "study_depth.yaml"
@@ -333,11 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=int, nargs="+", default=[6, 24])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["off", "linear-0.5"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at the same time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--background", action="store_true", help="detach and log to OUTPUT/study.log")
+    add_run_options(parser, "only re-render the report from finished runs")
     parser.add_argument("--pilot", action="store_true", help="train only the deepest SLWS-off run of the first seed")
-    parser.add_argument("--report", action="store_true", help="only re-render the report from finished runs")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where study.md, study_depth.png/.json go")
     parser.add_argument("--pilots", nargs="*", default=[], metavar="DIR",
                         help="output folders of earlier --pilot runs (other subsets) to summarise in the report")
@@ -350,15 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_in_background(__file__, argv, args.output, "depth study")
 
     if not args.report:
-        lock = study_lock(args.output)  # held until this process exits
-        if lock is None:
-            return 1
         todo = jobs(args)[:1] if args.pilot else jobs(args)
-        start = time.time()
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for fut in [pool.submit(run_one, args, *job) for job in todo]:
-                fut.result()
-        print(f"[study-depth] {len(todo)} runs finished in {(time.time() - start) / 60:.1f} min", flush=True)
+        minutes = train_all(args.output, args.jobs, run_one, [(args, *job) for job in todo])
+        if minutes is None:
+            return 1
+        print(f"[study-depth] {len(todo)} runs finished in {minutes:.1f} min", flush=True)
         if args.pilot:
             depth, setting, seed = todo[0]
             r = loss_rise(read_rows(os.path.join(args.output, run_name(depth, setting, seed))))

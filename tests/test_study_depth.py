@@ -63,3 +63,20 @@ def test_jobs_start_with_the_pilot_and_go_seed_by_seed(sd):
     order = sd.jobs(args)
     assert order[0] == (24, "off", 0)  # the deepest SLWS-off run is the pilot
     assert [seed for _, _, seed in order] == [0] * 4 + [1] * 4
+
+
+def test_train_all_runs_every_job_and_keeps_the_folder_locked(sd, tmp_path, capsys):
+    """Both studies train through study.train_all: every job runs, and the folder's lock stays held
+    afterwards (a second study in the same folder is refused with one error line)."""
+    import study
+
+    done = []
+    minutes = sd.train_all(str(tmp_path), 2, lambda a, b: done.append((a, b)), [(1, "x"), (2, "y"), (3, "z")])
+    try:
+        assert minutes is not None and minutes >= 0 and sorted(done) == [(1, "x"), (2, "y"), (3, "z")]
+        assert sd.train_all(str(tmp_path), 1, lambda: None, [()]) is None
+        assert "a study is already running" in capsys.readouterr().err
+    finally:
+        for lock in study._HELD_LOCKS:
+            lock.close()
+        study._HELD_LOCKS.clear()
