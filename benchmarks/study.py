@@ -78,11 +78,9 @@ def run_one(args: argparse.Namespace, name: str, rate: float, schedule: str, see
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def final_accuracy(out: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Final weights on the run's own training subset and on the full test set, without augmentation
-    (the per-epoch curves use a test subset to keep epochs cheap)."""
-    from shufflemamba.data import build_dataset, build_transform, collate_skip, subset
-    from shufflemamba.engine import evaluate
+def load_final(out: str) -> tuple[Any, dict[str, Any], int, Any]:
+    """A finished run's final weights (OUTPUT/last.pt) as (model, config, in_chans, eval transform)."""
+    from shufflemamba.data import build_transform
     from shufflemamba.train import build_model, load_checkpoint, model_in_chans
 
     ckpt = load_checkpoint(os.path.join(out, "last.pt"))
@@ -90,7 +88,16 @@ def final_accuracy(out: str) -> tuple[dict[str, float], dict[str, float]]:
     in_chans = model_in_chans(kwargs)
     model = build_model(ckpt["model_name"], kwargs)
     model.load_state_dict(ckpt["model"])
-    transform = build_transform(cfg, in_chans, is_training=False)
+    return model, cfg, in_chans, build_transform(cfg, in_chans, is_training=False)
+
+
+def final_accuracy(out: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Final weights on the run's own training subset and on the full test set, without augmentation
+    (the per-epoch curves use a test subset to keep epochs cheap)."""
+    from shufflemamba.data import build_dataset, collate_skip, subset
+    from shufflemamba.engine import evaluate
+
+    model, cfg, in_chans, transform = load_final(out)
     results = []
     for split, n in (("train", cfg["train_subset"]), ("val", None)):
         ds = subset(build_dataset(cfg, split, in_chans, transform), n, cfg["seed"])

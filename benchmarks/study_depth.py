@@ -35,7 +35,8 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 from shufflemamba.reports import cpu_model, write_marked_section
-from study import _mean_sd, add_run_options, read_rows, run_in_background, train_all  # the first study's helpers
+from study import (_mean_sd, add_run_options, load_final, read_rows, run_in_background,  # the first study's helpers
+                   train_all)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = Path(__file__).resolve().parent / "study_depth.yaml"
@@ -96,16 +97,10 @@ def overfits(rise: dict[str, float]) -> bool:
 def final_eval(out: str) -> dict[str, float]:
     """The final weights, without augmentation, on the run's own training images (clean train top-1
     and loss) and on all 10,000 test images."""
-    from shufflemamba.data import build_dataset, build_transform, collate_skip, holdout_split, subset
+    from shufflemamba.data import build_dataset, collate_skip, holdout_split, subset
     from shufflemamba.engine import evaluate
-    from shufflemamba.train import build_model, load_checkpoint, model_in_chans
 
-    ckpt = load_checkpoint(os.path.join(out, "last.pt"))
-    cfg, kwargs = ckpt["config"], dict(ckpt["model_kwargs"])
-    in_chans = model_in_chans(kwargs)
-    model = build_model(ckpt["model_name"], kwargs)
-    model.load_state_dict(ckpt["model"])
-    transform = build_transform(cfg, in_chans, is_training=False)
+    model, cfg, in_chans, transform = load_final(out)
     train_ds = build_dataset(cfg, "train", in_chans, transform)
     pool, _ = holdout_split(len(train_ds), cfg["holdout"], cfg["seed"])  # the same draw as training
     train_ds = subset(torch.utils.data.Subset(train_ds, pool), cfg["train_subset"], cfg["seed"])
