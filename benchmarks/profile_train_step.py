@@ -165,11 +165,11 @@ def kernels_at(rev: str):
     for name in names:
         (tmp / name).write_text(git("show", f"{rev}:{csrc}/{name}"))
     width = (cpu_scan.vector_width_info() or {}).get("width")
-    cmd = [os.environ.get("CC", "cc"), *cpu_scan._flags(str(width) if width else None), f"-I{tmp}", "-o",
-           str(tmp / "lib.so"), *(str(tmp / n) for n in names if n.endswith(".c")), "-lm"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"error: building the kernels of {rev} failed: {res.stderr.strip()[-2000:]}")
+    try:  # the package's own build, with the flags and width the current kernels have
+        cpu_scan._build(os.environ.get("CC", "cc"), tmp / "lib.so", str(width) if width else None, csrc=tmp,
+                        sources=tuple(tmp / n for n in names if n.endswith(".c")))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        raise SystemExit(f"error: building the kernels of {rev} failed: {str(exc).strip()[-2000:]}") from None
     lib = ctypes.CDLL(str(tmp / "lib.so"))
     lib.ss_abi_version.restype = ctypes.c_int
     if lib.ss_abi_version() != current.ss_abi_version():

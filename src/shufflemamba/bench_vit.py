@@ -3,8 +3,9 @@
 Issue 12's yardstick for the CPU path: a Vim should train at least as fast as the plain ViT it is
 meant to replace. Both models get the same embedding width D, depth, patch size, image size and a
 class token (so the same number of tokens), the same batch, AdamW (torch's fused kernel, as
-training builds it; the unfused one until 2026-12-01) and fp32 (bf16 autocast on CUDA). The ViT has D / 32 heads and MLP ratio 4 (timm's defaults); the Vim has d_state and expand as given,
-SLWS off (its shuffle costs < 1% of a step, measured in the training-step section).
+training builds it; the unfused one until 2026-12-01) and fp32 (bf16 autocast on CUDA). The ViT
+has D / 32 heads and MLP ratio 4 (timm's defaults); the Vim has d_state and expand as given, SLWS
+off (its shuffle costs < 1% of a step, measured in the training-step section).
 
 The two step functions are timed round-robin in one process (``bench._time_interleaved``), so a
 change in machine load hits both alike; the ratio of each interleaved pair's times is reported.

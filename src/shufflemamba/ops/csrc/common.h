@@ -14,6 +14,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* 2^k from the bits of kf = x + 1.5 * 2^23 + 127 (k = round(x), -126 <= k <= 127): the low mantissa
+ * bits of kf are k + 127, the biased exponent, so shifting them into the exponent field gives 2^k;
+ * (0x4B400000 + k + 127) << 23 mod 2^32 = (k + 127) << 23. Used by sm_exp2f and sm_expf. */
+static inline float sm_pow2_from_magic(int32_t bits) {
+    const uint32_t sbits = (uint32_t)bits << 23;
+    float scale;
+    memcpy(&scale, &sbits, sizeof scale);
+    return scale;
+}
+
 /* 2^t for float, inlined so that the compiler vectorises it without a libmvec call per vector.
  * t = k + f with k = round(t), |f| <= 1/2; 2^f from a degree-5 polynomial (coefficients fitted for
  * relative error on [-1/2, 1/2], 1.9e-7 evaluated in float; 2^0 = 1 exactly), 2^k from the exponent
@@ -35,10 +45,7 @@ static inline float sm_exp2f(float t) {
     p = p * f + 2.4022242426872253e-1f;
     p = p * f + 6.931470036506653e-1f;
     p = p * f + 1.0f;
-    const uint32_t sbits = (uint32_t)bits << 23; /* (0x4B400000 + k + 127) << 23 mod 2^32 = (k + 127) << 23 */
-    float scale;
-    memcpy(&scale, &sbits, sizeof scale);
-    return p * scale;
+    return p * sm_pow2_from_magic(bits);
 }
 
 /* Kernel work buffers on 64-byte boundaries: their rows (EB floats, a multiple of 16) are then whole
@@ -78,10 +85,7 @@ static inline float sm_expf(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    const uint32_t sbits = (uint32_t)bits << 23;
-    float scale;
-    memcpy(&scale, &sbits, sizeof scale);
-    return p * scale;
+    return p * sm_pow2_from_magic(bits);
 }
 
 /* expm1 for float, inlined: glibc's vector expm1f is a call of ~70 instructions per 8 lanes

@@ -63,6 +63,15 @@
         }                                                                                          \
     } while (0)
 
+/* the N rows of A (N x E, transposed) for channels e0.. of a block, times log2(e): the scans' decays
+ * are 2^(d A log2 e) (one multiply fewer per element than exp(d A)); the backward scales its sum
+ * over A back by ln 2 */
+#define CL_LOAD_A_LOG2E(T, Ab, At, N, E, e0, ne)                                                   \
+    do {                                                                                           \
+        for (int64_t n_ = 0; n_ < (N); ++n_) CL_LOAD(T, (Ab) + n_ * EB, (At) + n_ * (E) + (e0), ne); \
+        _Pragma("omp simd") for (int64_t j_ = 0; j_ < (N) * EB; ++j_)(Ab)[j_] *= (T)SM_LOG2E_D;   \
+    } while (0)
+
 #define CL_DEFINE(T, SFX, EXP, EXP2, SOFTPLUS, EXPM1)                                                            \
     /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
     int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
@@ -95,7 +104,7 @@
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
-            T *gpre = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre of one sample */        \
+            T *gpre = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre, one sample */ \
             if (!gpre) {                                                                           \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -165,7 +174,7 @@
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB + R * EB));              \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(2 * N * EB + 8 * EB + R * EB));    \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -178,10 +187,7 @@
                 T *CL_RESTRICT zz = y + EB, *CL_RESTRICT dl = zz + EB, *CL_RESTRICT wb = dl + EB;  \
                 const int64_t b = item / nblk, e0 = (item % nblk) * EB;                            \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
-                for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
-                /* A log2(e): the decays are 2^(d A log2 e), one multiply fewer per element */     \
-                _Pragma("omp simd")                                                                \
-                for (int64_t j = 0; j < N * EB; ++j) Ab[j] *= (T)SM_LOG2E_D;                       \
+                CL_LOAD_A_LOG2E(T, Ab, At, N, E, e0, ne);                                          \
                 if (dbias) CL_LOAD(T, bs, dbias + e0, ne); else memset(bs, 0, sizeof(T) * EB);     \
                 if (dtw)                                                                           \
                     for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
@@ -289,8 +295,9 @@
             /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u; then N x EB g, dA, A. */ \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 8 * EB \
-                                              + 2 * (size_t)(R * EB)));                            \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB)               \
+                                                         + 3 * (size_t)(N * EB) + 8 * EB              \
+                                                         + 2 * (size_t)(R * EB)));                    \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -313,10 +320,7 @@
                     for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
                     memset(dwb, 0, sizeof(T) * (size_t)(R * EB));                                  \
                 }                                                                                  \
-                for (int64_t n = 0; n < N; ++n) CL_LOAD(T, Ab + n * EB, At + n * E + e0, ne);      \
-                /* A log2(e), as in the forward; pass 2's sum over A (dd) is scaled back by ln 2 */ \
-                _Pragma("omp simd")                                                                \
-                for (int64_t j = 0; j < N * EB; ++j) Ab[j] *= (T)SM_LOG2E_D;                       \
+                CL_LOAD_A_LOG2E(T, Ab, At, N, E, e0, ne); /* pass 2 scales its sum over A by ln 2 */ \
                 if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
                 memset(hs, 0, sizeof(T) * (size_t)(N * EB));                                       \
                 memset(as + (size_t)L * N * EB, 0, sizeof(T) * (size_t)(N * EB));                  \

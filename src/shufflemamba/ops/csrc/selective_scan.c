@@ -51,7 +51,7 @@
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
             /* h: N state; dts, dus: L-long rows of softplus(delta) and delta * u */               \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(N + 2 * L + 2));                             \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(N + 2 * L + 2));                  \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -114,7 +114,8 @@
             /* row L is zero, so a_{t+1} at the last step needs no special case. Then N-long g   */ \
             /* and dA accumulators, and L-long rows: d_t, sigmoid(delta_t), gy_t, y_t.           */ \
             const size_t rows = (size_t)(L + 1) * (size_t)N;                                       \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 2 * (size_t)N + 4 * (size_t)(L + 1)));    \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 2 * (size_t)N                   \
+                                                         + 4 * (size_t)(L + 1)));                     \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
