@@ -55,7 +55,7 @@ __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selec
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
-_HEADERS = (_CSRC / "common.h",)  # included by the sources: hashed into the cache key too
+_HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 _ABI_VERSION = 6  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*
@@ -115,8 +115,9 @@ def _width_setting() -> str:
 
 
 def _flags(width: str | None) -> tuple[str, ...]:
-    # x86 only: gcc on ARM rejects the flag
-    return _FLAGS + ((f"-mprefer-vector-width={width}",) if width else ())
+    # x86 only: gcc on ARM rejects the flag. SM_VECTOR_BITS tells the sources the width too: their
+    # explicit-vector loops (scan_steps.h) use it, the omp simd loops follow the flag
+    return _FLAGS + ((f"-mprefer-vector-width={width}", f"-DSM_VECTOR_BITS={width}") if width else ())
 
 
 def _build(cc: str, out: Path, width: str | None = None, csrc: Path = _CSRC,
@@ -161,6 +162,13 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
     lib.sl_block_size.restype = i32
+    if hasattr(lib, "sl_vector_path"):  # absent from builds before 2026-12-01 (profile_train_step --kernels-from)
+        lib.sl_vector_path.restype = i32
+
+
+def state_loop_bits(lib: ctypes.CDLL) -> int:
+    """Vector width of a library's explicit AVX-512 state loops (csrc/scan_steps.h); 0: the generic ones."""
+    return int(lib.sl_vector_path()) if hasattr(lib, "sl_vector_path") else 0
 
 
 def _base_key(cc: str) -> str:
@@ -346,7 +354,9 @@ def describe_vector_width() -> str:
     if info is None:
         return f"cpu kernels: unavailable ({_load_error})"
     width = f"{info['width']}-bit" if info["width"] else "compiler default"
-    line = f"cpu kernels: {width} vectors ({info['source']}"
+    bits = state_loop_bits(_lib) if _lib is not None else 0
+    loops = f", explicit {bits}-bit state loops" if bits else ""
+    line = f"cpu kernels: {width} vectors{loops} ({info['source']}"
     if "ms" in info:
         ms = info["ms"]
         line += (f"; fwd+bwd {ms['512']:.3f} ms at 512-bit, {ms['256']:.3f} ms at 256-bit, "

@@ -42,6 +42,8 @@
 #define EB 96
 #endif
 
+#include "scan_steps.h" /* the per-state loops of one time step (explicit AVX-512 vectors where available) */
+
 /* copy ne (<= EB) values into an EB-long local row, zero the rest; full rows (the common case)
  * take an inlined fixed-length copy: a memcpy call per row and step measured as a visible cost */
 #define CL_LOAD(T, dst, src, ne)                                                                   \
@@ -72,7 +74,7 @@
         _Pragma("omp simd") for (int64_t j_ = 0; j_ < (N) * EB; ++j_)(Ab)[j_] *= (T)SM_LOG2E_D;   \
     } while (0)
 
-#define CL_DEFINE(T, SFX, EXP, EXP2, SOFTPLUS, EXPM1)                                                            \
+#define CL_DEFINE(T, SFX, EXP, SOFTPLUS, EXPM1)                                                    \
     /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
     int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
                      const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,      \
@@ -220,25 +222,10 @@
                         for (int j = 0; j < EB; ++j) d[j] = dl[j] + bs[j];                         \
                     }                                                                              \
                     _Pragma("omp simd")                                                            \
-                    for (int j = 0; j < EB; ++j) {                                                 \
-                        du[j] = d[j] * uu[j];                                                      \
-                        y[j] = (T)0;                                                               \
-                    }                                                                              \
+                    for (int j = 0; j < EB; ++j) du[j] = d[j] * uu[j];                             \
                     if (dsave) CL_STORE(T, dsave + row, d, ne); /* the backward starts from d */   \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
-                    /* one state per pass: pairing states here (y loaded / stored once per two) \
-                     * cost more loop overhead than it saved (the block loop is then no longer  \
-                     * unrolled; counted with valgrind: +0.9% instructions, AVX2 build) */        \
-                    for (int64_t n = 0; n < N; ++n) {                                              \
-                        const T bn = Bn[n], cn = Cn[n];                                            \
-                        T *CL_RESTRICT hn = h + n * EB;                                            \
-                        const T *CL_RESTRICT an = Ab + n * EB;                                     \
-                        _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            hn[j] = EXP2(d[j] * an[j]) * hn[j] + du[j] * bn;                       \
-                            y[j] += cn * hn[j];                                                    \
-                        }                                                                          \
-                    }                                                                              \
+                    sl_fwd_states_##SFX(h, Ab, d, du, y, Bn, Cn, N); /* y = sum_n C_n h_n (scan_steps.h) */\
                     if (z) {                                                                       \
                         CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
                         _Pragma("omp simd")                                                        \
@@ -364,22 +351,10 @@
                         for (int j = 0; j < EB; ++j) gy[j] = go[j];                                \
                     }                                                                              \
                     const T *Bn = Bm + b * sB_b + t * sB_t;                                        \
-                    /* the replay needs h only for dC and the reverse pass: y (for dz) is the    \
+                    /* the replay needs h only for dC and the reverse pass: y (for dz) is the      \
                      * forward's ysave, so no C_t h_t sum here */                                  \
-                    for (int64_t n = 0; n < N; ++n) {                                              \
-                        const T bn = Bn[n];                                                        \
-                        const T *CL_RESTRICT hp = hs + (s * N + n) * EB, *CL_RESTRICT an = Ab + n * EB; \
-                        T *CL_RESTRICT hc = hs + ((s + 1) * N + n) * EB, *CL_RESTRICT ac = as + (s * N + n) * EB; \
-                        T dc = (T)0;                                                               \
-                        _Pragma("omp simd reduction(+ : dc)")                                      \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            const T a = EXP2(d[j] * an[j]), hn = a * hp[j] + du[j] * bn;           \
-                            ac[j] = a;                                                             \
-                            hc[j] = hn;                                                            \
-                            dc += gy[j] * hn;                                                      \
-                        }                                                                          \
-                        dCb[t * N + n] = dc;                                                       \
-                    }                                                                              \
+                    sl_replay_states_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, d, du,\
+                                           gy, Bn, dCb + t * N, N);                                \
                     if (z) {                                                                       \
                         CL_LOAD(T, y, ysv + row, ne);                                              \
                         _Pragma("omp simd")                                                        \
@@ -405,55 +380,9 @@
                     const T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;         \
                     const T *CL_RESTRICT du = dus + s * EB;                                        \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
-                    _Pragma("omp simd")                                                            \
-                    for (int j = 0; j < EB; ++j) dd[j] = sgB[j] = (T)0;                            \
-                    /* states in pairs: dd, sgB (and d, du, gy) loaded and stored once per pair */ \
-                    int64_t n = 0;                                                                 \
-                    for (; n + 1 < N; n += 2) {                                                    \
-                        const T b0 = Bn[n], c0 = Cn[n], b1 = Bn[n + 1], c1 = Cn[n + 1];            \
-                        const T *CL_RESTRICT hp0 = hs + (s * N + n) * EB, *CL_RESTRICT hp1 = hp0 + EB; \
-                        const T *CL_RESTRICT an0 = Ab + n * EB, *CL_RESTRICT an1 = an0 + EB;       \
-                        const T *CL_RESTRICT ac0 = as + (s * N + n) * EB, *CL_RESTRICT ac1 = ac0 + EB; \
-                        const T *CL_RESTRICT ax0 = as + ((s + 1) * N + n) * EB, *CL_RESTRICT ax1 = ax0 + EB; \
-                        T *CL_RESTRICT g0 = g + n * EB, *CL_RESTRICT g1 = g0 + EB;                 \
-                        T *CL_RESTRICT dA0 = dAa + n * EB, *CL_RESTRICT dA1 = dA0 + EB;            \
-                        T db0 = (T)0, db1 = (T)0;                                                  \
-                        _Pragma("omp simd reduction(+ : db0, db1)")                                \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            const T gv0 = gy[j] * c0 + ax0[j] * g0[j];                             \
-                            const T gv1 = gy[j] * c1 + ax1[j] * g1[j];                             \
-                            g0[j] = gv0;                                                           \
-                            g1[j] = gv1;                                                           \
-                            const T ga0 = gv0 * hp0[j] * ac0[j], ga1 = gv1 * hp1[j] * ac1[j];      \
-                            dd[j] += ga0 * an0[j] + ga1 * an1[j];                                  \
-                            dA0[j] += ga0 * d[j];                                                  \
-                            dA1[j] += ga1 * d[j];                                                  \
-                            sgB[j] += gv0 * b0 + gv1 * b1;                                         \
-                            db0 += gv0 * du[j];                                                    \
-                            db1 += gv1 * du[j];                                                    \
-                        }                                                                          \
-                        dBb[t * N + n] = db0;                                                      \
-                        dBb[t * N + n + 1] = db1;                                                  \
-                    }                                                                              \
-                    for (; n < N; ++n) { /* odd N: the last state alone */                         \
-                        const T bn = Bn[n], cn = Cn[n];                                            \
-                        const T *CL_RESTRICT hp = hs + (s * N + n) * EB, *CL_RESTRICT an = Ab + n * EB; \
-                        const T *CL_RESTRICT ac = as + (s * N + n) * EB;                           \
-                        const T *CL_RESTRICT anx = as + ((s + 1) * N + n) * EB;                    \
-                        T *CL_RESTRICT gn = g + n * EB, *CL_RESTRICT dAn = dAa + n * EB;           \
-                        T db = (T)0;                                                               \
-                        _Pragma("omp simd reduction(+ : db)")                                      \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            const T gv = gy[j] * cn + anx[j] * gn[j];                              \
-                            gn[j] = gv;                                                            \
-                            const T ga = gv * hp[j] * ac[j];                                       \
-                            dd[j] += ga * an[j];                                                   \
-                            dAn[j] += ga * d[j];                                                   \
-                            sgB[j] += gv * bn;                                                     \
-                            db += gv * du[j];                                                      \
-                        }                                                                          \
-                        dBb[t * N + n] = db;                                                       \
-                    }                                                                              \
+                    /* dd = sum_n ga_n A_n, sgB = sum_n g_n B_n; g, dA, dB updated (scan_steps.h) */\
+                    sl_adjoint_states_##SFX(hs + s * N * EB, as + s * N * EB, as + (s + 1) * N * EB,\
+                                            Ab, d, du, gy, Bn, Cn, g, dAa, dd, sgB, dBb + t * N, N);\
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) {                                                 \
                         y[j] = d[j] * sgB[j] + gy[j] * Ds[j];                                      \
@@ -542,8 +471,18 @@
 RMS_DEFINE(float, f32, sqrtf)
 RMS_DEFINE(double, f64, sqrt)
 
-CL_DEFINE(float, f32, sm_expf, sm_exp2f, sm_softplusf, sm_expm1f)
-CL_DEFINE(double, f64, exp, exp2, sm_softplus, expm1)
+CL_DEFINE(float, f32, sm_expf, sm_softplusf, sm_expm1f)
+CL_DEFINE(double, f64, exp, sm_softplus, expm1)
 
 /* channel block width: the size of the dB/dC partial buffers depends on it */
 int sl_block_size(void) { return EB; }
+
+/* the vector width in bits of the explicit-vector state loops (scan_steps.h), 0 where the generic
+ * omp simd loops run (double always; float without AVX-512 or without SM_VECTOR_BITS) */
+int sl_vector_path(void) {
+#ifdef SM_SCAN_VECTOR_PATH
+    return SM_VL * 32;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,244 @@
+/*
+ * The state loops of one time step of the channel-last scans (mixer_cl.c), for one block of EB
+ * channels: the part of the scan that runs once per (channel, state) and dominates its cost.
+ *
+ *   sl_fwd_states_SFX    forward:  h_n = 2^(d A_n) h_n + (d u) B_n;  y = sum_n C_n h_n
+ *   sl_replay_states_SFX backward, pass 1: the same recurrence from the saved h_{s-1}, storing the
+ *                        decays a_n and the new states, and dC_n = sum over the block of gy h_n
+ *
+ * A is pre-scaled by log2(e) (CL_LOAD_A_LOG2E), so the decay is 2^(d A).
+ *
+ * Two versions. The generic one (double, and float without AVX-512) is plain `omp simd` loops with
+ * the inlined sm_exp2f. On x86 CPUs with AVX-512 (F, DQ, VL) the float one is written with explicit
+ * vectors of the build's width (SM_VECTOR_BITS, passed by cpu_scan.py with -mprefer-vector-width):
+ *   - 2^t as p(t - floor t) * 2^floor(t) with vreduceps (t - floor t, exactly, one instruction) and
+ *     vscalefps (the 2^floor(t) scaling, which also handles under- and overflow): 7 vector ops
+ *     where the portable version needs 12 (clamp, magic-number rounding, integer shift, convert);
+ *   - y stays in registers across the N states instead of a load and a store per state.
+ * Included by mixer_cl.c after EB and CL_RESTRICT are defined.
+ */
+#ifndef SHUFFLEMAMBA_SCAN_STEPS_H
+#define SHUFFLEMAMBA_SCAN_STEPS_H
+
+#define SM_STATES_GENERIC(T, SFX, EXP2)                                                            \
+    static inline void sl_fwd_states_##SFX(T *CL_RESTRICT h, const T *CL_RESTRICT Ab,              \
+                                           const T *CL_RESTRICT d, const T *CL_RESTRICT du,        \
+                                           T *CL_RESTRICT y, const T *Bn, const T *Cn, int64_t N) { \
+        _Pragma("omp simd") for (int j = 0; j < EB; ++j) y[j] = (T)0;                              \
+        /* one state per pass: pairing states (y loaded / stored once per two) cost more loop      \
+         * overhead than it saved (counted with valgrind: +0.9% instructions, AVX2 build) */       \
+        for (int64_t n = 0; n < N; ++n) {                                                          \
+            const T bn = Bn[n], cn = Cn[n];                                                        \
+            T *CL_RESTRICT hn = h + n * EB;                                                        \
+            const T *CL_RESTRICT an = Ab + n * EB;                                                 \
+            _Pragma("omp simd")                                                                    \
+            for (int j = 0; j < EB; ++j) {                                                         \
+                hn[j] = EXP2(d[j] * an[j]) * hn[j] + du[j] * bn;                                   \
+                y[j] += cn * hn[j];                                                                \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    /* hp: N x EB states before the step, hc: after it, ac: N x EB decays; dC: N sums */           \
+    static inline void sl_replay_states_##SFX(const T *CL_RESTRICT hp, T *CL_RESTRICT hc,          \
+                                              T *CL_RESTRICT ac, const T *CL_RESTRICT Ab,          \
+                                              const T *CL_RESTRICT d, const T *CL_RESTRICT du,     \
+                                              const T *CL_RESTRICT gy, const T *Bn, T *dC,         \
+                                              int64_t N) {                                         \
+        for (int64_t n = 0; n < N; ++n) {                                                          \
+            const T bn = Bn[n];                                                                    \
+            const int64_t o = n * EB;                                                              \
+            T dc = (T)0;                                                                           \
+            _Pragma("omp simd reduction(+ : dc)")                                                  \
+            for (int j = 0; j < EB; ++j) {                                                         \
+                const T a = EXP2(d[j] * Ab[o + j]), hv = a * hp[o + j] + du[j] * bn;               \
+                ac[o + j] = a;                                                                     \
+                hc[o + j] = hv;                                                                    \
+                dc += gy[j] * hv;                                                                  \
+            }                                                                                      \
+            dC[n] = dc;                                                                            \
+        }                                                                                          \
+    }                                                                                              \
+    /* pass 2 of the backward, one step in reverse: g_n = gy C_n + a'_n g_n (a' the next step's    \
+     * decays), ga = g_n a_n h_{s-1}; dd = sum_n ga A_n and sgB = sum_n g_n B_n (written), dA_n += \
+     * ga d, dB_n = sum over the block of g_n (d u). hp: N x EB states before the step, ac / ax:   \
+     * this / the next step's decays. States in pairs: dd, sgB (and d, du, gy) loaded and stored   \
+     * once per pair */                                                                            \
+    static inline void sl_adjoint_states_##SFX(                                                    \
+        const T *CL_RESTRICT hp, const T *CL_RESTRICT ac, const T *CL_RESTRICT ax,                 \
+        const T *CL_RESTRICT Ab, const T *CL_RESTRICT d, const T *CL_RESTRICT du,                  \
+        const T *CL_RESTRICT gy, const T *Bn, const T *Cn, T *CL_RESTRICT g, T *CL_RESTRICT dA,    \
+        T *CL_RESTRICT dd, T *CL_RESTRICT sgB, T *dB, int64_t N) {                                 \
+        _Pragma("omp simd") for (int j = 0; j < EB; ++j) dd[j] = sgB[j] = (T)0;                    \
+        int64_t n = 0;                                                                             \
+        for (; n + 1 < N; n += 2) {                                                                \
+            const T b0 = Bn[n], c0 = Cn[n], b1 = Bn[n + 1], c1 = Cn[n + 1];                        \
+            const int64_t o0 = n * EB, o1 = o0 + EB;                                               \
+            T db0 = (T)0, db1 = (T)0;                                                              \
+            _Pragma("omp simd reduction(+ : db0, db1)")                                            \
+            for (int j = 0; j < EB; ++j) {                                                         \
+                const T gv0 = gy[j] * c0 + ax[o0 + j] * g[o0 + j];                                 \
+                const T gv1 = gy[j] * c1 + ax[o1 + j] * g[o1 + j];                                 \
+                g[o0 + j] = gv0;                                                                   \
+                g[o1 + j] = gv1;                                                                   \
+                const T ga0 = gv0 * hp[o0 + j] * ac[o0 + j], ga1 = gv1 * hp[o1 + j] * ac[o1 + j];  \
+                dd[j] += ga0 * Ab[o0 + j] + ga1 * Ab[o1 + j];                                      \
+                dA[o0 + j] += ga0 * d[j];                                                          \
+                dA[o1 + j] += ga1 * d[j];                                                          \
+                sgB[j] += gv0 * b0 + gv1 * b1;                                                     \
+                db0 += gv0 * du[j];                                                                \
+                db1 += gv1 * du[j];                                                                \
+            }                                                                                      \
+            dB[n] = db0;                                                                           \
+            dB[n + 1] = db1;                                                                       \
+        }                                                                                          \
+        for (; n < N; ++n) { /* odd N: the last state alone */                                     \
+            const T bn = Bn[n], cn = Cn[n];                                                        \
+            const int64_t o = n * EB;                                                              \
+            T db = (T)0;                                                                           \
+            _Pragma("omp simd reduction(+ : db)")                                                  \
+            for (int j = 0; j < EB; ++j) {                                                         \
+                const T gv = gy[j] * cn + ax[o + j] * g[o + j];                                    \
+                g[o + j] = gv;                                                                     \
+                const T ga = gv * hp[o + j] * ac[o + j];                                           \
+                dd[j] += ga * Ab[o + j];                                                           \
+                dA[o + j] += ga * d[j];                                                            \
+                sgB[j] += gv * bn;                                                                 \
+                db += gv * du[j];                                                                  \
+            }                                                                                      \
+            dB[n] = db;                                                                            \
+        }                                                                                          \
+    }
+
+SM_STATES_GENERIC(double, f64, exp2)
+
+#if defined(SM_VECTOR_BITS) && defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SM_SCAN_VECTOR_PATH 1
+#if SM_VECTOR_BITS == 512
+typedef __m512 sm_vf;
+#define SM_VL 16
+#define sm_vload _mm512_loadu_ps
+#define sm_vstore _mm512_storeu_ps
+#define sm_vset1 _mm512_set1_ps
+#define sm_vzero _mm512_setzero_ps
+#define sm_vmul _mm512_mul_ps
+#define sm_vfma _mm512_fmadd_ps
+#define sm_vfrac(x) _mm512_reduce_ps((x), 0x09) /* x - floor(x): round down (01), no precision exception (8) */
+#define sm_vscalef _mm512_scalef_ps              /* a * 2^floor(b) */
+static inline float sm_vhsum(sm_vf v) { return _mm512_reduce_add_ps(v); }
+#else
+typedef __m256 sm_vf;
+#define SM_VL 8
+#define sm_vload _mm256_loadu_ps
+#define sm_vstore _mm256_storeu_ps
+#define sm_vset1 _mm256_set1_ps
+#define sm_vzero _mm256_setzero_ps
+#define sm_vmul _mm256_mul_ps
+#define sm_vfma _mm256_fmadd_ps
+#define sm_vfrac(x) _mm256_reduce_ps((x), 0x09)
+#define sm_vscalef _mm256_scalef_ps
+static inline float sm_vhsum(sm_vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+#define SM_NV (EB / SM_VL) /* vectors per channel block */
+#if EB % SM_VL != 0
+#error "EB must be a multiple of the vector length"
+#endif
+
+/* 2^t: p(f) 2^floor(t), f = t - floor(t) in [0, 1); p a degree-5 polynomial with p(0) = 1 (so 2^k is
+ * exact), coefficients fitted for relative error on [0, 1] (1.6e-7 evaluated in float, against
+ * sm_exp2f's 1.9e-7). vscalefps gives 0 below the normal range (FTZ is on in the kernels) and
+ * propagates NaN; no clamp needed. */
+static inline sm_vf sm_vexp2(sm_vf t) {
+    const sm_vf f = sm_vfrac(t);
+    sm_vf p = sm_vfma(sm_vset1(1.8671332e-3f), f, sm_vset1(9.0170223e-3f));
+    p = sm_vfma(p, f, sm_vset1(5.5799920e-2f));
+    p = sm_vfma(p, f, sm_vset1(2.4016444e-1f));
+    p = sm_vfma(p, f, sm_vset1(6.9315130e-1f));
+    p = sm_vfma(p, f, sm_vset1(1.0f));
+    return sm_vscalef(p, t);
+}
+
+static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTRICT Ab,
+                                     const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                     float *CL_RESTRICT y, const float *Bn, const float *Cn, int64_t N) {
+    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
+    for (int64_t n = 0; n < N; ++n) {
+        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
+        float *CL_RESTRICT hn = h + n * EB;
+        const float *CL_RESTRICT an = Ab + n * EB;
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) {
+            const int j = k * SM_VL;
+            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + j), sm_vload(an + j)));
+            const sm_vf hv = sm_vfma(a, sm_vload(hn + j), sm_vmul(sm_vload(du + j), vb));
+            sm_vstore(hn + j, hv);
+            acc[k] = sm_vfma(vc, hv, acc[k]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
+}
+
+static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
+                                        float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
+                                        const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                        const float *CL_RESTRICT gy, const float *Bn, float *dC, int64_t N) {
+    for (int64_t n = 0; n < N; ++n) {
+        const sm_vf vb = sm_vset1(Bn[n]);
+        const int64_t o = n * EB;
+        sm_vf dc = sm_vzero();
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) {
+            const int64_t j = o + k * SM_VL;
+            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + k * SM_VL), sm_vload(Ab + j)));
+            const sm_vf hv = sm_vfma(a, sm_vload(hp + j), sm_vmul(sm_vload(du + k * SM_VL), vb));
+            sm_vstore(ac + j, a);
+            sm_vstore(hc + j, hv);
+            dc = sm_vfma(sm_vload(gy + k * SM_VL), hv, dc);
+        }
+        dC[n] = sm_vhsum(dc);
+    }
+}
+static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const float *CL_RESTRICT ac,
+                                         const float *CL_RESTRICT ax, const float *CL_RESTRICT Ab,
+                                         const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                         const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
+                                         float *CL_RESTRICT g, float *CL_RESTRICT dA, float *CL_RESTRICT dd,
+                                         float *CL_RESTRICT sgB, float *dB, int64_t N) {
+    sm_vf vdd[SM_NV], vsg[SM_NV]; /* dd and sgB of the block, in registers across the states */
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) vdd[k] = vsg[k] = sm_vzero();
+    for (int64_t n = 0; n < N; ++n) {
+        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
+        const int64_t o = n * EB;
+        sm_vf db = sm_vzero();
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) {
+            const int64_t j = o + k * SM_VL, r = k * SM_VL;
+            const sm_vf gv = sm_vfma(sm_vload(gy + r), vc, sm_vmul(sm_vload(ax + j), sm_vload(g + j)));
+            sm_vstore(g + j, gv);
+            const sm_vf ga = sm_vmul(sm_vmul(gv, sm_vload(hp + j)), sm_vload(ac + j));
+            vdd[k] = sm_vfma(ga, sm_vload(Ab + j), vdd[k]);
+            sm_vstore(dA + j, sm_vfma(ga, sm_vload(d + r), sm_vload(dA + j)));
+            vsg[k] = sm_vfma(gv, vb, vsg[k]);
+            db = sm_vfma(gv, sm_vload(du + r), db);
+        }
+        dB[n] = sm_vhsum(db);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        sm_vstore(dd + k * SM_VL, vdd[k]);
+        sm_vstore(sgB + k * SM_VL, vsg[k]);
+    }
+}
+#else
+SM_STATES_GENERIC(float, f32, sm_exp2f)
+#endif
+
+#endif /* SHUFFLEMAMBA_SCAN_STEPS_H */
