@@ -6,9 +6,9 @@ memory traffic, loop overhead and synchronisation taken as free:
     limit = element-steps x (exps per element-step / exp rate + other ops per element-step / FMA rate)
 
 * element-steps = batch x E x L x N (one state of one channel at one time step);
-* the exp rate is that of the kernels' own inlined exp (``sm_exp2f``, common.h: the decays are
-  computed as 2^(d A log2 e)) in an ``omp simd``
-  loop, and the FMA rate that of 16-float vector FMAs with independent accumulators, both measured
+* the exp rate is that of the exp the kernels' decays use (they are computed as 2^(d A log2 e)):
+  on AVX-512 the explicit-vector ``sm_vexp2`` of ``csrc/scan_steps.h`` (vreduceps, a polynomial,
+  vscalefps), elsewhere the inlined ``sm_exp2f`` (common.h) in an ``omp simd`` loop; the FMA rate that of 16-float vector FMAs with independent accumulators, both measured
   here by ``benchmarks/csrc/cpu_peak.c`` built with the kernels' flags, on all ``--threads`` threads;
 * op counts are read off the channel-last kernels (``mixer_cl.c``), every multiply, add or FMA
   counted as one op (they share the same vector ports on current x86 cores); the per-channel work
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim)
+from shufflemamba.ops import cpu_scan
 from shufflemamba.reports import cpu_model, machine_tag, write_marked_section
 
 HERE = Path(__file__).resolve().parent
@@ -62,9 +63,9 @@ def build_peak(vector_width: int | None) -> ctypes.CDLL:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise SystemExit("error: no C compiler (cc/gcc) found")
-    flags = ["-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
-    if vector_width and platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append(f"-mprefer-vector-width={vector_width}")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    # the kernels' own flags (with the width: -mprefer-vector-width and SM_VECTOR_BITS)
+    flags = cpu_scan._flags(str(vector_width) if vector_width and x86 else None)
     out = Path(tempfile.mkdtemp()) / "cpu_peak.so"
     cmd = [cc, *flags, f"-I{KERNEL_SRC}", "-o", str(out), str(HERE / "csrc" / "cpu_peak.c"), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -74,6 +75,7 @@ def build_peak(vector_width: int | None) -> ctypes.CDLL:
     for name in ("fma_rate", "exp_rate"):
         getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_double
+    lib.exp_path.restype = ctypes.c_int
     return lib
 
 
@@ -131,15 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--vector-width", type=int, choices=[256, 512], default=512,
-                   help="x86: -mprefer-vector-width of the peak-rate build (default 512)")
+    p.add_argument("--vector-width", type=int, choices=[256, 512], default=None,
+                   help="x86: vector width of the peak-rate build (default: the loaded kernels' width)")
     p.add_argument("--json", type=Path, help="write the numbers here")
     p.add_argument("--docs", type=Path, help="write a marked section into this markdown file (docs/benchmarks.md)")
     args = p.parse_args(argv)
 
-    from shufflemamba.ops import cpu_scan
 
-    rates = peak_rates(build_peak(args.vector_width), args.threads, args.repeat)
+    if args.vector_width is None:
+        args.vector_width = (cpu_scan.vector_width_info() or {}).get("width")
+    peak = build_peak(args.vector_width)
+    rates = peak_rates(peak, args.threads, args.repeat)
+    exp_name = f"sm_vexp2, {peak.exp_path()}-bit" if peak.exp_path() else "sm_exp2f"
     limit = limit_ms(VIM_TI, rates)
     measured = measure_scan(VIM_TI, args.threads, args.repeat)
     kernels = cpu_scan.describe_vector_width() if hasattr(cpu_scan, "describe_vector_width") else ""
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"({VIM_TI['batch']}, {VIM_TI['E']}, {VIM_TI['L']}, {VIM_TI['N']})"
     lines = [
         f"{cpu}, {args.threads} threads, torch {torch.__version__}; peak-rate build -mprefer-vector-width={args.vector_width}; {kernels}",
-        f"measured peak: {rates['fma_per_s'] / 1e9:.1f} G FMA/s, {rates['exp_per_s'] / 1e9:.2f} G exp/s "
+        f"measured peak: {rates['fma_per_s'] / 1e9:.1f} G FMA/s, {rates['exp_per_s'] / 1e9:.2f} G exp/s ({exp_name}) "
         f"({rates['fma_per_s'] / rates['exp_per_s']:.1f} FMAs per exp)",
         "",
         f"| selective_scan_cl at Vim-Ti {shape}, float32 | arithmetic limit ms | measured ms | measured / limit |",
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "torch": torch.__version__,
-                                         "kernels": kernels, "rates": rates, "ops": OPS, "shape": VIM_TI,
+                                         "kernels": kernels, "rates": rates, "exp": exp_name, "ops": OPS, "shape": VIM_TI,
                                          "limit_ms": limit, "measured_ms": measured, "command": command}, indent=2))
     if args.docs:
         section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation: the script's "
