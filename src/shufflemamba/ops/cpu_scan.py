@@ -57,8 +57,9 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 6  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
-# 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*
+_ABI_VERSION = 7  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+# 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
+# 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
@@ -246,7 +247,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     At = -torch.rand(N, E, generator=g, **kw).add(0.1)
     B, C, D, bias = randn(batch, L, N), randn(batch, L, N), randn(E), randn(E)
     out, dsave, ysave, du, ddelta, dz = (torch.empty(batch, L, E, **kw) for _ in range(6))
-    dA, dD, dbias_part = torch.empty(batch, N, E, **kw), torch.empty(batch, E, **kw), torch.empty(batch, E, **kw)
+    dA, dD, dbias_part = torch.zeros(1, N, E, **kw), torch.zeros(1, E, **kw), torch.zeros(1, E, **kw)  # 1 thread
     times: dict[str, list[float]] = {w: [] for w in libs}
 
     def step(lib: ctypes.CDLL) -> None:
@@ -473,6 +474,11 @@ def _threads(work: int) -> int:
     return 1 if work < (1 << 15) else torch.get_num_threads()
 
 
+def _thread_sum(part: Tensor) -> Tensor:
+    """A kernel's partial sums (per thread, or per channel block) summed over the leading dim."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
 def _strides(t: Tensor | None) -> tuple[int, int]:
     """(batch, time) strides of a (batch, L, C) tensor, in elements; (0, 0) for None."""
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
@@ -497,14 +503,15 @@ def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, d
     batch, L, E = x.shape
     K = wt.shape[0]
     gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
-    dw_part, db_part = x.new_empty(batch, K, E), x.new_empty(batch, E)  # per-sample partial sums
+    nthreads = _threads(batch * L * E)
+    dw_part, db_part = x.new_zeros(nthreads, K, E), x.new_zeros(nthreads, E)  # per-thread partial sums
     rc = getattr(_lib_or_raise(), f"cv_bwd_{_sfx(x)}")(
         _ptr(x), *_strides(x), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx), *_strides(dx),
-        int(accumulate), _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(reverse), _threads(batch * L * E),
+        int(accumulate), _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(reverse), nthreads,
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("conv1d kernel: out of memory")
-    return dw_part.sum(0), db_part.sum(0)
+    return _thread_sum(dw_part), _thread_sum(db_part)
 
 
 def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -550,28 +557,29 @@ def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: T
     lib = _lib_or_raise()
     gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
     nblk = -(-E // lib.sl_block_size())  # channel blocks (EB in mixer_cl.c): dB, dC partial per block
-    dA_part = u.new_empty(batch, N, E)
+    nthreads = _threads(batch * L * E * N)
+    dA_part = u.new_zeros(nthreads, N, E)  # the kernel adds each thread's share into its row
     dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
-    dD_part, dbias_part = u.new_empty(batch, E), u.new_empty(batch, E)  # summed in the kernel
+    dD_part, dbias_part = u.new_zeros(nthreads, E), u.new_zeros(nthreads, E)
     ddt_part = ddtw_part = None
     dtproj = _NO_DTPROJ
     if dtw is not None:
         R = dtw.shape[0]
-        ddt_part, ddtw_part = u.new_empty(nblk, batch, L, R), u.new_empty(batch, R, E)
+        ddt_part, ddtw_part = u.new_empty(nblk, batch, L, R), u.new_zeros(nthreads, R, E)
         dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), R)
     rc = getattr(lib, f"sl_bwd_{_sfx(u)}")(
         _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D),
         _ptr(z), *_strides(z), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), *_strides(dz),
         int(dz_accumulate), _ptr(dA_part), _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part),
         batch, E, L, N, int(softplus), int(reverse), float(out_scale), *dtproj, _ptr(ddt_part), _ptr(ddtw_part),
-        _threads(batch * L * E * N),
+        nthreads,
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")
     return ScanGrads(
-        dA_part.sum(0).t(), dB_part.sum(0) if nblk > 1 else dB_part[0], dC_part.sum(0) if nblk > 1 else dC_part[0],
-        dD_part.sum(0), dbias_part.sum(0), None if ddt_part is None else ddt_part.sum(0),
-        None if ddtw_part is None else ddtw_part.sum(0),
+        _thread_sum(dA_part).t(), _thread_sum(dB_part), _thread_sum(dC_part),
+        _thread_sum(dD_part), _thread_sum(dbias_part), None if ddt_part is None else _thread_sum(ddt_part),
+        None if ddtw_part is None else _thread_sum(ddtw_part),
     )
 
 

@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "common.h"
 
 #define CL_RESTRICT __restrict__
@@ -80,6 +82,12 @@
     } while (0)
 #define CL_PREFETCH_ROW(p, rw) CL_PREFETCH(p, EB, rw)
 
+/* dst[0..ne) += src[0..ne) */
+#define CL_ADD_ROW(dst, src, ne)                                                                   \
+    do {                                                                                           \
+        _Pragma("omp simd") for (int64_t j_ = 0; j_ < (ne); ++j_)(dst)[j_] += (src)[j_];           \
+    } while (0)
+
 /* the N rows of A (N x E, transposed) for channels e0.. of a block, times log2(e): the scans' decays
  * are 2^(d A log2 e) (one multiply fewer per element than exp(d A)); the backward scales its sum
  * over A back by ln 2 */
@@ -116,8 +124,8 @@
     }                                                                                              \
                                                                                                    \
     /* dx (batch, L, E) strided (sdx_b, sdx_t), written, or added to with acc_dx (the mixer's     \
-     * two directions sum into one gradient buffer); dw_part (batch, K, E), db_part (batch, E):    \
-     * per-batch partial sums */                                                                   \
+     * two directions sum into one gradient buffer); dw_part (nthreads, K, E), db_part            \
+     * (nthreads, E): per-thread sums, added to (the caller zeroes them) */                        \
     int cv_bwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
                      const T *CL_RESTRICT bias, const T *CL_RESTRICT gout, T *dx, int64_t sdx_b,   \
                      int64_t sdx_t, int acc_dx, T *CL_RESTRICT dw_part, T *CL_RESTRICT db_part,    \
@@ -127,15 +135,14 @@
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
             T *gpre = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre, one sample */ \
+            const int64_t tid = omp_get_thread_num(); /* this thread's rows of dw_part, db_part */ \
             if (!gpre) {                                                                           \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
             _Pragma("omp for schedule(static)")                                                    \
             for (int64_t b = 0; b < batch; ++b) {                                                  \
                 if (!gpre) continue;                                                               \
-                T *CL_RESTRICT dw = dw_part + b * K * E, *CL_RESTRICT db = db_part + b * E;        \
-                memset(dw, 0, sizeof(T) * (size_t)(K * E));                                        \
-                memset(db, 0, sizeof(T) * (size_t)E);                                              \
+                T *CL_RESTRICT dw = dw_part + tid * K * E, *CL_RESTRICT db = db_part + tid * E;    \
                 const T *xb = x + b * sx_b;                                                     \
                 for (int64_t t = 0; t < L; ++t) {                                                  \
                     T *CL_RESTRICT gp = gpre + t * E;                                              \
@@ -293,8 +300,9 @@
     }                                                                                              \
                                                                                                    \
     /* du, ddelta: (batch, L, E) contiguous; dz (batch, L, E) strided (sdz_b, sdz_t), written, or   \
-     * added to with acc_dz; dA_part (batch, N, E); dD_part, dbias_part                             \
-     * (batch, E): per-sample sums (dbias_part: of ddelta over time, so no pass over ddelta after);  \
+     * added to with acc_dz; dA_part (nthreads, N, E); dD_part, dbias_part (nthreads, E), ddtw_part  \
+     * (nthreads, R, E): per-thread sums, added to (the caller zeroes them; dbias_part: of ddelta     \
+     * over time, so no pass over ddelta after);                                                    \
      * dB_part, dC_part: (nblk, batch, L, N), every entry written (no zeroing needed) */           \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
                      const T *CL_RESTRICT At,                                                      \
@@ -319,6 +327,7 @@
             /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u; then N x EB g, dA, A. */ \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
+            const int64_t tid = omp_get_thread_num(); /* this thread's rows of the *_part sums */  \
             T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB)               \
                                                          + 3 * (size_t)(N * EB) + 8 * EB              \
                                                          + 2 * (size_t)(R * EB)));                    \
@@ -464,13 +473,13 @@
                     }                                                                              \
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
                 }                                                                                  \
-                for (int64_t n = 0; n < N; ++n)                                                    \
-                    memcpy(dA_part + (b * N + n) * E + e0, dAa + n * EB, sizeof(T) * (size_t)ne);  \
-                if (dD_part) memcpy(dD_part + b * E + e0, dDacc, sizeof(T) * (size_t)ne);          \
-                if (dbias_part) memcpy(dbias_part + b * E + e0, dbacc, sizeof(T) * (size_t)ne);    \
+                /* into this thread's rows: summed over the threads by the caller, not over the    \
+                 * batch (a (batch, N, E) buffer and its reduction per call, before) */            \
+                for (int64_t n = 0; n < N; ++n) CL_ADD_ROW(dA_part + (tid * N + n) * E + e0, dAa + n * EB, ne);\
+                if (dD_part) CL_ADD_ROW(dD_part + tid * E + e0, dDacc, ne);                        \
+                if (dbias_part) CL_ADD_ROW(dbias_part + tid * E + e0, dbacc, ne);                  \
                 if (dtw)                                                                           \
-                    for (int64_t r = 0; r < R; ++r)                                                \
-                        memcpy(ddtw_part + (b * R + r) * E + e0, dwb + r * EB, sizeof(T) * (size_t)ne); \
+                    for (int64_t r = 0; r < R; ++r) CL_ADD_ROW(ddtw_part + (tid * R + r) * E + e0, dwb + r * EB, ne);\
             }                                                                                      \
             SM_FTZ_END                                                                             \
             free(buf);                                                                             \
