@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=Path, help="write a marked section into this markdown file (docs/benchmarks.md)")
     args = p.parse_args(argv)
 
-
     if args.vector_width is None:
         args.vector_width = (cpu_scan.vector_width_info() or {}).get("width")
     peak = build_peak(args.vector_width)
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_model()
     shape = f"({VIM_TI['batch']}, {VIM_TI['E']}, {VIM_TI['L']}, {VIM_TI['N']})"
     lines = [
-        f"{cpu}, {args.threads} threads, torch {torch.__version__}; peak-rate build -mprefer-vector-width={args.vector_width}; {kernels}",
+        f"{cpu}, {args.threads} threads, torch {torch.__version__}; peak-rate build {f'-mprefer-vector-width={args.vector_width}' if args.vector_width else 'without a width flag'}; {kernels}",
         f"measured peak: {rates['fma_per_s'] / 1e9:.1f} G FMA/s, {rates['exp_per_s'] / 1e9:.2f} G exp/s ({exp_name}) "
         f"({rates['fma_per_s'] / rates['exp_per_s']:.1f} FMAs per exp)",
         "",

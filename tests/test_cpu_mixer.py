@@ -91,45 +91,69 @@ def test_mixer_core_without_grad_matches_training_forward():
     torch.testing.assert_close(out_eval, out.detach(), atol=0, rtol=0)
 
 
+def _core_results(lib, monkeypatch, dtype, threads=None):
+    """Output and every gradient of the mixer core on fixed inputs (odd N: the generic backward's
+    unpaired state; E = 200: two full channel blocks and a partial one), run with ``lib``."""
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
+
+    monkeypatch.setattr(cpu_scan, "_lib", lib)
+    if threads is not None:
+        monkeypatch.setattr(cpu_scan, "_threads", lambda work: threads)
+    xz, R, dirs = _core_inputs(E=200, L=9, N=5, R=3, batch=3, seed=3)
+    gy = torch.randn(3, 9, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (xz, *dirs[0], *dirs[1])]
+    out = bimamba_core_cl(leaves[0], R, type(dirs[0])(*leaves[1:8]), type(dirs[0])(*leaves[8:]))
+    return [out, *torch.autograd.grad(out, leaves, gy.to(dtype))]
+
+
+def _worst(results, ref):
+    """Largest error of any output or gradient, relative to that tensor's largest magnitude."""
+    errs = [((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for a, r in zip(results, ref)]
+    assert all(e == e for e in errs), errs  # a NaN must fail, not vanish in max()
+    return max(errs)
+
+
 def test_explicit_vector_state_loops_match_the_generic_ones(tmp_path, monkeypatch):
     """On AVX-512 CPUs the float32 state loops are hand-vectorised (csrc/scan_steps.h: exp2 through
     vreduceps / vscalefps, accumulators in registers); a build without a width flag runs the generic
-    omp simd loops (as on CPUs without AVX-512). Both give the same outputs and gradients, up to
-    float32 rounding, at a shape with odd N (the generic backward's unpaired state) and a partial block."""
+    omp simd loops (as on CPUs without AVX-512). Both explicit widths (512 and 256 bits) give the
+    generic build's outputs and gradients up to float32 rounding, and all are as close to float64."""
     import ctypes
     import os
     import shutil
 
-    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
-
-    vector = cpu_scan._lib_or_raise()
-    if not cpu_scan.state_loop_bits(vector):
+    if not cpu_scan.state_loop_bits(cpu_scan._lib_or_raise()):
         pytest.skip("the loaded kernels run the generic state loops (no AVX-512 here)")
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         pytest.skip("no C compiler")
-    cpu_scan._build(cc, tmp_path / "generic.so", None)
-    generic = ctypes.CDLL(str(tmp_path / "generic.so"))
-    cpu_scan._declare(generic)
-    assert cpu_scan.state_loop_bits(generic) == 0
+    libs = {}
+    for width in (None, "512", "256"):
+        path = tmp_path / f"lib{width}.so"
+        cpu_scan._build(cc, path, width)
+        libs[width] = ctypes.CDLL(str(path))
+        cpu_scan._declare(libs[width])
+    assert [cpu_scan.state_loop_bits(lib) for lib in libs.values()] == [0, 512, 256]
 
-    xz, R, dirs = _core_inputs(E=200, L=9, N=5, R=3, batch=3, seed=3)
-    gy = torch.randn(3, 9, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = _core_results(libs[None], monkeypatch, torch.float64)  # float64 always runs the generic loops
+    plain = _core_results(libs[None], monkeypatch, torch.float32)
+    assert _worst(plain, ref) < 1e-5  # measured on the Intel Xeon: ~1e-6 for each build
+    for width in ("512", "256"):
+        fast = _core_results(libs[width], monkeypatch, torch.float32)
+        assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, width
 
-    def run(lib, dtype):
-        monkeypatch.setattr(cpu_scan, "_lib", lib)
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (xz, *dirs[0], *dirs[1])]
-        out = bimamba_core_cl(leaves[0], R, type(dirs[0])(*leaves[1:8]), type(dirs[0])(*leaves[8:]))
-        return [out, *torch.autograd.grad(out, leaves, gy.to(dtype))]
 
-    def worst(results, ref):  # largest error of any output or gradient, relative to that tensor's scale
-        return max(((a.double() - r).abs().max() / r.abs().max()).item() for a, r in zip(results, ref))
-
-    ref = run(generic, torch.float64)  # float64 always runs the generic loops
-    fast, plain = run(vector, torch.float32), run(generic, torch.float32)
-    # measured on the Intel Xeon: both ~1e-6 against float64
-    assert worst(fast, ref) < 1e-5 and worst(plain, ref) < 1e-5
-    assert worst(fast, plain) < 1e-5
+def test_mixer_core_per_thread_partial_sums(monkeypatch):
+    """The backward kernels add their parameter-gradient sums into one row per OpenMP thread: with
+    two threads (the test shapes are below the size where the kernels use more than one) the
+    results match one thread's up to float32 summation order, in float64 to 1e-12."""
+    if torch.get_num_threads() < 2:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    lib = cpu_scan._lib_or_raise()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        one = _core_results(lib, monkeypatch, dtype, threads=1)
+        two = _core_results(lib, monkeypatch, dtype, threads=2)
+        assert _worst(two, one) < tol, dtype
 
 
 def test_mixer_core_rejects_bad_input():

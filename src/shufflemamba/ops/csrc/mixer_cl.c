@@ -27,7 +27,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
 #include <omp.h>
+#define CL_THREAD_NUM() ((int64_t)omp_get_thread_num())
+#else
+#define CL_THREAD_NUM() ((int64_t)0)
+#endif
 
 #include "common.h"
 
@@ -135,7 +140,7 @@
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
             T *gpre = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre, one sample */ \
-            const int64_t tid = omp_get_thread_num(); /* this thread's rows of dw_part, db_part */ \
+            const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of dw_part, db_part */       \
             if (!gpre) {                                                                           \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -236,10 +241,11 @@
                         CL_PREFETCH_ROW(out + rp, 1);                                              \
                         if (z) CL_PREFETCH_ROW(z + b * sz_b + tp * sz_t + e0, 0);                  \
                         if (dsave) CL_PREFETCH_ROW(dsave + rp, 1);                                 \
-                        if (ysave) CL_PREFETCH_ROW(ysave + rp, 1);                                 \
+                        if (z && ysave) CL_PREFETCH_ROW(ysave + rp, 1);                            \
                         __builtin_prefetch(Bm + b * sB_b + tp * sB_t, 0, 3);                       \
                         __builtin_prefetch(Cm + b * sC_b + tp * sC_t, 0, 3);                       \
                         if (dtw) __builtin_prefetch(dt + b * sdt_b + tp * sdt_t, 0, 3);            \
+                        else CL_PREFETCH_ROW(delta + rp, 0);                                       \
                     }                                                                              \
                     CL_LOAD(T, uu, u + row, ne);                                                   \
                     if (dtw) {                                                                     \
@@ -327,7 +333,7 @@
             /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u; then N x EB g, dA, A. */ \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
-            const int64_t tid = omp_get_thread_num(); /* this thread's rows of the *_part sums */  \
+            const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of the *_part sums */       \
             T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB)               \
                                                          + 3 * (size_t)(N * EB) + 8 * EB              \
                                                          + 2 * (size_t)(R * EB)));                    \
@@ -474,7 +480,8 @@
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
                 }                                                                                  \
                 /* into this thread's rows: summed over the threads by the caller, not over the    \
-                 * batch (a (batch, N, E) buffer and its reduction per call, before) */            \
+                 * batch (a (batch, N, E) buffer and its reduction per call, before). The sums'    \
+                 * rounding depends on the thread count (bit-identical for a given count) */       \
                 for (int64_t n = 0; n < N; ++n) CL_ADD_ROW(dA_part + (tid * N + n) * E + e0, dAa + n * EB, ne);\
                 if (dD_part) CL_ADD_ROW(dD_part + tid * E + e0, dDacc, ne);                        \
                 if (dbias_part) CL_ADD_ROW(dbias_part + tid * E + e0, dbacc, ne);                  \

@@ -2,20 +2,24 @@
  * The state loops of one time step of the channel-last scans (mixer_cl.c), for one block of EB
  * channels: the part of the scan that runs once per (channel, state) and dominates its cost.
  *
- *   sl_fwd_states_SFX    forward:  h_n = 2^(d A_n) h_n + (d u) B_n;  y = sum_n C_n h_n
- *   sl_replay_states_SFX backward, pass 1: the same recurrence from the saved h_{s-1}, storing the
- *                        decays a_n and the new states, and dC_n = sum over the block of gy h_n
+ *   sl_fwd_states_SFX     forward:  h_n = 2^(d A_n) h_n + (d u) B_n;  y = sum_n C_n h_n
+ *   sl_replay_states_SFX  backward, pass 1: the same recurrence from the saved h_{s-1}, storing the
+ *                         decays a_n and the new states, and dC_n = sum over the block of gy h_n
+ *   sl_adjoint_states_SFX backward, pass 2 (reverse time): g_n, dA_n, dB_n, and the block's sums
+ *                         over the states that the step's d(delta) and du need
  *
  * A is pre-scaled by log2(e) (CL_LOAD_A_LOG2E), so the decay is 2^(d A).
  *
  * Two versions. The generic one (double, and float without AVX-512) is plain `omp simd` loops with
  * the inlined sm_exp2f. On x86 CPUs with AVX-512 (F, DQ, VL) the float one is written with explicit
  * vectors of the build's width (SM_VECTOR_BITS, passed by cpu_scan.py with -mprefer-vector-width):
- *   - 2^t as p(t - floor t) * 2^floor(t) with vreduceps (t - floor t, exactly, one instruction) and
+ *   - 2^t as p(t - floor t) * 2^floor(t) with vreduceps (t - floor t in one instruction) and
  *     vscalefps (the 2^floor(t) scaling, which also handles under- and overflow): 7 vector ops
  *     where the portable version needs 12 (clamp, magic-number rounding, integer shift, convert);
  *   - y stays in registers across the N states instead of a load and a store per state.
- * Included by mixer_cl.c after EB and CL_RESTRICT are defined.
+ * No clamp: t > 127 gives inf (sm_exp2f: 2^127) and t < -126 gives 0 (sm_exp2f: 2^-126); the
+ * decays' t = d A log2(e) is <= 0 for A < 0 <= d, and below -126 both are 0 to float precision.
+ * Included (after common.h, EB and CL_RESTRICT) by mixer_cl.c and benchmarks/csrc/cpu_peak.c.
  */
 #ifndef SHUFFLEMAMBA_SCAN_STEPS_H
 #define SHUFFLEMAMBA_SCAN_STEPS_H
