@@ -462,21 +462,9 @@
                         dbacc[j] += dd[j]; /* the bias gradient: the sum of ddelta over time */     \
                     }                                                                              \
                     CL_STORE(T, du_out + row, y, ne);                               \
-                    if (dtw) { /* dt_proj's gradients: ddt = dtw dd (lane sums), ddtw += dd dt^T */   \
-                        const T *dtr = dt + b * sdt_b + t * sdt_t;                                 \
-                        T *ddtr = ddt_part + ((blk * batch + b) * L + t) * R;                      \
-                        for (int64_t r = 0; r < R; ++r) {                                          \
-                            const T v = dtr[r], *CL_RESTRICT wr = wb + r * EB;                     \
-                            T *CL_RESTRICT dwr = dwb + r * EB;                                     \
-                            T acc = (T)0;                                                          \
-                            _Pragma("omp simd reduction(+ : acc)")                                 \
-                            for (int j = 0; j < EB; ++j) {                                         \
-                                acc += dd[j] * wr[j];                                              \
-                                dwr[j] += dd[j] * v;                                               \
-                            }                                                                      \
-                            ddtr[r] = acc;                                                         \
-                        }                                                                          \
-                    }                                                                              \
+                    if (dtw) /* dt_proj's gradients: ddt = dtw dd (lane sums), ddtw += dd dt^T */  \
+                        sl_dtproj_grads_##SFX(dd, dt + b * sdt_b + t * sdt_t, R, wb, dwb,          \
+                                              ddt_part + ((blk * batch + b) * L + t) * R);         \
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
                 }                                                                                  \
                 /* into this thread's rows: summed over the threads by the caller, not over the    \

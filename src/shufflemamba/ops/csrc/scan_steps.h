@@ -111,6 +111,21 @@
             }                                                                                      \
             dB[n] = db;                                                                            \
         }                                                                                          \
+    }                                                                                              \
+    /* dt_proj's gradients at one step: ddt_r = sum over the block of dd W_r (R lane sums), and    \
+     * dW_r += dd dt_r (dwb: R x EB rows, accumulated over the steps) */                           \
+    static inline void sl_dtproj_grads_##SFX(const T *CL_RESTRICT dd, const T *dtr, int64_t R,     \
+                                             const T *CL_RESTRICT wb, T *CL_RESTRICT dwb, T *ddt) {\
+        for (int64_t r = 0; r < R; ++r) {                                                          \
+            const T v = dtr[r];                                                                    \
+            T acc = (T)0;                                                                          \
+            _Pragma("omp simd reduction(+ : acc)")                                                 \
+            for (int j = 0; j < EB; ++j) {                                                         \
+                acc += dd[j] * wb[r * EB + j];                                                     \
+                dwb[r * EB + j] += dd[j] * v;                                                      \
+            }                                                                                      \
+            ddt[r] = acc;                                                                          \
+        }                                                                                          \
     }
 
 SM_STATES_GENERIC(double, f64, exp2)
@@ -130,6 +145,24 @@ typedef __m512 sm_vf;
 #define sm_vfrac(x) _mm512_reduce_ps((x), 0x09) /* x - floor(x): round down (01), no precision exception (8) */
 #define sm_vscalef _mm512_scalef_ps              /* a * 2^floor(b) */
 static inline float sm_vhsum(sm_vf v) { return _mm512_reduce_add_ps(v); }
+/* the sums of SM_VL vectors at once: lane i of the result is the sum of v[i] (a tree of 128-bit-block
+ * and in-lane shuffles, 45 ops and a permutation where 16 separate horizontal sums take ~130) */
+static inline sm_vf sm_vhsum_all(const sm_vf *v) {
+    sm_vf a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    const sm_vf d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+    /* lane 4 b + a of d holds the sum of v[4 a + b]: transpose the 4 x 4 lane grid */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), d);
+}
+static inline void sm_vstore_first(float *p, sm_vf v, int m) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << m) - 1u), v); }
 #else
 typedef __m256 sm_vf;
 #define SM_VL 8
@@ -146,6 +179,19 @@ static inline float sm_vhsum(sm_vf v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+static inline sm_vf sm_vhsum_all(const sm_vf *v) { /* as the 512-bit one: 8 sums */
+    sm_vf a[4], b[2];
+    for (int i = 0; i < 4; ++i)
+        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; ++i)
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    const sm_vf d = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+    /* lane 4 b + a of d holds the sum of v[2 a + b] */
+    return _mm256_permutevar8x32_ps(d, _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0));
+}
+static inline void sm_vstore_first(float *p, sm_vf v, int m) { _mm256_mask_storeu_ps(p, (__mmask8)((1u << m) - 1u), v); }
 #endif
 #define SM_NV (EB / SM_VL) /* vectors per channel block */
 #if EB % SM_VL != 0
@@ -239,6 +285,31 @@ static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const floa
     for (int k = 0; k < SM_NV; ++k) {
         sm_vstore(dd + k * SM_VL, vdd[k]);
         sm_vstore(sgB + k * SM_VL, vsg[k]);
+    }
+}
+/* as the generic one, with dd in registers and the R lane sums of a group of SM_VL taken together */
+static inline void sl_dtproj_grads_f32(const float *CL_RESTRICT dd, const float *dtr, int64_t R,
+                                       const float *CL_RESTRICT wb, float *CL_RESTRICT dwb, float *ddt) {
+    sm_vf vdd[SM_NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) vdd[k] = sm_vload(dd + k * SM_VL);
+    for (int64_t r0 = 0; r0 < R; r0 += SM_VL) {
+        const int m = R - r0 < SM_VL ? (int)(R - r0) : SM_VL;
+        sm_vf acc[SM_VL];
+        for (int i = 0; i < SM_VL; ++i) acc[i] = sm_vzero();
+        for (int i = 0; i < m; ++i) {
+            const int64_t o = (r0 + i) * EB;
+            const sm_vf v = sm_vset1(dtr[r0 + i]);
+            sm_vf a = sm_vzero();
+#pragma GCC unroll 16
+            for (int k = 0; k < SM_NV; ++k) {
+                const int64_t j = o + k * SM_VL;
+                a = sm_vfma(vdd[k], sm_vload(wb + j), a);
+                sm_vstore(dwb + j, sm_vfma(vdd[k], v, sm_vload(dwb + j)));
+            }
+            acc[i] = a;
+        }
+        sm_vstore_first(ddt + r0, sm_vhsum_all(acc), m);
     }
 }
 #else
