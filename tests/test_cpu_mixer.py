@@ -91,15 +91,16 @@ def test_mixer_core_without_grad_matches_training_forward():
     torch.testing.assert_close(out_eval, out.detach(), atol=0, rtol=0)
 
 
-def _core_results(lib, monkeypatch, dtype, threads=None):
+def _core_results(lib, monkeypatch, dtype, threads=None, R=3):
     """Output and every gradient of the mixer core on fixed inputs (odd N: the generic backward's
-    unpaired state; E = 200: two full channel blocks and a partial one), run with ``lib``."""
+    unpaired state; E = 200: two full channel blocks and a partial one), run with ``lib``. R = 17:
+    dt_proj's lane sums come in a full group of 16 (or two of 8) and a partial one."""
     from shufflemamba.ops.cpu_mixer import bimamba_core_cl
 
     monkeypatch.setattr(cpu_scan, "_lib", lib)
     if threads is not None:
         monkeypatch.setattr(cpu_scan, "_threads", lambda work: threads)
-    xz, R, dirs = _core_inputs(E=200, L=9, N=5, R=3, batch=3, seed=3)
+    xz, R, dirs = _core_inputs(E=200, L=9, N=5, R=R, batch=3, seed=3)
     gy = torch.randn(3, 9, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     leaves = [t.detach().to(dtype).requires_grad_() for t in (xz, *dirs[0], *dirs[1])]
     out = bimamba_core_cl(leaves[0], R, type(dirs[0])(*leaves[1:8]), type(dirs[0])(*leaves[8:]))
@@ -135,12 +136,13 @@ def test_explicit_vector_state_loops_match_the_generic_ones(tmp_path, monkeypatc
         cpu_scan._declare(libs[width])
     assert [cpu_scan.state_loop_bits(lib) for lib in libs.values()] == [0, 512, 256]
 
-    ref = _core_results(libs[None], monkeypatch, torch.float64)  # float64 always runs the generic loops
-    plain = _core_results(libs[None], monkeypatch, torch.float32)
-    assert _worst(plain, ref) < 1e-5  # measured on the Intel Xeon: ~1e-6 for each build
-    for width in ("512", "256"):
-        fast = _core_results(libs[width], monkeypatch, torch.float32)
-        assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, width
+    for R in (3, 17):
+        ref = _core_results(libs[None], monkeypatch, torch.float64, R=R)  # float64 runs the generic loops
+        plain = _core_results(libs[None], monkeypatch, torch.float32, R=R)
+        assert _worst(plain, ref) < 1e-5  # measured on the Intel Xeon: ~1e-6 for each build
+        for width in ("512", "256"):
+            fast = _core_results(libs[width], monkeypatch, torch.float32, R=R)
+            assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, (width, R)
 
 
 def test_mixer_core_per_thread_partial_sums(monkeypatch):
