@@ -57,9 +57,10 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 7  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+_ABI_VERSION = 8  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
-# 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample
+# 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample;
+# 8: sl_bwd's dB, dC, ddt whole (batch, L, .) and added to (caller-zeroed), not per channel block
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
@@ -251,8 +252,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     times: dict[str, list[float]] = {w: [] for w in libs}
 
     def step(lib: ctypes.CDLL) -> None:
-        nblk = -(-E // lib.sl_block_size())
-        dB, dC = torch.empty(nblk, batch, L, N, **kw), torch.empty(nblk, batch, L, N, **kw)
+        dB, dC = torch.zeros(batch, L, N, **kw), torch.zeros(batch, L, N, **kw)
         Bs, Cs, zs = (_ptr(B), L * N, N), (_ptr(C), L * N, N), (_ptr(z), L * E, E)  # (ptr, batch, time strides)
         lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
                        _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, 1)
@@ -475,7 +475,7 @@ def _threads(work: int) -> int:
 
 
 def _thread_sum(part: Tensor) -> Tensor:
-    """A kernel's partial sums (per thread, or per channel block) summed over the leading dim."""
+    """A kernel's per-thread partial sums summed over the leading dim."""
     return part[0] if part.shape[0] == 1 else part.sum(0)
 
 
@@ -556,29 +556,27 @@ def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: T
     N = At.shape[0]
     lib = _lib_or_raise()
     gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
-    nblk = -(-E // lib.sl_block_size())  # channel blocks (EB in mixer_cl.c): dB, dC partial per block
     nthreads = _threads(batch * L * E * N)
     dA_part = u.new_zeros(nthreads, N, E)  # the kernel adds each thread's share into its row
-    dB_part, dC_part = u.new_empty(nblk, batch, L, N), u.new_empty(nblk, batch, L, N)
+    dB, dC = u.new_zeros(batch, L, N), u.new_zeros(batch, L, N)  # the kernel adds each channel block's share
     dD_part, dbias_part = u.new_zeros(nthreads, E), u.new_zeros(nthreads, E)
-    ddt_part = ddtw_part = None
+    ddt = ddtw_part = None
     dtproj = _NO_DTPROJ
     if dtw is not None:
         R = dtw.shape[0]
-        ddt_part, ddtw_part = u.new_empty(nblk, batch, L, R), u.new_zeros(nthreads, R, E)
+        ddt, ddtw_part = u.new_zeros(batch, L, R), u.new_zeros(nthreads, R, E)
         dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), R)
     rc = getattr(lib, f"sl_bwd_{_sfx(u)}")(
         _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D),
         _ptr(z), *_strides(z), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), *_strides(dz),
-        int(dz_accumulate), _ptr(dA_part), _ptr(dB_part), _ptr(dC_part), _ptr(dD_part), _ptr(dbias_part),
-        batch, E, L, N, int(softplus), int(reverse), float(out_scale), *dtproj, _ptr(ddt_part), _ptr(ddtw_part),
+        int(dz_accumulate), _ptr(dA_part), _ptr(dB), _ptr(dC), _ptr(dD_part), _ptr(dbias_part),
+        batch, E, L, N, int(softplus), int(reverse), float(out_scale), *dtproj, _ptr(ddt), _ptr(ddtw_part),
         nthreads,
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")
     return ScanGrads(
-        _thread_sum(dA_part).t(), _thread_sum(dB_part), _thread_sum(dC_part),
-        _thread_sum(dD_part), _thread_sum(dbias_part), None if ddt_part is None else _thread_sum(ddt_part),
+        _thread_sum(dA_part).t(), dB, dC, _thread_sum(dD_part), _thread_sum(dbias_part), ddt,
         None if ddtw_part is None else _thread_sum(ddtw_part),
     )
 

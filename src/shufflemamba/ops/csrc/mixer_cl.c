@@ -309,7 +309,8 @@
      * added to with acc_dz; dA_part (nthreads, N, E); dD_part, dbias_part (nthreads, E), ddtw_part  \
      * (nthreads, R, E): per-thread sums, added to (the caller zeroes them; dbias_part: of ddelta     \
      * over time, so no pass over ddelta after);                                                    \
-     * dB_part, dC_part: (nblk, batch, L, N), every entry written (no zeroing needed) */           \
+     * dB_out, dC_out: (batch, L, N), ddt (batch, L, R): added to (the caller zeroes them); a sample's     \
+     * channel blocks run in sequence on one thread, so they add into its rows in turn */          \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
                      const T *CL_RESTRICT At,                                                      \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
@@ -317,11 +318,11 @@
                      const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,                             \
                      T *CL_RESTRICT ddelta, T *dz, int64_t sdz_b, int64_t sdz_t, int acc_dz,       \
                      T *CL_RESTRICT dA_part,                                                       \
-                     T *CL_RESTRICT dB_part, T *CL_RESTRICT dC_part, T *CL_RESTRICT dD_part,       \
+                     T *CL_RESTRICT dB_out, T *CL_RESTRICT dC_out, T *CL_RESTRICT dD_part,         \
                      T *CL_RESTRICT dbias_part,                                                    \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, const T *dt, int64_t sdt_b, int64_t sdt_t,                     \
-                     const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt_part,                 \
+                     const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt,                      \
                      T *CL_RESTRICT ddtw_part, int nthreads) {                                     \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
@@ -341,7 +342,8 @@
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
             _Pragma("omp for schedule(static)")                                                    \
-            for (int64_t item = 0; item < batch * nblk; ++item) {                                  \
+            for (int64_t b = 0; b < batch; ++b)                                                    \
+            for (int64_t blk = 0; blk < nblk; ++blk) {                                             \
                 if (!buf) continue;                                                                \
                 T *CL_RESTRICT hs = buf, *CL_RESTRICT as = buf + rows;                             \
                 T *CL_RESTRICT ds = as + rows, *CL_RESTRICT sgs = ds + L * EB;                     \
@@ -352,9 +354,9 @@
                 T *CL_RESTRICT go = y + EB, *CL_RESTRICT zz = go + EB, *CL_RESTRICT szs = zz + EB; \
                 T *CL_RESTRICT dd = szs + EB, *CL_RESTRICT sgB = dd + EB;                          \
                 T *CL_RESTRICT wb = sgB + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
-                const int64_t b = item / nblk, blk = item % nblk, e0 = blk * EB;                   \
+                const int64_t e0 = blk * EB;                                                       \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
-                T *dBb = dB_part + (blk * batch + b) * L * N, *dCb = dC_part + (blk * batch + b) * L * N; \
+                T *dBb = dB_out + b * L * N, *dCb = dC_out + b * L * N;                              \
                 if (dtw) {                                                                         \
                     for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
                     memset(dwb, 0, sizeof(T) * (size_t)(R * EB));                                  \
@@ -464,7 +466,7 @@
                     CL_STORE(T, du_out + row, y, ne);                               \
                     if (dtw) /* dt_proj's gradients: ddt = dtw dd (lane sums), ddtw += dd dt^T */  \
                         sl_dtproj_grads_##SFX(dd, dt + b * sdt_b + t * sdt_t, R, wb, dwb,          \
-                                              ddt_part + ((blk * batch + b) * L + t) * R);         \
+                                              ddt + (b * L + t) * R);                              \
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
                 }                                                                                  \
                 /* into this thread's rows: summed over the threads by the caller, not over the    \

@@ -59,7 +59,7 @@
                 hc[o + j] = hv;                                                                    \
                 dc += gy[j] * hv;                                                                  \
             }                                                                                      \
-            dC[n] = dc;                                                                            \
+            dC[n] += dc;                                                                           \
         }                                                                                          \
     }                                                                                              \
     /* pass 2 of the backward, one step in reverse: g_n = gy C_n + a'_n g_n (a' the next step's    \
@@ -92,8 +92,8 @@
                 db0 += gv0 * du[j];                                                                \
                 db1 += gv1 * du[j];                                                                \
             }                                                                                      \
-            dB[n] = db0;                                                                           \
-            dB[n + 1] = db1;                                                                       \
+            dB[n] += db0;                                                                          \
+            dB[n + 1] += db1;                                                                      \
         }                                                                                          \
         for (; n < N; ++n) { /* odd N: the last state alone */                                     \
             const T bn = Bn[n], cn = Cn[n];                                                        \
@@ -109,7 +109,7 @@
                 sgB[j] += gv * bn;                                                                 \
                 db += gv * du[j];                                                                  \
             }                                                                                      \
-            dB[n] = db;                                                                            \
+            dB[n] += db;                                                                           \
         }                                                                                          \
     }                                                                                              \
     /* dt_proj's gradients at one step: ddt_r = sum over the block of dd W_r (R lane sums), and    \
@@ -124,7 +124,7 @@
                 acc += dd[j] * wb[r * EB + j];                                                     \
                 dwb[r * EB + j] += dd[j] * v;                                                      \
             }                                                                                      \
-            ddt[r] = acc;                                                                          \
+            ddt[r] += acc;                                                                         \
         }                                                                                          \
     }
 
@@ -162,7 +162,11 @@ static inline sm_vf sm_vhsum_all(const sm_vf *v) {
     /* lane 4 b + a of d holds the sum of v[4 a + b]: transpose the 4 x 4 lane grid */
     return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), d);
 }
-static inline void sm_vstore_first(float *p, sm_vf v, int m) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << m) - 1u), v); }
+/* p[0..m) += v's first m lanes */
+static inline void sm_vadd_first(float *p, sm_vf v, int m) {
+    const __mmask16 k = (__mmask16)((1u << m) - 1u);
+    _mm512_mask_storeu_ps(p, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, p), v));
+}
 #else
 typedef __m256 sm_vf;
 #define SM_VL 8
@@ -191,7 +195,10 @@ static inline sm_vf sm_vhsum_all(const sm_vf *v) { /* as the 512-bit one: 8 sums
     /* lane 4 b + a of d holds the sum of v[2 a + b] */
     return _mm256_permutevar8x32_ps(d, _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0));
 }
-static inline void sm_vstore_first(float *p, sm_vf v, int m) { _mm256_mask_storeu_ps(p, (__mmask8)((1u << m) - 1u), v); }
+static inline void sm_vadd_first(float *p, sm_vf v, int m) {
+    const __mmask8 k = (__mmask8)((1u << m) - 1u);
+    _mm256_mask_storeu_ps(p, k, _mm256_add_ps(_mm256_maskz_loadu_ps(k, p), v));
+}
 #endif
 #define SM_NV (EB / SM_VL) /* vectors per channel block */
 #if EB % SM_VL != 0
@@ -252,7 +259,7 @@ static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_R
             sm_vstore(hc + j, hv);
             dc = sm_vfma(sm_vload(gy + k * SM_VL), hv, dc);
         }
-        dC[n] = sm_vhsum(dc);
+        dC[n] += sm_vhsum(dc);
     }
 }
 static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const float *CL_RESTRICT ac,
@@ -279,7 +286,7 @@ static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const floa
             vsg[k] = sm_vfma(gv, vb, vsg[k]);
             db = sm_vfma(gv, sm_vload(du + r), db);
         }
-        dB[n] = sm_vhsum(db);
+        dB[n] += sm_vhsum(db);
     }
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) {
@@ -309,7 +316,7 @@ static inline void sl_dtproj_grads_f32(const float *CL_RESTRICT dd, const float 
             }
             acc[i] = a;
         }
-        sm_vstore_first(ddt + r0, sm_vhsum_all(acc), m);
+        sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
     }
 }
 #else
