@@ -8,7 +8,8 @@ memory traffic, loop overhead and synchronisation taken as free:
 * element-steps = batch x E x L x N (one state of one channel at one time step);
 * the exp rate is that of the exp the kernels' decays use (they are computed as 2^(d A log2 e)):
   on AVX-512 the explicit-vector ``sm_vexp2`` of ``csrc/scan_steps.h`` (vreduceps, a polynomial,
-  vscalefps), elsewhere the inlined ``sm_exp2f`` (common.h) in an ``omp simd`` loop; the FMA rate that of 16-float vector FMAs with independent accumulators, both measured
+  vscalefps), elsewhere the inlined ``sm_exp2f`` (common.h) in an ``omp simd`` loop; the FMA rate
+  that of 16-float vector FMAs with independent accumulators, both measured
   here by ``benchmarks/csrc/cpu_peak.c`` built with the kernels' flags, on all ``--threads`` threads;
 * op counts are read off the channel-last kernels (``mixer_cl.c``), every multiply, add or FMA
   counted as one op (they share the same vector ports on current x86 cores); the per-channel work

@@ -64,10 +64,4 @@ double exp_rate(int64_t iters, int nthreads) {
 }
 
 /* which exp exp_rate measured: the vector bits of sm_vexp2, or 0 for sm_exp2f */
-int exp_path(void) {
-#ifdef SM_SCAN_VECTOR_PATH
-    return SM_VL * 32;
-#else
-    return 0;
-#endif
-}
+int exp_path(void) { return SM_STATE_LOOP_BITS; }

@@ -163,7 +163,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd", "rms_fwd", "rms_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
-    lib.sl_block_size.restype = i32
     if hasattr(lib, "sl_vector_path"):  # absent from builds before 2026-12-01 (profile_train_step --kernels-from)
         lib.sl_vector_path.restype = i32
 

@@ -309,8 +309,8 @@
      * added to with acc_dz; dA_part (nthreads, N, E); dD_part, dbias_part (nthreads, E), ddtw_part  \
      * (nthreads, R, E): per-thread sums, added to (the caller zeroes them; dbias_part: of ddelta     \
      * over time, so no pass over ddelta after);                                                    \
-     * dB_out, dC_out: (batch, L, N), ddt (batch, L, R): added to (the caller zeroes them); a sample's     \
-     * channel blocks run in sequence on one thread, so they add into its rows in turn */          \
+     * dB_out, dC_out: (batch, L, N), ddt (batch, L, R): added to (the caller zeroes them); a      \
+     * sample's channel blocks run in sequence on one thread, so they add into its rows in turn */ \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
                      const T *CL_RESTRICT At,                                                      \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
@@ -537,15 +537,6 @@ RMS_DEFINE(double, f64, sqrt)
 CL_DEFINE(float, f32, sm_expf, sm_softplusf, sm_expm1f)
 CL_DEFINE(double, f64, exp, sm_softplus, expm1)
 
-/* channel block width: the size of the dB/dC partial buffers depends on it */
-int sl_block_size(void) { return EB; }
-
 /* the vector width in bits of the explicit-vector state loops (scan_steps.h), 0 where the generic
  * omp simd loops run (double always; float without AVX-512 or without SM_VECTOR_BITS) */
-int sl_vector_path(void) {
-#ifdef SM_SCAN_VECTOR_PATH
-    return SM_VL * 32;
-#else
-    return 0;
-#endif
-}
+int sl_vector_path(void) { return SM_STATE_LOOP_BITS; }

@@ -319,8 +319,10 @@ static inline void sl_dtproj_grads_f32(const float *CL_RESTRICT dd, const float 
         sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
     }
 }
+#define SM_STATE_LOOP_BITS (SM_VL * 32) /* the explicit loops' vector width, for the libraries' reports */
 #else
 SM_STATES_GENERIC(float, f32, sm_exp2f)
+#define SM_STATE_LOOP_BITS 0
 #endif
 
 #endif /* SHUFFLEMAMBA_SCAN_STEPS_H */
