@@ -331,13 +331,14 @@
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
             /* hs: (L+1) x N x EB states h_{s-1} (row 0 zero); as: (L+1) x N x EB decays, row L */ \
-            /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u; then N x EB g, dA, A. */ \
+            /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u, dd, sgB; then N x EB */  \
+            /* g, dA, A. */                                                                        \
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
             const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of the *_part sums */       \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 5 * (size_t)(L * EB)               \
-                                                         + 3 * (size_t)(N * EB) + 8 * EB              \
-                                                         + 2 * (size_t)(R * EB)));                    \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 7 * (size_t)(L * EB)           \
+                                                         + 3 * (size_t)(N * EB) + 6 * EB           \
+                                                         + 2 * (size_t)(R * EB)));                 \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -348,12 +349,12 @@
                 T *CL_RESTRICT hs = buf, *CL_RESTRICT as = buf + rows;                             \
                 T *CL_RESTRICT ds = as + rows, *CL_RESTRICT sgs = ds + L * EB;                     \
                 T *CL_RESTRICT gys = sgs + L * EB, *CL_RESTRICT us = gys + L * EB;                 \
-                T *CL_RESTRICT dus = us + L * EB;                                                  \
-                T *CL_RESTRICT g = dus + L * EB, *CL_RESTRICT dAa = g + N * EB, *CL_RESTRICT Ab = dAa + N * EB; \
+                T *CL_RESTRICT dus = us + L * EB, *CL_RESTRICT dds = dus + L * EB;                 \
+                T *CL_RESTRICT sgBs = dds + L * EB;                                                \
+                T *CL_RESTRICT g = sgBs + L * EB, *CL_RESTRICT dAa = g + N * EB, *CL_RESTRICT Ab = dAa + N * EB; \
                 T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT y = Ds + EB; \
                 T *CL_RESTRICT go = y + EB, *CL_RESTRICT zz = go + EB, *CL_RESTRICT szs = zz + EB; \
-                T *CL_RESTRICT dd = szs + EB, *CL_RESTRICT sgB = dd + EB;                          \
-                T *CL_RESTRICT wb = sgB + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
+                T *CL_RESTRICT wb = szs + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
                 const int64_t e0 = blk * EB;                                                       \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
                 T *dBb = dB_out + b * L * N, *dCb = dC_out + b * L * N;                              \
@@ -370,7 +371,9 @@
                 T dDacc[EB], dbacc[EB];                                                            \
                 _Pragma("omp simd")                                                                \
                 for (int j = 0; j < EB; ++j) dDacc[j] = dbacc[j] = (T)0;                           \
-                /* pass 1: recompute the forward in processing order; dC, dz, dD need only it */   \
+                /* pass 1, in processing order: first the per-step rows both recurrences read (d,  \
+                 * sigmoid'(delta), gy, u, d u) and dz, dD, none of which needs the states; then the \
+                 * replay of the forward's states for dC and the reverse pass */                   \
                 for (int64_t s = 0; s < L; ++s) {                                                  \
                     const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
                     T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;                \
@@ -386,7 +389,6 @@
                             CL_PREFETCH_ROW(ysv + rp, 0);                                          \
                             CL_PREFETCH_ROW(dz + b * sdz_b + tp * sdz_t + e0, 1);                  \
                         }                                                                          \
-                        __builtin_prefetch(Bm + b * sB_b + tp * sB_t, 0, 3);                       \
                     }                                                                              \
                     CL_LOAD(T, uu, u + row, ne);                                                   \
                     CL_LOAD(T, d, dsv + row, ne);                                                  \
@@ -416,12 +418,7 @@
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) gy[j] = go[j];                                \
                     }                                                                              \
-                    const T *Bn = Bm + b * sB_b + t * sB_t;                                        \
-                    /* the replay needs h only for dC and the reverse pass: y (for dz) is the      \
-                     * forward's ysave, so no C_t h_t sum here */                                  \
-                    sl_replay_states_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, d, du,\
-                                           gy, Bn, dCb + t * N, N);                                \
-                    if (z) {                                                                       \
+                    if (z) { /* dz needs the forward's ysave, not the states */                    \
                         CL_LOAD(T, y, ysv + row, ne);                                              \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
@@ -439,36 +436,60 @@
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) dDacc[j] += gy[j] * uu[j];                        \
                 }                                                                                  \
-                /* pass 2: reverse recurrence for g = dL/dh */                                     \
+                /* the replay, on its own: it needs h only for dC and the reverse pass (y, for dz, \
+                 * is the forward's ysave, so no C_t h_t sum here) */                              \
+                for (int64_t s = 0; s < L; ++s) {                                                  \
+                    const int64_t t = reverse ? L - 1 - s : s;                                     \
+                    if (s + CL_PF < L) __builtin_prefetch(Bm + b * sB_b + (reverse ? t - CL_PF : t + CL_PF) * sB_t, 0, 3); \
+                    sl_replay_states_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, \
+                                           ds + s * EB, dus + s * EB, gys + s * EB, Bm + b * sB_b + t * sB_t, \
+                                           dCb + t * N, N);                                        \
+                }                                                                                  \
+                /* pass 2: reverse recurrence for g = dL/dh, the adjoint state loops alone; each   \
+                 * step's sums over the states (dd raw, sgB) go to its rows of dds / sgBs */       \
                 for (int64_t s = L - 1; s >= 0; --s) {                                             \
-                    const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
-                    const T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;          \
-                    const T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;         \
-                    const T *CL_RESTRICT du = dus + s * EB;                                        \
+                    const int64_t t = reverse ? L - 1 - s : s;                                     \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
                     if (s - CL_PF >= 0) {                                                          \
-                        const int64_t tp = reverse ? L - 1 - (s - CL_PF) : s - CL_PF, rp = (b * L + tp) * E + e0;\
-                        CL_PREFETCH_ROW(du_out + rp, 1);                                           \
-                        if (ddelta) CL_PREFETCH_ROW(ddelta + rp, 1);                               \
+                        const int64_t tp = reverse ? L - 1 - (s - CL_PF) : s - CL_PF;              \
                         __builtin_prefetch(Bm + b * sB_b + tp * sB_t, 0, 3);                       \
                         __builtin_prefetch(Cm + b * sC_b + tp * sC_t, 0, 3);                       \
-                        if (dtw) __builtin_prefetch(dt + b * sdt_b + tp * sdt_t, 0, 3);            \
                     }                                                                              \
-                    /* dd = sum_n ga_n A_n, sgB = sum_n g_n B_n; g, dA, dB updated (scan_steps.h) */\
-                    sl_adjoint_states_##SFX(hs + s * N * EB, as + s * N * EB, as + (s + 1) * N * EB,\
-                                            Ab, d, du, gy, Bn, Cn, g, dAa, dd, sgB, dBb + t * N, N);\
+                    /* dd = sum_n ga_n A_n, sgB = sum_n g_n B_n; g, dA, dB updated (scan_steps.h) */ \
+                    sl_adjoint_states_##SFX(hs + s * N * EB, as + s * N * EB, as + (s + 1) * N * EB, Ab, \
+                                            ds + s * EB, dus + s * EB, gys + s * EB, Bn, Cn, g, dAa, \
+                                            dds + s * EB, sgBs + s * EB, dBb + t * N, N);          \
+                }                                                                                  \
+                /* du and d(delta) from the sums of pass 2, step by step, off its recurrence. Run  \
+                 * between two steps' state loops (until 2026-12-01) this work cost far more than  \
+                 * on its own: dt_proj's gradients ~2.2 of the scan backward's 13 ms at the D 192  \
+                 * shape where a C harness times them at a third of that (Intel Xeon, scratch      \
+                 * probes); taking them and this epilogue out of the loop made the backward 1.11x  \
+                 * faster there. The same split of the forward (chunks of steps) did not pay. */   \
+                for (int64_t s = 0; s < L; ++s) {                                                  \
+                    const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
+                    if (s + CL_PF < L) {                                                           \
+                        const int64_t tp = reverse ? L - 1 - (s + CL_PF) : s + CL_PF, rp = (b * L + tp) * E + e0; \
+                        CL_PREFETCH_ROW(du_out + rp, 1);                                           \
+                        if (ddelta) CL_PREFETCH_ROW(ddelta + rp, 1);                               \
+                    }                                                                              \
+                    const T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;          \
+                    const T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;         \
+                    const T *CL_RESTRICT sgB = sgBs + s * EB;                                      \
+                    T *CL_RESTRICT dd = dds + s * EB;                                              \
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) {                                                 \
                         y[j] = d[j] * sgB[j] + gy[j] * Ds[j];                                      \
                         dd[j] = (dd[j] * (T)SM_LN2_D + uu[j] * sgB[j]) * sg[j];                    \
-                        dbacc[j] += dd[j]; /* the bias gradient: the sum of ddelta over time */     \
+                        dbacc[j] += dd[j]; /* the bias gradient: the sum of ddelta over time */    \
                     }                                                                              \
-                    CL_STORE(T, du_out + row, y, ne);                               \
-                    if (dtw) /* dt_proj's gradients: ddt = dtw dd (lane sums), ddtw += dd dt^T */  \
-                        sl_dtproj_grads_##SFX(dd, dt + b * sdt_b + t * sdt_t, R, wb, dwb,          \
-                                              ddt + (b * L + t) * R);                              \
+                    CL_STORE(T, du_out + row, y, ne);                                              \
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
+                    if (dtw) sl_dtproj_ddt_##SFX(dd, R, wb, ddt + (b * L + t) * R); /* ddt = dtw dd */ \
                 }                                                                                  \
+                if (dtw) /* ddtw += dd dt^T over the block's steps (scan_steps.h) */               \
+                    sl_dtproj_dw_##SFX(dds, dt + b * sdt_b + (reverse ? (L - 1) * sdt_t : 0),      \
+                                       reverse ? -sdt_t : sdt_t, L, R, dwb);                       \
                 /* into this thread's rows: summed over the threads by the caller, not over the    \
                  * batch (a (batch, N, E) buffer and its reduction per call, before). The sums'    \
                  * rounding depends on the thread count (bit-identical for a given count) */       \

@@ -112,21 +112,27 @@
             dB[n] += db;                                                                           \
         }                                                                                          \
     }                                                                                              \
-    /* dt_proj's gradients at one step: ddt_r = sum over the block of dd W_r (R lane sums), and    \
-     * dW_r += dd dt_r (dwb: R x EB rows, accumulated over the steps) */                           \
-    static inline void sl_dtproj_grads_##SFX(const T *CL_RESTRICT dd, const T *dtr, int64_t R,     \
-                                             const T *CL_RESTRICT wb, T *CL_RESTRICT dwb, T *ddt) {\
+    /* dt_proj's input gradient at one step: ddt_r += sum over the block of dd W_r (R lane sums) */ \
+    static inline void sl_dtproj_ddt_##SFX(const T *CL_RESTRICT dd, int64_t R, const T *CL_RESTRICT wb, \
+                                           T *ddt) {                                               \
         for (int64_t r = 0; r < R; ++r) {                                                          \
-            const T v = dtr[r];                                                                    \
             T acc = (T)0;                                                                          \
             _Pragma("omp simd reduction(+ : acc)")                                                 \
-            for (int j = 0; j < EB; ++j) {                                                         \
-                acc += dd[j] * wb[r * EB + j];                                                     \
-                dwb[r * EB + j] += dd[j] * v;                                                      \
-            }                                                                                      \
+            for (int j = 0; j < EB; ++j) acc += dd[j] * wb[r * EB + j];                            \
             ddt[r] += acc;                                                                         \
         }                                                                                          \
-    }
+    }                                                                                              \
+    /* dt_proj's weight gradient over a block's L steps: dW_r += sum_s dd_s dt_(s, r). dd: L x EB  \
+     * rows; dt row s at dt0 + s * sdt (sdt < 0 in reverse time); dwb: R x EB rows */              \
+    static inline void sl_dtproj_dw_##SFX(const T *CL_RESTRICT dd, const T *dt0, int64_t sdt, int64_t L, \
+                                          int64_t R, T *CL_RESTRICT dwb) {                         \
+        for (int64_t r = 0; r < R; ++r)                                                            \
+            for (int64_t s = 0; s < L; ++s) {                                                      \
+                const T v = dt0[s * sdt + r];                                                      \
+                _Pragma("omp simd")                                                                \
+                for (int j = 0; j < EB; ++j) dwb[r * EB + j] += dd[s * EB + j] * v;                \
+            }                                                                                      \
+    }                                                                                              \
 
 SM_STATES_GENERIC(double, f64, exp2)
 
@@ -141,6 +147,7 @@ typedef __m512 sm_vf;
 #define sm_vset1 _mm512_set1_ps
 #define sm_vzero _mm512_setzero_ps
 #define sm_vmul _mm512_mul_ps
+#define sm_vadd _mm512_add_ps
 #define sm_vfma _mm512_fmadd_ps
 #define sm_vfrac(x) _mm512_reduce_ps((x), 0x09) /* x - floor(x): round down (01), no precision exception (8) */
 #define sm_vscalef _mm512_scalef_ps              /* a * 2^floor(b) */
@@ -175,6 +182,7 @@ typedef __m256 sm_vf;
 #define sm_vset1 _mm256_set1_ps
 #define sm_vzero _mm256_setzero_ps
 #define sm_vmul _mm256_mul_ps
+#define sm_vadd _mm256_add_ps
 #define sm_vfma _mm256_fmadd_ps
 #define sm_vfrac(x) _mm256_reduce_ps((x), 0x09)
 #define sm_vscalef _mm256_scalef_ps
@@ -295,8 +303,8 @@ static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const floa
     }
 }
 /* as the generic one, with dd in registers and the R lane sums of a group of SM_VL taken together */
-static inline void sl_dtproj_grads_f32(const float *CL_RESTRICT dd, const float *dtr, int64_t R,
-                                       const float *CL_RESTRICT wb, float *CL_RESTRICT dwb, float *ddt) {
+static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, const float *CL_RESTRICT wb,
+                                     float *ddt) {
     sm_vf vdd[SM_NV];
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) vdd[k] = sm_vload(dd + k * SM_VL);
@@ -305,18 +313,45 @@ static inline void sl_dtproj_grads_f32(const float *CL_RESTRICT dd, const float 
         sm_vf acc[SM_VL];
         for (int i = 0; i < SM_VL; ++i) acc[i] = sm_vzero();
         for (int i = 0; i < m; ++i) {
-            const int64_t o = (r0 + i) * EB;
-            const sm_vf v = sm_vset1(dtr[r0 + i]);
-            sm_vf a = sm_vzero();
+            const float *CL_RESTRICT w = wb + (r0 + i) * EB;
+            sm_vf a = sm_vmul(vdd[0], sm_vload(w));
 #pragma GCC unroll 16
-            for (int k = 0; k < SM_NV; ++k) {
-                const int64_t j = o + k * SM_VL;
-                a = sm_vfma(vdd[k], sm_vload(wb + j), a);
-                sm_vstore(dwb + j, sm_vfma(vdd[k], v, sm_vload(dwb + j)));
-            }
+            for (int k = 1; k < SM_NV; ++k) a = sm_vfma(vdd[k], sm_vload(w + k * SM_VL), a);
             acc[i] = a;
         }
         sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
+    }
+}
+/* as the generic one, a group of SM_DW_ROWS rows of dW in registers across the L steps (24 vectors
+ * at either width), so each step costs loads of dd and dt and FMAs only, no load / store of dW */
+#define SM_DW_ROWS (24 / SM_NV)
+static inline void sl_dtproj_dw_f32(const float *CL_RESTRICT dd, const float *dt0, int64_t sdt, int64_t L,
+                                    int64_t R, float *CL_RESTRICT dwb) {
+    for (int64_t r0 = 0; r0 < R; r0 += SM_DW_ROWS) {
+        const int m = R - r0 < SM_DW_ROWS ? (int)(R - r0) : SM_DW_ROWS;
+        sm_vf acc[SM_DW_ROWS][SM_NV];
+#pragma GCC unroll 16
+        for (int i = 0; i < SM_DW_ROWS; ++i)
+#pragma GCC unroll 16
+            for (int k = 0; k < SM_NV; ++k) acc[i][k] = sm_vzero();
+        for (int64_t s = 0; s < L; ++s) {
+            const float *dtr = dt0 + s * sdt + r0;
+            sm_vf vd[SM_NV];
+#pragma GCC unroll 16
+            for (int k = 0; k < SM_NV; ++k) vd[k] = sm_vload(dd + s * EB + k * SM_VL);
+#pragma GCC unroll 16
+            for (int i = 0; i < SM_DW_ROWS; ++i) {
+                const sm_vf v = sm_vset1(i < m ? dtr[i] : 0.0f); /* rows past R: zeros, not stored */
+#pragma GCC unroll 16
+                for (int k = 0; k < SM_NV; ++k) acc[i][k] = sm_vfma(vd[k], v, acc[i][k]);
+            }
+        }
+        for (int i = 0; i < m; ++i)
+#pragma GCC unroll 16
+            for (int k = 0; k < SM_NV; ++k) {
+                float *p = dwb + (r0 + i) * EB + k * SM_VL;
+                sm_vstore(p, sm_vadd(sm_vload(p), acc[i][k]));
+            }
     }
 }
 #define SM_STATE_LOOP_BITS (SM_VL * 32) /* the explicit loops' vector width, for the libraries' reports */
