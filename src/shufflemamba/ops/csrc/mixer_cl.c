@@ -262,11 +262,7 @@
                     }                                                                              \
                     /* branch outside the loops: a flag read inside defeats vectorisation */       \
                     if (softplus) {                                                                \
-                        _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            const T x = dl[j] + bs[j];                                             \
-                            d[j] = SOFTPLUS(x);                                                    \
-                        }                                                                          \
+                        sl_softplus_row_##SFX(dl, bs, d); /* d = softplus(dl + bs) (scan_steps.h) */ \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) d[j] = dl[j] + bs[j];                         \
@@ -281,8 +277,7 @@
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) y[j] += Ds[j] * uu[j];                        \
                         if (ysave) CL_STORE(T, ysave + row, y, ne); /* dz needs it, ungated */     \
-                        _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) y[j] = y[j] * zz[j] / ((T)1 + EXP(-zz[j])) * os; \
+                        sl_gate_row_##SFX(y, zz, os); /* y z sigmoid(z) os (scan_steps.h) */       \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) y[j] = (y[j] + Ds[j] * uu[j]) * os;           \
@@ -397,8 +392,7 @@
                     for (int j = 0; j < EB; ++j) go[j] *= os;                                      \
                     /* softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)): no log1p here */         \
                     if (softplus) {                                                                \
-                        _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) sg[j] = -EXPM1(-d[j]);                        \
+                        sl_dsoftplus_row_##SFX(d, sg); /* -expm1(-d) (scan_steps.h) */             \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) sg[j] = (T)1;                                 \
@@ -409,11 +403,9 @@
                     if (z) {                                                                       \
                         /* sigmoid(z) once: the gate (gy) and its derivative (dz) both use it */   \
                         CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
+                        sl_sigmoid_row_##SFX(zz, szs); /* scan_steps.h */                          \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) {                                             \
-                            szs[j] = SM_SIGMOID(T, EXP, zz[j]);                                    \
-                            gy[j] = go[j] * zz[j] * szs[j];                                        \
-                        }                                                                          \
+                        for (int j = 0; j < EB; ++j) gy[j] = go[j] * zz[j] * szs[j];               \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) gy[j] = go[j];                                \

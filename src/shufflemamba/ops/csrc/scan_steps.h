@@ -24,7 +24,7 @@
 #ifndef SHUFFLEMAMBA_SCAN_STEPS_H
 #define SHUFFLEMAMBA_SCAN_STEPS_H
 
-#define SM_STATES_GENERIC(T, SFX, EXP2)                                                            \
+#define SM_STATES_GENERIC(T, SFX, EXP2, EXP, SOFTPLUS, EXPM1)                                      \
     static inline void sl_fwd_states_##SFX(T *CL_RESTRICT h, const T *CL_RESTRICT Ab,              \
                                            const T *CL_RESTRICT d, const T *CL_RESTRICT du,        \
                                            T *CL_RESTRICT y, const T *Bn, const T *Cn, int64_t N) { \
@@ -133,8 +133,33 @@
                 for (int j = 0; j < EB; ++j) dwb[r * EB + j] += dd[s * EB + j] * v;                \
             }                                                                                      \
     }                                                                                              \
+    /* d = softplus(x + bias) over a row of the block (the forward's step, before the states) */   \
+    static inline void sl_softplus_row_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT bs,      \
+                                             T *CL_RESTRICT d) {                                   \
+        _Pragma("omp simd")                                                                        \
+        for (int j = 0; j < EB; ++j) {                                                             \
+            const T v = x[j] + bs[j];                                                              \
+            d[j] = SOFTPLUS(v);                                                                    \
+        }                                                                                          \
+    }                                                                                              \
+    /* y = y z sigmoid(z) os over a row: the gate of the forward's output */                       \
+    static inline void sl_gate_row_##SFX(T *CL_RESTRICT y, const T *CL_RESTRICT z, T os) {         \
+        _Pragma("omp simd")                                                                        \
+        for (int j = 0; j < EB; ++j) y[j] = y[j] * z[j] / ((T)1 + EXP(-z[j])) * os;                \
+    }                                                                                              \
+    /* s = sigmoid(z) over a row */                                                                \
+    static inline void sl_sigmoid_row_##SFX(const T *CL_RESTRICT z, T *CL_RESTRICT s) {            \
+        _Pragma("omp simd")                                                                        \
+        for (int j = 0; j < EB; ++j) s[j] = SM_SIGMOID(T, EXP, z[j]);                              \
+    }                                                                                              \
+    /* softplus'(x) = sigmoid(x) = 1 - e^-d from d = softplus(x) >= 0, as -expm1(-d) (no           \
+     * cancellation for small d) over a row */                                                     \
+    static inline void sl_dsoftplus_row_##SFX(const T *CL_RESTRICT d, T *CL_RESTRICT sg) {         \
+        _Pragma("omp simd")                                                                        \
+        for (int j = 0; j < EB; ++j) sg[j] = -EXPM1(-d[j]);                                        \
+    }
 
-SM_STATES_GENERIC(double, f64, exp2)
+SM_STATES_GENERIC(double, f64, exp2, exp, sm_softplus, expm1)
 
 #if defined(SM_VECTOR_BITS) && defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -151,6 +176,14 @@ typedef __m512 sm_vf;
 #define sm_vfma _mm512_fmadd_ps
 #define sm_vfrac(x) _mm512_reduce_ps((x), 0x09) /* x - floor(x): round down (01), no precision exception (8) */
 #define sm_vscalef _mm512_scalef_ps              /* a * 2^floor(b) */
+#define sm_vsub _mm512_sub_ps
+#define sm_vmax _mm512_max_ps
+#define sm_vmin _mm512_min_ps
+#define sm_vabs _mm512_abs_ps
+#define sm_vfmsub _mm512_fmsub_ps   /* a b - c */
+#define sm_vfnmadd _mm512_fnmadd_ps /* c - a b */
+#define sm_vrcp14 _mm512_rcp14_ps   /* 1 / x to 2^-14 relative */
+#define sm_vsel_gt(x, c, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a)) /* x > c ? a : b */
 static inline float sm_vhsum(sm_vf v) { return _mm512_reduce_add_ps(v); }
 /* the sums of SM_VL vectors at once: lane i of the result is the sum of v[i] (a tree of 128-bit-block
  * and in-lane shuffles, 45 ops and a permutation where 16 separate horizontal sums take ~130) */
@@ -186,6 +219,14 @@ typedef __m256 sm_vf;
 #define sm_vfma _mm256_fmadd_ps
 #define sm_vfrac(x) _mm256_reduce_ps((x), 0x09)
 #define sm_vscalef _mm256_scalef_ps
+#define sm_vsub _mm256_sub_ps
+#define sm_vmax _mm256_max_ps
+#define sm_vmin _mm256_min_ps
+#define sm_vabs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (x))
+#define sm_vfmsub _mm256_fmsub_ps
+#define sm_vfnmadd _mm256_fnmadd_ps
+#define sm_vrcp14 _mm256_rcp14_ps
+#define sm_vsel_gt(x, c, a, b) _mm256_mask_blend_ps(_mm256_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a))
 static inline float sm_vhsum(sm_vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -227,6 +268,86 @@ static inline sm_vf sm_vexp2(sm_vf t) {
     return sm_vscalef(p, t);
 }
 
+/* e^x to a few ulp: x log2(e) as hi + lo (the FMA gives the product's rounding error exactly, plus
+ * the part of log2(e) that float drops), so that |x| up to ~88 costs no relative accuracy (2^(x
+ * log2(e)) with the product rounded would: ~1e-6 at |x| = 20); then 2^hi 2^lo as sm_vexp2 does.
+ * 10 vector ops where sm_expf, vectorised by the compiler, takes ~19 (clamps, magic-number
+ * rounding, integer shift and convert). Overflows to inf above ~88.7, flushes to 0 below ~-87.3. */
+static inline sm_vf sm_vexp(sm_vf x) {
+    const sm_vf l2e = sm_vset1(1.44269502162933349609375f); /* float(log2 e) */
+    const sm_vf hi = sm_vmul(x, l2e);
+    const sm_vf lo = sm_vfma(x, sm_vset1(1.925963033500011e-8f), sm_vfmsub(x, l2e, hi)); /* x log2 e - hi */
+    const sm_vf f = sm_vadd(sm_vfrac(hi), lo);
+    sm_vf p = sm_vfma(sm_vset1(1.8671332e-3f), f, sm_vset1(9.0170223e-3f));
+    p = sm_vfma(p, f, sm_vset1(5.5799920e-2f));
+    p = sm_vfma(p, f, sm_vset1(2.4016444e-1f));
+    p = sm_vfma(p, f, sm_vset1(6.9315130e-1f));
+    p = sm_vfma(p, f, sm_vset1(1.0f));
+    return sm_vscalef(p, hi);
+}
+/* 1 / d: vrcp14ps and one Newton step (2^-28 relative) */
+static inline sm_vf sm_vrecip(sm_vf d) {
+    const sm_vf r = sm_vrcp14(d);
+    return sm_vmul(r, sm_vfnmadd(d, r, sm_vset1(2.0f)));
+}
+/* softplus as sm_softplusf computes it (max(x, 0) + 2 atanh(t / (2 + t)), t = e^-|x|; x > 20 -> x,
+ * torch's threshold), with sm_vexp and sm_vrecip: ~30 vector ops against ~45 */
+static inline sm_vf sm_vsoftplus(sm_vf x) {
+    const sm_vf t = sm_vexp(sm_vsub(sm_vzero(), sm_vabs(x)));
+    const sm_vf s = sm_vmul(t, sm_vrecip(sm_vadd(t, sm_vset1(2.0f)))), s2 = sm_vmul(s, s);
+    sm_vf p = sm_vfma(sm_vset1(2.0f / 13.0f), s2, sm_vset1(2.0f / 11.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 9.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 7.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 5.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 3.0f));
+    const sm_vf r = sm_vadd(sm_vmax(x, sm_vzero()), sm_vfma(sm_vmul(s, s2), p, sm_vadd(s, s)));
+    return sm_vsel_gt(x, sm_vset1(20.0f), x, r);
+}
+/* sigmoid(z) = 1 / (1 + e^-z); -z clamped to 88 so that 1 + e^-z stays finite (the reciprocal of
+ * inf would be 0 * inf in the Newton step) */
+static inline sm_vf sm_vsigmoid(sm_vf z) {
+    const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), z), sm_vset1(88.0f)));
+    return sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
+}
+static inline void sl_softplus_row_f32(const float *CL_RESTRICT x, const float *CL_RESTRICT bs,
+                                       float *CL_RESTRICT d) {
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const int j = k * SM_VL;
+        sm_vstore(d + j, sm_vsoftplus(sm_vadd(sm_vload(x + j), sm_vload(bs + j))));
+    }
+}
+static inline void sl_gate_row_f32(float *CL_RESTRICT y, const float *CL_RESTRICT z, float os) {
+    const sm_vf vos = sm_vset1(os);
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const int j = k * SM_VL;
+        const sm_vf vz = sm_vload(z + j);
+        sm_vstore(y + j, sm_vmul(sm_vmul(sm_vload(y + j), vz), sm_vmul(sm_vsigmoid(vz), vos)));
+    }
+}
+
+static inline void sl_sigmoid_row_f32(const float *CL_RESTRICT z, float *CL_RESTRICT s) {
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) sm_vstore(s + k * SM_VL, sm_vsigmoid(sm_vload(z + k * SM_VL)));
+}
+/* -expm1(-d) as sm_expm1f computes it: a degree-7 Taylor polynomial where |d| < 0.35 (1 - e^-d would
+ * cancel), 1 - e^-d elsewhere, both computed and one selected */
+static inline void sl_dsoftplus_row_f32(const float *CL_RESTRICT d, float *CL_RESTRICT sg) {
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const sm_vf x = sm_vsub(sm_vzero(), sm_vload(d + k * SM_VL)); /* expm1 at x = -d */
+        const sm_vf e = sm_vsub(sm_vexp(x), sm_vset1(1.0f));
+        sm_vf p = sm_vfma(sm_vset1(1.0f / 5040.0f), x, sm_vset1(1.0f / 720.0f));
+        p = sm_vfma(p, x, sm_vset1(1.0f / 120.0f));
+        p = sm_vfma(p, x, sm_vset1(1.0f / 24.0f));
+        p = sm_vfma(p, x, sm_vset1(1.0f / 6.0f));
+        p = sm_vfma(p, x, sm_vset1(0.5f));
+        p = sm_vfma(p, sm_vmul(x, x), x);
+        const sm_vf em1 = sm_vsel_gt(sm_vabs(x), sm_vset1(0.35f), e, p);
+        sm_vstore(sg + k * SM_VL, sm_vsub(sm_vzero(), em1));
+    }
+}
 static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTRICT Ab,
                                      const float *CL_RESTRICT d, const float *CL_RESTRICT du,
                                      float *CL_RESTRICT y, const float *Bn, const float *Cn, int64_t N) {
@@ -356,7 +477,7 @@ static inline void sl_dtproj_dw_f32(const float *CL_RESTRICT dd, const float *dt
 }
 #define SM_STATE_LOOP_BITS (SM_VL * 32) /* the explicit loops' vector width, for the libraries' reports */
 #else
-SM_STATES_GENERIC(float, f32, sm_exp2f)
+SM_STATES_GENERIC(float, f32, sm_exp2f, sm_expf, sm_softplusf, sm_expm1f)
 #define SM_STATE_LOOP_BITS 0
 #endif
 
