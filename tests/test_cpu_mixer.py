@@ -114,11 +114,10 @@ def _worst(results, ref):
     return max(errs)
 
 
-def test_explicit_vector_state_loops_match_the_generic_ones(tmp_path, monkeypatch):
-    """On AVX-512 CPUs the float32 state loops are hand-vectorised (csrc/scan_steps.h: exp2 through
-    vreduceps / vscalefps, accumulators in registers); a build without a width flag runs the generic
-    omp simd loops (as on CPUs without AVX-512). Both explicit widths (512 and 256 bits) give the
-    generic build's outputs and gradients up to float32 rounding, and all are as close to float64."""
+@pytest.fixture(scope="module")
+def width_libs(tmp_path_factory):
+    """The kernels built without a width flag (generic omp simd loops, as on CPUs without AVX-512)
+    and at both explicit widths; skipped where the loaded kernels are the generic ones."""
     import ctypes
     import os
     import shutil
@@ -130,10 +129,19 @@ def test_explicit_vector_state_loops_match_the_generic_ones(tmp_path, monkeypatc
         pytest.skip("no C compiler")
     libs = {}
     for width in (None, "512", "256"):
-        path = tmp_path / f"lib{width}.so"
+        path = tmp_path_factory.mktemp("kernels") / f"lib{width}.so"
         cpu_scan._build(cc, path, width)
         libs[width] = ctypes.CDLL(str(path))
         cpu_scan._declare(libs[width])
+    return libs
+
+
+def test_explicit_vector_state_loops_match_the_generic_ones(width_libs, monkeypatch):
+    """On AVX-512 CPUs the float32 state loops and the softplus / sigmoid rows are hand-vectorised
+    (csrc/scan_steps.h: exp through vreduceps / vscalefps, accumulators in registers). Both explicit
+    widths (512 and 256 bits) give the generic build's outputs and gradients up to float32 rounding,
+    and all are as close to float64."""
+    libs = width_libs
     assert [cpu_scan.state_loop_bits(lib) for lib in libs.values()] == [0, 512, 256]
 
     for R in (3, 17):
@@ -143,6 +151,37 @@ def test_explicit_vector_state_loops_match_the_generic_ones(tmp_path, monkeypatc
         for width in ("512", "256"):
             fast = _core_results(libs[width], monkeypatch, torch.float32, R=R)
             assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, (width, R)
+
+
+def _pointwise_inputs():
+    """float32 values across the functions' whole range: a dense sweep of [-100, 100], the branch
+    points (softplus' threshold 20, expm1's polynomial below 0.35, the sigmoid's clamp at 88), tiny
+    and huge magnitudes, padded with zeros to a multiple of the channel block."""
+    sweep = torch.linspace(-100, 100, 20001, dtype=torch.float64)
+    edges = torch.tensor([0.0, 1e-30, 1e-8, 1e-4, 0.3499, 0.35, 0.3501, 19.999, 20.0, 20.001, 87.0, 88.0,
+                          88.5, 89.0, 1e4, 1e30], dtype=torch.float64)
+    x = torch.cat([sweep, edges, -edges]).float()
+    return torch.cat([x, x.new_zeros(-x.numel() % 96)])  # EB = 96 in mixer_cl.c
+
+
+@pytest.mark.parametrize("which, name", [(0, "softplus"), (1, "sigmoid"), (2, "-expm1(-x)"), (3, "x sigmoid(x)")])
+def test_explicit_vector_pointwise_functions_against_float64(width_libs, which, name):
+    """softplus, sigmoid and softplus' derivative of the explicit AVX-512 rows (sm_vexp, vrcp14ps and
+    a Newton step) against float64 at every width, to float32 accuracy, from -1e30 to 1e30."""
+    x = _pointwise_inputs()
+    if which == 2:
+        x = x.abs()  # its input is softplus' output: >= 0
+    xd = x.double()
+    ref = {0: torch.nn.functional.softplus(xd), 1: torch.sigmoid(xd), 2: -torch.expm1(-xd),
+           3: xd * torch.sigmoid(xd)}[which]
+    for width, lib in width_libs.items():
+        out = torch.empty_like(x)
+        assert lib.sl_rows_f32(x.data_ptr(), out.data_ptr(), x.numel(), which) == 0
+        # relative 1e-6; absolute 1e-30 for results near float32's smallest normal (1.2e-38), which the
+        # generic build's division (a reciprocal under -ffast-math) flushes to zero
+        excess = (out.double() - ref).abs() - (1e-6 * ref.abs() + 1e-30)
+        worst = int(excess.argmax())
+        assert excess.max() <= 0, (name, width, x[worst].item(), out[worst].item(), ref[worst].item())
 
 
 def test_mixer_core_per_thread_partial_sums(monkeypatch):

@@ -165,6 +165,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ss_abi_version.restype = i32
     if hasattr(lib, "sl_vector_path"):  # absent from builds before 2026-12-01 (profile_train_step --kernels-from)
         lib.sl_vector_path.restype = i32
+    if hasattr(lib, "sl_rows_f32"):  # the row functions, for the tests (absent before 2026-12-01)
+        lib.sl_rows_f32.argtypes = [p, p, i64, i32]
+        lib.sl_rows_f32.restype = i32
 
 
 def state_loop_bits(lib: ctypes.CDLL) -> int:

@@ -553,3 +553,24 @@ CL_DEFINE(double, f64, exp, sm_softplus, expm1)
 /* the vector width in bits of the explicit-vector state loops (scan_steps.h), 0 where the generic
  * omp simd loops run (double always; float without AVX-512 or without SM_VECTOR_BITS) */
 int sl_vector_path(void) { return SM_STATE_LOOP_BITS; }
+
+/* The float32 row functions of scan_steps.h over n values (n a multiple of EB), for the tests: which
+ * 0: softplus(x), 1: sigmoid(x), 2: -expm1(-x) (softplus' derivative from its output), 3: the gate
+ * x * sigmoid(x) (y = 1, os = 1). Under FTZ, as in the kernels. */
+int sl_rows_f32(const float *x, float *out, int64_t n, int which) {
+    if (n % EB) return 1;
+    SM_FTZ_BEGIN
+    float zero[EB];
+    for (int j = 0; j < EB; ++j) zero[j] = 0.0f;
+    for (int64_t i = 0; i < n; i += EB) {
+        if (which == 0) sl_softplus_row_f32(x + i, zero, out + i);
+        else if (which == 1) sl_sigmoid_row_f32(x + i, out + i);
+        else if (which == 2) sl_dsoftplus_row_f32(x + i, out + i);
+        else {
+            for (int j = 0; j < EB; ++j) out[i + j] = 1.0f;
+            sl_gate_row_f32(out + i, x + i, 1.0f);
+        }
+    }
+    SM_FTZ_END
+    return 0;
+}

@@ -271,10 +271,12 @@ static inline sm_vf sm_vexp2(sm_vf t) {
 /* e^x to a few ulp: x log2(e) as hi + lo (the FMA gives the product's rounding error exactly, plus
  * the part of log2(e) that float drops), so that |x| up to ~88 costs no relative accuracy (2^(x
  * log2(e)) with the product rounded would: ~1e-6 at |x| = 20); then 2^hi 2^lo as sm_vexp2 does.
- * 10 vector ops where sm_expf, vectorised by the compiler, takes ~19 (clamps, magic-number
- * rounding, integer shift and convert). Overflows to inf above ~88.7, flushes to 0 below ~-87.3. */
+ * 12 vector ops where sm_expf, vectorised by the compiler, takes ~19 (clamps, magic-number
+ * rounding, integer shift and convert). x is clamped to [-104, 89]: inf above ~88.7, 0 (FTZ) below
+ * ~-87.3, as e^x in float32 */
 static inline sm_vf sm_vexp(sm_vf x) {
     const sm_vf l2e = sm_vset1(1.44269502162933349609375f); /* float(log2 e) */
+    x = sm_vmax(sm_vmin(x, sm_vset1(89.0f)), sm_vset1(-104.0f)); /* |x| ~1e30 would turn lo into nonsense */
     const sm_vf hi = sm_vmul(x, l2e);
     const sm_vf lo = sm_vfma(x, sm_vset1(1.925963033500011e-8f), sm_vfmsub(x, l2e, hi)); /* x log2 e - hi */
     const sm_vf f = sm_vadd(sm_vfrac(hi), lo);
