@@ -123,7 +123,7 @@
                 const T *CL_RESTRICT xr = x + b * sx_b + src * sx_t, *CL_RESTRICT w = wt + k * E; \
                 for (int64_t e = 0; e < E; ++e) o[e] += w[e] * xr[e];                              \
             }                                                                                      \
-            for (int64_t e = 0; e < E; ++e) o[e] = o[e] / ((T)1 + EXP(-o[e]));                     \
+            cl_silu_n_##SFX(o, E); /* scan_steps.h */                                              \
         }                                                                                          \
         return 0;                                                                                  \
     }                                                                                              \
@@ -164,11 +164,7 @@
                         const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;    \
                         for (int64_t e = 0; e < E; ++e) gp[e] += w[e] * xr[e];                     \
                     }                                                                              \
-                    for (int64_t e = 0; e < E; ++e) {                                              \
-                        const T p = gp[e], s = SM_SIGMOID(T, EXP, p);                              \
-                        gp[e] = go[e] * s * ((T)1 + p * ((T)1 - s));                               \
-                        db[e] += gp[e];                                                            \
-                    }                                                                              \
+                    cl_dsilu_n_##SFX(gp, go, db, E); /* gp = go silu'(gp), db += gp (scan_steps.h) */ \
                     for (int64_t k = 0; k < K; ++k) {                                              \
                         const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);           \
                         if (src < 0 || src >= L) continue;                                         \
@@ -554,10 +550,29 @@ CL_DEFINE(double, f64, exp, sm_softplus, expm1)
  * omp simd loops run (double always; float without AVX-512 or without SM_VECTOR_BITS) */
 int sl_vector_path(void) { return SM_STATE_LOOP_BITS; }
 
-/* The float32 row functions of scan_steps.h over n values (n a multiple of EB), for the tests: which
- * 0: softplus(x), 1: sigmoid(x), 2: -expm1(-x) (softplus' derivative from its output), 3: the gate
- * x * sigmoid(x) (y = 1, os = 1). Under FTZ, as in the kernels. */
+/* The float32 row functions of scan_steps.h over n values, for the tests: which 0: softplus(x),
+ * 1: sigmoid(x), 2: -expm1(-x) (softplus' derivative from its output), 3: the gate x * sigmoid(x)
+ * (y = 1, os = 1), all for n a multiple of EB; 4: the conv's SiLU, 5: its derivative, any n (the
+ * vectors' masked tail). Under FTZ, as in the kernels. */
 int sl_rows_f32(const float *x, float *out, int64_t n, int which) {
+    if (which >= 4) {
+        SM_FTZ_BEGIN
+        float *one = (float *)malloc(sizeof(float) * (size_t)(n ? n : 1));
+        if (!one) return 1;
+        for (int64_t i = 0; i < n; ++i) one[i] = 1.0f, out[i] = which == 4 ? x[i] : 0.0f;
+        if (which == 4) cl_silu_n_f32(out, n);
+        else {
+            memcpy(one, x, sizeof(float) * (size_t)n); /* gp: the pre-activation, go = 1 via out's sum */
+            float *go = (float *)malloc(sizeof(float) * (size_t)(n ? n : 1));
+            if (!go) { free(one); return 1; }
+            for (int64_t i = 0; i < n; ++i) go[i] = 1.0f;
+            cl_dsilu_n_f32(one, go, out, n); /* out (zeros) += silu'(x) */
+            free(go);
+        }
+        free(one);
+        SM_FTZ_END
+        return 0;
+    }
     if (n % EB) return 1;
     SM_FTZ_BEGIN
     float zero[EB];

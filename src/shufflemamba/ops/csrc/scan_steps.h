@@ -157,6 +157,21 @@
     static inline void sl_dsoftplus_row_##SFX(const T *CL_RESTRICT d, T *CL_RESTRICT sg) {         \
         _Pragma("omp simd")                                                                        \
         for (int j = 0; j < EB; ++j) sg[j] = -EXPM1(-d[j]);                                        \
+    }                                                                                              \
+    /* the conv's SiLU over n values: o = o sigmoid(o) */                                          \
+    static inline void cl_silu_n_##SFX(T *CL_RESTRICT o, int64_t n) {                              \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t e = 0; e < n; ++e) o[e] = o[e] / ((T)1 + EXP(-o[e]));                         \
+    }                                                                                              \
+    /* its backward over n values: gp holds the pre-activation p and becomes go silu'(p); db += it */ \
+    static inline void cl_dsilu_n_##SFX(T *CL_RESTRICT gp, const T *CL_RESTRICT go, T *CL_RESTRICT db, \
+                                        int64_t n) {                                               \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t e = 0; e < n; ++e) {                                                          \
+            const T p = gp[e], s = SM_SIGMOID(T, EXP, p);                                          \
+            gp[e] = go[e] * s * ((T)1 + p * ((T)1 - s));                                           \
+            db[e] += gp[e];                                                                        \
+        }                                                                                          \
     }
 
 SM_STATES_GENERIC(double, f64, exp2, exp, sm_softplus, expm1)
@@ -184,6 +199,9 @@ typedef __m512 sm_vf;
 #define sm_vfnmadd _mm512_fnmadd_ps /* c - a b */
 #define sm_vrcp14 _mm512_rcp14_ps   /* 1 / x to 2^-14 relative */
 #define sm_vsel_gt(x, c, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a)) /* x > c ? a : b */
+#define sm_vmask(m) ((__mmask16)((1u << (m)) - 1u)) /* the first m lanes */
+#define sm_vload_n(p, m) _mm512_maskz_loadu_ps(sm_vmask(m), (p))           /* zeros past them */
+#define sm_vstore_n(p, v, m) _mm512_mask_storeu_ps((p), sm_vmask(m), (v))
 static inline float sm_vhsum(sm_vf v) { return _mm512_reduce_add_ps(v); }
 /* the sums of SM_VL vectors at once: lane i of the result is the sum of v[i] (a tree of 128-bit-block
  * and in-lane shuffles, 45 ops and a permutation where 16 separate horizontal sums take ~130) */
@@ -227,6 +245,9 @@ typedef __m256 sm_vf;
 #define sm_vfnmadd _mm256_fnmadd_ps
 #define sm_vrcp14 _mm256_rcp14_ps
 #define sm_vsel_gt(x, c, a, b) _mm256_mask_blend_ps(_mm256_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a))
+#define sm_vmask(m) ((__mmask8)((1u << (m)) - 1u))
+#define sm_vload_n(p, m) _mm256_maskz_loadu_ps(sm_vmask(m), (p))
+#define sm_vstore_n(p, v, m) _mm256_mask_storeu_ps((p), sm_vmask(m), (v))
 static inline float sm_vhsum(sm_vf v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -348,6 +369,37 @@ static inline void sl_dsoftplus_row_f32(const float *CL_RESTRICT d, float *CL_RE
         p = sm_vfma(p, sm_vmul(x, x), x);
         const sm_vf em1 = sm_vsel_gt(sm_vabs(x), sm_vset1(0.35f), e, p);
         sm_vstore(sg + k * SM_VL, sm_vsub(sm_vzero(), em1));
+    }
+}
+static inline void cl_silu_n_f32(float *CL_RESTRICT o, int64_t n) {
+    int64_t e = 0;
+    for (; e + SM_VL <= n; e += SM_VL) {
+        const sm_vf p = sm_vload(o + e);
+        sm_vstore(o + e, sm_vmul(p, sm_vsigmoid(p)));
+    }
+    if (e < n) { /* the last, partial vector under a mask */
+        const int m = (int)(n - e);
+        const sm_vf p = sm_vload_n(o + e, m);
+        sm_vstore_n(o + e, sm_vmul(p, sm_vsigmoid(p)), m);
+    }
+}
+static inline sm_vf sm_vdsilu(sm_vf p, sm_vf go) { /* go silu'(p) = go s (1 + p (1 - s)) */
+    const sm_vf s = sm_vsigmoid(p), one = sm_vset1(1.0f);
+    return sm_vmul(sm_vmul(go, s), sm_vfma(p, sm_vsub(one, s), one));
+}
+static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRICT go, float *CL_RESTRICT db,
+                                  int64_t n) {
+    int64_t e = 0;
+    for (; e + SM_VL <= n; e += SM_VL) {
+        const sm_vf g = sm_vdsilu(sm_vload(gp + e), sm_vload(go + e));
+        sm_vstore(gp + e, g);
+        sm_vstore(db + e, sm_vadd(sm_vload(db + e), g));
+    }
+    if (e < n) {
+        const int m = (int)(n - e);
+        const sm_vf g = sm_vdsilu(sm_vload_n(gp + e, m), sm_vload_n(go + e, m));
+        sm_vstore_n(gp + e, g, m);
+        sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), g), m);
     }
 }
 static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTRICT Ab,
