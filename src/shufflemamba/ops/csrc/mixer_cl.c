@@ -148,7 +148,11 @@
             for (int64_t b = 0; b < batch; ++b) {                                                  \
                 if (!gpre) continue;                                                               \
                 T *CL_RESTRICT dw = dw_part + tid * K * E, *CL_RESTRICT db = db_part + tid * E;    \
-                const T *xb = x + b * sx_b;                                                     \
+                const T *xb = x + b * sx_b;                                                        \
+                /* float32 on AVX-512: the whole sample with registers across the steps (scan_steps.h) */ \
+                if (cl_conv_bwd_sample_##SFX(xb, sx_t, wt, bias, gout + b * L * E, dx + b * sdx_b, sdx_t, \
+                                             acc_dx, dw, db, gpre, E, L, K, reverse))              \
+                    continue;                                                                      \
                 for (int64_t t = 0; t < L; ++t) {                                                  \
                     T *CL_RESTRICT gp = gpre + t * E;                                              \
                     const T *CL_RESTRICT go = gout + (b * L + t) * E;                              \
