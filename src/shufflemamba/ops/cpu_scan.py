@@ -506,7 +506,8 @@ def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, d
     K = wt.shape[0]
     gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
     nthreads = _threads(batch * L * E)
-    dw_part, db_part = x.new_zeros(nthreads, K, E), x.new_zeros(nthreads, E)  # per-thread partial sums
+    part = x.new_zeros(nthreads * (K + 1) * E)  # the per-thread partial sums, one zeroed buffer
+    dw_part, db_part = part[:nthreads * K * E].view(nthreads, K, E), part[nthreads * K * E:].view(nthreads, E)
     rc = getattr(_lib_or_raise(), f"cv_bwd_{_sfx(x)}")(
         _ptr(x), *_strides(x), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx), *_strides(dx),
         int(accumulate), _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(reverse), nthreads,
