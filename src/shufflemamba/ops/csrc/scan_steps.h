@@ -288,15 +288,14 @@ static inline void sm_vadd_first(float *p, sm_vf v, int m) {
  * exact), coefficients fitted for relative error on [0, 1] (1.6e-7 evaluated in float, against
  * sm_exp2f's 1.9e-7). vscalefps gives 0 below the normal range (FTZ is on in the kernels) and
  * propagates NaN; no clamp needed. */
-static inline sm_vf sm_vexp2(sm_vf t) {
-    const sm_vf f = sm_vfrac(t);
+static inline sm_vf sm_vpow2_frac(sm_vf f) { /* p(f) ~ 2^f */
     sm_vf p = sm_vfma(sm_vset1(1.8671332e-3f), f, sm_vset1(9.0170223e-3f));
     p = sm_vfma(p, f, sm_vset1(5.5799920e-2f));
     p = sm_vfma(p, f, sm_vset1(2.4016444e-1f));
     p = sm_vfma(p, f, sm_vset1(6.9315130e-1f));
-    p = sm_vfma(p, f, sm_vset1(1.0f));
-    return sm_vscalef(p, t);
+    return sm_vfma(p, f, sm_vset1(1.0f));
 }
+static inline sm_vf sm_vexp2(sm_vf t) { return sm_vscalef(sm_vpow2_frac(sm_vfrac(t)), t); }
 
 /* e^x to a few ulp: x log2(e) as hi + lo (the FMA gives the product's rounding error exactly, plus
  * the part of log2(e) that float drops), so that |x| up to ~88 costs no relative accuracy (2^(x
@@ -309,13 +308,7 @@ static inline sm_vf sm_vexp(sm_vf x) {
     x = sm_vmax(sm_vmin(x, sm_vset1(89.0f)), sm_vset1(-104.0f)); /* |x| ~1e30 would turn lo into nonsense */
     const sm_vf hi = sm_vmul(x, l2e);
     const sm_vf lo = sm_vfma(x, sm_vset1(1.925963033500011e-8f), sm_vfmsub(x, l2e, hi)); /* x log2 e - hi */
-    const sm_vf f = sm_vadd(sm_vfrac(hi), lo);
-    sm_vf p = sm_vfma(sm_vset1(1.8671332e-3f), f, sm_vset1(9.0170223e-3f));
-    p = sm_vfma(p, f, sm_vset1(5.5799920e-2f));
-    p = sm_vfma(p, f, sm_vset1(2.4016444e-1f));
-    p = sm_vfma(p, f, sm_vset1(6.9315130e-1f));
-    p = sm_vfma(p, f, sm_vset1(1.0f));
-    return sm_vscalef(p, hi);
+    return sm_vscalef(sm_vpow2_frac(sm_vadd(sm_vfrac(hi), lo)), hi);
 }
 /* 1 / d: vrcp14ps and one Newton step (2^-28 relative) */
 static inline sm_vf sm_vrecip(sm_vf d) {
