@@ -29,6 +29,12 @@ from .cpu_scan import (_contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads, 
 
 __all__ = ["DirectionParams", "bimamba_core_cl", "rms_norm_cpu"]
 
+# Whether the forward saves y + D u (the gate's input) for dz. Off: the backward's replay of the states,
+# which it runs anyway, sums C_t h_t again instead (N FMAs per channel and step), so the forward writes
+# and the backward reads one (batch, L, E) tensor less per direction; the mixer core is mostly bound by
+# memory traffic at the demo's size (docs/benchmarks.md). A switch for A/B comparisons.
+SAVE_Y = False
+
 
 class DirectionParams(NamedTuple):
     """One scan direction's parameters, as the mixer holds them (A already ``-exp(A_log)``)."""
@@ -64,7 +70,9 @@ class _BiMambaCoreCL(torch.autograd.Function):
             dtw = p.dt_proj_weight.t().contiguous()  # (R, E): the scan forms delta = dt dtw itself
             At = p.A.t().contiguous()  # (N, E)
             dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
-            ysave = torch.empty_like(xc) if train else None  # y + D u before the gate, for dz
+            # y + D u before the gate, for dz: recomputed by the backward's replay unless SAVE_Y (one
+            # (batch, L, E) tensor less to write, keep and read back; see the module docstring)
+            ysave = torch.empty_like(xc) if train and SAVE_Y else None
             # halved, the second direction added in place: y = (y_f + y_b) / 2 with no extra pass
             scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), z, _contig(p.dt_proj_bias), y, dsave, ysave,
                         softplus=True, reverse=reverse, out_scale=0.5, accumulate=k == 1, dt=dt, dtw=dtw)

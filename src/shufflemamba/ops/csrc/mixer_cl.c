@@ -331,7 +331,7 @@
             const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
             const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of the *_part sums */       \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 7 * (size_t)(L * EB)           \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 9 * (size_t)(L * EB)           \
                                                          + 3 * (size_t)(N * EB) + 6 * EB           \
                                                          + 2 * (size_t)(R * EB)));                 \
             if (!buf) {                                                                            \
@@ -346,7 +346,9 @@
                 T *CL_RESTRICT gys = sgs + L * EB, *CL_RESTRICT us = gys + L * EB;                 \
                 T *CL_RESTRICT dus = us + L * EB, *CL_RESTRICT dds = dus + L * EB;                 \
                 T *CL_RESTRICT sgBs = dds + L * EB;                                                \
-                T *CL_RESTRICT g = sgBs + L * EB, *CL_RESTRICT dAa = g + N * EB, *CL_RESTRICT Ab = dAa + N * EB; \
+                /* without ysave: the replay's y = sum_n C_n h_n and dz's factor, per step */      \
+                T *CL_RESTRICT yrs = sgBs + L * EB, *CL_RESTRICT dzfs = yrs + L * EB;              \
+                T *CL_RESTRICT g = dzfs + L * EB, *CL_RESTRICT dAa = g + N * EB, *CL_RESTRICT Ab = dAa + N * EB; \
                 T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT y = Ds + EB; \
                 T *CL_RESTRICT go = y + EB, *CL_RESTRICT zz = go + EB, *CL_RESTRICT szs = zz + EB; \
                 T *CL_RESTRICT wb = szs + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
@@ -379,8 +381,8 @@
                         CL_PREFETCH_ROW(u + rp, 0);                                                \
                         CL_PREFETCH_ROW(dsv + rp, 0);                                              \
                         CL_PREFETCH_ROW(gout + rp, 0);                                             \
-                        if (z) {                                                                   \
-                            CL_PREFETCH_ROW(z + b * sz_b + tp * sz_t + e0, 0);                     \
+                        if (z) CL_PREFETCH_ROW(z + b * sz_b + tp * sz_t + e0, 0);                  \
+                        if (z && ysv) {                                                            \
                             CL_PREFETCH_ROW(ysv + rp, 0);                                          \
                             CL_PREFETCH_ROW(dz + b * sdz_b + tp * sdz_t + e0, 1);                  \
                         }                                                                          \
@@ -410,7 +412,11 @@
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) gy[j] = go[j];                                \
                     }                                                                              \
-                    if (z) { /* dz needs the forward's ysave, not the states */                    \
+                    if (z && !ysv) { /* dz = its factor here times y + D u, once the replay has y */ \
+                        T *CL_RESTRICT dzf = dzfs + s * EB;                                        \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) dzf[j] = go[j] * szs[j] * ((T)1 + zz[j] * ((T)1 - szs[j])); \
+                    } else if (z) { /* dz from the forward's ysave, not the states */              \
                         CL_LOAD(T, y, ysv + row, ne);                                              \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) {                                             \
@@ -428,14 +434,24 @@
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) dDacc[j] += gy[j] * uu[j];                        \
                 }                                                                                  \
-                /* the replay, on its own: it needs h only for dC and the reverse pass (y, for dz, \
-                 * is the forward's ysave, so no C_t h_t sum here) */                              \
+                /* the replay, on its own: h for dC and the reverse pass, and with a gate but no   \
+                 * ysave also y = sum_n C_n h_n for dz (the forward then writes and the backward   \
+                 * reads one (batch, L, E) tensor less) */                                         \
                 for (int64_t s = 0; s < L; ++s) {                                                  \
                     const int64_t t = reverse ? L - 1 - s : s;                                     \
-                    if (s + CL_PF < L) __builtin_prefetch(Bm + b * sB_b + (reverse ? t - CL_PF : t + CL_PF) * sB_t, 0, 3); \
-                    sl_replay_states_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, \
-                                           ds + s * EB, dus + s * EB, gys + s * EB, Bm + b * sB_b + t * sB_t, \
-                                           dCb + t * N, N);                                        \
+                    if (s + CL_PF < L) {                                                           \
+                        const int64_t tp = reverse ? t - CL_PF : t + CL_PF;                        \
+                        __builtin_prefetch(Bm + b * sB_b + tp * sB_t, 0, 3);                       \
+                        if (z && !ysv) __builtin_prefetch(Cm + b * sC_b + tp * sC_t, 0, 3);        \
+                    }                                                                              \
+                    if (z && !ysv)                                                                 \
+                        sl_replay_states_y_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, \
+                                                 ds + s * EB, dus + s * EB, gys + s * EB, Bm + b * sB_b + t * sB_t, \
+                                                 Cm + b * sC_b + t * sC_t, dCb + t * N, yrs + s * EB, N); \
+                    else                                                                           \
+                        sl_replay_states_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, \
+                                               ds + s * EB, dus + s * EB, gys + s * EB, Bm + b * sB_b + t * sB_t, \
+                                               dCb + t * N, N);                                    \
                 }                                                                                  \
                 /* pass 2: reverse recurrence for g = dL/dh, the adjoint state loops alone; each   \
                  * step's sums over the states (dd raw, sgB) go to its rows of dds / sgBs */       \
@@ -464,6 +480,7 @@
                         const int64_t tp = reverse ? L - 1 - (s + CL_PF) : s + CL_PF, rp = (b * L + tp) * E + e0; \
                         CL_PREFETCH_ROW(du_out + rp, 1);                                           \
                         if (ddelta) CL_PREFETCH_ROW(ddelta + rp, 1);                               \
+                        if (z && !ysv) CL_PREFETCH_ROW(dz + b * sdz_b + tp * sdz_t + e0, 1);       \
                     }                                                                              \
                     const T *CL_RESTRICT d = ds + s * EB, *CL_RESTRICT sg = sgs + s * EB;          \
                     const T *CL_RESTRICT gy = gys + s * EB, *CL_RESTRICT uu = us + s * EB;         \
@@ -477,6 +494,18 @@
                     }                                                                              \
                     CL_STORE(T, du_out + row, y, ne);                                              \
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
+                    if (z && !ysv) { /* dz = factor (y + D u), into zz as scratch */               \
+                        const T *CL_RESTRICT dzf = dzfs + s * EB, *CL_RESTRICT yr = yrs + s * EB;  \
+                        T *CL_RESTRICT dzr = dz + b * sdz_b + t * sdz_t + e0;                      \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) zz[j] = dzf[j] * (yr[j] + Ds[j] * uu[j]);     \
+                        if (acc_dz && ne == EB) {                                                  \
+                            _Pragma("omp simd") for (int j = 0; j < EB; ++j) zz[j] += dzr[j];      \
+                        } else if (acc_dz) {                                                       \
+                            for (int64_t j = 0; j < ne; ++j) zz[j] += dzr[j];                      \
+                        }                                                                          \
+                        CL_STORE(T, dzr, zz, ne);                                                  \
+                    }                                                                              \
                     if (dtw) sl_dtproj_ddt_##SFX(dd, R, wb, ddt + (b * L + t) * R); /* ddt = dtw dd */ \
                 }                                                                                  \
                 if (dtw) /* ddtw += dd dt^T over the block's steps (scan_steps.h) */               \

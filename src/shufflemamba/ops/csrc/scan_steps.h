@@ -62,6 +62,28 @@
             dC[n] += dc;                                                                           \
         }                                                                                          \
     }                                                                                              \
+    /* the same, with y = sum_n C_n h_n of the step too (for dz when the forward kept no ysave) */ \
+    static inline void sl_replay_states_y_##SFX(const T *CL_RESTRICT hp, T *CL_RESTRICT hc,        \
+                                                T *CL_RESTRICT ac, const T *CL_RESTRICT Ab,        \
+                                                const T *CL_RESTRICT d, const T *CL_RESTRICT du,   \
+                                                const T *CL_RESTRICT gy, const T *Bn, const T *Cn, \
+                                                T *dC, T *CL_RESTRICT y, int64_t N) {              \
+        _Pragma("omp simd") for (int j = 0; j < EB; ++j) y[j] = (T)0;                              \
+        for (int64_t n = 0; n < N; ++n) {                                                          \
+            const T bn = Bn[n], cn = Cn[n];                                                        \
+            const int64_t o = n * EB;                                                              \
+            T dc = (T)0;                                                                           \
+            _Pragma("omp simd reduction(+ : dc)")                                                  \
+            for (int j = 0; j < EB; ++j) {                                                         \
+                const T a = EXP2(d[j] * Ab[o + j]), hv = a * hp[o + j] + du[j] * bn;               \
+                ac[o + j] = a;                                                                     \
+                hc[o + j] = hv;                                                                    \
+                dc += gy[j] * hv;                                                                  \
+                y[j] += cn * hv;                                                                   \
+            }                                                                                      \
+            dC[n] += dc;                                                                           \
+        }                                                                                          \
+    }                                                                                              \
     /* pass 2 of the backward, one step in reverse: g_n = gy C_n + a'_n g_n (a' the next step's    \
      * decays), ga = g_n a_n h_{s-1}; dd = sum_n ga A_n and sgB = sum_n g_n B_n (written), dA_n += \
      * ga d, dB_n = sum over the block of g_n (d u). hp: N x EB states before the step, ac / ax:   \
@@ -507,6 +529,33 @@ static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_R
         }
         dC[n] += sm_vhsum(dc);
     }
+}
+static inline void sl_replay_states_y_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
+                                          float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
+                                          const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                          const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
+                                          float *dC, float *CL_RESTRICT y, int64_t N) {
+    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
+    for (int64_t n = 0; n < N; ++n) {
+        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
+        const int64_t o = n * EB;
+        sm_vf dc = sm_vzero();
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) {
+            const int64_t j = o + k * SM_VL;
+            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + k * SM_VL), sm_vload(Ab + j)));
+            const sm_vf hv = sm_vfma(a, sm_vload(hp + j), sm_vmul(sm_vload(du + k * SM_VL), vb));
+            sm_vstore(ac + j, a);
+            sm_vstore(hc + j, hv);
+            dc = sm_vfma(sm_vload(gy + k * SM_VL), hv, dc);
+            acc[k] = sm_vfma(vc, hv, acc[k]);
+        }
+        dC[n] += sm_vhsum(dc);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
 }
 static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const float *CL_RESTRICT ac,
                                          const float *CL_RESTRICT ax, const float *CL_RESTRICT Ab,
