@@ -71,7 +71,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
             At = p.A.t().contiguous()  # (N, E)
             dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
             # y + D u before the gate, for dz: recomputed by the backward's replay unless SAVE_Y (one
-            # (batch, L, E) tensor less to write, keep and read back; see the module docstring)
+            # (batch, L, E) tensor less to write, keep and read back; see SAVE_Y)
             ysave = torch.empty_like(xc) if train and SAVE_Y else None
             # halved, the second direction added in place: y = (y_f + y_b) / 2 with no extra pass
             scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), z, _contig(p.dt_proj_bias), y, dsave, ysave,

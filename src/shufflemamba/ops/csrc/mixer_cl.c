@@ -7,8 +7,10 @@
  * transposed or copied. Strided inputs pass (batch stride, time stride) in elements.
  *   x (conv input), z             : (batch, L, E) strided
  *   u, delta, gout                : (batch, L, E) contiguous
- *   ysave / ysv                   : (batch, L, E) y + D u before the gate (only with z), written by
- *                                   the forward so the backward's replay needs no C_t h_t sum
+ *   ysave / ysv                   : (batch, L, E) y + D u before the gate (only with z), optional:
+ *                                   given, the forward writes it and the backward's replay needs no
+ *                                   C_t h_t sum; NULL (the mixer's default), the replay sums it again,
+ *                                   cheaper than writing and reading the tensor (docs/benchmarks.md)
  *   dsave / dsv                   : (batch, L, E) the step d = softplus(delta + bias), written by
  *                                   the forward and read by the backward instead of delta
  *   Bm, Cm                        : (batch, L, N) strided (slices of x_proj's output)
