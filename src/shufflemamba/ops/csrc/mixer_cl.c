@@ -74,6 +74,19 @@
         }                                                                                          \
     } while (0)
 
+/* store the first ne values of an EB-long local row, after adding the destination's to them with acc
+ * (the mixer's second direction adds its dz to the first one's) */
+#define CL_STORE_ACC(T, dst, src, ne, acc)                                                         \
+    do {                                                                                           \
+        T *CL_RESTRICT d_ = (dst);                                                                 \
+        if ((acc) && (ne) == EB) {                                                                 \
+            _Pragma("omp simd") for (int j_ = 0; j_ < EB; ++j_)(src)[j_] += d_[j_];                \
+        } else if (acc) {                                                                          \
+            for (int64_t j_ = 0; j_ < (ne); ++j_)(src)[j_] += d_[j_];                              \
+        }                                                                                          \
+        CL_STORE(T, d_, src, ne);                                                                  \
+    } while (0)
+
 /* Software prefetch of the rows that step s + CL_PF (s - CL_PF in the backward's reverse pass)
  * reads or writes. One step's rows lie 1.5-3 KB apart in (batch, L, E) tensors and in views of
  * in_proj / x_proj outputs, so the hardware's stride prefetchers, which stop at 4 KB page
@@ -425,13 +438,7 @@
                             const T sz = szs[j];                                                   \
                             y[j] = go[j] * y[j] * sz * ((T)1 + zz[j] * ((T)1 - sz));               \
                         }                                                                          \
-                        T *CL_RESTRICT dzr = dz + b * sdz_b + t * sdz_t + e0;                      \
-                        if (acc_dz && ne == EB) {                                                  \
-                            _Pragma("omp simd") for (int j = 0; j < EB; ++j) y[j] += dzr[j];       \
-                        } else if (acc_dz) {                                                       \
-                            for (int64_t j = 0; j < ne; ++j) y[j] += dzr[j];                       \
-                        }                                                                          \
-                        CL_STORE(T, dzr, y, ne);                                                   \
+                        CL_STORE_ACC(T, dz + b * sdz_b + t * sdz_t + e0, y, ne, acc_dz);           \
                     }                                                                              \
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) dDacc[j] += gy[j] * uu[j];                        \
@@ -498,15 +505,9 @@
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
                     if (z && !ysv) { /* dz = factor (y + D u), into zz as scratch */               \
                         const T *CL_RESTRICT dzf = dzfs + s * EB, *CL_RESTRICT yr = yrs + s * EB;  \
-                        T *CL_RESTRICT dzr = dz + b * sdz_b + t * sdz_t + e0;                      \
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) zz[j] = dzf[j] * (yr[j] + Ds[j] * uu[j]);     \
-                        if (acc_dz && ne == EB) {                                                  \
-                            _Pragma("omp simd") for (int j = 0; j < EB; ++j) zz[j] += dzr[j];      \
-                        } else if (acc_dz) {                                                       \
-                            for (int64_t j = 0; j < ne; ++j) zz[j] += dzr[j];                      \
-                        }                                                                          \
-                        CL_STORE(T, dzr, zz, ne);                                                  \
+                        CL_STORE_ACC(T, dz + b * sdz_b + t * sdz_t + e0, zz, ne, acc_dz);          \
                     }                                                                              \
                     if (dtw) sl_dtproj_ddt_##SFX(dd, R, wb, ddt + (b * L + t) * R); /* ddt = dtw dd */ \
                 }                                                                                  \

@@ -42,47 +42,46 @@
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
-    /* hp: N x EB states before the step, hc: after it, ac: N x EB decays; dC: N sums */           \
+    /* hp: N x EB states before the step, hc: after it, ac: N x EB decays; dC: N sums; with with_y \
+     * also y = sum_n C_n h_n of the step (for dz when the forward kept no ysave). with_y is a     \
+     * constant at both wrappers' calls, so each inlined copy keeps only its own loop body */      \
+    static inline void sl_replay_worker_##SFX(const T *CL_RESTRICT hp, T *CL_RESTRICT hc,          \
+                                              T *CL_RESTRICT ac, const T *CL_RESTRICT Ab,          \
+                                              const T *CL_RESTRICT d, const T *CL_RESTRICT du,     \
+                                              const T *CL_RESTRICT gy, const T *Bn, const T *Cn,   \
+                                              T *dC, T *CL_RESTRICT y, int64_t N, const int with_y) { \
+        T yl[EB];                                                                                  \
+        _Pragma("omp simd") for (int j = 0; j < EB; ++j) yl[j] = (T)0;                             \
+        for (int64_t n = 0; n < N; ++n) {                                                          \
+            const T bn = Bn[n], cn = with_y ? Cn[n] : (T)0;                                        \
+            const int64_t o = n * EB;                                                              \
+            T dc = (T)0;                                                                           \
+            _Pragma("omp simd reduction(+ : dc)")                                                  \
+            for (int j = 0; j < EB; ++j) {                                                         \
+                const T a = EXP2(d[j] * Ab[o + j]), hv = a * hp[o + j] + du[j] * bn;               \
+                ac[o + j] = a;                                                                     \
+                hc[o + j] = hv;                                                                    \
+                dc += gy[j] * hv;                                                                  \
+                if (with_y) yl[j] += cn * hv;                                                      \
+            }                                                                                      \
+            dC[n] += dc;                                                                           \
+        }                                                                                          \
+        if (with_y)                                                                                \
+            _Pragma("omp simd") for (int j = 0; j < EB; ++j) y[j] = yl[j];                         \
+    }                                                                                              \
     static inline void sl_replay_states_##SFX(const T *CL_RESTRICT hp, T *CL_RESTRICT hc,          \
                                               T *CL_RESTRICT ac, const T *CL_RESTRICT Ab,          \
                                               const T *CL_RESTRICT d, const T *CL_RESTRICT du,     \
                                               const T *CL_RESTRICT gy, const T *Bn, T *dC,         \
                                               int64_t N) {                                         \
-        for (int64_t n = 0; n < N; ++n) {                                                          \
-            const T bn = Bn[n];                                                                    \
-            const int64_t o = n * EB;                                                              \
-            T dc = (T)0;                                                                           \
-            _Pragma("omp simd reduction(+ : dc)")                                                  \
-            for (int j = 0; j < EB; ++j) {                                                         \
-                const T a = EXP2(d[j] * Ab[o + j]), hv = a * hp[o + j] + du[j] * bn;               \
-                ac[o + j] = a;                                                                     \
-                hc[o + j] = hv;                                                                    \
-                dc += gy[j] * hv;                                                                  \
-            }                                                                                      \
-            dC[n] += dc;                                                                           \
-        }                                                                                          \
+        sl_replay_worker_##SFX(hp, hc, ac, Ab, d, du, gy, Bn, Bn, dC, NULL, N, 0);                 \
     }                                                                                              \
-    /* the same, with y = sum_n C_n h_n of the step too (for dz when the forward kept no ysave) */ \
     static inline void sl_replay_states_y_##SFX(const T *CL_RESTRICT hp, T *CL_RESTRICT hc,        \
                                                 T *CL_RESTRICT ac, const T *CL_RESTRICT Ab,        \
                                                 const T *CL_RESTRICT d, const T *CL_RESTRICT du,   \
                                                 const T *CL_RESTRICT gy, const T *Bn, const T *Cn, \
                                                 T *dC, T *CL_RESTRICT y, int64_t N) {              \
-        _Pragma("omp simd") for (int j = 0; j < EB; ++j) y[j] = (T)0;                              \
-        for (int64_t n = 0; n < N; ++n) {                                                          \
-            const T bn = Bn[n], cn = Cn[n];                                                        \
-            const int64_t o = n * EB;                                                              \
-            T dc = (T)0;                                                                           \
-            _Pragma("omp simd reduction(+ : dc)")                                                  \
-            for (int j = 0; j < EB; ++j) {                                                         \
-                const T a = EXP2(d[j] * Ab[o + j]), hv = a * hp[o + j] + du[j] * bn;               \
-                ac[o + j] = a;                                                                     \
-                hc[o + j] = hv;                                                                    \
-                dc += gy[j] * hv;                                                                  \
-                y[j] += cn * hv;                                                                   \
-            }                                                                                      \
-            dC[n] += dc;                                                                           \
-        }                                                                                          \
+        sl_replay_worker_##SFX(hp, hc, ac, Ab, d, du, gy, Bn, Cn, dC, y, N, 1);                    \
     }                                                                                              \
     /* pass 2 of the backward, one step in reverse: g_n = gy C_n + a'_n g_n (a' the next step's    \
      * decays), ga = g_n a_n h_{s-1}; dd = sum_n ga A_n and sgB = sum_n g_n B_n (written), dA_n += \
@@ -510,12 +509,17 @@ static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTR
     for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
 }
 
-static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
-                                        float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
-                                        const float *CL_RESTRICT d, const float *CL_RESTRICT du,
-                                        const float *CL_RESTRICT gy, const float *Bn, float *dC, int64_t N) {
+/* the replay, with y = sum_n C_n h_n too when with_y (a constant at both call sites below, so each
+ * inlined copy keeps only its own loop body) */
+static inline void sm_replay_states(const float *CL_RESTRICT hp, float *CL_RESTRICT hc, float *CL_RESTRICT ac,
+                                    const float *CL_RESTRICT Ab, const float *CL_RESTRICT d,
+                                    const float *CL_RESTRICT du, const float *CL_RESTRICT gy, const float *Bn,
+                                    const float *Cn, float *dC, float *CL_RESTRICT y, int64_t N, const int with_y) {
+    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
     for (int64_t n = 0; n < N; ++n) {
-        const sm_vf vb = sm_vset1(Bn[n]);
+        const sm_vf vb = sm_vset1(Bn[n]), vc = with_y ? sm_vset1(Cn[n]) : sm_vzero();
         const int64_t o = n * EB;
         sm_vf dc = sm_vzero();
 #pragma GCC unroll 16
@@ -526,36 +530,26 @@ static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_R
             sm_vstore(ac + j, a);
             sm_vstore(hc + j, hv);
             dc = sm_vfma(sm_vload(gy + k * SM_VL), hv, dc);
+            if (with_y) acc[k] = sm_vfma(vc, hv, acc[k]);
         }
         dC[n] += sm_vhsum(dc);
     }
+    if (with_y)
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
+}
+static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
+                                        float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
+                                        const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                        const float *CL_RESTRICT gy, const float *Bn, float *dC, int64_t N) {
+    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Bn, dC, NULL, N, 0);
 }
 static inline void sl_replay_states_y_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
                                           float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
                                           const float *CL_RESTRICT d, const float *CL_RESTRICT du,
                                           const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
                                           float *dC, float *CL_RESTRICT y, int64_t N) {
-    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
-#pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
-    for (int64_t n = 0; n < N; ++n) {
-        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
-        const int64_t o = n * EB;
-        sm_vf dc = sm_vzero();
-#pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) {
-            const int64_t j = o + k * SM_VL;
-            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + k * SM_VL), sm_vload(Ab + j)));
-            const sm_vf hv = sm_vfma(a, sm_vload(hp + j), sm_vmul(sm_vload(du + k * SM_VL), vb));
-            sm_vstore(ac + j, a);
-            sm_vstore(hc + j, hv);
-            dc = sm_vfma(sm_vload(gy + k * SM_VL), hv, dc);
-            acc[k] = sm_vfma(vc, hv, acc[k]);
-        }
-        dC[n] += sm_vhsum(dc);
-    }
-#pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
+    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Cn, dC, y, N, 1);
 }
 static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const float *CL_RESTRICT ac,
                                          const float *CL_RESTRICT ax, const float *CL_RESTRICT Ab,
