@@ -75,7 +75,7 @@
     } while (0)
 
 /* store the first ne values of an EB-long local row, after adding the destination's to them with acc
- * (the mixer's second direction adds its dz to the first one's) */
+ * (the mixer's second direction adds its output and its dz to the first one's) */
 #define CL_STORE_ACC(T, dst, src, ne, acc)                                                         \
     do {                                                                                           \
         T *CL_RESTRICT d_ = (dst);                                                                 \
@@ -117,7 +117,7 @@
         _Pragma("omp simd") for (int64_t j_ = 0; j_ < (N) * EB; ++j_)(Ab)[j_] *= (T)SM_LOG2E_D;   \
     } while (0)
 
-#define CL_DEFINE(T, SFX, EXP, SOFTPLUS, EXPM1)                                                    \
+#define CL_DEFINE(T, SFX)                                                                          \
     /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
     int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
                      const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,      \
@@ -297,16 +297,7 @@
                         _Pragma("omp simd")                                                        \
                         for (int j = 0; j < EB; ++j) y[j] = (y[j] + Ds[j] * uu[j]) * os;           \
                     }                                                                              \
-                    if (accumulate) {                                                              \
-                        T *CL_RESTRICT o = out + row;                                              \
-                        if (ne == EB) {                                                            \
-                            _Pragma("omp simd") for (int j = 0; j < EB; ++j) o[j] += y[j];         \
-                        } else {                                                                   \
-                            for (int64_t j = 0; j < ne; ++j) o[j] += y[j];                         \
-                        }                                                                          \
-                    } else {                                                                       \
-                        CL_STORE(T, out + row, y, ne);                                             \
-                    }                                                                              \
+                    CL_STORE_ACC(T, out + row, y, ne, accumulate);                                 \
                 }                                                                                  \
             }                                                                                      \
             SM_FTZ_END                                                                             \
@@ -579,8 +570,9 @@
 RMS_DEFINE(float, f32, sqrtf)
 RMS_DEFINE(double, f64, sqrt)
 
-CL_DEFINE(float, f32, sm_expf, sm_softplusf, sm_expm1f)
-CL_DEFINE(double, f64, exp, sm_softplus, expm1)
+/* the elementwise math of each type (exp, softplus, sigmoid) lives in scan_steps.h's row functions */
+CL_DEFINE(float, f32)
+CL_DEFINE(double, f64)
 
 /* the vector width in bits of the explicit-vector state loops (scan_steps.h), 0 where the generic
  * omp simd loops run (double always; float without AVX-512 or without SM_VECTOR_BITS) */

@@ -250,11 +250,6 @@ static inline sm_vf sm_vhsum_all(const sm_vf *v) {
     /* lane 4 b + a of d holds the sum of v[4 a + b]: transpose the 4 x 4 lane grid */
     return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), d);
 }
-/* p[0..m) += v's first m lanes */
-static inline void sm_vadd_first(float *p, sm_vf v, int m) {
-    const __mmask16 k = (__mmask16)((1u << m) - 1u);
-    _mm512_mask_storeu_ps(p, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, p), v));
-}
 #else
 typedef __m256 sm_vf;
 #define SM_VL 8
@@ -295,11 +290,11 @@ static inline sm_vf sm_vhsum_all(const sm_vf *v) { /* as the 512-bit one: 8 sums
     /* lane 4 b + a of d holds the sum of v[2 a + b] */
     return _mm256_permutevar8x32_ps(d, _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0));
 }
-static inline void sm_vadd_first(float *p, sm_vf v, int m) {
-    const __mmask8 k = (__mmask8)((1u << m) - 1u);
-    _mm256_mask_storeu_ps(p, k, _mm256_add_ps(_mm256_maskz_loadu_ps(k, p), v));
-}
 #endif
+/* p[0..m) += v's first m lanes */
+static inline void sm_vadd_first(float *p, sm_vf v, int m) {
+    sm_vstore_n(p, sm_vadd(sm_vload_n(p, m), v), m);
+}
 #define SM_NV (EB / SM_VL) /* vectors per channel block */
 #if EB % SM_VL != 0
 #error "EB must be a multiple of the vector length"
