@@ -378,15 +378,19 @@ def test_scan_cl_out_scale_and_accumulate_match_the_sum():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_mixer_fused_combine_matches_reference_directions(dtype):
+@pytest.mark.parametrize("L, d_state", [(6, 3), (300, 7)], ids=["short", "long"])
+def test_mixer_fused_combine_matches_reference_directions(dtype, L, d_state):
     """The fused mixer (second direction summed in place into the first's halved output) gives the
-    reference ``_direction`` path's output and the gradients of the input and every parameter."""
+    reference ``_direction`` path's output and the gradients of the input and every parameter.
+    At L 300 the scan backward runs its recurrences in groups of states (mixer_cl.c's
+    sm_state_group: 7 states as 3 + 3 + 1 in float32, one at a time in float64), the per-step sums
+    over the states adding up across the groups."""
     _needs("cpu")
     from shufflemamba.models import BiMambaMixer
 
     torch.manual_seed(1)
-    mixer = BiMambaMixer(8, d_state=3, dt_rank=2).to(dtype)  # E = 16: float64 conv1d stays fast
-    hidden = torch.randn(3, 6, 8, dtype=dtype, requires_grad=True)
+    mixer = BiMambaMixer(8, d_state=d_state, dt_rank=2).to(dtype)  # E = 16: float64 conv1d stays fast
+    hidden = torch.randn(3, L, 8, dtype=dtype, requires_grad=True)
     assert mixer._use_fused_cpu(hidden)
     out = mixer(hidden)
     gout = torch.randn_like(out)

@@ -102,6 +102,24 @@
     } while (0)
 #define CL_PREFETCH_ROW(p, rw) CL_PREFETCH(p, EB, rw)
 
+/* States per group of the scan backward (sl_bwd): its history (states and decays of every step,
+ * 2 (L + 1) EB values a state) is kept near CL_HIST_BYTES by running the recurrences over groups of
+ * states, one after the other. With all N at once (until 2026-12-02) the history outgrew the L2
+ * cache at long L: at Vim-Ti's (L 197, N 16) 2.4 MB a block, and the backward's time per
+ * element-step grew with L (377 ps at L 33, 548 ps at L 197; Intel Xeon, 2 MB L2). Groups of equal
+ * size: ceil(N / ngroups) */
+#ifndef CL_HIST_BYTES
+#define CL_HIST_BYTES (768 * 1024)
+#endif
+static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
+    const int64_t per_state = 2 * (L + 1) * EB * elem_bytes;
+    int64_t g = CL_HIST_BYTES / per_state;
+    if (g >= N) return N;
+    if (g < 1) g = 1;
+    const int64_t ngroups = (N + g - 1) / g;
+    return (N + ngroups - 1) / ngroups;
+}
+
 /* dst[0..ne) += src[0..ne) */
 #define CL_ADD_ROW(dst, src, ne)                                                                   \
     do {                                                                                           \
@@ -331,10 +349,11 @@
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
-            /* hs: (L+1) x N x EB states h_{s-1} (row 0 zero); as: (L+1) x N x EB decays, row L */ \
-            /* zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, d*u, dd, sgB; then N x EB */  \
-            /* g, dA, A. */                                                                        \
-            const size_t rows = (size_t)(L + 1) * (size_t)(N * EB);                                \
+            /* hs: (L+1) x G x EB states h_{s-1} (row 0 zero) of a group of G of the N states; as: */ \
+            /* (L+1) x G x EB decays, row L zero; per-step rows (L x EB) of d, sigmoid(x), gy, u, */ \
+            /* d*u, dd, sgB, y, dz's factor; then N x EB g, dA, A. */                              \
+            const int64_t G = sm_state_group(N, L, (int64_t)sizeof(T));                            \
+            const size_t rows = (size_t)(L + 1) * (size_t)(G * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
             const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of the *_part sums */       \
             T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 9 * (size_t)(L * EB)           \
@@ -367,8 +386,6 @@
                 }                                                                                  \
                 CL_LOAD_A_LOG2E(T, Ab, At, N, E, e0, ne); /* pass 2 scales its sum over A by ln 2 */ \
                 if (D) CL_LOAD(T, Ds, D + e0, ne); else memset(Ds, 0, sizeof(T) * EB);             \
-                memset(hs, 0, sizeof(T) * (size_t)(N * EB));                                       \
-                memset(as + (size_t)L * N * EB, 0, sizeof(T) * (size_t)(N * EB));                  \
                 memset(g, 0, sizeof(T) * (size_t)(N * EB));                                        \
                 memset(dAa, 0, sizeof(T) * (size_t)(N * EB));                                      \
                 T dDacc[EB], dbacc[EB];                                                            \
@@ -434,6 +451,12 @@
                     _Pragma("omp simd")                                                            \
                     for (int j = 0; j < EB; ++j) dDacc[j] += gy[j] * uu[j];                        \
                 }                                                                                  \
+                /* the two recurrences for one group of G states after the other (sm_state_group): \
+                 * the per-step sums over the states (y, dd, sgB) add up over the groups */        \
+                for (int64_t n0 = 0; n0 < N; n0 += G) {                                            \
+                const int64_t Gn = N - n0 < G ? N - n0 : G, SN = Gn * EB; /* states, a history row */ \
+                memset(hs, 0, sizeof(T) * (size_t)SN);                                             \
+                memset(as + (size_t)L * SN, 0, sizeof(T) * (size_t)SN);                            \
                 /* the replay, on its own: h for dC and the reverse pass, and with a gate but no   \
                  * ysave also y = sum_n C_n h_n for dz (the forward then writes and the backward   \
                  * reads one (batch, L, E) tensor less) */                                         \
@@ -444,30 +467,31 @@
                         __builtin_prefetch(Bm + b * sB_b + tp * sB_t, 0, 3);                       \
                         if (z && !ysv) __builtin_prefetch(Cm + b * sC_b + tp * sC_t, 0, 3);        \
                     }                                                                              \
+                    const T *Bn = Bm + b * sB_b + t * sB_t + n0;                                   \
                     if (z && !ysv)                                                                 \
-                        sl_replay_states_y_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, \
-                                                 ds + s * EB, dus + s * EB, gys + s * EB, Bm + b * sB_b + t * sB_t, \
-                                                 Cm + b * sC_b + t * sC_t, dCb + t * N, yrs + s * EB, N); \
+                        sl_replay_states_y_##SFX(hs + s * SN, hs + (s + 1) * SN, as + s * SN, Ab + n0 * EB, ds + s * EB, \
+                                                 dus + s * EB, gys + s * EB, Bn, Cm + b * sC_b + t * sC_t + n0, \
+                                                 dCb + t * N + n0, yrs + s * EB, Gn, n0 > 0);      \
                     else                                                                           \
-                        sl_replay_states_##SFX(hs + s * N * EB, hs + (s + 1) * N * EB, as + s * N * EB, Ab, \
-                                               ds + s * EB, dus + s * EB, gys + s * EB, Bm + b * sB_b + t * sB_t, \
-                                               dCb + t * N, N);                                    \
+                        sl_replay_states_##SFX(hs + s * SN, hs + (s + 1) * SN, as + s * SN, Ab + n0 * EB, ds + s * EB, \
+                                               dus + s * EB, gys + s * EB, Bn, dCb + t * N + n0, Gn); \
                 }                                                                                  \
                 /* pass 2: reverse recurrence for g = dL/dh, the adjoint state loops alone; each   \
                  * step's sums over the states (dd raw, sgB) go to its rows of dds / sgBs */       \
                 for (int64_t s = L - 1; s >= 0; --s) {                                             \
                     const int64_t t = reverse ? L - 1 - s : s;                                     \
-                    const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
+                    const T *Bn = Bm + b * sB_b + t * sB_t + n0, *Cn = Cm + b * sC_b + t * sC_t + n0; \
                     if (s - CL_PF >= 0) {                                                          \
                         const int64_t tp = reverse ? L - 1 - (s - CL_PF) : s - CL_PF;              \
                         __builtin_prefetch(Bm + b * sB_b + tp * sB_t, 0, 3);                       \
                         __builtin_prefetch(Cm + b * sC_b + tp * sC_t, 0, 3);                       \
                     }                                                                              \
                     /* dd = sum_n ga_n A_n, sgB = sum_n g_n B_n; g, dA, dB updated (scan_steps.h) */ \
-                    sl_adjoint_states_##SFX(hs + s * N * EB, as + s * N * EB, as + (s + 1) * N * EB, Ab, \
-                                            ds + s * EB, dus + s * EB, gys + s * EB, Bn, Cn, g, dAa, \
-                                            dds + s * EB, sgBs + s * EB, dBb + t * N, N);          \
+                    sl_adjoint_states_##SFX(hs + s * SN, as + s * SN, as + (s + 1) * SN, Ab + n0 * EB, ds + s * EB, \
+                                            dus + s * EB, gys + s * EB, Bn, Cn, g + n0 * EB, dAa + n0 * EB, \
+                                            dds + s * EB, sgBs + s * EB, dBb + t * N + n0, Gn, n0 > 0); \
                 }                                                                                  \
+                } /* state group */                                                                \
                 /* du and d(delta) from the sums of pass 2, step by step, off its recurrence. Run  \
                  * between two steps' state loops (until 2026-12-01) this work cost far more than  \
                  * on its own: dt_proj's gradients ~2.2 of the scan backward's 13 ms at the D 192  \

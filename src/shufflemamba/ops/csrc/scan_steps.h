@@ -43,15 +43,17 @@
         }                                                                                          \
     }                                                                                              \
     /* hp: N x EB states before the step, hc: after it, ac: N x EB decays; dC: N sums; with with_y \
-     * also y = sum_n C_n h_n of the step (for dz when the forward kept no ysave). with_y is a     \
-     * constant at both wrappers' calls, so each inlined copy keeps only its own loop body */      \
+     * also y = sum_n C_n h_n of the step (for dz when the forward kept no ysave), added to y with \
+     * add_y (sl_bwd's later groups of states). with_y is a constant at both wrappers' calls, so   \
+     * each inlined copy keeps only its own loop body */                                           \
     static inline void sl_replay_worker_##SFX(const T *CL_RESTRICT hp, T *CL_RESTRICT hc,          \
                                               T *CL_RESTRICT ac, const T *CL_RESTRICT Ab,          \
                                               const T *CL_RESTRICT d, const T *CL_RESTRICT du,     \
                                               const T *CL_RESTRICT gy, const T *Bn, const T *Cn,   \
-                                              T *dC, T *CL_RESTRICT y, int64_t N, const int with_y) { \
+                                              T *dC, T *CL_RESTRICT y, int64_t N, const int with_y, \
+                                              int add_y) {                                         \
         T yl[EB];                                                                                  \
-        _Pragma("omp simd") for (int j = 0; j < EB; ++j) yl[j] = (T)0;                             \
+        _Pragma("omp simd") for (int j = 0; j < EB; ++j) yl[j] = with_y && add_y ? y[j] : (T)0;    \
         for (int64_t n = 0; n < N; ++n) {                                                          \
             const T bn = Bn[n], cn = with_y ? Cn[n] : (T)0;                                        \
             const int64_t o = n * EB;                                                              \
@@ -74,26 +76,27 @@
                                               const T *CL_RESTRICT d, const T *CL_RESTRICT du,     \
                                               const T *CL_RESTRICT gy, const T *Bn, T *dC,         \
                                               int64_t N) {                                         \
-        sl_replay_worker_##SFX(hp, hc, ac, Ab, d, du, gy, Bn, Bn, dC, NULL, N, 0);                 \
+        sl_replay_worker_##SFX(hp, hc, ac, Ab, d, du, gy, Bn, Bn, dC, NULL, N, 0, 0);              \
     }                                                                                              \
     static inline void sl_replay_states_y_##SFX(const T *CL_RESTRICT hp, T *CL_RESTRICT hc,        \
                                                 T *CL_RESTRICT ac, const T *CL_RESTRICT Ab,        \
                                                 const T *CL_RESTRICT d, const T *CL_RESTRICT du,   \
                                                 const T *CL_RESTRICT gy, const T *Bn, const T *Cn, \
-                                                T *dC, T *CL_RESTRICT y, int64_t N) {              \
-        sl_replay_worker_##SFX(hp, hc, ac, Ab, d, du, gy, Bn, Cn, dC, y, N, 1);                    \
+                                                T *dC, T *CL_RESTRICT y, int64_t N, int add_y) {   \
+        sl_replay_worker_##SFX(hp, hc, ac, Ab, d, du, gy, Bn, Cn, dC, y, N, 1, add_y);             \
     }                                                                                              \
     /* pass 2 of the backward, one step in reverse: g_n = gy C_n + a'_n g_n (a' the next step's    \
      * decays), ga = g_n a_n h_{s-1}; dd = sum_n ga A_n and sgB = sum_n g_n B_n (written), dA_n += \
      * ga d, dB_n = sum over the block of g_n (d u). hp: N x EB states before the step, ac / ax:   \
-     * this / the next step's decays. States in pairs: dd, sgB (and d, du, gy) loaded and stored   \
-     * once per pair */                                                                            \
+     * this / the next step's decays. With add, dd and sgB are added to (sl_bwd's later groups of  \
+     * states). States in pairs: dd, sgB (and d, du, gy) loaded and stored once per pair */        \
     static inline void sl_adjoint_states_##SFX(                                                    \
         const T *CL_RESTRICT hp, const T *CL_RESTRICT ac, const T *CL_RESTRICT ax,                 \
         const T *CL_RESTRICT Ab, const T *CL_RESTRICT d, const T *CL_RESTRICT du,                  \
         const T *CL_RESTRICT gy, const T *Bn, const T *Cn, T *CL_RESTRICT g, T *CL_RESTRICT dA,    \
-        T *CL_RESTRICT dd, T *CL_RESTRICT sgB, T *dB, int64_t N) {                                 \
-        _Pragma("omp simd") for (int j = 0; j < EB; ++j) dd[j] = sgB[j] = (T)0;                    \
+        T *CL_RESTRICT dd, T *CL_RESTRICT sgB, T *dB, int64_t N, int add) {                        \
+        if (!add)                                                                                  \
+            _Pragma("omp simd") for (int j = 0; j < EB; ++j) dd[j] = sgB[j] = (T)0;                \
         int64_t n = 0;                                                                             \
         for (; n + 1 < N; n += 2) {                                                                \
             const T b0 = Bn[n], c0 = Cn[n], b1 = Bn[n + 1], c1 = Cn[n + 1];                        \
@@ -509,10 +512,11 @@ static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTR
 static inline void sm_replay_states(const float *CL_RESTRICT hp, float *CL_RESTRICT hc, float *CL_RESTRICT ac,
                                     const float *CL_RESTRICT Ab, const float *CL_RESTRICT d,
                                     const float *CL_RESTRICT du, const float *CL_RESTRICT gy, const float *Bn,
-                                    const float *Cn, float *dC, float *CL_RESTRICT y, int64_t N, const int with_y) {
+                                    const float *Cn, float *dC, float *CL_RESTRICT y, int64_t N, const int with_y,
+                                    int add_y) {
     sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
+    for (int k = 0; k < SM_NV; ++k) acc[k] = with_y && add_y ? sm_vload(y + k * SM_VL) : sm_vzero();
     for (int64_t n = 0; n < N; ++n) {
         const sm_vf vb = sm_vset1(Bn[n]), vc = with_y ? sm_vset1(Cn[n]) : sm_vzero();
         const int64_t o = n * EB;
@@ -537,24 +541,27 @@ static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_R
                                         float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
                                         const float *CL_RESTRICT d, const float *CL_RESTRICT du,
                                         const float *CL_RESTRICT gy, const float *Bn, float *dC, int64_t N) {
-    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Bn, dC, NULL, N, 0);
+    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Bn, dC, NULL, N, 0, 0);
 }
 static inline void sl_replay_states_y_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
                                           float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
                                           const float *CL_RESTRICT d, const float *CL_RESTRICT du,
                                           const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
-                                          float *dC, float *CL_RESTRICT y, int64_t N) {
-    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Cn, dC, y, N, 1);
+                                          float *dC, float *CL_RESTRICT y, int64_t N, int add_y) {
+    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Cn, dC, y, N, 1, add_y);
 }
 static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const float *CL_RESTRICT ac,
                                          const float *CL_RESTRICT ax, const float *CL_RESTRICT Ab,
                                          const float *CL_RESTRICT d, const float *CL_RESTRICT du,
                                          const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
                                          float *CL_RESTRICT g, float *CL_RESTRICT dA, float *CL_RESTRICT dd,
-                                         float *CL_RESTRICT sgB, float *dB, int64_t N) {
+                                         float *CL_RESTRICT sgB, float *dB, int64_t N, int add) {
     sm_vf vdd[SM_NV], vsg[SM_NV]; /* dd and sgB of the block, in registers across the states */
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) vdd[k] = vsg[k] = sm_vzero();
+    for (int k = 0; k < SM_NV; ++k) {
+        vdd[k] = add ? sm_vload(dd + k * SM_VL) : sm_vzero();
+        vsg[k] = add ? sm_vload(sgB + k * SM_VL) : sm_vzero();
+    }
     for (int64_t n = 0; n < N; ++n) {
         const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
         const int64_t o = n * EB;
