@@ -281,27 +281,31 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                         else CL_PREFETCH_ROW(delta + rp, 0);                                       \
                     }                                                                              \
                     CL_LOAD(T, uu, u + row, ne);                                                   \
-                    if (dtw) {                                                                     \
-                        const T *dtr = dt + b * sdt_b + t * sdt_t;                                 \
-                        _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) dl[j] = (T)0;                                 \
-                        for (int64_t r = 0; r < R; ++r) {                                          \
-                            const T v = dtr[r], *CL_RESTRICT wr = wb + r * EB;                     \
+                    if (dtw && softplus) { /* the mixer's case: d, du from dt in one pass (scan_steps.h) */ \
+                        sl_delta_row_##SFX(dt + b * sdt_b + t * sdt_t, R, wb, bs, uu, d, du);      \
+                    } else {                                                                       \
+                        if (dtw) {                                                                 \
+                            const T *dtr = dt + b * sdt_b + t * sdt_t;                             \
                             _Pragma("omp simd")                                                    \
-                            for (int j = 0; j < EB; ++j) dl[j] += v * wr[j];                       \
+                            for (int j = 0; j < EB; ++j) dl[j] = (T)0;                             \
+                            for (int64_t r = 0; r < R; ++r) {                                      \
+                                const T v = dtr[r], *CL_RESTRICT wr = wb + r * EB;                 \
+                                _Pragma("omp simd")                                                \
+                                for (int j = 0; j < EB; ++j) dl[j] += v * wr[j];                   \
+                            }                                                                      \
+                        } else {                                                                   \
+                            CL_LOAD(T, dl, delta + row, ne);                                       \
                         }                                                                          \
-                    } else {                                                                       \
-                        CL_LOAD(T, dl, delta + row, ne);                                           \
-                    }                                                                              \
-                    /* branch outside the loops: a flag read inside defeats vectorisation */       \
-                    if (softplus) {                                                                \
-                        sl_softplus_row_##SFX(dl, bs, d); /* d = softplus(dl + bs) (scan_steps.h) */ \
-                    } else {                                                                       \
+                        /* branch outside the loops: a flag read inside defeats vectorisation */   \
+                        if (softplus) {                                                            \
+                            sl_softplus_row_##SFX(dl, bs, d); /* d = softplus(dl + bs) (scan_steps.h) */ \
+                        } else {                                                                   \
+                            _Pragma("omp simd")                                                    \
+                            for (int j = 0; j < EB; ++j) d[j] = dl[j] + bs[j];                     \
+                        }                                                                          \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) d[j] = dl[j] + bs[j];                         \
+                        for (int j = 0; j < EB; ++j) du[j] = d[j] * uu[j];                         \
                     }                                                                              \
-                    _Pragma("omp simd")                                                            \
-                    for (int j = 0; j < EB; ++j) du[j] = d[j] * uu[j];                             \
                     if (dsave) CL_STORE(T, dsave + row, d, ne); /* the backward starts from d */   \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
                     sl_fwd_states_##SFX(h, Ab, d, du, y, Bn, Cn, N); /* y = sum_n C_n h_n (scan_steps.h) */\

@@ -157,6 +157,24 @@
                 for (int j = 0; j < EB; ++j) dwb[r * EB + j] += dd[s * EB + j] * v;                \
             }                                                                                      \
     }                                                                                              \
+    /* the forward's step before the states, with dt_proj fused: delta = sum_r dt_r W_r (R x EB rows \
+     * wb), d = softplus(delta + bias), du = d u, over a row of the block */                       \
+    static inline void sl_delta_row_##SFX(const T *dtr, int64_t R, const T *CL_RESTRICT wb,        \
+                                          const T *CL_RESTRICT bs, const T *CL_RESTRICT uu,        \
+                                          T *CL_RESTRICT d, T *CL_RESTRICT du) {                   \
+        T dl[EB];                                                                                  \
+        _Pragma("omp simd") for (int j = 0; j < EB; ++j) dl[j] = (T)0;                             \
+        for (int64_t r = 0; r < R; ++r) {                                                          \
+            const T v = dtr[r];                                                                    \
+            _Pragma("omp simd") for (int j = 0; j < EB; ++j) dl[j] += v * wb[r * EB + j];          \
+        }                                                                                          \
+        _Pragma("omp simd")                                                                        \
+        for (int j = 0; j < EB; ++j) {                                                             \
+            const T x = dl[j] + bs[j];                                                             \
+            d[j] = SOFTPLUS(x);                                                                    \
+            du[j] = d[j] * uu[j];                                                                  \
+        }                                                                                          \
+    }                                                                                              \
     /* d = softplus(x + bias) over a row of the block (the forward's step, before the states) */   \
     static inline void sl_softplus_row_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT bs,      \
                                              T *CL_RESTRICT d) {                                   \
@@ -352,6 +370,27 @@ static inline sm_vf sm_vsoftplus(sm_vf x) {
 static inline sm_vf sm_vsigmoid(sm_vf z) {
     const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), z), sm_vset1(88.0f)));
     return sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
+}
+/* as the generic one, delta in registers across the R rows of dt_proj: a load and an FMA per row
+ * and vector, where the generic loop also loads and stores delta's row for each */
+static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL_RESTRICT wb,
+                                    const float *CL_RESTRICT bs, const float *CL_RESTRICT uu,
+                                    float *CL_RESTRICT d, float *CL_RESTRICT du) {
+    sm_vf acc[SM_NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
+    for (int64_t r = 0; r < R; ++r) {
+        const sm_vf v = sm_vset1(dtr[r]);
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vfma(v, sm_vload(wb + r * EB + k * SM_VL), acc[k]);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const int j = k * SM_VL;
+        const sm_vf dv = sm_vsoftplus(sm_vadd(acc[k], sm_vload(bs + j)));
+        sm_vstore(d + j, dv);
+        sm_vstore(du + j, sm_vmul(dv, sm_vload(uu + j)));
+    }
 }
 static inline void sl_softplus_row_f32(const float *CL_RESTRICT x, const float *CL_RESTRICT bs,
                                        float *CL_RESTRICT d) {
