@@ -35,6 +35,11 @@ __all__ = ["DirectionParams", "bimamba_core_cl", "rms_norm_cpu"]
 # memory traffic at the demo's size (docs/benchmarks.md). A switch for A/B comparisons.
 SAVE_Y = False
 
+# Whether the first direction writes its y + D u ungated and the second gates the sum (one sigmoid of z
+# and one read of z per element, not one per direction). Off: each direction gates its own half, the
+# mixer's forward until 2026-12-02. A switch for A/B comparisons, as SAVE_Y.
+GATE_ONCE = True
+
 
 class DirectionParams(NamedTuple):
     """One scan direction's parameters, as the mixer holds them (A already ``-exp(A_log)``)."""
@@ -73,9 +78,12 @@ class _BiMambaCoreCL(torch.autograd.Function):
             # y + D u before the gate, for dz: recomputed by the backward's replay unless SAVE_Y (one
             # (batch, L, E) tensor less to write, keep and read back; see SAVE_Y)
             ysave = torch.empty_like(xc) if train and SAVE_Y else None
-            # halved, the second direction added in place: y = (y_f + y_b) / 2 with no extra pass
-            scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), z, _contig(p.dt_proj_bias), y, dsave, ysave,
-                        softplus=True, reverse=reverse, out_scale=0.5, accumulate=k == 1, dt=dt, dtw=dtw)
+            # y = silu(z) (y_f + y_b) / 2 with no extra pass: the first direction's y_f (+ D u) goes into y
+            # ungated, the second adds y_b and gates the sum (GATE_ONCE; else each gates and halves its own)
+            first_raw = GATE_ONCE and k == 0
+            scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), None if first_raw else z, _contig(p.dt_proj_bias), y,
+                        dsave, ysave, softplus=True, reverse=reverse, out_scale=1.0 if first_raw else 0.5,
+                        accumulate=k == 1 and not GATE_ONCE, gate_sum=k == 1 and GATE_ONCE, dt=dt, dtw=dtw)
             saved += [wt, bias, xc, x_dbl, At, dtw, dsave, ysave]
         if train:
             ctx.save_for_backward(xz, *flat, *saved)

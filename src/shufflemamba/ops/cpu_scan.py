@@ -57,12 +57,13 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 9  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+_ABI_VERSION = 10  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
 # 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample;
 # 8: sl_bwd's dB, dC, ddt whole (batch, L, .) and added to (caller-zeroed), not per channel block;
 # 9: sl_fwd / sl_bwd take ysave NULL with a gate (the backward then sums C_t h_t itself; older kernels
 # would read through the NULL, so --kernels-from must refuse them)
+# 10: sl_fwd's accumulate 2 (out's row added before the gate and scale: the mixer gates once)
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
@@ -522,17 +523,21 @@ def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, d
 def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 z: Tensor | None, delta_bias: Tensor | None, out: Tensor, dsave: Tensor | None, ysave: Tensor | None,
                 *, softplus: bool, reverse: bool, out_scale: float, accumulate: bool,
-                dt: Tensor | None = None, dtw: Tensor | None = None) -> None:
+                dt: Tensor | None = None, dtw: Tensor | None = None, gate_sum: bool = False) -> None:
     """The ``sl_fwd`` kernel into ``out`` (added to it with ``accumulate``). u contiguous; B, C, z and
     dt (batch, L, .) with unit last stride; At (N, E). With ``dtw`` (R, E) the kernel forms
-    delta = dt dtw itself and ``delta`` is not read; ``dsave`` / ``ysave`` (for the backward) may be None."""
+    delta = dt dtw itself and ``delta`` is not read; ``dsave`` / ``ysave`` (for the backward) may be None.
+    With ``gate_sum`` out's values are added to y + D u before the gate and the scale (the mixer's
+    second direction, after the first wrote its y + D u ungated): out = out_scale * gate(y + D u + out)."""
+    if gate_sum and accumulate:
+        raise ValueError("scan_fwd_cl: accumulate and gate_sum exclude each other")
     batch, L, E = u.shape
     N = At.shape[0]
     dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), dtw.shape[0]) if dtw is not None else _NO_DTPROJ
     rc = getattr(_lib_or_raise(), f"sl_fwd_{_sfx(u)}")(
         _ptr(u), _ptr(delta), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D), _ptr(z), *_strides(z),
         _ptr(delta_bias), _ptr(out), _ptr(dsave), _ptr(ysave), batch, E, L, N, int(softplus), int(reverse),
-        float(out_scale), int(accumulate), *dtproj, _threads(batch * L * E * N),
+        float(out_scale), 2 if gate_sum else int(accumulate), *dtproj, _threads(batch * L * E * N),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")

@@ -237,8 +237,11 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                      T *CL_RESTRICT ysave, int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, int accumulate, const T *dt, int64_t sdt_b, int64_t sdt_t,     \
                      const T *CL_RESTRICT dtw, int64_t R, int nthreads) {                          \
-        /* out = oscale * y, or out += oscale * y with accumulate: the mixer's second direction   \
-         * adds its half into the first one's output, with no separate (y_f + y_b) / 2 pass.      \
+        /* out = oscale * y, out += oscale * y with accumulate 1, or out = oscale * gate(y + out) with \
+         * accumulate 2: the mixer's first direction writes its y (+ D u) ungated and unscaled, the \
+         * second adds its own and gates the sum, with no separate (y_f + y_b) / 2 pass and one gate \
+         * (sigmoid(z), z read) per element instead of one per direction (until 2026-12-02: each   \
+         * direction gated its y and the second added its half, accumulate 1).                     \
          * With dtw (R, E) given, delta is not read: delta_t = dtw^T dt_t is formed per step from  \
          * dt (batch, L, R) strided (dt_proj fused: no (batch, L, E) delta written or read) */    \
         const T os = (T)oscale;                                                                    \
@@ -309,17 +312,22 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     if (dsave) CL_STORE(T, dsave + row, d, ne); /* the backward starts from d */   \
                     const T *Bn = Bm + b * sB_b + t * sB_t, *Cn = Cm + b * sC_b + t * sC_t;        \
                     sl_fwd_states_##SFX(h, Ab, d, du, y, Bn, Cn, N); /* y = sum_n C_n h_n (scan_steps.h) */\
+                    _Pragma("omp simd")                                                            \
+                    for (int j = 0; j < EB; ++j) y[j] += Ds[j] * uu[j];                            \
+                    if (ysave) CL_STORE(T, ysave + row, y, ne); /* dz needs it, ungated */         \
+                    if (accumulate == 2) { /* out's row (the mixer's first direction, ungated) added first */ \
+                        CL_LOAD(T, dl, out + row, ne);                                             \
+                        _Pragma("omp simd")                                                        \
+                        for (int j = 0; j < EB; ++j) y[j] += dl[j];                                \
+                    }                                                                              \
                     if (z) {                                                                       \
                         CL_LOAD(T, zz, z + b * sz_b + t * sz_t + e0, ne);                          \
-                        _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) y[j] += Ds[j] * uu[j];                        \
-                        if (ysave) CL_STORE(T, ysave + row, y, ne); /* dz needs it, ungated */     \
                         sl_gate_row_##SFX(y, zz, os); /* y z sigmoid(z) os (scan_steps.h) */       \
                     } else {                                                                       \
                         _Pragma("omp simd")                                                        \
-                        for (int j = 0; j < EB; ++j) y[j] = (y[j] + Ds[j] * uu[j]) * os;           \
+                        for (int j = 0; j < EB; ++j) y[j] *= os;                                   \
                     }                                                                              \
-                    CL_STORE_ACC(T, out + row, y, ne, accumulate);                                 \
+                    CL_STORE_ACC(T, out + row, y, ne, accumulate == 1);                            \
                 }                                                                                  \
             }                                                                                      \
             SM_FTZ_END                                                                             \
