@@ -383,8 +383,8 @@ def test_mixer_fused_combine_matches_reference_directions(dtype, L, d_state):
     """The fused mixer (second direction summed in place into the first's halved output) gives the
     reference ``_direction`` path's output and the gradients of the input and every parameter.
     At L 300 the scan backward runs its recurrences in groups of states (mixer_cl.c's
-    sm_state_group: 7 states as 3 + 3 + 1 in float32, one at a time in float64), the per-step sums
-    over the states adding up across the groups."""
+    sm_state_group; with a 2 MB L2, 7 states as 3 + 3 + 1 in float32 and one at a time in float64),
+    the per-step sums over the states adding up across the groups."""
     _needs("cpu")
     from shufflemamba.models import BiMambaMixer
 

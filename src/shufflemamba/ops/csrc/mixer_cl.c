@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h> /* sysconf: the L2 size */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -103,17 +104,32 @@
 #define CL_PREFETCH_ROW(p, rw) CL_PREFETCH(p, EB, rw)
 
 /* States per group of the scan backward (sl_bwd): its history (states and decays of every step,
- * 2 (L + 1) EB values a state) is kept near CL_HIST_BYTES by running the recurrences over groups of
+ * 2 (L + 1) EB values a state) is kept near sm_hist_bytes() by running the recurrences over groups of
  * states, one after the other. With all N at once (until 2026-12-02) the history outgrew the L2
  * cache at long L: at Vim-Ti's (L 197, N 16) 2.4 MB a block, and the backward's time per
- * element-step grew with L (377 ps at L 33, 548 ps at L 197; Intel Xeon, 2 MB L2). Groups of equal
- * size: ceil(N / ngroups) */
-#ifndef CL_HIST_BYTES
-#define CL_HIST_BYTES (768 * 1024)
+ * element-step grew with L (377 ps at L 33, 548 ps at L 197; Intel Xeon, 2 MB L2 a core). 3/8 of
+ * the L2 size was the best of 1/8, 1/4, 3/8, 1/2 and 3/4 of it there (768 KB: scan backward at
+ * Vim-Ti's shape 1.08x over 512 KB and 1.04x over 1 MB); other CPUs get the same share of theirs
+ * (unmeasured: AMD EPYC's 1 MB L2 gives 384 KB), 768 KB where the size is unknown. Groups of
+ * equal size: ceil(N / ngroups) */
+static int64_t sm_hist_bytes(void) {
+#ifdef CL_HIST_BYTES
+    return CL_HIST_BYTES;
+#else
+    static int64_t bytes = 0; /* a benign race: every thread computes the same value */
+    if (bytes == 0) {
+        long l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+        l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
+        bytes = l2 >= 256 * 1024 ? (int64_t)l2 * 3 / 8 : 768 * 1024;
+    }
+    return bytes;
+#endif
+}
 static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
     const int64_t per_state = 2 * (L + 1) * EB * elem_bytes;
-    int64_t g = CL_HIST_BYTES / per_state;
+    int64_t g = sm_hist_bytes() / per_state;
     if (g >= N) return N;
     if (g < 1) g = 1;
     const int64_t ngroups = (N + g - 1) / g;
