@@ -4,10 +4,14 @@ import os
 import sys
 
 if "torch" not in sys.modules:
-    # OpenMP's default (spinning) wait policy makes 2-thread CPU training several times slower when
-    # the cores are shared with other work (docs/benchmarks.md). It only takes effect if set before
-    # torch loads its OpenMP runtime; a value the user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # How idle OpenMP threads wait: a bounded spin on an idle machine, for the shufflemamba command,
+    # else PASSIVE (a spinning policy makes 2-thread training several times slower when the cores are
+    # shared with other work; see _omp.py). Only takes effect before torch loads its OpenMP runtime;
+    # a value the user set wins.
+    from ._omp import set_wait_policy
+
+    _cli = os.path.basename(sys.argv[0] if sys.argv else "") in ("shufflemamba", "-m", "__main__.py")
+    set_wait_policy(os.environ, cli=_cli)
 
 from ._compat import ensure_torchvision  # noqa: E402
 

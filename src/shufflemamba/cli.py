@@ -202,6 +202,9 @@ def cmd_bench(argv: list[str]) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     import shufflemamba  # noqa: F401  (torchvision shim before timm)
+    from ._malloc import tune_malloc
+
+    tune_malloc()  # large tensors from the heap, kept between steps (fewer page faults; _malloc.py)
 
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])

@@ -297,6 +297,10 @@ class Trainer:
     def fit(self) -> int:
         """Train the remaining epochs. Returns the exit code (128 + signal when stopped by one)."""
         self.log(self._summary())
+        if self.device.type == "cpu":
+            from ._omp import describe
+
+            self.log(describe())
         with SignalCatcher(self.state):
             try:
                 while self.progress.epoch < self.cfg["epochs"]:
