@@ -9,3 +9,31 @@ import torch
 # tested through the interpreter, so ask for it here, before any test module imports anything.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def make_fashion_idx():
+    """Returns make(root, n_train, n_test, n_classes): a random Fashion-MNIST in gzipped IDX files
+    under root (28x28 uint8 images, labels i % n_classes), for ``--dataset fashion-mnist --data-dir``."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    def make(root, n_train: int, n_test: int, n_classes: int) -> str:
+        rng = np.random.default_rng(0)
+        n = max(n_train, n_test)
+        imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % n_classes).astype(np.uint8)
+        for (fi, fl), k in ((("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), n_train),
+                            (("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), n_test)):
+            for name, arr in ((fi, imgs[:k]), (fl, labels[:k])):
+                with gzip.open(str(root / name), "wb") as f:
+                    f.write(struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+                            + arr.tobytes())
+        return str(root)
+
+    return make

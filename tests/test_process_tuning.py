@@ -73,27 +73,11 @@ def test_tune_malloc_applies_and_respects_opt_outs(monkeypatch):
     assert _malloc.tune_malloc() is True
 
 
-def _tiny_idx(root) -> None:
-    """A 32-image Fashion-MNIST in IDX files."""
-    import gzip
-    import struct
-
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    imgs, labels = rng.integers(0, 256, size=(32, 28, 28), dtype=np.uint8), np.arange(32, dtype=np.uint8) % 10
-    for (fi, fl), n in ((("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), 32),
-                        (("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), 16)):
-        for name, arr in ((fi, imgs[:n]), (fl, labels[:n])):
-            with gzip.open(str(root / name), "wb") as f:
-                f.write(struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes())
-
-
-def test_command_logs_its_wait_policy(tmp_path):
+def test_command_logs_its_wait_policy(tmp_path, make_fashion_idx):
     """`shufflemamba train` says in its log how OpenMP's threads wait (here: as the user set it)."""
     import os
 
-    _tiny_idx(tmp_path)
+    make_fashion_idx(tmp_path, 32, 16, 10)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(
         [sys.executable, "-m", "shufflemamba", "train", "--config", "demo", "--data-dir", str(tmp_path), "--epochs", "1",

@@ -189,22 +189,9 @@ def test_torchrun_a_rank_with_an_empty_batch_does_not_hang(data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def idx_data(tmp_path_factory) -> str:
+def idx_data(tmp_path_factory, make_fashion_idx) -> str:
     """A 48-image Fashion-MNIST in IDX files: the batched augmentation path (batch_aug.py)."""
-    import gzip
-    import struct
-
-    import numpy as np
-
-    root = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    imgs, labels = rng.integers(0, 256, size=(48, 28, 28), dtype=np.uint8), np.arange(48, dtype=np.uint8) % 3
-    for (fi, fl), n in ((("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), 48),
-                        (("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), 16)):
-        for name, arr in ((fi, imgs[:n]), (fl, labels[:n])):
-            with gzip.open(str(root / name), "wb") as f:
-                f.write(struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes())
-    return str(root)
+    return make_fashion_idx(tmp_path_factory.mktemp("idx"), 48, 16, 3)
 
 
 @pytest.mark.slow
