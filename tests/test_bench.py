@@ -44,6 +44,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     for r in res["vit"]["setups"].values():
         assert r["status"] == "ok", r
         assert r["images_per_s_vim"] > 0 and r["images_per_s_vit"] > 0 and r["vim_over_vit_paired"] > 0
+        assert r["vim_over_vit_quartiles"] is None and r["repeats"] == 1  # --quick --repeats 1: one pair
         assert r["tokens"] > 1 and r["params_vim"] > 0 and r["params_vit"] > 0
 
     text = md.read_text()
@@ -81,3 +82,11 @@ def test_bad_arguments():
         bench.main(["--quick", "--repeats", "0"])
     with pytest.raises(SystemExit):
         bench.main(["--skip", "nonsense"])
+
+
+def test_vim_vit_pairs_quartiles():
+    from shufflemamba.bench_vit import _quartiles
+
+    assert _quartiles([1.0]) is None
+    lo, hi = _quartiles([1.3, 0.9, 1.1, 1.0, 1.2])
+    assert lo < 1.1 < hi and lo >= 0.9 and hi <= 1.3
