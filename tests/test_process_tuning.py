@@ -80,8 +80,8 @@ def test_command_logs_its_wait_policy(tmp_path, make_fashion_idx):
     make_fashion_idx(tmp_path, 32, 16, 10)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(
-        [sys.executable, "-m", "shufflemamba", "train", "--config", "demo", "--data-dir", str(tmp_path), "--epochs", "1",
-         "--batch-size", "16", "--output", str(tmp_path / "run")],
+        [sys.executable, "-m", "shufflemamba", "train", "--config", "demo", "--data-dir", str(tmp_path),
+         "--epochs", "1", "--batch-size", "16", "--output", str(tmp_path / "run")],
         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "OpenMP wait policy as set: OMP_WAIT_POLICY=PASSIVE" in out.stdout + out.stderr

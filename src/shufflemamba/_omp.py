@@ -83,7 +83,8 @@ def describe() -> str:
     """One line for the training log."""
     kind, load = choice
     if kind == "spin":
-        return f"OpenMP threads spin before sleeping (GOMP_SPINCOUNT={SPIN_COUNT}: other processes used {load:.2f} cores)"
+        return (f"OpenMP threads spin before sleeping (GOMP_SPINCOUNT={SPIN_COUNT}: other processes used "
+                f"{load:.2f} cores)")
     if kind == "passive":
         why = "the machine is busy" if load is not None else "not measured"
         at = f": other processes used {load:.2f} cores" if load is not None else ""
