@@ -37,7 +37,7 @@ SAVE_Y = False
 
 # Whether the first direction writes its y + D u ungated and the second gates the sum (one sigmoid of z
 # and one read of z per element, not one per direction). Off: each direction gates its own half, the
-# mixer's forward until 2026-12-02. A switch for A/B comparisons, as SAVE_Y.
+# mixer's forward before 927acb1. A switch for A/B comparisons, as SAVE_Y.
 GATE_ONCE = True
 
 

@@ -105,7 +105,7 @@
 
 /* States per group of the scan backward (sl_bwd): its history (states and decays of every step,
  * 2 (L + 1) EB values a state) is kept near sm_hist_bytes() by running the recurrences over groups of
- * states, one after the other. With all N at once (until 2026-12-02) the history outgrew the L2
+ * states, one after the other. With all N at once (before 7679383) the history outgrew the L2
  * cache at long L: at Vim-Ti's (L 197, N 16) 2.4 MB a block, and the backward's time per
  * element-step grew with L (377 ps at L 33, 548 ps at L 197; Intel Xeon, 2 MB L2 a core). 3/8 of
  * the L2 size was the best of 1/8, 1/4, 3/8, 1/2 and 3/4 of it there (768 KB: scan backward at
@@ -256,7 +256,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
         /* out = oscale * y, out += oscale * y with accumulate 1, or out = oscale * gate(y + out) with \
          * accumulate 2: the mixer's first direction writes its y (+ D u) ungated and unscaled, the \
          * second adds its own and gates the sum, with no separate (y_f + y_b) / 2 pass and one gate \
-         * (sigmoid(z), z read) per element instead of one per direction (until 2026-12-02: each   \
+         * (sigmoid(z), z read) per element instead of one per direction (before 927acb1: each      \
          * direction gated its y and the second added its half, accumulate 1).                     \
          * With dtw (R, E) given, delta is not read: delta_t = dtw^T dt_t is formed per step from  \
          * dt (batch, L, R) strided (dt_proj fused: no (batch, L, E) delta written or read) */    \
