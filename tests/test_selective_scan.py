@@ -569,3 +569,24 @@ def test_scan_cl_float32_decay_extremes():
     nan_delta[0, 2, 5] = float("nan")
     out = cl(nan_delta)
     assert torch.isnan(out[0, 2:, 5]).all() and torch.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+def test_scan_cl_fused_dt_proj_matches_a_given_delta(softplus):
+    """sl_fwd with dt and dt_proj's weight (delta = dt W formed per step in the kernel) gives what it
+    gives for that delta passed in, with and without softplus (E 200: full channel blocks and a partial one)."""
+    _needs("cpu")
+    g = torch.Generator().manual_seed(5)
+    batch, L, E, N, R = 2, 7, 200, 3, 5
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    u, dt, dtw = r(batch, L, E), r(batch, L, R) * 0.3, r(R, E) * 0.3
+    At, B, C, D, z, bias = -r(N, E).abs() - 0.2, r(batch, L, N), r(batch, L, N), r(E), r(batch, L, E), r(E) * 0.1
+    delta = (dt @ dtw).contiguous()
+    outs = []
+    for kw in (dict(dt=dt, dtw=dtw), {}):
+        out, dsave = torch.empty(batch, L, E, dtype=torch.float64), torch.empty(batch, L, E, dtype=torch.float64)
+        cpu_scan.scan_fwd_cl(u, None if kw else delta, At, B, C, D, z, bias, out, dsave, None, softplus=softplus,
+                             reverse=False, out_scale=1.0, accumulate=False, **kw)
+        outs.append((out, dsave))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-12, rtol=1e-10)

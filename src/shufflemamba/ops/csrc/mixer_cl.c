@@ -300,21 +300,10 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                         else CL_PREFETCH_ROW(delta + rp, 0);                                       \
                     }                                                                              \
                     CL_LOAD(T, uu, u + row, ne);                                                   \
-                    if (dtw && softplus) { /* the mixer's case: d, du from dt in one pass (scan_steps.h) */ \
-                        sl_delta_row_##SFX(dt + b * sdt_b + t * sdt_t, R, wb, bs, uu, d, du);      \
+                    if (dtw) { /* dt_proj fused (the mixer): d, du from dt in one pass (scan_steps.h) */ \
+                        sl_delta_row_##SFX(dt + b * sdt_b + t * sdt_t, R, wb, bs, uu, d, du, softplus); \
                     } else {                                                                       \
-                        if (dtw) {                                                                 \
-                            const T *dtr = dt + b * sdt_b + t * sdt_t;                             \
-                            _Pragma("omp simd")                                                    \
-                            for (int j = 0; j < EB; ++j) dl[j] = (T)0;                             \
-                            for (int64_t r = 0; r < R; ++r) {                                      \
-                                const T v = dtr[r], *CL_RESTRICT wr = wb + r * EB;                 \
-                                _Pragma("omp simd")                                                \
-                                for (int j = 0; j < EB; ++j) dl[j] += v * wr[j];                   \
-                            }                                                                      \
-                        } else {                                                                   \
-                            CL_LOAD(T, dl, delta + row, ne);                                       \
-                        }                                                                          \
+                        CL_LOAD(T, dl, delta + row, ne);                                           \
                         /* branch outside the loops: a flag read inside defeats vectorisation */   \
                         if (softplus) {                                                            \
                             sl_softplus_row_##SFX(dl, bs, d); /* d = softplus(dl + bs) (scan_steps.h) */ \

@@ -158,22 +158,23 @@
             }                                                                                      \
     }                                                                                              \
     /* the forward's step before the states, with dt_proj fused: delta = sum_r dt_r W_r (R x EB rows \
-     * wb), d = softplus(delta + bias), du = d u, over a row of the block */                       \
+     * wb), d = softplus(delta + bias) (delta + bias without softplus), du = d u, over a row of the \
+     * block */                                                                                    \
     static inline void sl_delta_row_##SFX(const T *dtr, int64_t R, const T *CL_RESTRICT wb,        \
                                           const T *CL_RESTRICT bs, const T *CL_RESTRICT uu,        \
-                                          T *CL_RESTRICT d, T *CL_RESTRICT du) {                   \
+                                          T *CL_RESTRICT d, T *CL_RESTRICT du, int softplus) {     \
         T dl[EB];                                                                                  \
         _Pragma("omp simd") for (int j = 0; j < EB; ++j) dl[j] = (T)0;                             \
         for (int64_t r = 0; r < R; ++r) {                                                          \
             const T v = dtr[r];                                                                    \
             _Pragma("omp simd") for (int j = 0; j < EB; ++j) dl[j] += v * wb[r * EB + j];          \
         }                                                                                          \
-        _Pragma("omp simd")                                                                        \
-        for (int j = 0; j < EB; ++j) {                                                             \
-            const T x = dl[j] + bs[j];                                                             \
-            d[j] = SOFTPLUS(x);                                                                    \
-            du[j] = d[j] * uu[j];                                                                  \
+        if (softplus) { /* branch outside the loops: a flag read inside defeats vectorisation */   \
+            _Pragma("omp simd") for (int j = 0; j < EB; ++j) d[j] = SOFTPLUS(dl[j] + bs[j]);       \
+        } else {                                                                                   \
+            _Pragma("omp simd") for (int j = 0; j < EB; ++j) d[j] = dl[j] + bs[j];                 \
         }                                                                                          \
+        _Pragma("omp simd") for (int j = 0; j < EB; ++j) du[j] = d[j] * uu[j];                     \
     }                                                                                              \
     /* d = softplus(x + bias) over a row of the block (the forward's step, before the states) */   \
     static inline void sl_softplus_row_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT bs,      \
@@ -375,7 +376,7 @@ static inline sm_vf sm_vsigmoid(sm_vf z) {
  * and vector, where the generic loop also loads and stores delta's row for each */
 static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL_RESTRICT wb,
                                     const float *CL_RESTRICT bs, const float *CL_RESTRICT uu,
-                                    float *CL_RESTRICT d, float *CL_RESTRICT du) {
+                                    float *CL_RESTRICT d, float *CL_RESTRICT du, int softplus) {
     sm_vf acc[SM_NV];
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
@@ -387,7 +388,7 @@ static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) {
         const int j = k * SM_VL;
-        const sm_vf dv = sm_vsoftplus(sm_vadd(acc[k], sm_vload(bs + j)));
+        const sm_vf x = sm_vadd(acc[k], sm_vload(bs + j)), dv = softplus ? sm_vsoftplus(x) : x;
         sm_vstore(d + j, dv);
         sm_vstore(du + j, sm_vmul(dv, sm_vload(uu + j)));
     }
