@@ -1,5 +1,6 @@
 """The command's process settings: OpenMP's wait policy (_omp.py) and glibc's malloc (_malloc.py)."""
 
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,15 @@ def test_wait_policy_spins_on_an_idle_machine_and_sleeps_on_a_busy_one():
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def test_invoked_as_command():
+    assert _omp.invoked_as_command(["/venv/bin/shufflemamba", "train"], ["/venv/bin/python", "/venv/bin/shufflemamba"])
+    assert _omp.invoked_as_command(["-m", "train"], ["python3", "-m", "shufflemamba", "train"])
+    # another program's `python -m` (argv[0] is "-m" too while packages import), or a script: not the command
+    assert not _omp.invoked_as_command(["-m"], ["python3", "-m", "pytest", "-q"])
+    assert not _omp.invoked_as_command(["train.py"], ["python3", "train.py"])
+    assert not _omp.invoked_as_command([], [])
+
+
 def test_wait_policy_library_import_does_not_measure():
     env: dict[str, str] = {}
     assert _omp.set_wait_policy(env, cli=False, measure=_never) == "passive"
@@ -56,7 +66,7 @@ def test_other_cpu_load_sees_a_busy_process():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_tune_malloc_applies_and_respects_opt_outs(monkeypatch):
-    for k in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("SHUFFLEMAMBA_MALLOC", "0")
     assert _malloc.tune_malloc() is False
@@ -75,8 +85,6 @@ def test_tune_malloc_applies_and_respects_opt_outs(monkeypatch):
 
 def test_command_logs_its_wait_policy(tmp_path, make_fashion_idx):
     """`shufflemamba train` says in its log how OpenMP's threads wait (here: as the user set it)."""
-    import os
-
     make_fashion_idx(tmp_path, 32, 16, 10)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run(

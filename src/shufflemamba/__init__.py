@@ -8,10 +8,9 @@ if "torch" not in sys.modules:
     # else PASSIVE (a spinning policy makes 2-thread training several times slower when the cores are
     # shared with other work; see _omp.py). Only takes effect before torch loads its OpenMP runtime;
     # a value the user set wins.
-    from ._omp import set_wait_policy
+    from ._omp import invoked_as_command, set_wait_policy
 
-    _cli = os.path.basename(sys.argv[0] if sys.argv else "") in ("shufflemamba", "-m", "__main__.py")
-    set_wait_policy(os.environ, cli=_cli)
+    set_wait_policy(os.environ, cli=invoked_as_command(sys.argv, getattr(sys, "orig_argv", [])))
 
 from ._compat import ensure_torchvision  # noqa: E402
 

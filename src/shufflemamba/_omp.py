@@ -62,6 +62,18 @@ def other_cpu_load(window: float = 0.1) -> float | None:
     return busy_other / (b[1] - a[1]) * ncpu
 
 
+def invoked_as_command(argv: list[str], orig_argv: list[str]) -> bool:
+    """Whether this process is the ``shufflemamba`` command: its console script, or
+    ``python -m shufflemamba`` (read from ``sys.orig_argv``: while the package is being imported for
+    ``-m``, ``sys.argv[0]`` is just "-m", whichever module was asked for)."""
+    if argv and os.path.basename(argv[0]) == "shufflemamba":
+        return True
+    for flag, module in zip(orig_argv, orig_argv[1:]):
+        if flag == "-m":
+            return module == "shufflemamba"
+    return False
+
+
 def set_wait_policy(environ: MutableMapping[str, str], cli: bool, measure=other_cpu_load) -> str:
     """Set ``GOMP_SPINCOUNT`` (idle machine, the command line) or ``OMP_WAIT_POLICY=PASSIVE`` in
     ``environ`` unless either is set already; returns "user", "spin" or "passive"."""
