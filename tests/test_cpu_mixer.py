@@ -258,3 +258,17 @@ def test_second_derivative_through_the_compiled_scan_and_conv_raises():
         (gu,) = torch.autograd.grad(call().square().sum(), u, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             gu.sum().backward()
+
+
+@pytest.mark.parametrize("switch", ["SAVE_Y", "GATE_ONCE"])
+def test_mixer_core_ab_switches_compute_the_same(switch, monkeypatch):
+    """cpu_mixer's A/B switches (docs/benchmarks.md times with them) change the work, not the result:
+    the saved y against its recomputation in the backward, one gate on the sum against one per
+    direction."""
+    from shufflemamba.ops import cpu_mixer
+
+    lib = cpu_scan._lib_or_raise()
+    ref = _core_results(lib, monkeypatch, torch.float64)
+    monkeypatch.setattr(cpu_mixer, switch, not getattr(cpu_mixer, switch))
+    other = _core_results(lib, monkeypatch, torch.float64)
+    assert _worst(other, [t.double() for t in ref]) < 1e-12
