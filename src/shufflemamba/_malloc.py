@@ -4,9 +4,9 @@ A training step allocates and frees dozens of (batch, L, E) tensors. glibc serve
 mmap threshold with fresh mappings and gives freed memory at the top of its heaps back to the
 system, so the next step's first writes into such tensors fault the pages in again (zeroed by the
 kernel): one epoch of the demo's training took 1.44 million minor page faults, ~3,000 a step, half
-of them inside the scan's backward kernel. With the settings below the epoch took 116,000 and
-trained at 1.12-1.15x the images/s (Intel Xeon, ``MALLOC_*_`` environment variables with the same
-values, alternating runs; docs/benchmarks.md). The price: memory freed after a peak stays with the
+of them inside the scan's backward kernel. With the settings below the epoch took 118,000 and
+trained at 1.07-1.11x the images/s (Intel Xeon, alternating runs with ``SHUFFLEMAMBA_MALLOC=0``;
+docs/benchmarks.md). The price: memory freed after a peak stays with the
 process. Applied by the command line only (not by ``import shufflemamba``); skipped where any
 ``MALLOC_*_`` variable is set, off Linux / glibc, or with ``SHUFFLEMAMBA_MALLOC=0``.
 """

@@ -3,8 +3,9 @@
 An idle OpenMP thread either spins for a while before sleeping or sleeps at once (``PASSIVE``).
 Neither suits every machine. Measured on the 2-core Intel Xeon, one epoch of the demo's training
 (``shufflemamba train --config demo``): on an idle machine a bounded spin (``GOMP_SPINCOUNT=30000``)
-trained at 1.12-1.26x the images/s of ``PASSIVE`` (every parallel op woke a sleeping thread: 195,000
-voluntary context switches in the epoch against 1,800); with two busy processes beside it the
+trained at 1.01-1.26x the images/s of ``PASSIVE`` in four alternating pairs (with ``PASSIVE`` every
+parallel op woke a sleeping thread: 195,000 voluntary context switches in the epoch against 1,800);
+with two busy processes beside it the
 same spin ran at 0.37x, because each parallel op then spins while the thread it waits for is
 descheduled (docs/benchmarks.md). So the ``shufflemamba`` command looks at what else is running
 when it starts: if other processes use less than a quarter of a core it spins, otherwise (and
