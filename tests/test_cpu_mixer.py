@@ -44,6 +44,94 @@ def test_rms_norm_module_fast_path_matches_torch_ops(shape, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_add_rms_norm_kernel_gradcheck_float64():
+    """The residual add fused into the norm: both outputs and all three gradients, including the
+    gradient reaching the sum from elsewhere (the next block's), against gradcheck in float64."""
+    from shufflemamba.ops.cpu_mixer import add_rms_norm_cpu
+
+    g = torch.Generator().manual_seed(1)
+    x, res = (torch.randn(2, 5, 9, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = (torch.rand(9, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    out, s = add_rms_norm_cpu(x, res, w, 1e-5)
+    torch.testing.assert_close(s, x + res)
+    torch.testing.assert_close(out, _rms_reference(x + res, w, 1e-5))
+    assert torch.autograd.gradcheck(lambda a, b, c: add_rms_norm_cpu(a, b, c, 1e-5), (x, res, w))
+
+    def both_used(a, b, c):  # gradients reach both outputs in one backward: the kernel adds them
+        out, s = add_rms_norm_cpu(a, b, c, 1e-5)
+        return out * 1.5 + s.square()
+
+    assert torch.autograd.gradcheck(both_used, (x, res, w))
+    # one output unused: its gradient is None in the backward, not a tensor of zeros
+    assert torch.autograd.gradcheck(lambda a, b, c: add_rms_norm_cpu(a, b, c, 1e-5)[0], (x, res, w))
+    (gx, gres) = torch.autograd.grad(add_rms_norm_cpu(x, res, w, 1e-5)[1].sum(), (x, res))
+    assert torch.equal(gx, torch.ones_like(x)) and torch.equal(gres, torch.ones_like(res))
+
+
+def test_vim_block_fused_add_norm_matches_torch_ops(monkeypatch):
+    """A Vim stack (blocks, then norm_f on residual + hidden) with the add fused into the CPU norm
+    kernel computes what the plain add and norm ops do, forward and backward."""
+    from shufflemamba.models.mamba_mixer import VimBlock
+    from shufflemamba.models.features import final_add_norm
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(VimBlock(32, mixer_kwargs=dict(d_state=4)) for _ in range(3))
+    norm_f = RMSNorm(32)
+    with torch.no_grad():
+        for m in [*blocks, norm_f]:
+            for n, p in m.named_parameters():
+                if n.endswith("norm.weight") or m is norm_f:
+                    p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    params = [x, *blocks.parameters(), *norm_f.parameters()]
+
+    def run():
+        hidden, residual = x, None
+        for b in blocks:
+            hidden, residual = b(hidden, residual)
+        out = final_add_norm(norm_f, hidden, residual)
+        return out, torch.autograd.grad(out.square().sum(), params)
+
+    calls = []
+    real = RMSNorm.add_forward
+    monkeypatch.setattr(RMSNorm, "add_forward", lambda self, a, r: calls.append(1) or real(self, a, r))
+    out, grads = run()
+    assert len(calls) == 3  # blocks 2 and 3 and norm_f took the fused path
+    monkeypatch.setattr(RMSNorm, "fuses_add", lambda self, a, r: False)  # the plain add, then the norm
+    ref, ref_grads = run()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_scan_backward_writes_x_proj_gradient_blocks_in_place():
+    """sl_bwd with dx_dbl writes ddt, dB and dC into its column blocks (row stride R + 2N) and zeroes
+    them first (the buffer starts as garbage): the same values as into separate tensors."""
+    g = torch.Generator().manual_seed(3)
+    batch, L, E, N, R = 2, 9, 100, 3, 2  # E over one channel block: two blocks add into each row
+    u, dsave, z, gout = (torch.randn(batch, L, E, generator=g, dtype=torch.float64) for _ in range(4))
+    dsave = torch.nn.functional.softplus(dsave)
+    At = -torch.rand(N, E, generator=g, dtype=torch.float64) - 0.1
+    B, C = (torch.randn(batch, L, N, generator=g, dtype=torch.float64) for _ in range(2))
+    D, dt, dtw = torch.randn(E, dtype=torch.float64), torch.randn(batch, L, R, dtype=torch.float64), \
+        torch.randn(R, E, dtype=torch.float64)
+    kw = dict(dz_accumulate=False, softplus=True, reverse=True, out_scale=0.5, dt=dt, dtw=dtw)
+
+    def grads(dx_dbl):
+        du, dz = torch.empty_like(u), torch.empty_like(u)
+        return cpu_scan.scan_bwd_cl(u, dsave, None, At, B, C, D, z, gout, du, None, dz, dx_dbl=dx_dbl, **kw), du
+
+    sep, du_sep = grads(None)
+    buf = torch.full((batch * L, R + 2 * N), float("nan"), dtype=torch.float64)
+    inplace, du_in = grads(buf)
+    assert torch.equal(du_in, du_sep)
+    for name in ("ddt", "dB", "dC", "dA", "dD", "dbias", "ddtw"):
+        assert torch.equal(getattr(inplace, name), getattr(sep, name)), name
+    torch.testing.assert_close(buf, torch.cat([sep.ddt, sep.dB, sep.dC], -1).view(batch * L, -1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dx_dbl"):
+        grads(buf[:, 1:])
+
+
 def test_rms_norm_kernel_rejects_mixed_dtypes():
     from shufflemamba.ops.cpu_mixer import rms_norm_cpu
 

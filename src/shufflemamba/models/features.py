@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureMixin", "final_norm", "take_indices"]
+__all__ = ["FeatureMixin", "final_add_norm", "final_norm", "take_indices"]
 
 
 def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
@@ -46,6 +46,15 @@ def final_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(x)`` in the norm's dtype (the residual stream is fp32); identity if the norm was pruned."""
     weight = getattr(norm, "weight", None)
     return norm(x if weight is None else x.to(weight.dtype))
+
+
+def final_add_norm(norm: nn.Module, hidden: Tensor, residual: Tensor) -> Tensor:
+    """``final_norm(norm, residual + hidden)``, the add fused into the norm's pass where it can be
+    (:meth:`~shufflemamba.models.mamba_mixer.RMSNorm.add_forward`)."""
+    fuses_add = getattr(norm, "fuses_add", None)
+    if fuses_add is not None and fuses_add(hidden, residual):
+        return norm.add_forward(hidden, residual)[0]
+    return final_norm(norm, residual + hidden)
 
 
 class FeatureMixin:
@@ -110,7 +119,7 @@ class FeatureMixin:
 
         final = None
         if not intermediates_only:
-            final = final_norm(self.norm_f, residual + self.drop_path(hidden))
+            final = final_add_norm(self.norm_f, self.drop_path(hidden), residual)
         if output_dict:
             result: dict[str, Any] = {"image_intermediates": intermediates}
             if return_prefix_tokens and prefix_tokens is not None:

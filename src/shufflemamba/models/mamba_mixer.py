@@ -51,6 +51,22 @@ class RMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
+    def fuses_add(self, x: Tensor, res: Tensor) -> bool:
+        """Whether :meth:`add_forward` runs as one kernel pass here (float32 CPU tensors, kernels built)."""
+        return (x.dtype == res.dtype == self.weight.dtype == torch.float32 and x.shape == res.shape
+                and _cpu_kernels_apply(x))
+
+    def add_forward(self, x: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
+        """``(norm(res + x), res + x)``: the block's residual add and its norm, in one pass over the
+        tokens where :meth:`fuses_add` holds (and in the backward, the two gradients of the sum added
+        in the same pass), else as two ops."""
+        if self.fuses_add(x, res):
+            from ..ops.cpu_mixer import add_rms_norm_cpu
+
+            return add_rms_norm_cpu(x, res, self.weight, self.eps)
+        s = res + x
+        return self(s), s
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
@@ -307,7 +323,14 @@ class VimBlock(ShuffledLayer):
         self.grad_checkpointing = False
 
     def _forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        if residual is None:
+            residual = hidden
+        else:
+            hidden = self.drop_path(hidden)
+            if isinstance(self.norm, RMSNorm) and self.norm.fuses_add(hidden, residual):
+                normed, residual = self.norm.add_forward(hidden, residual)  # fp32: one CPU kernel pass
+                return self.mixer(normed), residual
+            residual = residual + hidden
         if self.residual_in_fp32 and residual.dtype != torch.float32:
             residual = residual.float()
         norm_dtype = self.norm.weight.dtype

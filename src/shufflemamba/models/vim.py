@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
 from .checkpoint import _cls_index, resize_pos_embed
-from .features import FeatureMixin, final_norm
+from .features import FeatureMixin, final_add_norm
 from .mamba_mixer import INITS, VimBlock, make_norm
 from .pretrained import default_cfgs, resolve_weights  # noqa: F401 (register_model reads default_cfgs here)
 
@@ -332,7 +332,7 @@ class VisionMamba(FeatureMixin, nn.Module):
         hidden, residual = self._embed(x)[0], None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
-        return final_norm(self.norm_f, residual + self.drop_path(hidden))
+        return final_add_norm(self.norm_f, self.drop_path(hidden), residual)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, M + 1, D) -> logits (B, num_classes), or the class-token feature (B, D) if pre_logits."""

@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from .cpu_scan import (_contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads, conv_silu_bwd_cl, conv_silu_fwd_cl,
                        scan_bwd_cl, scan_fwd_cl)
 
-__all__ = ["DirectionParams", "bimamba_core_cl", "rms_norm_cpu"]
+__all__ = ["DirectionParams", "add_rms_norm_cpu", "bimamba_core_cl", "rms_norm_cpu"]
 
 # Whether the forward saves y + D u (the gate's input) for dz. Off: the backward's replay of the states,
 # which it runs anyway, sums C_t h_t again instead (N FMAs per channel and step), so the forward writes
@@ -109,13 +109,10 @@ class _BiMambaCoreCL(torch.autograd.Function):
             N = At.shape[0]
             dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
             du = torch.empty_like(xc)
-            g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, dz_accumulate=k == 1,
-                            softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw)
-            # x_dbl = [dt | B | C]: its gradient assembled in one (batch * L, R + 2N) buffer
+            # x_dbl = [dt | B | C]: the kernel writes its gradient's three blocks into one buffer
             dx_dbl = xc.new_empty(batch * L, R + 2 * N)
-            dx_dbl[:, :R] = g.ddt.view(-1, R)  # dt_proj's input gradient, reduced in the kernel
-            dx_dbl[:, R:R + N] = g.dB.view(-1, N)
-            dx_dbl[:, R + N:] = g.dC.view(-1, N)
+            g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, dz_accumulate=k == 1,
+                            softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw, dx_dbl=dx_dbl)
             d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
             du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
             dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
@@ -155,38 +152,57 @@ def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward
 
 
 class _RMSNormCPU(torch.autograd.Function):
-    """RMSNorm over the last dim in two kernel passes (forward: one; backward: one, with the
-    weight gradient's per-chunk partial sums), instead of autograd's ~12 elementwise and reduction
-    ops, several of them broadcasts over the (rows, 1) scale."""
+    """RMSNorm over the last dim in one kernel pass each way, instead of autograd's ~12 elementwise and
+    reduction ops, several of them broadcasts over the (rows, 1) scale. With ``res`` the block's
+    residual add comes first, in the same pass: returns ``(norm(x + res), x + res)``, and the backward
+    adds the gradient reaching ``x + res`` from the next block to the norm's own (autograd would
+    add the two in a pass of its own, and the add in another)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, res, weight, eps: float):
         lib = _lib_or_raise()
         D = x.shape[-1]
         x2 = x.reshape(-1, D)
         rows = x2.shape[0]
         y = torch.empty_like(x2)
+        xsum = None if res is None else torch.empty_like(x2)
         train = any(ctx.needs_input_grad)
         rstd = x2.new_empty(rows) if train else None
-        getattr(lib, f"rms_fwd_{_sfx(x2)}")(_ptr(x2), _ptr(weight), _ptr(y), _ptr(rstd), rows, D, float(eps),
-                                            _threads(rows * D))
+        getattr(lib, f"rms_fwd_{_sfx(x2)}")(_ptr(x2), _ptr(res), _ptr(xsum), _ptr(weight), _ptr(y), _ptr(rstd),
+                                            rows, D, float(eps), _threads(rows * D))
         if train:
-            ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
+            ctx.save_for_backward(x2 if xsum is None else xsum, weight, rstd)
+        ctx.has_res = res is not None
+        ctx.set_materialize_grads(False)  # an output nobody used gets None, not a tensor of zeros to add
+        if xsum is None:
+            return y.view(x.shape)
+        return y.view(x.shape), xsum.view(x.shape)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy):
+    def backward(ctx, gy, gsum=None):
         x2, weight, rstd = ctx.saved_tensors
         rows, D = x2.shape
+        if gy is None:  # only x + res was used: its gradient passes to both inputs
+            return gsum, gsum, None, None
         gy2 = gy.reshape(rows, D).contiguous()
+        gadd = None if gsum is None else gsum.reshape(rows, D).contiguous()
         gx = torch.empty_like(x2)
+        gw = torch.empty_like(weight)
         nthreads = _threads(rows * D)
-        nchunk = max(1, min(rows, 4 * nthreads))  # a few chunks per thread; their partial sums added after
-        gw_part = x2.new_empty(nchunk, D)
-        getattr(_lib_or_raise(), f"rms_bwd_{_sfx(x2)}")(_ptr(x2), _ptr(weight), _ptr(rstd), _ptr(gy2), _ptr(gx),
-                                                       _ptr(gw_part), rows, D, nchunk, nthreads)
-        return gx.view(gy.shape), gw_part.sum(0), None
+        nchunk = max(1, min(rows, 4 * nthreads))  # a few chunks per thread; their partial sums added in the kernel
+        rc = getattr(_lib_or_raise(), f"rms_bwd_{_sfx(x2)}")(_ptr(x2), _ptr(weight), _ptr(rstd), _ptr(gy2), _ptr(gadd),
+                                                            _ptr(gx), _ptr(gw), rows, D, nchunk, nthreads)
+        if rc != 0:
+            raise MemoryError("rms_norm kernel: out of memory")
+        gx = gx.view(gy.shape)
+        return gx, (gx if ctx.has_res else None), gw, None
+
+
+def _check_rms(x: Tensor, weight: Tensor, name: str) -> None:
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
+        raise TypeError(f"{name}: x (..., D) and weight (D,) of one float32/float64 dtype expected, got "
+                        f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
 
 
 def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -197,7 +213,24 @@ def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         weight: (D,) of x's dtype.
         eps: added to the mean square.
     """
-    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
-        raise TypeError(f"rms_norm_cpu: x (..., D) and weight (D,) of one float32/float64 dtype expected, got "
-                        f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
-    return _RMSNormCPU.apply(x.contiguous(), weight.contiguous(), float(eps))
+    _check_rms(x, weight, "rms_norm_cpu")
+    return _RMSNormCPU.apply(x.contiguous(), None, weight.contiguous(), float(eps))
+
+
+def add_rms_norm_cpu(x: Tensor, res: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(x + res), x + res)`` in one kernel pass (the Vim block's residual add and norm).
+
+    Args:
+        x: (..., D) float32 / float64 on the CPU, the incoming hidden state.
+        res: x's shape and dtype, the residual stream.
+        weight: (D,) of x's dtype.
+        eps: added to the mean square.
+
+    Returns:
+        The normalised sum and the sum itself (the new residual), both (..., D) contiguous.
+    """
+    _check_rms(x, weight, "add_rms_norm_cpu")
+    if res.shape != x.shape or res.dtype != x.dtype:
+        raise TypeError(f"add_rms_norm_cpu: res must match x, got {tuple(res.shape)} {res.dtype} and "
+                        f"{tuple(x.shape)} {x.dtype}")
+    return _RMSNormCPU.apply(x.contiguous(), res.contiguous(), weight.contiguous(), float(eps))

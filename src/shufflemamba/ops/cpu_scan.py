@@ -57,13 +57,16 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 10  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+_ABI_VERSION = 11  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
 # 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample;
 # 8: sl_bwd's dB, dC, ddt whole (batch, L, .) and added to (caller-zeroed), not per channel block;
 # 9: sl_fwd / sl_bwd take ysave NULL with a gate (the backward then sums C_t h_t itself; older kernels
 # would read through the NULL, so --kernels-from must refuse them)
 # 10: sl_fwd's accumulate 2 (out's row added before the gate and scale: the mixer gates once)
+# 11: cv_bwd / sl_bwd / rms_bwd reduce their per-thread partial sums themselves (one output buffer); sl_bwd
+# writes dB, dC, ddt (zeroing them) with row strides (into x_proj's gradient); rms_fwd / rms_bwd fuse the
+# residual add
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
@@ -154,15 +157,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd.restype = i32
         # channel-last kernels (mixer_cl.c)
         getattr(lib, f"cv_fwd_{sfx}").argtypes = [p, i64, i64, p, p, p] + [i64] * 4 + [i32, i32]
-        getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, i64, i64, i32, p, p] + [i64] * 4 + [i32, i32]
+        getattr(lib, f"cv_bwd_{sfx}").argtypes = [p, i64, i64, p, p, p, p, i64, i64, i32, p] + [i64] * 4 + [i32, i32]
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
         dtproj = [p, i64, i64, p, i64]  # dt (ptr, batch, time strides), dtw (R, E), R
         getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj, i32]
-        getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 5
-                                                  + [i64] * 4 + [i32, i32, f64, *dtproj, p, p, i32])
-        getattr(lib, f"rms_fwd_{sfx}").argtypes = [p, p, p, p, i64, i64, f64, i32]
-        getattr(lib, f"rms_bwd_{sfx}").argtypes = [p] * 6 + [i64] * 3 + [i32]
+        getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 3
+                                                  + [i64] * 5 + [i32, i32, f64, *dtproj, p, i64, i32])
+        getattr(lib, f"rms_fwd_{sfx}").argtypes = [p] * 6 + [i64, i64, f64, i32]
+        getattr(lib, f"rms_bwd_{sfx}").argtypes = [p] * 7 + [i64] * 3 + [i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd", "rms_fwd", "rms_bwd"):
             getattr(lib, f"{name}_{sfx}").restype = i32
     lib.ss_abi_version.restype = i32
@@ -253,17 +256,17 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
     At = -torch.rand(N, E, generator=g, **kw).add(0.1)
     B, C, D, bias = randn(batch, L, N), randn(batch, L, N), randn(E), randn(E)
     out, dsave, ysave, du, ddelta, dz = (torch.empty(batch, L, E, **kw) for _ in range(6))
-    dA, dD, dbias_part = torch.zeros(1, N, E, **kw), torch.zeros(1, E, **kw), torch.zeros(1, E, **kw)  # 1 thread
+    sums = torch.empty((N + 2) * E, **kw)  # dA, dD, dbias
     times: dict[str, list[float]] = {w: [] for w in libs}
 
     def step(lib: ctypes.CDLL) -> None:
-        dB, dC = torch.zeros(batch, L, N, **kw), torch.zeros(batch, L, N, **kw)
+        dB, dC = torch.empty(batch, L, N, **kw), torch.empty(batch, L, N, **kw)
         Bs, Cs, zs = (_ptr(B), L * N, N), (_ptr(C), L * N, N), (_ptr(z), L * E, E)  # (ptr, batch, time strides)
         lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
                        _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
-                       _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), _ptr(dbias_part), batch, E, L, N,
-                       1, 0, 1.0, *_NO_DTPROJ, None, None, 1)
+                       _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N,
+                       1, 0, 1.0, *_NO_DTPROJ, None, 0, 1)
 
     for lib in libs.values():
         step(lib)  # warm-up: page faults, caches
@@ -479,11 +482,6 @@ def _threads(work: int) -> int:
     return 1 if work < (1 << 15) else torch.get_num_threads()
 
 
-def _thread_sum(part: Tensor) -> Tensor:
-    """A kernel's per-thread partial sums summed over the leading dim."""
-    return part[0] if part.shape[0] == 1 else part.sum(0)
-
-
 def _strides(t: Tensor | None) -> tuple[int, int]:
     """(batch, time) strides of a (batch, L, C) tensor, in elements; (0, 0) for None."""
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
@@ -508,16 +506,14 @@ def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, d
     batch, L, E = x.shape
     K = wt.shape[0]
     gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
-    nthreads = _threads(batch * L * E)
-    part = x.new_zeros(nthreads * (K + 1) * E)  # the per-thread partial sums, one zeroed buffer
-    dw_part, db_part = part[:nthreads * K * E].view(nthreads, K, E), part[nthreads * K * E:].view(nthreads, E)
+    sums = x.new_empty((K + 1) * E)  # [dw (K, E) | db (E)], reduced over the threads by the kernel
     rc = getattr(_lib_or_raise(), f"cv_bwd_{_sfx(x)}")(
         _ptr(x), *_strides(x), _ptr(wt), _ptr(bias), _ptr(gout), _ptr(dx), *_strides(dx),
-        int(accumulate), _ptr(dw_part), _ptr(db_part), batch, E, L, K, int(reverse), nthreads,
+        int(accumulate), _ptr(sums), batch, E, L, K, int(reverse), _threads(batch * L * E),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("conv1d kernel: out of memory")
-    return _thread_sum(dw_part), _thread_sum(db_part)
+    return sums[:K * E].view(K, E), sums[K * E:]
 
 
 def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -558,37 +554,41 @@ class ScanGrads(NamedTuple):
 def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 z: Tensor | None, gout: Tensor, du: Tensor, ddelta: Tensor | None, dz: Tensor | None, *,
                 dz_accumulate: bool, softplus: bool, reverse: bool, out_scale: float,
-                dt: Tensor | None = None, dtw: Tensor | None = None) -> ScanGrads:
+                dt: Tensor | None = None, dtw: Tensor | None = None, dx_dbl: Tensor | None = None) -> ScanGrads:
     """The ``sl_bwd`` kernel: writes du and (when given) ddelta, contiguous, and dz (unit last stride;
     added to with ``dz_accumulate``); ``gout`` is the gradient of the forward's ``out_scale * y``.
-    With ``dtw`` the dt_proj gradients come back in :class:`ScanGrads` and ddelta may be None."""
+    With ``dtw`` the dt_proj gradients come back in :class:`ScanGrads` and ddelta may be None; with
+    ``dx_dbl`` (batch * L, R + 2N) as well, ddt, dB and dC are written into its column blocks
+    [ddt | dB | dC] (x_proj's output gradient, no copies) and returned as views of it."""
     batch, L, E = u.shape
     N = At.shape[0]
     lib = _lib_or_raise()
     gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
-    nthreads = _threads(batch * L * E * N)
-    dA_part = u.new_zeros(nthreads, N, E)  # the kernel adds each thread's share into its row
-    dB, dC = u.new_zeros(batch, L, N), u.new_zeros(batch, L, N)  # the kernel adds each channel block's share
-    dD_part, dbias_part = u.new_zeros(nthreads, E), u.new_zeros(nthreads, E)
-    ddt = ddtw_part = None
+    R = 0 if dtw is None else dtw.shape[0]
+    sums = u.new_empty((N + 2 + R) * E)  # [dA (N, E) | dD | dbias | ddtw (R, E)], reduced by the kernel
     dtproj = _NO_DTPROJ
     if dtw is not None:
-        R = dtw.shape[0]
-        ddt, ddtw_part = u.new_zeros(batch, L, R), u.new_zeros(nthreads, R, E)
         dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), R)
+    if dx_dbl is not None:
+        if dtw is None or dx_dbl.shape != (batch * L, R + 2 * N) or dx_dbl.stride(-1) != 1:
+            raise ValueError(f"scan_bwd_cl: dx_dbl must be (batch * L, R + 2N) = {(batch * L, R + 2 * N)} with "
+                             f"dt_proj fused, got {tuple(dx_dbl.shape)}")
+        ddt, dB, dC = (dx_dbl[:, a:b].view(batch, L, b - a) for a, b in ((0, R), (R, R + N), (R + N, R + 2 * N)))
+        row = dx_dbl.stride(0)
+    else:
+        dB, dC = u.new_empty(batch, L, N), u.new_empty(batch, L, N)  # zeroed and added to by the kernel
+        ddt = u.new_empty(batch, L, R) if dtw is not None else None
+        row = N
     rc = getattr(lib, f"sl_bwd_{_sfx(u)}")(
         _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D),
         _ptr(z), *_strides(z), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), *_strides(dz),
-        int(dz_accumulate), _ptr(dA_part), _ptr(dB), _ptr(dC), _ptr(dD_part), _ptr(dbias_part),
-        batch, E, L, N, int(softplus), int(reverse), float(out_scale), *dtproj, _ptr(ddt), _ptr(ddtw_part),
-        nthreads,
+        int(dz_accumulate), _ptr(sums), _ptr(dB), _ptr(dC), row, batch, E, L, N, int(softplus), int(reverse),
+        float(out_scale), *dtproj, _ptr(ddt), row if dx_dbl is not None else R, _threads(batch * L * E * N),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")
-    return ScanGrads(
-        _thread_sum(dA_part).t(), dB, dC, _thread_sum(dD_part), _thread_sum(dbias_part), ddt,
-        None if ddtw_part is None else _thread_sum(ddtw_part),
-    )
+    return ScanGrads(sums[:N * E].view(N, E).t(), dB, dC, sums[N * E:(N + 1) * E], sums[(N + 1) * E:(N + 2) * E], ddt,
+                     sums[(N + 2) * E:].view(R, E) if dtw is not None else None)
 
 
 class _ConvSiluCL(torch.autograd.Function):

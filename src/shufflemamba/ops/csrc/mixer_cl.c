@@ -142,6 +142,20 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
         _Pragma("omp simd") for (int64_t j_ = 0; j_ < (ne); ++j_)(dst)[j_] += (src)[j_];           \
     } while (0)
 
+/* out[j] = sum over the threads' rows of parts (nthreads x P), in thread order, so the sums are
+ * bit-identical for a given thread count; run by the whole team after the loop that filled parts
+ * (whose omp for ends in a barrier), each thread taking a share of the P columns. The kernels used to
+ * hand their per-thread rows to the caller, whose torch.sum per gradient (and zeroed buffer) cost
+ * ~10 us each, 14 per mixer layer and step (Intel Xeon, the demo's size: a visible share there). */
+#define CL_REDUCE_PARTS(T, out, parts, P, nth)                                                     \
+    do {                                                                                           \
+        _Pragma("omp for schedule(static)") for (int64_t j_ = 0; j_ < (P); ++j_) {                 \
+            T s_ = (parts)[j_];                                                                    \
+            for (int64_t t_ = 1; t_ < (nth); ++t_) s_ += (parts)[t_ * (P) + j_];                   \
+            (out)[j_] = s_;                                                                        \
+        }                                                                                          \
+    } while (0)
+
 /* the N rows of A (N x E, transposed) for channels e0.. of a block, times log2(e): the scans' decays
  * are 2^(d A log2 e) (one multiply fewer per element than exp(d A)); the backward scales its sum
  * over A back by ln 2 */
@@ -177,26 +191,29 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
         return 0;                                                                                  \
     }                                                                                              \
                                                                                                    \
-    /* dx (batch, L, E) strided (sdx_b, sdx_t), written, or added to with acc_dx (the mixer's     \
-     * two directions sum into one gradient buffer); dw_part (nthreads, K, E), db_part            \
-     * (nthreads, E): per-thread sums, added to (the caller zeroes them) */                        \
-    int cv_bwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
+    /* dx (batch, L, E) strided (sdx_b, sdx_t), written, or added to with acc_dx (the mixer's      \
+     * two directions sum into one gradient buffer); sums: (K + 1) x E, written: [dw (K, E) | db (E)], \
+     * reduced over the threads here (CL_REDUCE_PARTS) */                                          \
+    int cv_bwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,              \
                      const T *CL_RESTRICT bias, const T *CL_RESTRICT gout, T *dx, int64_t sdx_b,   \
-                     int64_t sdx_t, int acc_dx, T *CL_RESTRICT dw_part, T *CL_RESTRICT db_part,    \
+                     int64_t sdx_t, int acc_dx, T *CL_RESTRICT sums,                               \
                      int64_t batch, int64_t E, int64_t L, int64_t K, int reverse, int nthreads) {  \
         int failed = 0;                                                                            \
+        const int64_t P = (K + 1) * E; /* a thread's row of partial sums: dw | db */               \
+        T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));                           \
+        if (!parts) return 1;                                                                      \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
             T *gpre = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(L * E)); /* dL/dpre, one sample */ \
-            const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of dw_part, db_part */       \
+            const int64_t tid = CL_THREAD_NUM(); /* this thread's row of parts */                  \
             if (!gpre) {                                                                           \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
             _Pragma("omp for schedule(static)")                                                    \
             for (int64_t b = 0; b < batch; ++b) {                                                  \
                 if (!gpre) continue;                                                               \
-                T *CL_RESTRICT dw = dw_part + tid * K * E, *CL_RESTRICT db = db_part + tid * E;    \
+                T *CL_RESTRICT dw = parts + tid * P, *CL_RESTRICT db = dw + K * E;                 \
                 const T *xb = x + b * sx_b;                                                        \
                 /* float32 on AVX-512: the whole sample with registers across the steps (scan_steps.h) */ \
                 if (cl_conv_bwd_sample_##SFX(xb, sx_t, wt, bias, gout + b * L * E, dx + b * sdx_b, sdx_t, \
@@ -240,9 +257,11 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     }                                                                              \
                 }                                                                                  \
             }                                                                                      \
+            CL_REDUCE_PARTS(T, sums, parts, P, nthreads);                                          \
             SM_FTZ_END                                                                             \
             free(gpre);                                                                            \
         }                                                                                          \
+        free(parts);                                                                               \
         return failed;                                                                             \
     }                                                                                              \
                                                                                                    \
@@ -341,27 +360,31 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
         return failed;                                                                             \
     }                                                                                              \
                                                                                                    \
-    /* du, ddelta: (batch, L, E) contiguous; dz (batch, L, E) strided (sdz_b, sdz_t), written, or   \
-     * added to with acc_dz; dA_part (nthreads, N, E); dD_part, dbias_part (nthreads, E), ddtw_part  \
-     * (nthreads, R, E): per-thread sums, added to (the caller zeroes them; dbias_part: of ddelta     \
-     * over time, so no pass over ddelta after);                                                    \
-     * dB_out, dC_out: (batch, L, N), ddt (batch, L, R): added to (the caller zeroes them); a      \
-     * sample's channel blocks run in sequence on one thread, so they add into its rows in turn */ \
+    /* du, ddelta: (batch, L, E) contiguous; dz (batch, L, E) strided (sdz_b, sdz_t), written, or  \
+     * added to with acc_dz; sums: (N + 2 + R) x E, written: [dA (N, E) | dD (E) | dbias (E) (the sum \
+     * of ddelta over time, so no pass over ddelta after) | ddtw (R, E)], reduced over the threads \
+     * here (CL_REDUCE_PARTS);                                                                     \
+     * dB_out, dC_out: (batch, L, N) with row stride sdbc_t (batch stride L sdbc_t), ddt (batch, L, R) \
+     * with row stride sddt_t: written (the mixer points all three into one (batch, L, R + 2N) buffer, \
+     * x_proj's output gradient); a sample's channel blocks run in sequence on one thread, the first \
+     * zeroes the sample's rows and each adds its share */                                         \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
                      const T *CL_RESTRICT At,                                                      \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
                      const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,                             \
                      T *CL_RESTRICT ddelta, T *dz, int64_t sdz_b, int64_t sdz_t, int acc_dz,       \
-                     T *CL_RESTRICT dA_part,                                                       \
-                     T *CL_RESTRICT dB_out, T *CL_RESTRICT dC_out, T *CL_RESTRICT dD_part,         \
-                     T *CL_RESTRICT dbias_part,                                                    \
+                     T *CL_RESTRICT sums, T *CL_RESTRICT dB_out, T *CL_RESTRICT dC_out, int64_t sdbc_t, \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, const T *dt, int64_t sdt_b, int64_t sdt_t,                     \
-                     const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt,                      \
-                     T *CL_RESTRICT ddtw_part, int nthreads) {                                     \
+                     const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt, int64_t sddt_t,      \
+                     int nthreads) {                                                               \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
+        if (!dtw) R = 0;                                                                           \
+        const int64_t P = (N + 2 + R) * E; /* a thread's row of partial sums: dA | dD | dbias | ddtw */ \
+        T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));                           \
+        if (!parts) return 1;                                                                      \
         const T os = (T)oscale; /* gout is the gradient of oscale * y */                           \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
@@ -396,7 +419,13 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                 T *CL_RESTRICT wb = szs + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
                 const int64_t e0 = blk * EB;                                                       \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
-                T *dBb = dB_out + b * L * N, *dCb = dC_out + b * L * N;                              \
+                T *dBb = dB_out + b * L * sdbc_t, *dCb = dC_out + b * L * sdbc_t;                  \
+                if (blk == 0)                                                                      \
+                    for (int64_t t = 0; t < L; ++t) {                                              \
+                        memset(dBb + t * sdbc_t, 0, sizeof(T) * (size_t)N);                        \
+                        memset(dCb + t * sdbc_t, 0, sizeof(T) * (size_t)N);                        \
+                        if (dtw) memset(ddt + (b * L + t) * sddt_t, 0, sizeof(T) * (size_t)R);     \
+                    }                                                                              \
                 if (dtw) {                                                                         \
                     for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
                     memset(dwb, 0, sizeof(T) * (size_t)(R * EB));                                  \
@@ -488,10 +517,10 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     if (z && !ysv)                                                                 \
                         sl_replay_states_y_##SFX(hs + s * SN, hs + (s + 1) * SN, as + s * SN, Ab + n0 * EB, ds + s * EB, \
                                                  dus + s * EB, gys + s * EB, Bn, Cm + b * sC_b + t * sC_t + n0, \
-                                                 dCb + t * N + n0, yrs + s * EB, Gn, n0 > 0);      \
+                                                 dCb + t * sdbc_t + n0, yrs + s * EB, Gn, n0 > 0); \
                     else                                                                           \
                         sl_replay_states_##SFX(hs + s * SN, hs + (s + 1) * SN, as + s * SN, Ab + n0 * EB, ds + s * EB, \
-                                               dus + s * EB, gys + s * EB, Bn, dCb + t * N + n0, Gn); \
+                                               dus + s * EB, gys + s * EB, Bn, dCb + t * sdbc_t + n0, Gn); \
                 }                                                                                  \
                 /* pass 2: reverse recurrence for g = dL/dh, the adjoint state loops alone; each   \
                  * step's sums over the states (dd raw, sgB) go to its rows of dds / sgBs */       \
@@ -506,7 +535,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     /* dd = sum_n ga_n A_n, sgB = sum_n g_n B_n; g, dA, dB updated (scan_steps.h) */ \
                     sl_adjoint_states_##SFX(hs + s * SN, as + s * SN, as + (s + 1) * SN, Ab + n0 * EB, ds + s * EB, \
                                             dus + s * EB, gys + s * EB, Bn, Cn, g + n0 * EB, dAa + n0 * EB, \
-                                            dds + s * EB, sgBs + s * EB, dBb + t * N + n0, Gn, n0 > 0); \
+                                            dds + s * EB, sgBs + s * EB, dBb + t * sdbc_t + n0, Gn, n0 > 0); \
                 }                                                                                  \
                 } /* state group */                                                                \
                 /* du and d(delta) from the sums of pass 2, step by step, off its recurrence. Run  \
@@ -541,39 +570,57 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                         for (int j = 0; j < EB; ++j) zz[j] = dzf[j] * (yr[j] + Ds[j] * uu[j]);     \
                         CL_STORE_ACC(T, dz + b * sdz_b + t * sdz_t + e0, zz, ne, acc_dz);          \
                     }                                                                              \
-                    if (dtw) sl_dtproj_ddt_##SFX(dd, R, wb, ddt + (b * L + t) * R); /* ddt = dtw dd */ \
+                    if (dtw) sl_dtproj_ddt_##SFX(dd, R, wb, ddt + (b * L + t) * sddt_t); /* ddt += dtw dd */ \
                 }                                                                                  \
                 if (dtw) /* ddtw += dd dt^T over the block's steps (scan_steps.h) */               \
                     sl_dtproj_dw_##SFX(dds, dt + b * sdt_b + (reverse ? (L - 1) * sdt_t : 0),      \
                                        reverse ? -sdt_t : sdt_t, L, R, dwb);                       \
-                /* into this thread's rows: summed over the threads by the caller, not over the    \
+                /* into this thread's row of parts, summed over the threads below, not over the    \
                  * batch (a (batch, N, E) buffer and its reduction per call, before). The sums'    \
                  * rounding depends on the thread count (bit-identical for a given count) */       \
-                for (int64_t n = 0; n < N; ++n) CL_ADD_ROW(dA_part + (tid * N + n) * E + e0, dAa + n * EB, ne);\
-                if (dD_part) CL_ADD_ROW(dD_part + tid * E + e0, dDacc, ne);                        \
-                if (dbias_part) CL_ADD_ROW(dbias_part + tid * E + e0, dbacc, ne);                  \
-                if (dtw)                                                                           \
-                    for (int64_t r = 0; r < R; ++r) CL_ADD_ROW(ddtw_part + (tid * R + r) * E + e0, dwb + r * EB, ne);\
+                T *mine = parts + tid * P;                                                         \
+                for (int64_t n = 0; n < N; ++n) CL_ADD_ROW(mine + n * E + e0, dAa + n * EB, ne);   \
+                CL_ADD_ROW(mine + N * E + e0, dDacc, ne);                                          \
+                CL_ADD_ROW(mine + (N + 1) * E + e0, dbacc, ne);                                    \
+                for (int64_t r = 0; r < R; ++r) CL_ADD_ROW(mine + (N + 2 + r) * E + e0, dwb + r * EB, ne); \
             }                                                                                      \
+            CL_REDUCE_PARTS(T, sums, parts, P, nthreads);                                          \
             SM_FTZ_END                                                                             \
             free(buf);                                                                             \
         }                                                                                          \
+        free(parts);                                                                               \
         return failed;                                                                             \
     }
 
-/* RMSNorm of rows of width D (the Vim block's norm): y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps).
- * The backward: gx = rstd * gy * w - x * rstd^3 * mean(gy * w * x); gw = sum over rows of gy * x * rstd,
- * accumulated per chunk of rows into gw_part (nchunk, D) so that threads never share a row of it. */
+/* RMSNorm of rows of width D (the Vim block's norm): y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps),
+ * with the block's residual add fused in: given res, x + res is written to xsum and normalised (one
+ * pass instead of an add's pass and the norm's).
+ * The backward: gx = rstd * gy * w - x * rstd^3 * mean(gy * w * x) (+ gadd, the gradient that reached
+ * xsum from elsewhere: autograd's own add of the two, fused); gw = sum over rows of gy * x * rstd,
+ * accumulated per chunk of rows so that threads never share a row, the chunks then summed in order. */
 #define RMS_DEFINE(T, SFX, SQRT)                                                                   \
-    int rms_fwd_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT w, T *CL_RESTRICT y,            \
-                      T *CL_RESTRICT rstd, int64_t rows, int64_t D, double eps, int nthreads) {    \
+    int rms_fwd_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT res, T *CL_RESTRICT xsum,      \
+                      const T *CL_RESTRICT w, T *CL_RESTRICT y, T *CL_RESTRICT rstd, int64_t rows, \
+                      int64_t D, double eps, int nthreads) {                                       \
         _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)")       \
         for (int64_t r = 0; r < rows; ++r) {                                                       \
-            const T *CL_RESTRICT xr = x + r * D;                                                   \
+            const T *xr = x + r * D; /* then xsum's row, with res */                               \
             T *CL_RESTRICT yr = y + r * D;                                                         \
             T ss = (T)0;                                                                           \
-            _Pragma("omp simd reduction(+ : ss)")                                                  \
-            for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];                                   \
+            if (res) {                                                                             \
+                const T *CL_RESTRICT rr = res + r * D;                                             \
+                T *CL_RESTRICT sr = xsum + r * D;                                                  \
+                _Pragma("omp simd reduction(+ : ss)")                                              \
+                for (int64_t i = 0; i < D; ++i) {                                                  \
+                    const T v = xr[i] + rr[i];                                                     \
+                    sr[i] = v;                                                                     \
+                    ss += v * v;                                                                   \
+                }                                                                                  \
+                xr = sr;                                                                           \
+            } else {                                                                               \
+                _Pragma("omp simd reduction(+ : ss)")                                              \
+                for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];                               \
+            }                                                                                      \
             const T rs = (T)1 / SQRT(ss / (T)D + (T)eps);                                          \
             if (rstd) rstd[r] = rs;                                                                \
             _Pragma("omp simd")                                                                    \
@@ -583,28 +630,40 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
     }                                                                                              \
                                                                                                    \
     int rms_bwd_##SFX(const T *CL_RESTRICT x, const T *CL_RESTRICT w, const T *CL_RESTRICT rstd,   \
-                      const T *CL_RESTRICT gy, T *CL_RESTRICT gx, T *CL_RESTRICT gw_part,          \
-                      int64_t rows, int64_t D, int64_t nchunk, int nthreads) {                     \
-        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)")       \
-        for (int64_t c = 0; c < nchunk; ++c) {                                                     \
-            T *CL_RESTRICT gw = gw_part + c * D;                                                   \
-            memset(gw, 0, sizeof(T) * (size_t)D);                                                  \
-            const int64_t r0 = rows * c / nchunk, r1 = rows * (c + 1) / nchunk;                    \
-            for (int64_t r = r0; r < r1; ++r) {                                                    \
-                const T *CL_RESTRICT xr = x + r * D, *CL_RESTRICT gr = gy + r * D;                 \
-                T *CL_RESTRICT gxr = gx + r * D;                                                   \
-                const T rs = rstd[r];                                                              \
-                T dot = (T)0;                                                                      \
-                _Pragma("omp simd reduction(+ : dot)")                                             \
-                for (int64_t i = 0; i < D; ++i) {                                                  \
-                    dot += gr[i] * w[i] * xr[i];                                                   \
-                    gw[i] += gr[i] * xr[i] * rs;                                                   \
+                      const T *CL_RESTRICT gy, const T *CL_RESTRICT gadd, T *CL_RESTRICT gx,       \
+                      T *CL_RESTRICT gw_out, int64_t rows, int64_t D, int64_t nchunk, int nthreads) { \
+        T *parts = (T *)calloc((size_t)nchunk * (size_t)D, sizeof(T));                             \
+        if (!parts) return 1;                                                                      \
+        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
+        {                                                                                          \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int64_t c = 0; c < nchunk; ++c) {                                                 \
+                T *CL_RESTRICT gw = parts + c * D;                                                 \
+                const int64_t r0 = rows * c / nchunk, r1 = rows * (c + 1) / nchunk;                \
+                for (int64_t r = r0; r < r1; ++r) {                                                \
+                    const T *CL_RESTRICT xr = x + r * D, *CL_RESTRICT gr = gy + r * D;             \
+                    T *CL_RESTRICT gxr = gx + r * D;                                               \
+                    const T rs = rstd[r];                                                          \
+                    T dot = (T)0;                                                                  \
+                    _Pragma("omp simd reduction(+ : dot)")                                         \
+                    for (int64_t i = 0; i < D; ++i) {                                              \
+                        dot += gr[i] * w[i] * xr[i];                                               \
+                        gw[i] += gr[i] * xr[i] * rs;                                               \
+                    }                                                                              \
+                    const T k = rs * rs * rs * dot / (T)D;                                         \
+                    if (gadd) {                                                                    \
+                        const T *CL_RESTRICT ga = gadd + r * D;                                    \
+                        _Pragma("omp simd")                                                        \
+                        for (int64_t i = 0; i < D; ++i) gxr[i] = rs * gr[i] * w[i] - k * xr[i] + ga[i]; \
+                    } else {                                                                       \
+                        _Pragma("omp simd")                                                        \
+                        for (int64_t i = 0; i < D; ++i) gxr[i] = rs * gr[i] * w[i] - k * xr[i];    \
+                    }                                                                              \
                 }                                                                                  \
-                const T k = rs * rs * rs * dot / (T)D;                                             \
-                _Pragma("omp simd")                                                                \
-                for (int64_t i = 0; i < D; ++i) gxr[i] = rs * gr[i] * w[i] - k * xr[i];            \
             }                                                                                      \
+            CL_REDUCE_PARTS(T, gw_out, parts, D, nchunk);                                          \
         }                                                                                          \
+        free(parts);                                                                               \
         return 0;                                                                                  \
     }
 
