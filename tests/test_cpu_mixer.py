@@ -104,32 +104,39 @@ def test_vim_block_fused_add_norm_matches_torch_ops(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_scan_backward_writes_x_proj_gradient_blocks_in_place():
-    """sl_bwd with dx_dbl writes ddt, dB and dC into its column blocks (row stride R + 2N) and zeroes
-    them first (the buffer starts as garbage): the same values as into separate tensors."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_scan_backward_runs_x_proj_backward(dtype, tol):
+    """sl_bwd given x_proj's weight adds x_proj's input gradient [ddt | dB | dC] W into du and returns
+    its weight gradient [ddt | dB | dC]^T u: the same as the separate gradients and two matmuls (float32:
+    the explicit-vector row functions where the build has them)."""
     g = torch.Generator().manual_seed(3)
-    batch, L, E, N, R = 2, 9, 100, 3, 2  # E over one channel block: two blocks add into each row
-    u, dsave, z, gout = (torch.randn(batch, L, E, generator=g, dtype=torch.float64) for _ in range(4))
+    batch, L, E, N, R = 3, 9, 200, 3, 2  # two full channel blocks and a partial one add into each row
+    f64 = dict(generator=g, dtype=dtype)
+    u, dsave, z, gout = (torch.randn(batch, L, E, **f64) for _ in range(4))
     dsave = torch.nn.functional.softplus(dsave)
-    At = -torch.rand(N, E, generator=g, dtype=torch.float64) - 0.1
-    B, C = (torch.randn(batch, L, N, generator=g, dtype=torch.float64) for _ in range(2))
-    D, dt, dtw = torch.randn(E, dtype=torch.float64), torch.randn(batch, L, R, dtype=torch.float64), \
-        torch.randn(R, E, dtype=torch.float64)
+    At = -torch.rand(N, E, **f64) - 0.1
+    B, C = (torch.randn(batch, L, N, **f64) for _ in range(2))
+    D, dt, dtw, w = torch.randn(E, **f64), torch.randn(batch, L, R, **f64), torch.randn(R, E, **f64), \
+        torch.randn(R + 2 * N, E, **f64)
     kw = dict(dz_accumulate=False, softplus=True, reverse=True, out_scale=0.5, dt=dt, dtw=dtw)
 
-    def grads(dx_dbl):
+    def grads(x_proj_weight):
         du, dz = torch.empty_like(u), torch.empty_like(u)
-        return cpu_scan.scan_bwd_cl(u, dsave, None, At, B, C, D, z, gout, du, None, dz, dx_dbl=dx_dbl, **kw), du
+        res = cpu_scan.scan_bwd_cl(u, dsave, None, At, B, C, D, z, gout, du, None, dz, x_proj_weight=x_proj_weight,
+                                   **kw)
+        return res, du, dz
 
-    sep, du_sep = grads(None)
-    buf = torch.full((batch * L, R + 2 * N), float("nan"), dtype=torch.float64)
-    inplace, du_in = grads(buf)
-    assert torch.equal(du_in, du_sep)
-    for name in ("ddt", "dB", "dC", "dA", "dD", "dbias", "ddtw"):
-        assert torch.equal(getattr(inplace, name), getattr(sep, name)), name
-    torch.testing.assert_close(buf, torch.cat([sep.ddt, sep.dB, sep.dC], -1).view(batch * L, -1), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="dx_dbl"):
-        grads(buf[:, 1:])
+    sep, du_sep, dz_sep = grads(None)
+    fused, du_fused, dz_fused = grads(w)
+    assert fused.dB is None and fused.ddt is None and sep.dxw is None
+    g_out = torch.cat([sep.ddt, sep.dB, sep.dC], -1).view(batch * L, -1)  # x_proj's output gradient
+    torch.testing.assert_close(du_fused, du_sep + (g_out @ w).view(batch, L, E), rtol=tol, atol=tol)
+    torch.testing.assert_close(fused.dxw, g_out.t() @ u.view(-1, E), rtol=tol, atol=tol)
+    assert torch.equal(dz_fused, dz_sep)
+    for name in ("dA", "dD", "dbias", "ddtw"):
+        assert torch.equal(getattr(fused, name), getattr(sep, name)), name
+    with pytest.raises(ValueError, match="x_proj_weight"):
+        grads(w[1:])
 
 
 def test_rms_norm_kernel_rejects_mixed_dtypes():
@@ -348,11 +355,11 @@ def test_second_derivative_through_the_compiled_scan_and_conv_raises():
             gu.sum().backward()
 
 
-@pytest.mark.parametrize("switch", ["SAVE_Y", "GATE_ONCE"])
+@pytest.mark.parametrize("switch", ["SAVE_Y", "GATE_ONCE", "XPROJ_IN_KERNEL"])
 def test_mixer_core_ab_switches_compute_the_same(switch, monkeypatch):
     """cpu_mixer's A/B switches (docs/benchmarks.md times with them) change the work, not the result:
     the saved y against its recomputation in the backward, one gate on the sum against one per
-    direction."""
+    direction, x_proj's backward in the scan kernel against two matmuls."""
     from shufflemamba.ops import cpu_mixer
 
     lib = cpu_scan._lib_or_raise()

@@ -11,8 +11,8 @@ the conv output's two gradient paths (the scan's u and ``x_proj``'s input) are a
 :func:`bimamba_core_cl` runs the same computation with a hand-written backward in which the
 kernels write straight into one (batch, L, 2E) gradient buffer: the conv kernel writes dx into its
 first half and the scan kernel dz into its second half, the second direction adding to the first
-(``acc`` flags of ``cv_bwd`` / ``sl_bwd`` in ``mixer_cl.c``), and ``x_proj``'s input gradient is
-added into the scan's du in place (``addmm_``). Same numbers as the per-op path up to float
+(``acc`` flags of ``cv_bwd`` / ``sl_bwd`` in ``mixer_cl.c``), and ``x_proj``'s backward runs inside the
+scan kernel (its input gradient added into du, its weight gradient reduced with the others). Same numbers as the per-op path up to float
 summation order; ``tests/test_selective_scan.py`` holds both against the (batch, E, L) reference.
 """
 
@@ -39,6 +39,11 @@ SAVE_Y = False
 # and one read of z per element, not one per direction). Off: each direction gates its own half, the
 # mixer's forward before 927acb1. A switch for A/B comparisons, as SAVE_Y.
 GATE_ONCE = True
+
+# Whether x_proj's backward runs inside the scan's backward kernel (sl_bwd given x_proj's weight: its
+# input gradient added into du, its weight gradient reduced with the others). Off: the kernel returns
+# [ddt | dB | dC] and two matmuls follow, the backward before this switch. A switch for A/B comparisons.
+XPROJ_IN_KERNEL = True
 
 
 class DirectionParams(NamedTuple):
@@ -109,12 +114,16 @@ class _BiMambaCoreCL(torch.autograd.Function):
             N = At.shape[0]
             dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
             du = torch.empty_like(xc)
-            # x_dbl = [dt | B | C]: the kernel writes its gradient's three blocks into one buffer
-            dx_dbl = xc.new_empty(batch * L, R + 2 * N)
-            g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, dz_accumulate=k == 1,
-                            softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw, dx_dbl=dx_dbl)
-            d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
-            du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
+            kw = dict(dz_accumulate=k == 1, softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw)
+            if XPROJ_IN_KERNEL:  # du gets x_proj's input gradient added, g.dxw is its weight's
+                g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz,
+                                x_proj_weight=_contig(p.x_proj_weight), **kw)
+                d_xproj_w = g.dxw
+            else:
+                g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, **kw)
+                dx_dbl = torch.cat((g.ddt, g.dB, g.dC), -1).view(-1, R + 2 * N)  # x_proj's output gradient
+                d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
+                du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
             dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
             grads += [
                 dwt.t().reshape(p.conv_weight.shape), db if p.conv_bias is not None else None,

@@ -57,7 +57,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 11  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+_ABI_VERSION = 12  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
 # 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample;
 # 8: sl_bwd's dB, dC, ddt whole (batch, L, .) and added to (caller-zeroed), not per channel block;
@@ -67,6 +67,7 @@ _ABI_VERSION = 11  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumul
 # 11: cv_bwd / sl_bwd / rms_bwd reduce their per-thread partial sums themselves (one output buffer); sl_bwd
 # writes dB, dC, ddt (zeroing them) with row strides (into x_proj's gradient); rms_fwd / rms_bwd fuse the
 # residual add
+# 12: sl_bwd takes x_proj's weight (NULL: as 11) and then runs x_proj's backward itself
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
@@ -163,7 +164,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         dtproj = [p, i64, i64, p, i64]  # dt (ptr, batch, time strides), dtw (R, E), R
         getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj, i32]
         getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 3
-                                                  + [i64] * 5 + [i32, i32, f64, *dtproj, p, i64, i32])
+                                                  + [i64] * 5 + [i32, i32, f64, *dtproj, p, i64, p, i32])
         getattr(lib, f"rms_fwd_{sfx}").argtypes = [p] * 6 + [i64, i64, f64, i32]
         getattr(lib, f"rms_bwd_{sfx}").argtypes = [p] * 7 + [i64] * 3 + [i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd", "rms_fwd", "rms_bwd"):
@@ -266,7 +267,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
                        _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
                        _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N,
-                       1, 0, 1.0, *_NO_DTPROJ, None, 0, 1)
+                       1, 0, 1.0, *_NO_DTPROJ, None, 0, None, 1)
 
     for lib in libs.values():
         step(lib)  # warm-up: page faults, caches
@@ -543,52 +544,55 @@ class ScanGrads(NamedTuple):
     """What :func:`scan_bwd_cl` returns besides the tensors it writes (partial sums already reduced)."""
 
     dA: Tensor  # (E, N)
-    dB: Tensor  # (batch, L, N)
-    dC: Tensor  # (batch, L, N)
+    dB: Tensor | None  # (batch, L, N); None when x_proj's backward ran in the kernel
+    dC: Tensor | None  # (batch, L, N); as dB
     dD: Tensor  # (E,)
     dbias: Tensor  # (E,): the delta bias gradient, the sum of ddelta over batch and time
     ddt: Tensor | None  # (batch, L, R) with dt_proj fused, else None
     ddtw: Tensor | None  # (R, E) with dt_proj fused, else None
+    dxw: Tensor | None = None  # (R + 2N, E): x_proj's weight gradient, when its backward ran in the kernel
 
 
 def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 z: Tensor | None, gout: Tensor, du: Tensor, ddelta: Tensor | None, dz: Tensor | None, *,
                 dz_accumulate: bool, softplus: bool, reverse: bool, out_scale: float,
-                dt: Tensor | None = None, dtw: Tensor | None = None, dx_dbl: Tensor | None = None) -> ScanGrads:
+                dt: Tensor | None = None, dtw: Tensor | None = None, x_proj_weight: Tensor | None = None) -> ScanGrads:
     """The ``sl_bwd`` kernel: writes du and (when given) ddelta, contiguous, and dz (unit last stride;
     added to with ``dz_accumulate``); ``gout`` is the gradient of the forward's ``out_scale * y``.
-    With ``dtw`` the dt_proj gradients come back in :class:`ScanGrads` and ddelta may be None; with
-    ``dx_dbl`` (batch * L, R + 2N) as well, ddt, dB and dC are written into its column blocks
-    [ddt | dB | dC] (x_proj's output gradient, no copies) and returned as views of it."""
+    With ``dtw`` the dt_proj gradients come back in :class:`ScanGrads` and ddelta may be None. With
+    ``x_proj_weight`` (R + 2N, E) as well (u being x_proj's input, [dt | B | C] its output), x_proj's
+    backward runs in the kernel: du includes its input gradient, ``dxw`` is its weight gradient, and
+    ddt, dB, dC stay inside the kernel (None)."""
     batch, L, E = u.shape
     N = At.shape[0]
     lib = _lib_or_raise()
     gout = gout.contiguous()  # held in a local: the kernel reads it after _ptr has returned
     R = 0 if dtw is None else dtw.shape[0]
-    sums = u.new_empty((N + 2 + R) * E)  # [dA (N, E) | dD | dbias | ddtw (R, E)], reduced by the kernel
-    dtproj = _NO_DTPROJ
-    if dtw is not None:
-        dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), R)
-    if dx_dbl is not None:
-        if dtw is None or dx_dbl.shape != (batch * L, R + 2 * N) or dx_dbl.stride(-1) != 1:
-            raise ValueError(f"scan_bwd_cl: dx_dbl must be (batch * L, R + 2N) = {(batch * L, R + 2 * N)} with "
-                             f"dt_proj fused, got {tuple(dx_dbl.shape)}")
-        ddt, dB, dC = (dx_dbl[:, a:b].view(batch, L, b - a) for a, b in ((0, R), (R, R + N), (R + N, R + 2 * N)))
-        row = dx_dbl.stride(0)
-    else:
+    J = R + 2 * N
+    if x_proj_weight is not None:
+        if dtw is None or x_proj_weight.shape != (J, E) or not x_proj_weight.is_contiguous():
+            raise ValueError(f"scan_bwd_cl: x_proj_weight must be contiguous (R + 2N, E) = {(J, E)} with dt_proj "
+                             f"fused, got {tuple(x_proj_weight.shape)}")
+    # [dA (N, E) | dD | dbias | ddtw (R, E) | dxw (J, E)], reduced over the threads by the kernel
+    sums = u.new_empty((N + 2 + R + (J if x_proj_weight is not None else 0)) * E)
+    dtproj = _NO_DTPROJ if dtw is None else (_ptr(dt), *_strides(dt), _ptr(dtw), R)
+    if x_proj_weight is None:
         dB, dC = u.new_empty(batch, L, N), u.new_empty(batch, L, N)  # zeroed and added to by the kernel
         ddt = u.new_empty(batch, L, R) if dtw is not None else None
-        row = N
+    else:
+        dB = dC = ddt = None
     rc = getattr(lib, f"sl_bwd_{_sfx(u)}")(
         _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D),
         _ptr(z), *_strides(z), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), *_strides(dz),
-        int(dz_accumulate), _ptr(sums), _ptr(dB), _ptr(dC), row, batch, E, L, N, int(softplus), int(reverse),
-        float(out_scale), *dtproj, _ptr(ddt), row if dx_dbl is not None else R, _threads(batch * L * E * N),
+        int(dz_accumulate), _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N, int(softplus), int(reverse),
+        float(out_scale), *dtproj, _ptr(ddt), R, _ptr(x_proj_weight), _threads(batch * L * E * N),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")
-    return ScanGrads(sums[:N * E].view(N, E).t(), dB, dC, sums[N * E:(N + 1) * E], sums[(N + 1) * E:(N + 2) * E], ddt,
-                     sums[(N + 2) * E:].view(R, E) if dtw is not None else None)
+    blocks = sums.split([N * E, E, E, R * E, sums.numel() - (N + 2 + R) * E])
+    return ScanGrads(blocks[0].view(N, E).t(), dB, dC, blocks[1], blocks[2], ddt,
+                     blocks[3].view(R, E) if dtw is not None else None,
+                     blocks[4].view(J, E) if x_proj_weight is not None else None)
 
 
 class _ConvSiluCL(torch.autograd.Function):

@@ -365,9 +365,14 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
      * of ddelta over time, so no pass over ddelta after) | ddtw (R, E)], reduced over the threads \
      * here (CL_REDUCE_PARTS);                                                                     \
      * dB_out, dC_out: (batch, L, N) with row stride sdbc_t (batch stride L sdbc_t), ddt (batch, L, R) \
-     * with row stride sddt_t: written (the mixer points all three into one (batch, L, R + 2N) buffer, \
-     * x_proj's output gradient); a sample's channel blocks run in sequence on one thread, the first \
-     * zeroes the sample's rows and each adds its share */                                         \
+     * with row stride sddt_t: written; a sample's channel blocks run in sequence on one thread, the \
+     * first zeroes the sample's rows and each adds its share.                                     \
+     * With xw, x_proj's weight (R + 2N, E) (the mixer: u = x_proj's input, [dt | B | C] its output, \
+     * dt_proj fused), x_proj's backward runs here too, per sample once its channel blocks are done: \
+     * [ddt | dB | dC] go to a per-thread (L, R + 2N) buffer instead of dB_out / dC_out / ddt (unused), \
+     * du gets [ddt | dB | dC] xw added and sums a fifth block, dxw (R + 2N, E) += [..]^T u. Two   \
+     * matmuls a direction fewer; in a training step they ran at 70-90 GFLOP/s, their (batch L, 22) x \
+     * (22, 192) shapes too skinny for the BLAS (Intel Xeon, the demo's size) */                   \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
                      const T *CL_RESTRICT At,                                                      \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
@@ -378,11 +383,15 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, const T *dt, int64_t sdt_b, int64_t sdt_t,                     \
                      const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt, int64_t sddt_t,      \
+                     const T *CL_RESTRICT xw,                                                      \
                      int nthreads) {                                                               \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         if (!dtw) R = 0;                                                                           \
-        const int64_t P = (N + 2 + R) * E; /* a thread's row of partial sums: dA | dD | dbias | ddtw */ \
+        if (xw && !dtw) return 2; /* x_proj's backward needs ddt: dt_proj fused */                 \
+        const int64_t J = R + 2 * N; /* x_proj's outputs */                                        \
+        /* a thread's row of partial sums: dA | dD | dbias | ddtw (| dxw) */                       \
+        const int64_t P = (N + 2 + R) * E + (xw ? J * E : 0);                                      \
         T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));                           \
         if (!parts) return 1;                                                                      \
         const T os = (T)oscale; /* gout is the gradient of oscale * y */                           \
@@ -396,16 +405,35 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             const size_t rows = (size_t)(L + 1) * (size_t)(G * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
             const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of the *_part sums */       \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (2 * rows + 9 * (size_t)(L * EB)           \
-                                                         + 3 * (size_t)(N * EB) + 6 * EB           \
-                                                         + 2 * (size_t)(R * EB)));                 \
+            /* with xw: an EB row, L x EB rows of u, J x EB of dxw, x_proj's weight as nblk blocks of \
+             * J x EB (loaded once), then the sample's (L, J) rows of [ddt | dB | dC] */           \
+            const size_t base = 2 * rows + 9 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 6 * EB + 2 * (size_t)(R * EB); \
+            const size_t xsz = xw ? (size_t)((1 + L + J + nblk * J) * EB + L * J) : 0;             \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (base + xsz));                             \
+            T *CL_RESTRICT xacc = buf && xw ? buf + base : NULL, *CL_RESTRICT xus = xacc ? xacc + EB : NULL; \
+            T *CL_RESTRICT xdw = xus ? xus + L * EB : NULL, *CL_RESTRICT xwb = xdw ? xdw + J * EB : NULL; \
+            T *CL_RESTRICT xg = xwb ? xwb + nblk * J * EB : NULL;                                  \
+            if (xwb)                                                                               \
+                for (int64_t blk = 0; blk < nblk; ++blk) {                                         \
+                    const int64_t e0 = blk * EB, ne = E - e0 < EB ? E - e0 : EB;                   \
+                    for (int64_t j = 0; j < J; ++j) CL_LOAD(T, xwb + (blk * J + j) * EB, xw + j * E + e0, ne); \
+                }                                                                                  \
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
             _Pragma("omp for schedule(static)")                                                    \
-            for (int64_t b = 0; b < batch; ++b)                                                    \
+            for (int64_t b = 0; b < batch; ++b) {                                                  \
+            if (!buf) continue;                                                                    \
+            /* where this sample's [ddt | dB | dC] rows go: xg with x_proj's backward, else the outputs */ \
+            T *const dBb = xw ? xg + R : dB_out + b * L * sdbc_t, *const dCb = xw ? xg + R + N : dC_out + b * L * sdbc_t; \
+            T *const ddtb = xw ? xg : (dtw ? ddt + b * L * sddt_t : NULL);                         \
+            const int64_t sbc = xw ? J : sdbc_t, sdd = xw ? J : sddt_t;                            \
+            for (int64_t t = 0; t < L; ++t) {                                                      \
+                memset(dBb + t * sbc, 0, sizeof(T) * (size_t)N);                                   \
+                memset(dCb + t * sbc, 0, sizeof(T) * (size_t)N);                                   \
+                if (dtw) memset(ddtb + t * sdd, 0, sizeof(T) * (size_t)R);                         \
+            }                                                                                      \
             for (int64_t blk = 0; blk < nblk; ++blk) {                                             \
-                if (!buf) continue;                                                                \
                 T *CL_RESTRICT hs = buf, *CL_RESTRICT as = buf + rows;                             \
                 T *CL_RESTRICT ds = as + rows, *CL_RESTRICT sgs = ds + L * EB;                     \
                 T *CL_RESTRICT gys = sgs + L * EB, *CL_RESTRICT us = gys + L * EB;                 \
@@ -419,13 +447,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                 T *CL_RESTRICT wb = szs + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
                 const int64_t e0 = blk * EB;                                                       \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
-                T *dBb = dB_out + b * L * sdbc_t, *dCb = dC_out + b * L * sdbc_t;                  \
-                if (blk == 0)                                                                      \
-                    for (int64_t t = 0; t < L; ++t) {                                              \
-                        memset(dBb + t * sdbc_t, 0, sizeof(T) * (size_t)N);                        \
-                        memset(dCb + t * sdbc_t, 0, sizeof(T) * (size_t)N);                        \
-                        if (dtw) memset(ddt + (b * L + t) * sddt_t, 0, sizeof(T) * (size_t)R);     \
-                    }                                                                              \
+                                                                                                   \
                 if (dtw) {                                                                         \
                     for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
                     memset(dwb, 0, sizeof(T) * (size_t)(R * EB));                                  \
@@ -517,10 +539,10 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     if (z && !ysv)                                                                 \
                         sl_replay_states_y_##SFX(hs + s * SN, hs + (s + 1) * SN, as + s * SN, Ab + n0 * EB, ds + s * EB, \
                                                  dus + s * EB, gys + s * EB, Bn, Cm + b * sC_b + t * sC_t + n0, \
-                                                 dCb + t * sdbc_t + n0, yrs + s * EB, Gn, n0 > 0); \
+                                                 dCb + t * sbc + n0, yrs + s * EB, Gn, n0 > 0);    \
                     else                                                                           \
                         sl_replay_states_##SFX(hs + s * SN, hs + (s + 1) * SN, as + s * SN, Ab + n0 * EB, ds + s * EB, \
-                                               dus + s * EB, gys + s * EB, Bn, dCb + t * sdbc_t + n0, Gn); \
+                                               dus + s * EB, gys + s * EB, Bn, dCb + t * sbc + n0, Gn); \
                 }                                                                                  \
                 /* pass 2: reverse recurrence for g = dL/dh, the adjoint state loops alone; each   \
                  * step's sums over the states (dd raw, sgB) go to its rows of dds / sgBs */       \
@@ -535,7 +557,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     /* dd = sum_n ga_n A_n, sgB = sum_n g_n B_n; g, dA, dB updated (scan_steps.h) */ \
                     sl_adjoint_states_##SFX(hs + s * SN, as + s * SN, as + (s + 1) * SN, Ab + n0 * EB, ds + s * EB, \
                                             dus + s * EB, gys + s * EB, Bn, Cn, g + n0 * EB, dAa + n0 * EB, \
-                                            dds + s * EB, sgBs + s * EB, dBb + t * sdbc_t + n0, Gn, n0 > 0); \
+                                            dds + s * EB, sgBs + s * EB, dBb + t * sbc + n0, Gn, n0 > 0); \
                 }                                                                                  \
                 } /* state group */                                                                \
                 /* du and d(delta) from the sums of pass 2, step by step, off its recurrence. Run  \
@@ -570,7 +592,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                         for (int j = 0; j < EB; ++j) zz[j] = dzf[j] * (yr[j] + Ds[j] * uu[j]);     \
                         CL_STORE_ACC(T, dz + b * sdz_b + t * sdz_t + e0, zz, ne, acc_dz);          \
                     }                                                                              \
-                    if (dtw) sl_dtproj_ddt_##SFX(dd, R, wb, ddt + (b * L + t) * sddt_t); /* ddt += dtw dd */ \
+                    if (dtw) sl_dtproj_ddt_##SFX(dd, R, wb, ddtb + t * sdd); /* ddt += dtw dd */   \
                 }                                                                                  \
                 if (dtw) /* ddtw += dd dt^T over the block's steps (scan_steps.h) */               \
                     sl_dtproj_dw_##SFX(dds, dt + b * sdt_b + (reverse ? (L - 1) * sdt_t : 0),      \
@@ -583,7 +605,24 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                 CL_ADD_ROW(mine + N * E + e0, dDacc, ne);                                          \
                 CL_ADD_ROW(mine + (N + 1) * E + e0, dbacc, ne);                                    \
                 for (int64_t r = 0; r < R; ++r) CL_ADD_ROW(mine + (N + 2 + r) * E + e0, dwb + r * EB, ne); \
+            } /* channel block */                                                                  \
+            if (xw) { /* x_proj's backward for sample b: its rows of [ddt | dB | dC] are complete now */ \
+                T *mine = parts + tid * P + (N + 2 + R) * E;                                       \
+                for (int64_t blk = 0; blk < nblk; ++blk) {                                         \
+                    const int64_t e0 = blk * EB, ne = E - e0 < EB ? E - e0 : EB;                   \
+                    for (int64_t t = 0; t < L; ++t) { /* du += [ddt | dB | dC] W (scan_steps.h) */ \
+                        const int64_t row = (b * L + t) * E + e0;                                  \
+                        CL_LOAD(T, xacc, du_out + row, ne);                                        \
+                        sl_rowmat_add_##SFX(xg + t * J, J, xwb + blk * J * EB, xacc);              \
+                        CL_STORE(T, du_out + row, xacc, ne);                                       \
+                        CL_LOAD(T, xus + t * EB, u + row, ne);                                     \
+                    }                                                                              \
+                    memset(xdw, 0, sizeof(T) * (size_t)(J * EB)); /* dW_j += sum_t [..]_(t, j) u_t */ \
+                    sl_dtproj_dw_##SFX(xus, xg, J, L, J, xdw);                                     \
+                    for (int64_t j = 0; j < J; ++j) CL_ADD_ROW(mine + j * E + e0, xdw + j * EB, ne); \
+                }                                                                                  \
             }                                                                                      \
+            } /* sample */                                                                         \
             CL_REDUCE_PARTS(T, sums, parts, P, nthreads);                                          \
             SM_FTZ_END                                                                             \
             free(buf);                                                                             \

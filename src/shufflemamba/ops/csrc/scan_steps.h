@@ -146,6 +146,14 @@
             ddt[r] += acc;                                                                         \
         }                                                                                          \
     }                                                                                              \
+    /* row += sum_j g_j W_j over a block (W: J x EB rows): x_proj's input gradient at one step */    \
+    static inline void sl_rowmat_add_##SFX(const T *g, int64_t J, const T *CL_RESTRICT wb,          \
+                                           T *CL_RESTRICT row) {                                   \
+        for (int64_t j = 0; j < J; ++j) {                                                          \
+            const T v = g[j];                                                                      \
+            _Pragma("omp simd") for (int i = 0; i < EB; ++i) row[i] += v * wb[j * EB + i];         \
+        }                                                                                          \
+    }                                                                                              \
     /* dt_proj's weight gradient over a block's L steps: dW_r += sum_s dd_s dt_(s, r). dd: L x EB  \
      * rows; dt row s at dt0 + s * sdt (sdt < 0 in reverse time); dwb: R x EB rows */              \
     static inline void sl_dtproj_dw_##SFX(const T *CL_RESTRICT dd, const T *dt0, int64_t sdt, int64_t L, \
@@ -644,6 +652,19 @@ static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, con
         }
         sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
     }
+}
+/* as the generic one, the row in registers across the J products */
+static inline void sl_rowmat_add_f32(const float *g, int64_t J, const float *CL_RESTRICT wb, float *CL_RESTRICT row) {
+    sm_vf acc[SM_NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vload(row + k * SM_VL);
+    for (int64_t j = 0; j < J; ++j) {
+        const sm_vf v = sm_vset1(g[j]);
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + k * SM_VL), acc[k]);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) sm_vstore(row + k * SM_VL, acc[k]);
 }
 /* as the generic one, a group of SM_DW_ROWS rows of dW in registers across the L steps (24 vectors
  * at either width), so each step costs loads of dd and dt and FMAs only, no load / store of dW */
