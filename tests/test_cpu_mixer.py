@@ -355,11 +355,12 @@ def test_second_derivative_through_the_compiled_scan_and_conv_raises():
             gu.sum().backward()
 
 
-@pytest.mark.parametrize("switch", ["SAVE_Y", "GATE_ONCE", "XPROJ_IN_KERNEL"])
+@pytest.mark.parametrize("switch", ["SAVE_Y", "GATE_ONCE", "XPROJ_IN_KERNEL", "CONV_IN_KERNEL"])
 def test_mixer_core_ab_switches_compute_the_same(switch, monkeypatch):
     """cpu_mixer's A/B switches (docs/benchmarks.md times with them) change the work, not the result:
     the saved y against its recomputation in the backward, one gate on the sum against one per
-    direction, x_proj's backward in the scan kernel against two matmuls."""
+    direction, x_proj's backward in the scan kernel against two matmuls, the conv's backward in the
+    scan kernel against its own."""
     from shufflemamba.ops import cpu_mixer
 
     lib = cpu_scan._lib_or_raise()

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .cpu_scan import (_contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads, conv_silu_bwd_cl, conv_silu_fwd_cl,
-                       scan_bwd_cl, scan_fwd_cl)
+from .cpu_scan import (FusedConv, _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads, conv_silu_bwd_cl,
+                       conv_silu_fwd_cl, scan_bwd_cl, scan_fwd_cl)
 
 __all__ = ["DirectionParams", "add_rms_norm_cpu", "bimamba_core_cl", "rms_norm_cpu"]
 
@@ -44,6 +44,11 @@ GATE_ONCE = True
 # input gradient added into du, its weight gradient reduced with the others). Off: the kernel returns
 # [ddt | dB | dC] and two matmuls follow, the backward before this switch. A switch for A/B comparisons.
 XPROJ_IN_KERNEL = True
+
+# Whether the conv's backward runs inside the scan's backward kernel as well (per sample, du kept in the
+# kernel's buffer: no (batch, L, E) du written and read back, one kernel call a direction). Needs
+# XPROJ_IN_KERNEL. Off: cv_bwd's own call after it. A switch for A/B comparisons.
+CONV_IN_KERNEL = True
 
 
 class DirectionParams(NamedTuple):
@@ -113,18 +118,23 @@ class _BiMambaCoreCL(torch.autograd.Function):
             wt, bias, xc, x_dbl, At, dtw, dsave, ysave = saved[nsaved * k: nsaved * (k + 1)]
             N = At.shape[0]
             dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
-            du = torch.empty_like(xc)
             kw = dict(dz_accumulate=k == 1, softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw)
-            if XPROJ_IN_KERNEL:  # du gets x_proj's input gradient added, g.dxw is its weight's
-                g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz,
-                                x_proj_weight=_contig(p.x_proj_weight), **kw)
-                d_xproj_w = g.dxw
+            if XPROJ_IN_KERNEL and CONV_IN_KERNEL:  # x_proj's and the conv's backward in the kernel too
+                g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, None, None, dz,
+                                x_proj_weight=_contig(p.x_proj_weight), conv=FusedConv(x, wt, bias, dx, k == 1), **kw)
+                d_xproj_w, dwt, db = g.dxw, g.dconv_wt, g.dconv_bias
             else:
-                g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, **kw)
-                dx_dbl = torch.cat((g.ddt, g.dB, g.dC), -1).view(-1, R + 2 * N)  # x_proj's output gradient
-                d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
-                du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
-            dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
+                du = torch.empty_like(xc)
+                if XPROJ_IN_KERNEL:  # du gets x_proj's input gradient added, g.dxw is its weight's
+                    g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz,
+                                    x_proj_weight=_contig(p.x_proj_weight), **kw)
+                    d_xproj_w = g.dxw
+                else:
+                    g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, **kw)
+                    dx_dbl = torch.cat((g.ddt, g.dB, g.dC), -1).view(-1, R + 2 * N)  # x_proj's output gradient
+                    d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
+                    du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
+                dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
             grads += [
                 dwt.t().reshape(p.conv_weight.shape), db if p.conv_bias is not None else None,
                 d_xproj_w, g.ddtw.t(), g.dbias, g.dA, g.dD,

@@ -57,7 +57,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 12  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+_ABI_VERSION = 13  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
 # 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample;
 # 8: sl_bwd's dB, dC, ddt whole (batch, L, .) and added to (caller-zeroed), not per channel block;
@@ -68,7 +68,9 @@ _ABI_VERSION = 12  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumul
 # writes dB, dC, ddt (zeroing them) with row strides (into x_proj's gradient); rms_fwd / rms_bwd fuse the
 # residual add
 # 12: sl_bwd takes x_proj's weight (NULL: as 11) and then runs x_proj's backward itself
+# 13: and the conv's input, weight, bias and dx (NULL: as 12): the conv's backward after it
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
+_NO_CONV = (None, 0, 0, None, None, 0, None, 0, 0, 0)  # sl_bwd's arguments without the conv's backward
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -164,7 +166,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         dtproj = [p, i64, i64, p, i64]  # dt (ptr, batch, time strides), dtw (R, E), R
         getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj, i32]
         getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 3
-                                                  + [i64] * 5 + [i32, i32, f64, *dtproj, p, i64, p, i32])
+                                                  + [i64] * 5 + [i32, i32, f64, *dtproj, p, i64, p]
+                                                  + [p, i64, i64, p, p, i64, p, i64, i64, i32, i32])
         getattr(lib, f"rms_fwd_{sfx}").argtypes = [p] * 6 + [i64, i64, f64, i32]
         getattr(lib, f"rms_bwd_{sfx}").argtypes = [p] * 7 + [i64] * 3 + [i32]
         for name in ("cv_fwd", "cv_bwd", "sl_fwd", "sl_bwd", "rms_fwd", "rms_bwd"):
@@ -267,7 +270,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
                        _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
                        _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N,
-                       1, 0, 1.0, *_NO_DTPROJ, None, 0, None, 1)
+                       1, 0, 1.0, *_NO_DTPROJ, None, 0, None, *_NO_CONV, 1)
 
     for lib in libs.values():
         step(lib)  # warm-up: page faults, caches
@@ -540,6 +543,16 @@ def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tenso
         raise MemoryError("selective scan kernel: out of memory")
 
 
+class FusedConv(NamedTuple):
+    """The depthwise conv + SiLU whose output is the scan's u, for :func:`scan_bwd_cl` to run its backward."""
+
+    x: Tensor  # (batch, L, E) the conv's input, unit stride along E
+    wt: Tensor  # (K, E) its weight, transposed
+    bias: Tensor | None  # (E,)
+    dx: Tensor  # (batch, L, E) unit stride along E: x's gradient, written or added to
+    accumulate: bool  # add into dx instead of writing it
+
+
 class ScanGrads(NamedTuple):
     """What :func:`scan_bwd_cl` returns besides the tensors it writes (partial sums already reduced)."""
 
@@ -551,18 +564,23 @@ class ScanGrads(NamedTuple):
     ddt: Tensor | None  # (batch, L, R) with dt_proj fused, else None
     ddtw: Tensor | None  # (R, E) with dt_proj fused, else None
     dxw: Tensor | None = None  # (R + 2N, E): x_proj's weight gradient, when its backward ran in the kernel
+    dconv_wt: Tensor | None = None  # (K, E): the conv's weight gradient, when its backward ran in the kernel
+    dconv_bias: Tensor | None = None  # (E,): the conv's bias gradient, likewise
 
 
 def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                z: Tensor | None, gout: Tensor, du: Tensor, ddelta: Tensor | None, dz: Tensor | None, *,
+                z: Tensor | None, gout: Tensor, du: Tensor | None, ddelta: Tensor | None, dz: Tensor | None, *,
                 dz_accumulate: bool, softplus: bool, reverse: bool, out_scale: float,
-                dt: Tensor | None = None, dtw: Tensor | None = None, x_proj_weight: Tensor | None = None) -> ScanGrads:
+                dt: Tensor | None = None, dtw: Tensor | None = None, x_proj_weight: Tensor | None = None,
+                conv: FusedConv | None = None) -> ScanGrads:
     """The ``sl_bwd`` kernel: writes du and (when given) ddelta, contiguous, and dz (unit last stride;
     added to with ``dz_accumulate``); ``gout`` is the gradient of the forward's ``out_scale * y``.
     With ``dtw`` the dt_proj gradients come back in :class:`ScanGrads` and ddelta may be None. With
     ``x_proj_weight`` (R + 2N, E) as well (u being x_proj's input, [dt | B | C] its output), x_proj's
     backward runs in the kernel: du includes its input gradient, ``dxw`` is its weight gradient, and
-    ddt, dB, dC stay inside the kernel (None)."""
+    ddt, dB, dC stay inside the kernel (None). With ``conv`` as well (u = silu(conv(conv.x))), the conv's
+    backward follows in the kernel: du is then only the kernel's scratch (pass None), conv.dx gets x's
+    gradient and ``dconv_wt`` / ``dconv_bias`` come back."""
     batch, L, E = u.shape
     N = At.shape[0]
     lib = _lib_or_raise()
@@ -573,8 +591,15 @@ def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: T
         if dtw is None or x_proj_weight.shape != (J, E) or not x_proj_weight.is_contiguous():
             raise ValueError(f"scan_bwd_cl: x_proj_weight must be contiguous (R + 2N, E) = {(J, E)} with dt_proj "
                              f"fused, got {tuple(x_proj_weight.shape)}")
-    # [dA (N, E) | dD | dbias | ddtw (R, E) | dxw (J, E)], reduced over the threads by the kernel
-    sums = u.new_empty((N + 2 + R + (J if x_proj_weight is not None else 0)) * E)
+    if conv is not None and (x_proj_weight is None or conv.x.shape != u.shape or conv.dx.shape != u.shape
+                             or conv.wt.dim() != 2 or conv.wt.shape[1] != E or conv.x.stride(-1) != 1
+                             or conv.dx.stride(-1) != 1):
+        raise ValueError("scan_bwd_cl: conv needs x_proj_weight, x and dx shaped as u (unit stride along E) and "
+                         "wt (K, E)")
+    K = 0 if conv is None else conv.wt.shape[0]
+    # [dA (N, E) | dD | dbias | ddtw (R, E) | dxw (J, E) | conv dw (K, E) | conv db (E)], reduced by the kernel
+    sizes = [N * E, E, E, R * E, (J if x_proj_weight is not None else 0) * E, K * E, E if conv is not None else 0]
+    sums = u.new_empty(sum(sizes))
     dtproj = _NO_DTPROJ if dtw is None else (_ptr(dt), *_strides(dt), _ptr(dtw), R)
     if x_proj_weight is None:
         dB, dC = u.new_empty(batch, L, N), u.new_empty(batch, L, N)  # zeroed and added to by the kernel
@@ -585,14 +610,17 @@ def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: T
         _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D),
         _ptr(z), *_strides(z), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), *_strides(dz),
         int(dz_accumulate), _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N, int(softplus), int(reverse),
-        float(out_scale), *dtproj, _ptr(ddt), R, _ptr(x_proj_weight), _threads(batch * L * E * N),
+        float(out_scale), *dtproj, _ptr(ddt), R, _ptr(x_proj_weight),
+        *(_NO_CONV if conv is None else (_ptr(conv.x), *_strides(conv.x), _ptr(conv.wt), _ptr(conv.bias), K,
+                                         _ptr(conv.dx), *_strides(conv.dx), int(conv.accumulate))),
+        _threads(batch * L * E * N),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")
-    blocks = sums.split([N * E, E, E, R * E, sums.numel() - (N + 2 + R) * E])
-    return ScanGrads(blocks[0].view(N, E).t(), dB, dC, blocks[1], blocks[2], ddt,
-                     blocks[3].view(R, E) if dtw is not None else None,
-                     blocks[4].view(J, E) if x_proj_weight is not None else None)
+    dA, dD, dbias, ddtw, dxw, dcw, dcb = sums.split(sizes)
+    return ScanGrads(dA.view(N, E).t(), dB, dC, dD, dbias, ddt, ddtw.view(R, E) if dtw is not None else None,
+                     dxw.view(J, E) if x_proj_weight is not None else None,
+                     dcw.view(K, E) if conv is not None else None, dcb if conv is not None else None)
 
 
 class _ConvSiluCL(torch.autograd.Function):

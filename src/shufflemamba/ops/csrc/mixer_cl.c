@@ -191,6 +191,54 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
         return 0;                                                                                  \
     }                                                                                              \
                                                                                                    \
+    /* the conv backward of one sample (go: its (L, E) output gradient rows; dxb: its dx rows, stride \
+     * sdx_t; dw, db: added to; gpre: L x E scratch): cv_bwd's loop body, and sl_bwd's with the conv fused */ \
+    static void cv_bwd_sample_##SFX(const T *xb, int64_t sx_t, const T *CL_RESTRICT wt, const T *CL_RESTRICT bias, \
+                                    const T *CL_RESTRICT go_b, T *dxb, int64_t sdx_t, int acc_dx,  \
+                                    T *CL_RESTRICT dw, T *CL_RESTRICT db, T *CL_RESTRICT gpre, int64_t E, \
+                                    int64_t L, int64_t K, int reverse) {                           \
+        /* float32 on AVX-512: the whole sample with registers across the steps (scan_steps.h) */  \
+        if (cl_conv_bwd_sample_##SFX(xb, sx_t, wt, bias, go_b, dxb, sdx_t, acc_dx, dw, db, gpre, E, L, K, \
+                                     reverse))                                                     \
+            return;                                                                                \
+        for (int64_t t = 0; t < L; ++t) {                                                          \
+            T *CL_RESTRICT gp = gpre + t * E;                                                      \
+            const T *CL_RESTRICT go = go_b + t * E;                                                \
+            if (t + CL_PF < L) {                                                                   \
+                const int64_t src = reverse ? t + CL_PF + K - 1 : t + CL_PF;                       \
+                if (src < L) CL_PREFETCH(xb + src * sx_t, E, 0);                                   \
+                CL_PREFETCH(go_b + (t + CL_PF) * E, E, 0);                                         \
+            }                                                                                      \
+            for (int64_t e = 0; e < E; ++e) gp[e] = bias ? bias[e] : (T)0;                         \
+            for (int64_t k = 0; k < K; ++k) {                                                      \
+                const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                   \
+                if (src < 0 || src >= L) continue;                                                 \
+                const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;            \
+                for (int64_t e = 0; e < E; ++e) gp[e] += w[e] * xr[e];                             \
+            }                                                                                      \
+            cl_dsilu_n_##SFX(gp, go, db, E); /* gp = go silu'(gp), db += gp (scan_steps.h) */      \
+            for (int64_t k = 0; k < K; ++k) {                                                      \
+                const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                   \
+                if (src < 0 || src >= L) continue;                                                 \
+                const T *CL_RESTRICT xr = xb + src * sx_t;                                         \
+                T *CL_RESTRICT dwk = dw + k * E;                                                   \
+                for (int64_t e = 0; e < E; ++e) dwk[e] += gp[e] * xr[e];                           \
+            }                                                                                      \
+        }                                                                                          \
+        /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s */                            \
+        for (int64_t s = 0; s < L; ++s) {                                                          \
+            T *CL_RESTRICT d = dxb + s * sdx_t;                                                    \
+            if (s + CL_PF < L) CL_PREFETCH(dxb + (s + CL_PF) * sdx_t, E, 1);                       \
+            if (!acc_dx)                                                                           \
+                for (int64_t e = 0; e < E; ++e) d[e] = (T)0;                                       \
+            for (int64_t k = 0; k < K; ++k) {                                                      \
+                const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);                     \
+                if (t < 0 || t >= L) continue;                                                     \
+                const T *CL_RESTRICT gp = gpre + t * E, *CL_RESTRICT w = wt + k * E;               \
+                for (int64_t e = 0; e < E; ++e) d[e] += w[e] * gp[e];                              \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
     /* dx (batch, L, E) strided (sdx_b, sdx_t), written, or added to with acc_dx (the mixer's      \
      * two directions sum into one gradient buffer); sums: (K + 1) x E, written: [dw (K, E) | db (E)], \
      * reduced over the threads here (CL_REDUCE_PARTS) */                                          \
@@ -214,48 +262,8 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             for (int64_t b = 0; b < batch; ++b) {                                                  \
                 if (!gpre) continue;                                                               \
                 T *CL_RESTRICT dw = parts + tid * P, *CL_RESTRICT db = dw + K * E;                 \
-                const T *xb = x + b * sx_b;                                                        \
-                /* float32 on AVX-512: the whole sample with registers across the steps (scan_steps.h) */ \
-                if (cl_conv_bwd_sample_##SFX(xb, sx_t, wt, bias, gout + b * L * E, dx + b * sdx_b, sdx_t, \
-                                             acc_dx, dw, db, gpre, E, L, K, reverse))              \
-                    continue;                                                                      \
-                for (int64_t t = 0; t < L; ++t) {                                                  \
-                    T *CL_RESTRICT gp = gpre + t * E;                                              \
-                    const T *CL_RESTRICT go = gout + (b * L + t) * E;                              \
-                    if (t + CL_PF < L) {                                                           \
-                        const int64_t src = reverse ? t + CL_PF + K - 1 : t + CL_PF;               \
-                        if (src < L) CL_PREFETCH(xb + src * sx_t, E, 0);                           \
-                        CL_PREFETCH(gout + (b * L + t + CL_PF) * E, E, 0);                         \
-                    }                                                                              \
-                    for (int64_t e = 0; e < E; ++e) gp[e] = bias ? bias[e] : (T)0;                 \
-                    for (int64_t k = 0; k < K; ++k) {                                              \
-                        const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);           \
-                        if (src < 0 || src >= L) continue;                                         \
-                        const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;    \
-                        for (int64_t e = 0; e < E; ++e) gp[e] += w[e] * xr[e];                     \
-                    }                                                                              \
-                    cl_dsilu_n_##SFX(gp, go, db, E); /* gp = go silu'(gp), db += gp (scan_steps.h) */ \
-                    for (int64_t k = 0; k < K; ++k) {                                              \
-                        const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);           \
-                        if (src < 0 || src >= L) continue;                                         \
-                        const T *CL_RESTRICT xr = xb + src * sx_t;                                 \
-                        T *CL_RESTRICT dwk = dw + k * E;                                           \
-                        for (int64_t e = 0; e < E; ++e) dwk[e] += gp[e] * xr[e];                   \
-                    }                                                                              \
-                }                                                                                  \
-                /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s */                    \
-                for (int64_t s = 0; s < L; ++s) {                                                  \
-                    T *CL_RESTRICT d = dx + b * sdx_b + s * sdx_t;                                 \
-                    if (s + CL_PF < L) CL_PREFETCH(dx + b * sdx_b + (s + CL_PF) * sdx_t, E, 1);  \
-                    if (!acc_dx)                                                                   \
-                        for (int64_t e = 0; e < E; ++e) d[e] = (T)0;                               \
-                    for (int64_t k = 0; k < K; ++k) {                                              \
-                        const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);             \
-                        if (t < 0 || t >= L) continue;                                             \
-                        const T *CL_RESTRICT gp = gpre + t * E, *CL_RESTRICT w = wt + k * E;       \
-                        for (int64_t e = 0; e < E; ++e) d[e] += w[e] * gp[e];                      \
-                    }                                                                              \
-                }                                                                                  \
+                cv_bwd_sample_##SFX(x + b * sx_b, sx_t, wt, bias, gout + b * L * E, dx + b * sdx_b, sdx_t, acc_dx, \
+                                    dw, db, gpre, E, L, K, reverse);                               \
             }                                                                                      \
             CL_REDUCE_PARTS(T, sums, parts, P, nthreads);                                          \
             SM_FTZ_END                                                                             \
@@ -372,7 +380,10 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
      * [ddt | dB | dC] go to a per-thread (L, R + 2N) buffer instead of dB_out / dC_out / ddt (unused), \
      * du gets [ddt | dB | dC] xw added and sums a fifth block, dxw (R + 2N, E) += [..]^T u. Two   \
      * matmuls a direction fewer; in a training step they ran at 70-90 GFLOP/s, their (batch L, 22) x \
-     * (22, 192) shapes too skinny for the BLAS (Intel Xeon, the demo's size) */                   \
+     * (22, 192) shapes too skinny for the BLAS (Intel Xeon, the demo's size).                     \
+     * With cx as well, the conv's (cv_bwd's) backward follows for the sample, du being its output \
+     * gradient (u = silu(conv(cx))): du stays in a per-thread (L, E) buffer (du_out unused), the conv's \
+     * dx goes to cdx (strided, added to with cacc) and sums a sixth block, [dw (K, E) | db (E)] */ \
     int sl_bwd_##SFX(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,   \
                      const T *CL_RESTRICT At,                                                      \
                      const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,           \
@@ -383,15 +394,17 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, const T *dt, int64_t sdt_b, int64_t sdt_t,                     \
                      const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt, int64_t sddt_t,      \
-                     const T *CL_RESTRICT xw,                                                      \
+                     const T *CL_RESTRICT xw, const T *cx, int64_t scx_b, int64_t scx_t,           \
+                     const T *CL_RESTRICT cwt, const T *CL_RESTRICT cbias, int64_t K, T *cdx,      \
+                     int64_t scdx_b, int64_t scdx_t, int cacc,                                     \
                      int nthreads) {                                                               \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
         if (!dtw) R = 0;                                                                           \
-        if (xw && !dtw) return 2; /* x_proj's backward needs ddt: dt_proj fused */                 \
+        if ((xw && !dtw) || (cx && !xw)) return 2; /* x_proj's backward needs ddt, the conv's all of du */ \
         const int64_t J = R + 2 * N; /* x_proj's outputs */                                        \
-        /* a thread's row of partial sums: dA | dD | dbias | ddtw (| dxw) */                       \
-        const int64_t P = (N + 2 + R) * E + (xw ? J * E : 0);                                      \
+        /* a thread's row of partial sums: dA | dD | dbias | ddtw (| dxw (| conv dw | conv db)) */ \
+        const int64_t P = (N + 2 + R) * E + (xw ? J * E : 0) + (cx ? (K + 1) * E : 0);             \
         T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));                           \
         if (!parts) return 1;                                                                      \
         const T os = (T)oscale; /* gout is the gradient of oscale * y */                           \
@@ -409,7 +422,10 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
              * J x EB (loaded once), then the sample's (L, J) rows of [ddt | dB | dC] */           \
             const size_t base = 2 * rows + 9 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 6 * EB + 2 * (size_t)(R * EB); \
             const size_t xsz = xw ? (size_t)((1 + L + J + nblk * J) * EB + L * J) : 0;             \
-            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (base + xsz));                             \
+            /* with cx: the sample's du rows and the conv's gpre rows, L x E each */               \
+            const size_t csz = cx ? 2 * (size_t)(L * E) : 0;                                       \
+            T *buf = (T *)sm_aligned_malloc(sizeof(T) * (base + xsz + csz));                       \
+            T *CL_RESTRICT cdu = buf && cx ? buf + base + xsz : NULL, *CL_RESTRICT cgpre = cdu ? cdu + L * E : NULL; \
             T *CL_RESTRICT xacc = buf && xw ? buf + base : NULL, *CL_RESTRICT xus = xacc ? xacc + EB : NULL; \
             T *CL_RESTRICT xdw = xus ? xus + L * EB : NULL, *CL_RESTRICT xwb = xdw ? xdw + J * EB : NULL; \
             T *CL_RESTRICT xg = xwb ? xwb + nblk * J * EB : NULL;                                  \
@@ -428,6 +444,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             T *const dBb = xw ? xg + R : dB_out + b * L * sdbc_t, *const dCb = xw ? xg + R + N : dC_out + b * L * sdbc_t; \
             T *const ddtb = xw ? xg : (dtw ? ddt + b * L * sddt_t : NULL);                         \
             const int64_t sbc = xw ? J : sdbc_t, sdd = xw ? J : sddt_t;                            \
+            T *const dub = cx ? cdu : du_out + b * L * E; /* the sample's du rows */               \
             for (int64_t t = 0; t < L; ++t) {                                                      \
                 memset(dBb + t * sbc, 0, sizeof(T) * (size_t)N);                                   \
                 memset(dCb + t * sbc, 0, sizeof(T) * (size_t)N);                                   \
@@ -570,7 +587,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     const int64_t t = reverse ? L - 1 - s : s, row = (b * L + t) * E + e0;         \
                     if (s + CL_PF < L) {                                                           \
                         const int64_t tp = reverse ? L - 1 - (s + CL_PF) : s + CL_PF, rp = (b * L + tp) * E + e0; \
-                        CL_PREFETCH_ROW(du_out + rp, 1);                                           \
+                        CL_PREFETCH_ROW(dub + tp * E + e0, 1);                                     \
                         if (ddelta) CL_PREFETCH_ROW(ddelta + rp, 1);                               \
                         if (z && !ysv) CL_PREFETCH_ROW(dz + b * sdz_b + tp * sdz_t + e0, 1);       \
                     }                                                                              \
@@ -584,7 +601,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                         dd[j] = (dd[j] * (T)SM_LN2_D + uu[j] * sgB[j]) * sg[j];                    \
                         dbacc[j] += dd[j]; /* the bias gradient: the sum of ddelta over time */    \
                     }                                                                              \
-                    CL_STORE(T, du_out + row, y, ne);                                              \
+                    CL_STORE(T, dub + t * E + e0, y, ne);                                          \
                     if (ddelta) CL_STORE(T, ddelta + row, dd, ne);                                 \
                     if (z && !ysv) { /* dz = factor (y + D u), into zz as scratch */               \
                         const T *CL_RESTRICT dzf = dzfs + s * EB, *CL_RESTRICT yr = yrs + s * EB;  \
@@ -612,15 +629,20 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                     const int64_t e0 = blk * EB, ne = E - e0 < EB ? E - e0 : EB;                   \
                     for (int64_t t = 0; t < L; ++t) { /* du += [ddt | dB | dC] W (scan_steps.h) */ \
                         const int64_t row = (b * L + t) * E + e0;                                  \
-                        CL_LOAD(T, xacc, du_out + row, ne);                                        \
+                        CL_LOAD(T, xacc, dub + t * E + e0, ne);                                    \
                         sl_rowmat_add_##SFX(xg + t * J, J, xwb + blk * J * EB, xacc);              \
-                        CL_STORE(T, du_out + row, xacc, ne);                                       \
+                        CL_STORE(T, dub + t * E + e0, xacc, ne);                                   \
                         CL_LOAD(T, xus + t * EB, u + row, ne);                                     \
                     }                                                                              \
                     memset(xdw, 0, sizeof(T) * (size_t)(J * EB)); /* dW_j += sum_t [..]_(t, j) u_t */ \
                     sl_dtproj_dw_##SFX(xus, xg, J, L, J, xdw);                                     \
                     for (int64_t j = 0; j < J; ++j) CL_ADD_ROW(mine + j * E + e0, xdw + j * EB, ne); \
                 }                                                                                  \
+            }                                                                                      \
+            if (cx) { /* the conv's backward for sample b, from its du rows (cv_bwd_sample) */     \
+                T *cdw = parts + tid * P + (N + 2 + R + J) * E;                                    \
+                cv_bwd_sample_##SFX(cx + b * scx_b, scx_t, cwt, cbias, cdu, cdx + b * scdx_b, scdx_t, cacc, cdw, \
+                                    cdw + K * E, cgpre, E, L, K, reverse);                         \
             }                                                                                      \
             } /* sample */                                                                         \
             CL_REDUCE_PARTS(T, sums, parts, P, nthreads);                                          \
