@@ -139,6 +139,35 @@ def test_scan_backward_runs_x_proj_backward(dtype, tol):
         grads(w[1:])
 
 
+@pytest.mark.parametrize("dim, d_state", [(96, 8), (192, 16)], ids=["J22", "J44"])
+def test_fused_forward_float32_matches_separate_kernels(dim, d_state, monkeypatch):
+    """The forward with the conv and x_proj inside the scan kernel (float32: x_proj's explicit-vector
+    passes of 2 and 3 vectors, L 7 leaving a partial tile of rows) gives the separate conv kernel and
+    matmul's outputs and gradients."""
+    from shufflemamba.ops import cpu_mixer
+
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(dim, d_state=d_state)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    hidden = torch.randn(3, 7, dim, requires_grad=True)  # batch 3 >= 2 threads: the fused path runs
+    gout = torch.randn(3, 7, dim)
+
+    def run():
+        out = mixer(hidden)
+        return out, torch.autograd.grad(out, [hidden, *mixer.parameters()], gout)
+
+    calls = []
+    real = cpu_mixer.scan_fwd_cl
+    monkeypatch.setattr(cpu_mixer, "scan_fwd_cl", lambda *a, **k: calls.append("conv" in k) or real(*a, **k))
+    out, grads = run()
+    assert calls == [True, True]
+    monkeypatch.setattr(cpu_mixer, "FWD_IN_KERNEL", False)
+    ref, ref_grads = run()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_rms_norm_kernel_rejects_mixed_dtypes():
     from shufflemamba.ops.cpu_mixer import rms_norm_cpu
 
@@ -355,12 +384,12 @@ def test_second_derivative_through_the_compiled_scan_and_conv_raises():
             gu.sum().backward()
 
 
-@pytest.mark.parametrize("switch", ["SAVE_Y", "GATE_ONCE", "XPROJ_IN_KERNEL", "CONV_IN_KERNEL"])
+@pytest.mark.parametrize("switch", ["SAVE_Y", "GATE_ONCE", "XPROJ_IN_KERNEL", "CONV_IN_KERNEL", "FWD_IN_KERNEL"])
 def test_mixer_core_ab_switches_compute_the_same(switch, monkeypatch):
     """cpu_mixer's A/B switches (docs/benchmarks.md times with them) change the work, not the result:
     the saved y against its recomputation in the backward, one gate on the sum against one per
     direction, x_proj's backward in the scan kernel against two matmuls, the conv's backward in the
-    scan kernel against its own."""
+    scan kernel against its own, the forward's conv and x_proj in the scan kernel against their own."""
     from shufflemamba.ops import cpu_mixer
 
     lib = cpu_scan._lib_or_raise()

@@ -50,6 +50,12 @@ XPROJ_IN_KERNEL = True
 # XPROJ_IN_KERNEL. Off: cv_bwd's own call after it. A switch for A/B comparisons.
 CONV_IN_KERNEL = True
 
+# Whether the forward's conv and x_proj run inside the scan's forward kernel (per sample, before its
+# scan: one kernel call a direction, no x_proj matmul). Only with at least as many samples as threads:
+# a sample's work then runs on one thread. Off: cv_fwd's call and a matmul first. For A/B comparisons.
+FWD_IN_KERNEL = True
+XPROJ_FUSED_MAX = 256  # the widest x_proj output (R + 2N) the fused forward takes (SM_XPROJ_MAX in scan_steps.h)
+
 
 class DirectionParams(NamedTuple):
     """One scan direction's parameters, as the mixer holds them (A already ``-exp(A_log)``)."""
@@ -74,14 +80,21 @@ class _BiMambaCoreCL(torch.autograd.Function):
         train = any(ctx.needs_input_grad)
         y = xz.new_empty(batch, L, E)
         saved: list[Tensor | None] = []
+        fuse = (FWD_IN_KERNEL and batch >= torch.get_num_threads()
+                and max(flat[2].shape[0], flat[9].shape[0]) <= XPROJ_FUSED_MAX)  # x_proj weights (R + 2N, E)
         for k, p in enumerate((DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))):
             reverse = k == 1
             wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
             bias = _contig(p.conv_bias)
-            xc = conv_silu_fwd_cl(x, wt, bias, reverse)  # (batch, L, E) = silu(conv(x))
-            x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
             N = p.A.shape[1]
-            dt, bm, cm = torch.split(x_dbl, [dt_rank, N, N], dim=-1)
+            fused = {}
+            if fuse:  # the kernel writes xc = silu(conv(x)) and x_dbl = xc x_proj^T itself, per sample
+                xc, x_dbl = xz.new_empty(batch, L, E), xz.new_empty(batch, L, dt_rank + 2 * N)
+                fused = dict(conv=FusedConv(x, wt, bias), x_proj_weight=_contig(p.x_proj_weight), x_dbl=x_dbl)
+            else:
+                xc = conv_silu_fwd_cl(x, wt, bias, reverse)  # (batch, L, E) = silu(conv(x))
+                x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
+            dt, bm, cm = x_dbl[..., :dt_rank], x_dbl[..., dt_rank:dt_rank + N], x_dbl[..., dt_rank + N:]
             dtw = p.dt_proj_weight.t().contiguous()  # (R, E): the scan forms delta = dt dtw itself
             At = p.A.t().contiguous()  # (N, E)
             dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
@@ -93,7 +106,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
             first_raw = GATE_ONCE and k == 0
             scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), None if first_raw else z, _contig(p.dt_proj_bias), y,
                         dsave, ysave, softplus=True, reverse=reverse, out_scale=1.0 if first_raw else 0.5,
-                        accumulate=k == 1 and not GATE_ONCE, gate_sum=k == 1 and GATE_ONCE, dt=dt, dtw=dtw)
+                        accumulate=k == 1 and not GATE_ONCE, gate_sum=k == 1 and GATE_ONCE, dt=dt, dtw=dtw, **fused)
             saved += [wt, bias, xc, x_dbl, At, dtw, dsave, ysave]
         if train:
             ctx.save_for_backward(xz, *flat, *saved)

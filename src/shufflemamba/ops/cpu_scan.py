@@ -57,7 +57,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 13  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+_ABI_VERSION = 14  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
 # 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample;
 # 8: sl_bwd's dB, dC, ddt whole (batch, L, .) and added to (caller-zeroed), not per channel block;
@@ -69,8 +69,10 @@ _ABI_VERSION = 13  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumul
 # residual add
 # 12: sl_bwd takes x_proj's weight (NULL: as 11) and then runs x_proj's backward itself
 # 13: and the conv's input, weight, bias and dx (NULL: as 12): the conv's backward after it
+# 14: sl_fwd takes the conv's input, weight, bias, x_proj's weight and output (NULL: as 13): both run in it
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _NO_CONV = (None, 0, 0, None, None, 0, None, 0, 0, 0)  # sl_bwd's arguments without the conv's backward
+_NO_CONV_FWD = (None, 0, 0, None, None, 0, None, None)  # sl_fwd's without the conv and x_proj
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -164,7 +166,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         strided = [p, i64, i64]
         head = [p, p, p, *strided, *strided, p, *strided, p]
         dtproj = [p, i64, i64, p, i64]  # dt (ptr, batch, time strides), dtw (R, E), R
-        getattr(lib, f"sl_fwd_{sfx}").argtypes = head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj, i32]
+        getattr(lib, f"sl_fwd_{sfx}").argtypes = (head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj]
+                                                  + [p, i64, i64, p, p, i64, p, p, i32])
         getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 3
                                                   + [i64] * 5 + [i32, i32, f64, *dtproj, p, i64, p]
                                                   + [p, i64, i64, p, p, i64, p, i64, i64, i32, i32])
@@ -267,7 +270,7 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
         dB, dC = torch.empty(batch, L, N, **kw), torch.empty(batch, L, N, **kw)
         Bs, Cs, zs = (_ptr(B), L * N, N), (_ptr(C), L * N, N), (_ptr(z), L * E, E)  # (ptr, batch, time strides)
         lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
-                       _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, 1)
+                       _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, *_NO_CONV_FWD, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
                        _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N,
                        1, 0, 1.0, *_NO_DTPROJ, None, 0, None, *_NO_CONV, 1)
@@ -523,34 +526,50 @@ def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, d
 def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 z: Tensor | None, delta_bias: Tensor | None, out: Tensor, dsave: Tensor | None, ysave: Tensor | None,
                 *, softplus: bool, reverse: bool, out_scale: float, accumulate: bool,
-                dt: Tensor | None = None, dtw: Tensor | None = None, gate_sum: bool = False) -> None:
+                dt: Tensor | None = None, dtw: Tensor | None = None, gate_sum: bool = False,
+                conv: "FusedConv | None" = None, x_proj_weight: Tensor | None = None,
+                x_dbl: Tensor | None = None) -> None:
     """The ``sl_fwd`` kernel into ``out`` (added to it with ``accumulate``). u contiguous; B, C, z and
     dt (batch, L, .) with unit last stride; At (N, E). With ``dtw`` (R, E) the kernel forms
     delta = dt dtw itself and ``delta`` is not read; ``dsave`` / ``ysave`` (for the backward) may be None.
     With ``gate_sum`` out's values are added to y + D u before the gate and the scale (the mixer's
-    second direction, after the first wrote its y + D u ungated): out = out_scale * gate(y + D u + out)."""
+    second direction, after the first wrote its y + D u ungated): out = out_scale * gate(y + D u + out).
+    With ``conv`` (x, wt, bias), ``x_proj_weight`` (R + 2N, E) and ``x_dbl`` (batch, L, R + 2N)
+    contiguous, the kernel first computes, per sample, u = silu(conv(x)) into ``u`` (an output here) and
+    x_dbl = u x_proj_weight^T, into which dt, B and C must be views."""
     if gate_sum and accumulate:
         raise ValueError("scan_fwd_cl: accumulate and gate_sum exclude each other")
     batch, L, E = u.shape
     N = At.shape[0]
     dtproj = (_ptr(dt), *_strides(dt), _ptr(dtw), dtw.shape[0]) if dtw is not None else _NO_DTPROJ
+    fused = _NO_CONV_FWD
+    if conv is not None:
+        J = (0 if dtw is None else dtw.shape[0]) + 2 * N
+        if (dtw is None or x_proj_weight is None or x_dbl is None or x_proj_weight.shape != (J, E)
+                or not x_proj_weight.is_contiguous() or x_dbl.shape != (batch, L, J) or not x_dbl.is_contiguous()
+                or not u.is_contiguous() or conv.x.shape != u.shape or conv.x.stride(-1) != 1):
+            raise ValueError("scan_fwd_cl: conv needs dt_proj fused, x_proj_weight (R + 2N, E) and x_dbl "
+                             "(batch, L, R + 2N) contiguous, x shaped as u")
+        fused = (_ptr(conv.x), *_strides(conv.x), _ptr(conv.wt), _ptr(conv.bias), conv.wt.shape[0],
+                 _ptr(x_proj_weight), _ptr(x_dbl))
     rc = getattr(_lib_or_raise(), f"sl_fwd_{_sfx(u)}")(
         _ptr(u), _ptr(delta), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D), _ptr(z), *_strides(z),
         _ptr(delta_bias), _ptr(out), _ptr(dsave), _ptr(ysave), batch, E, L, N, int(softplus), int(reverse),
-        float(out_scale), 2 if gate_sum else int(accumulate), *dtproj, _threads(batch * L * E * N),
+        float(out_scale), 2 if gate_sum else int(accumulate), *dtproj, *fused, _threads(batch * L * E * N),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")
 
 
 class FusedConv(NamedTuple):
-    """The depthwise conv + SiLU whose output is the scan's u, for :func:`scan_bwd_cl` to run its backward."""
+    """The depthwise conv + SiLU whose output is the scan's u, for :func:`scan_fwd_cl` to run it (with
+    x_proj) and :func:`scan_bwd_cl` its backward."""
 
     x: Tensor  # (batch, L, E) the conv's input, unit stride along E
     wt: Tensor  # (K, E) its weight, transposed
     bias: Tensor | None  # (E,)
-    dx: Tensor  # (batch, L, E) unit stride along E: x's gradient, written or added to
-    accumulate: bool  # add into dx instead of writing it
+    dx: Tensor | None = None  # (batch, L, E) unit stride along E: x's gradient, written or added to (backward)
+    accumulate: bool = False  # add into dx instead of writing it
 
 
 class ScanGrads(NamedTuple):

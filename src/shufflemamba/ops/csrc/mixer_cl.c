@@ -166,28 +166,31 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
     } while (0)
 
 #define CL_DEFINE(T, SFX)                                                                          \
-    /* pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; out = silu(pre) */                                 \
-    int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,           \
+    /* row t of a sample: pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; o = silu(pre). xb: the sample's \
+     * input rows (time stride sx_t); o: its output row t, whose row t + CL_PF is prefetched */    \
+    static inline void cv_fwd_row_##SFX(const T *xb, int64_t sx_t, const T *CL_RESTRICT wt,        \
+                                        const T *CL_RESTRICT bias, T *CL_RESTRICT o, int64_t E,    \
+                                        int64_t L, int64_t K, int64_t t, int reverse) {            \
+        if (t + CL_PF < L) { /* the next rows: the newest input row it reads, its output row */    \
+            const int64_t src = reverse ? t + CL_PF + K - 1 : t + CL_PF;                           \
+            if (src < L) CL_PREFETCH(xb + src * sx_t, E, 0);                                       \
+            CL_PREFETCH(o + CL_PF * E, E, 1);                                                      \
+        }                                                                                          \
+        for (int64_t e = 0; e < E; ++e) o[e] = bias ? bias[e] : (T)0;                              \
+        for (int64_t k = 0; k < K; ++k) {                                                          \
+            const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                       \
+            if (src < 0 || src >= L) continue;                                                     \
+            const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;                \
+            for (int64_t e = 0; e < E; ++e) o[e] += w[e] * xr[e];                                  \
+        }                                                                                          \
+        cl_silu_n_##SFX(o, E); /* scan_steps.h */                                                  \
+    }                                                                                              \
+    int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,              \
                      const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,      \
                      int64_t L, int64_t K, int reverse, int nthreads) {                            \
         _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)")       \
-        for (int64_t bt = 0; bt < batch * L; ++bt) {                                               \
-            const int64_t b = bt / L, t = bt % L;                                                  \
-            T *CL_RESTRICT o = out + bt * E;                                                       \
-            if (t + CL_PF < L) { /* the next rows: the newest input row it reads, its output row */\
-                const int64_t src = reverse ? t + CL_PF + K - 1 : t + CL_PF;                       \
-                if (src < L) CL_PREFETCH(x + b * sx_b + src * sx_t, E, 0);                         \
-                CL_PREFETCH(out + (bt + CL_PF) * E, E, 1);                                         \
-            }                                                                                      \
-            for (int64_t e = 0; e < E; ++e) o[e] = bias ? bias[e] : (T)0;                          \
-            for (int64_t k = 0; k < K; ++k) {                                                      \
-                const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                   \
-                if (src < 0 || src >= L) continue;                                                 \
-                const T *CL_RESTRICT xr = x + b * sx_b + src * sx_t, *CL_RESTRICT w = wt + k * E; \
-                for (int64_t e = 0; e < E; ++e) o[e] += w[e] * xr[e];                              \
-            }                                                                                      \
-            cl_silu_n_##SFX(o, E); /* scan_steps.h */                                              \
-        }                                                                                          \
+        for (int64_t bt = 0; bt < batch * L; ++bt)                                                 \
+            cv_fwd_row_##SFX(x + (bt / L) * sx_b, sx_t, wt, bias, out + bt * E, E, L, K, bt % L, reverse); \
         return 0;                                                                                  \
     }                                                                                              \
                                                                                                    \
@@ -279,17 +282,33 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                      const T *CL_RESTRICT dbias, T *CL_RESTRICT out, T *CL_RESTRICT dsave,         \
                      T *CL_RESTRICT ysave, int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, int accumulate, const T *dt, int64_t sdt_b, int64_t sdt_t,     \
-                     const T *CL_RESTRICT dtw, int64_t R, int nthreads) {                          \
+                     const T *CL_RESTRICT dtw, int64_t R, const T *cx, int64_t scx_b, int64_t scx_t, \
+                     const T *CL_RESTRICT cwt, const T *CL_RESTRICT cbias, int64_t K,              \
+                     const T *CL_RESTRICT xw, T *xdbl, int nthreads) {                             \
         /* out = oscale * y, out += oscale * y with accumulate 1, or out = oscale * gate(y + out) with \
          * accumulate 2: the mixer's first direction writes its y (+ D u) ungated and unscaled, the \
          * second adds its own and gates the sum, with no separate (y_f + y_b) / 2 pass and one gate \
          * (sigmoid(z), z read) per element instead of one per direction (before 927acb1: each      \
          * direction gated its y and the second added its half, accumulate 1).                     \
          * With dtw (R, E) given, delta is not read: delta_t = dtw^T dt_t is formed per step from  \
-         * dt (batch, L, R) strided (dt_proj fused: no (batch, L, E) delta written or read) */    \
+         * dt (batch, L, R) strided (dt_proj fused: no (batch, L, E) delta written or read).       \
+         * With cx (the mixer, dt_proj fused), the conv + SiLU and x_proj run here too, per sample \
+         * before its scan: u (written, so not const in this mode) = silu(conv(cx)) with cwt (K, E), \
+         * cbias; xdbl (batch, L, R + 2N) contiguous = u xw^T with xw (R + 2N, E), which dt, Bm, Cm \
+         * must point into. A sample's work then runs on one thread (batch below the thread count  \
+         * leaves threads idle: the caller keeps the separate kernels there) */                    \
         const T os = (T)oscale;                                                                    \
         int failed = 0;                                                                            \
         const int64_t nblk = (E + EB - 1) / EB;                                                    \
+        if (cx && (!xw || !xdbl || !dtw || R + 2 * N > SM_XPROJ_MAX)) return 2;                                                \
+        const int64_t J = R + 2 * N, JP = (J + 15) / 16 * 16; /* x_proj's outputs, padded */       \
+        T *xwt = NULL; /* xw transposed, (E, JP), zero-padded: x_proj's product vectorises over J */ \
+        if (cx) {                                                                                  \
+            xwt = (T *)calloc((size_t)(E * JP), sizeof(T));                                        \
+            if (!xwt) return 1;                                                                    \
+            for (int64_t j = 0; j < J; ++j)                                                        \
+                for (int64_t e = 0; e < E; ++e) xwt[e * JP + j] = xw[j * E + e];                   \
+        }                                                                                          \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                            \
         {                                                                                          \
             SM_FTZ_BEGIN                                                                           \
@@ -297,9 +316,19 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             if (!buf) {                                                                            \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
+            /* items (sample, channel block), or with cx whole samples, their blocks in turn */    \
             _Pragma("omp for schedule(static)")                                                    \
-            for (int64_t item = 0; item < batch * nblk; ++item) {                                  \
+            for (int64_t it = 0; it < (cx ? batch : batch * nblk); ++it)                           \
+            for (int64_t bk = 0; bk < (cx ? nblk : 1); ++bk) {                                     \
+                const int64_t item = cx ? it * nblk + bk : it;                                     \
                 if (!buf) continue;                                                                \
+                if (cx && bk == 0) { /* a new sample: its conv and x_proj first */                 \
+                    const int64_t b = item / nblk;                                                 \
+                    T *ub = (T *)u + b * L * E; /* u is this mode's output */                      \
+                    for (int64_t t = 0; t < L; ++t)                                                \
+                        cv_fwd_row_##SFX(cx + b * scx_b, scx_t, cwt, cbias, ub + t * E, E, L, K, t, reverse); \
+                    sl_xproj_rows_##SFX(ub, L, E, xwt, J, JP, xdbl + b * L * J); /* scan_steps.h */ \
+                }                                                                                  \
                 T *CL_RESTRICT h = buf, *CL_RESTRICT Ab = buf + N * EB;                            \
                 T *CL_RESTRICT bs = Ab + N * EB, *CL_RESTRICT Ds = bs + EB, *CL_RESTRICT d = Ds + EB; \
                 T *CL_RESTRICT uu = d + EB, *CL_RESTRICT du = uu + EB, *CL_RESTRICT y = du + EB;   \
@@ -365,6 +394,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             SM_FTZ_END                                                                             \
             free(buf);                                                                             \
         }                                                                                          \
+        free(xwt);                                                                                 \
         return failed;                                                                             \
     }                                                                                              \
                                                                                                    \

@@ -24,6 +24,9 @@
 #ifndef SHUFFLEMAMBA_SCAN_STEPS_H
 #define SHUFFLEMAMBA_SCAN_STEPS_H
 
+/* the widest x_proj output (R + 2N, padded to 16) the fused forward takes; wider: the caller's own matmul */
+#define SM_XPROJ_MAX 256
+
 #define SM_STATES_GENERIC(T, SFX, EXP2, EXP, SOFTPLUS, EXPM1)                                      \
     static inline void sl_fwd_states_##SFX(T *CL_RESTRICT h, const T *CL_RESTRICT Ab,              \
                                            const T *CL_RESTRICT d, const T *CL_RESTRICT du,        \
@@ -144,6 +147,25 @@
             _Pragma("omp simd reduction(+ : acc)")                                                 \
             for (int j = 0; j < EB; ++j) acc += dd[j] * wb[r * EB + j];                            \
             ddt[r] += acc;                                                                         \
+        }                                                                                          \
+    }                                                                                              \
+    /* x_proj over a sample's L rows of u (L x E): out (L x J) = u W^T with wt = W^T zero-padded to \
+     * (E, JP) columns (JP a multiple of 16 >= J), four rows at a time */                            \
+    static inline void sl_xproj_rows_##SFX(const T *CL_RESTRICT u, int64_t L, int64_t E,           \
+                                           const T *CL_RESTRICT wt, int64_t J, int64_t JP,          \
+                                           T *CL_RESTRICT out) {                                    \
+        T acc[4 * SM_XPROJ_MAX];                                                                   \
+        for (int64_t t0 = 0; t0 < L; t0 += 4) {                                                    \
+            const int64_t nt = L - t0 < 4 ? L - t0 : 4;                                            \
+            for (int64_t i = 0; i < 4 * JP; ++i) acc[i] = (T)0;                                    \
+            for (int64_t r = 0; r < nt; ++r)                                                       \
+                for (int64_t e = 0; e < E; ++e) {                                                  \
+                    const T v = u[(t0 + r) * E + e];                                               \
+                    T *CL_RESTRICT a = acc + r * JP;                                               \
+                    _Pragma("omp simd") for (int64_t j = 0; j < JP; ++j) a[j] += v * wt[e * JP + j]; \
+                }                                                                                  \
+            for (int64_t r = 0; r < nt; ++r)                                                       \
+                for (int64_t j = 0; j < J; ++j) out[(t0 + r) * J + j] = acc[r * JP + j];          \
         }                                                                                          \
     }                                                                                              \
     /* row += sum_j g_j W_j over a block (W: J x EB rows): x_proj's input gradient at one step */    \
@@ -651,6 +673,55 @@ static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, con
             acc[i] = a;
         }
         sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
+    }
+}
+/* as the generic one, a pass over NV vectors of columns (from j0) with the four rows' 4 NV accumulators
+ * in registers across E: per channel 4 broadcasts, NV loads of W^T and 4 NV FMAs */
+#define SM_XPROJ_PASS(NV)                                                                          \
+    static inline void sm_xproj_pass##NV(const float *CL_RESTRICT u, int64_t L, int64_t E,         \
+                                         const float *CL_RESTRICT wt, int64_t J, int64_t JP,       \
+                                         int64_t j0, float *CL_RESTRICT out) {                     \
+        for (int64_t t0 = 0; t0 < L; t0 += 4) {                                                    \
+            const int64_t nt = L - t0 < 4 ? L - t0 : 4;                                            \
+            /* rows past L repeat the last one: computed, not stored */                            \
+            const float *u0 = u + t0 * E, *u1 = u + (t0 + (nt > 1)) * E;                           \
+            const float *u2 = u + (t0 + (nt > 2 ? 2 : nt - 1)) * E, *u3 = u + (t0 + nt - 1) * E;   \
+            sm_vf a0[NV], a1[NV], a2[NV], a3[NV];                                                  \
+            _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) a0[k] = a1[k] = a2[k] = a3[k] = sm_vzero(); \
+            for (int64_t e = 0; e < E; ++e) {                                                      \
+                const float *w = wt + e * JP + j0;                                                 \
+                const sm_vf v0 = sm_vset1(u0[e]), v1 = sm_vset1(u1[e]), v2 = sm_vset1(u2[e]), v3 = sm_vset1(u3[e]); \
+                _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) {                             \
+                    const sm_vf wv = sm_vload(w + k * SM_VL);                                      \
+                    a0[k] = sm_vfma(v0, wv, a0[k]);                                                \
+                    a1[k] = sm_vfma(v1, wv, a1[k]);                                                \
+                    a2[k] = sm_vfma(v2, wv, a2[k]);                                                \
+                    a3[k] = sm_vfma(v3, wv, a3[k]);                                                \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) {                                 \
+                const int64_t j = j0 + k * SM_VL;                                                  \
+                if (j >= J) break;                                                                 \
+                const int m = J - j < SM_VL ? (int)(J - j) : SM_VL;                                \
+                sm_vstore_n(out + t0 * J + j, a0[k], m);                                           \
+                if (nt > 1) sm_vstore_n(out + (t0 + 1) * J + j, a1[k], m);                         \
+                if (nt > 2) sm_vstore_n(out + (t0 + 2) * J + j, a2[k], m);                         \
+                if (nt > 3) sm_vstore_n(out + (t0 + 3) * J + j, a3[k], m);                         \
+            }                                                                                      \
+        }                                                                                          \
+    }
+SM_XPROJ_PASS(1)
+SM_XPROJ_PASS(2)
+SM_XPROJ_PASS(3)
+SM_XPROJ_PASS(4)
+static inline void sl_xproj_rows_f32(const float *CL_RESTRICT u, int64_t L, int64_t E, const float *CL_RESTRICT wt,
+                                     int64_t J, int64_t JP, float *CL_RESTRICT out) {
+    for (int64_t j0 = 0; j0 < JP; j0 += 4 * SM_VL) {
+        const int64_t nv = (JP - j0) / SM_VL;
+        if (nv >= 4) sm_xproj_pass4(u, L, E, wt, J, JP, j0, out);
+        else if (nv == 3) sm_xproj_pass3(u, L, E, wt, J, JP, j0, out);
+        else if (nv == 2) sm_xproj_pass2(u, L, E, wt, J, JP, j0, out);
+        else sm_xproj_pass1(u, L, E, wt, J, JP, j0, out);
     }
 }
 /* as the generic one, the row in registers across the J products */
