@@ -187,7 +187,7 @@ def _core_inputs(E=6, L=5, N=2, R=2, K=3, batch=2, seed=0):
 
     xz = r(batch, L, 2 * E, scale=1.0)
     dirs = [DirectionParams(r(E, 1, K), r(E), r(R + 2 * N, E), r(E, R), r(E),
-                            (-torch.rand(E, N, generator=g, dtype=torch.float64) - 0.2).requires_grad_(), r(E))
+                            torch.log(torch.rand(E, N, generator=g, dtype=torch.float64) + 0.2).requires_grad_(), r(E))
             for _ in range(2)]
     return xz, R, dirs
 

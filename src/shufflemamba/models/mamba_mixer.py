@@ -251,18 +251,17 @@ class BiMambaMixer(nn.Module):
                    dtype: torch.dtype) -> Any:
         """One direction's parameters for :func:`~shufflemamba.ops.cpu_mixer.bimamba_core_cl`.
 
-        A, D and the dt bias go through float32 as in :meth:`_direction` (a no-op for fp32 models),
-        so both paths compute the same numbers for float64 models too.
+        A (from A_log, formed inside the function), D and the dt bias go through float32 as in
+        :meth:`_direction` (a no-op for fp32 models), so both paths compute the same numbers for float64
+        models too.
         """
         from ..ops.cpu_mixer import DirectionParams
 
         if dtype == torch.float32 and a_log.dtype == d.dtype == dt_proj.bias.dtype == torch.float32:
             # the common case, without the no-op casts: each is an op dispatch (~2 us) on every call
-            return DirectionParams(conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias,
-                                   -torch.exp(a_log), d)
+            return DirectionParams(conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, a_log, d)
         return DirectionParams(conv.weight, conv.bias, x_proj.weight, dt_proj.weight,
-                               dt_proj.bias.float().to(dtype), -torch.exp(a_log.float()).to(dtype),
-                               d.float().to(dtype))
+                               dt_proj.bias.float().to(dtype), a_log.float(), d.float().to(dtype))
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden: (B, L, D) -> (B, L, D)."""

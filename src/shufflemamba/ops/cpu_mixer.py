@@ -58,14 +58,16 @@ XPROJ_FUSED_MAX = 256  # the widest x_proj output (R + 2N) the fused forward tak
 
 
 class DirectionParams(NamedTuple):
-    """One scan direction's parameters, as the mixer holds them (A already ``-exp(A_log)``)."""
+    """One scan direction's parameters, as the mixer holds them."""
 
     conv_weight: Tensor  # (E, 1, K)
     conv_bias: Tensor | None  # (E,)
     x_proj_weight: Tensor  # (R + 2N, E)
     dt_proj_weight: Tensor  # (E, R)
     dt_proj_bias: Tensor  # (E,)
-    A: Tensor  # (E, N)
+    A_log: Tensor  # (E, N): A = -exp(A_log) is formed inside the function, in A_log's dtype (which may be
+    # float32 for a float64 call: the mixer's reference path forms A in float32), so autograd records no
+    # exp / neg ops of its own per direction and step
     D: Tensor  # (E,)
 
 
@@ -86,7 +88,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
             reverse = k == 1
             wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
             bias = _contig(p.conv_bias)
-            N = p.A.shape[1]
+            N = p.A_log.shape[1]
             fused = {}
             if fuse:  # the kernel writes xc = silu(conv(x)) and x_dbl = xc x_proj^T itself, per sample
                 xc, x_dbl = xz.new_empty(batch, L, E), xz.new_empty(batch, L, dt_rank + 2 * N)
@@ -96,7 +98,8 @@ class _BiMambaCoreCL(torch.autograd.Function):
                 x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
             dt, bm, cm = x_dbl[..., :dt_rank], x_dbl[..., dt_rank:dt_rank + N], x_dbl[..., dt_rank + N:]
             dtw = p.dt_proj_weight.t().contiguous()  # (R, E): the scan forms delta = dt dtw itself
-            At = p.A.t().contiguous()  # (N, E)
+            A = torch.exp(p.A_log).neg_()  # (E, N) in A_log's dtype, kept for dA_log = dA A
+            At = A.to(xz.dtype).t().contiguous()  # (N, E)
             dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
             # y + D u before the gate, for dz: recomputed by the backward's replay unless SAVE_Y (one
             # (batch, L, E) tensor less to write, keep and read back; see SAVE_Y)
@@ -107,7 +110,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
             scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), None if first_raw else z, _contig(p.dt_proj_bias), y,
                         dsave, ysave, softplus=True, reverse=reverse, out_scale=1.0 if first_raw else 0.5,
                         accumulate=k == 1 and not GATE_ONCE, gate_sum=k == 1 and GATE_ONCE, dt=dt, dtw=dtw, **fused)
-            saved += [wt, bias, xc, x_dbl, At, dtw, dsave, ysave]
+            saved += [wt, bias, xc, x_dbl, At, dtw, dsave, ysave, A]
         if train:
             ctx.save_for_backward(xz, *flat, *saved)
         ctx.dt_rank = dt_rank
@@ -128,7 +131,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
         grads: list[Tensor | None] = []
         for k in range(2):
             p = DirectionParams(*flat[7 * k: 7 * k + 7])
-            wt, bias, xc, x_dbl, At, dtw, dsave, ysave = saved[nsaved * k: nsaved * (k + 1)]
+            wt, bias, xc, x_dbl, At, dtw, dsave, ysave, A = saved[nsaved * k: nsaved * (k + 1)]
             N = At.shape[0]
             dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
             kw = dict(dz_accumulate=k == 1, softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw)
@@ -150,7 +153,7 @@ class _BiMambaCoreCL(torch.autograd.Function):
                 dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
             grads += [
                 dwt.t().reshape(p.conv_weight.shape), db if p.conv_bias is not None else None,
-                d_xproj_w, g.ddtw.t(), g.dbias, g.dA, g.dD,
+                d_xproj_w, g.ddtw.t(), g.dbias, g.dA.to(A.dtype) * A, g.dD,  # dA_log = dA A
             ]
         return (dxz, None, *grads)
 
@@ -176,9 +179,9 @@ def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward
         xz = xz.contiguous()
     flat = []
     for p in (forward, backward):
-        for t in p:
-            if t is not None and t.dtype != xz.dtype:
-                raise TypeError(f"bimamba_core_cl: parameters must be {xz.dtype}, got {t.dtype}")
+        for name, t in zip(p._fields, p):
+            if t is not None and t.dtype != xz.dtype and not (name == "A_log" and t.dtype == torch.float32):
+                raise TypeError(f"bimamba_core_cl: parameters must be {xz.dtype}, got {t.dtype} for {name}")
         flat += list(p)
     return _BiMambaCoreCL.apply(xz, int(dt_rank), *flat)
 
