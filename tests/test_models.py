@@ -310,6 +310,28 @@ def test_wrong_input_size_and_pretrained_raise():
         timm.create_model("shufflemamba_base_patch16_224", pretrained=True)
 
 
+@pytest.mark.parametrize("in_chans, patch, img", [(1, 4, 16), (3, 4, 12), (3, 8, 16)])
+def test_patch_embed_matmul_path_matches_the_conv(in_chans, patch, img):
+    """Small non-overlapping patches (C ph pw <= PatchEmbed.MATMUL_MAX) are embedded as one matmul
+    over each patch's pixels: the conv's tokens and the gradients of weight, bias and image."""
+    from shufflemamba.models import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=img, patch_size=patch, in_chans=in_chans, embed_dim=8).double()
+    x = torch.randn(2, in_chans, img, img, dtype=torch.float64, requires_grad=True)
+    assert pe._as_matmul(x) == (in_chans * patch * patch <= PatchEmbed.MATMUL_MAX)
+    out = pe(x)
+    ref = pe.proj(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *pe.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [x, *pe.parameters()], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    overlapping = PatchEmbed(img_size=16, patch_size=4, stride=2, in_chans=1, embed_dim=8)
+    assert not overlapping._as_matmul(torch.randn(1, 1, 16, 16))  # stride below the patch: the conv
+
+
 def test_rmsnorm_matches_formula():
     norm = RMSNorm(6)
     with torch.no_grad():

@@ -83,7 +83,25 @@ class PatchEmbed(nn.Module):
         elif any(n < p or (n - p) % s for n, p, s in zip(size, self.patch_size, self.stride)):
             raise ValueError(f"input size {size} is not tiled by patches {self.patch_size} at stride {self.stride} "
                              "(pad it, or build the model with dynamic_img_pad=True)")
+        if self._as_matmul(x):
+            B, C, H, W = x.shape
+            (ph, pw), (h, w) = self.patch_size, (H // self.patch_size[0], W // self.patch_size[1])
+            # (B, C, h, ph, w, pw) -> (B, h, w, C, ph, pw): each patch's pixels in the weight's (C, ph, pw) order
+            cols = x.reshape(B, C, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * ph * pw)
+            weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (D, C ph pw)
+            return torch.nn.functional.linear(cols, weight, self.proj.bias)  # (B, M, D)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, M, D)
+
+    # Up to this many values a patch (C ph pw), non-overlapping patches are embedded as one matmul over the
+    # patches' pixels instead of the strided Conv2d: the same sums, without the convolution's fixed cost.
+    # Conv + backward vs matmul + backward (Intel Xeon, 2 threads): 1 x 4 x 4 (the demo, batch 128)
+    # 1.84 -> 0.95 ms; 3 x 4 x 4 1.09x; 1 x 8 x 8 1.47x; 3 x 8 x 8 at 64 px 0.92x (so not above 64).
+    MATMUL_MAX = 64
+
+    def _as_matmul(self, x: Tensor) -> bool:
+        ph, pw = self.patch_size
+        return (self.stride == self.patch_size and self.proj.in_channels * ph * pw <= self.MATMUL_MAX
+                and x.shape[-2] % ph == 0 and x.shape[-1] % pw == 0)
 
 
 class VisionMamba(FeatureMixin, nn.Module):
