@@ -8,12 +8,14 @@ are added (``add_``), concatenated back into the gradient of ``in_proj``'s outpu
 (batch, L, 2E) tensor per layer), ``x_proj``'s split output is concatenated back the same way, and
 the conv output's two gradient paths (the scan's u and ``x_proj``'s input) are added.
 
-:func:`bimamba_core_cl` runs the same computation with a hand-written backward in which the
-kernels write straight into one (batch, L, 2E) gradient buffer: the conv kernel writes dx into its
-first half and the scan kernel dz into its second half, the second direction adding to the first
-(``acc`` flags of ``cv_bwd`` / ``sl_bwd`` in ``mixer_cl.c``), and ``x_proj``'s backward runs inside the
-scan kernel (its input gradient added into du, its weight gradient reduced with the others). Same numbers as the per-op path up to float
-summation order; ``tests/test_selective_scan.py`` holds both against the (batch, E, L) reference.
+:func:`bimamba_core_cl` runs the same computation as one kernel call per direction each way
+(``sl_fwd`` / ``sl_bwd`` in ``mixer_cl.c``, per sample): forward, the conv + SiLU, ``x_proj`` and the
+scan with ``dt_proj`` fused; backward, the scan's gradients, ``x_proj``'s (its input gradient added
+into du, its weight gradient reduced with the others) and the conv's, written straight into one
+(batch, L, 2E) gradient buffer (dx in its first half, dz in its second, the second direction adding
+to the first). Each fused part has a switch below for A/B timing. Same numbers as the per-op path up
+to float summation order; ``tests/test_selective_scan.py`` holds both against the (batch, E, L)
+reference.
 """
 
 from __future__ import annotations

@@ -166,8 +166,20 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
     } while (0)
 
 #define CL_DEFINE(T, SFX)                                                                          \
-    /* row t of a sample: pre = bias + sum_k w[k] x[t -/+ (K-1-k)]; o = silu(pre). xb: the sample's \
-     * input rows (time stride sx_t); o: its output row t, whose row t + CL_PF is prefetched */    \
+    /* row t of a sample's conv: pre = bias + sum_k w[k] x[t -/+ (K-1-k)]. xb: the sample's input  \
+     * rows (time stride sx_t); o: the row written */                                              \
+    static inline void cv_pre_row_##SFX(const T *xb, int64_t sx_t, const T *CL_RESTRICT wt,        \
+                                        const T *CL_RESTRICT bias, T *CL_RESTRICT o, int64_t E,    \
+                                        int64_t L, int64_t K, int64_t t, int reverse) {            \
+        for (int64_t e = 0; e < E; ++e) o[e] = bias ? bias[e] : (T)0;                              \
+        for (int64_t k = 0; k < K; ++k) {                                                          \
+            const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                       \
+            if (src < 0 || src >= L) continue;                                                     \
+            const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;                \
+            for (int64_t e = 0; e < E; ++e) o[e] += w[e] * xr[e];                                  \
+        }                                                                                          \
+    }                                                                                              \
+    /* o = silu(pre) of row t; o's row t + CL_PF is prefetched */                                  \
     static inline void cv_fwd_row_##SFX(const T *xb, int64_t sx_t, const T *CL_RESTRICT wt,        \
                                         const T *CL_RESTRICT bias, T *CL_RESTRICT o, int64_t E,    \
                                         int64_t L, int64_t K, int64_t t, int reverse) {            \
@@ -176,13 +188,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             if (src < L) CL_PREFETCH(xb + src * sx_t, E, 0);                                       \
             CL_PREFETCH(o + CL_PF * E, E, 1);                                                      \
         }                                                                                          \
-        for (int64_t e = 0; e < E; ++e) o[e] = bias ? bias[e] : (T)0;                              \
-        for (int64_t k = 0; k < K; ++k) {                                                          \
-            const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                       \
-            if (src < 0 || src >= L) continue;                                                     \
-            const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;                \
-            for (int64_t e = 0; e < E; ++e) o[e] += w[e] * xr[e];                                  \
-        }                                                                                          \
+        cv_pre_row_##SFX(xb, sx_t, wt, bias, o, E, L, K, t, reverse);                              \
         cl_silu_n_##SFX(o, E); /* scan_steps.h */                                                  \
     }                                                                                              \
     int cv_fwd_##SFX(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,              \
@@ -212,13 +218,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                 if (src < L) CL_PREFETCH(xb + src * sx_t, E, 0);                                   \
                 CL_PREFETCH(go_b + (t + CL_PF) * E, E, 0);                                         \
             }                                                                                      \
-            for (int64_t e = 0; e < E; ++e) gp[e] = bias ? bias[e] : (T)0;                         \
-            for (int64_t k = 0; k < K; ++k) {                                                      \
-                const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                   \
-                if (src < 0 || src >= L) continue;                                                 \
-                const T *CL_RESTRICT xr = xb + src * sx_t, *CL_RESTRICT w = wt + k * E;            \
-                for (int64_t e = 0; e < E; ++e) gp[e] += w[e] * xr[e];                             \
-            }                                                                                      \
+            cv_pre_row_##SFX(xb, sx_t, wt, bias, gp, E, L, K, t, reverse);                         \
             cl_dsilu_n_##SFX(gp, go, db, E); /* gp = go silu'(gp), db += gp (scan_steps.h) */      \
             for (int64_t k = 0; k < K; ++k) {                                                      \
                 const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);                   \
