@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .cpu_scan import (FusedConv, _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads, conv_silu_bwd_cl,
-                       conv_silu_fwd_cl, scan_bwd_cl, scan_fwd_cl)
+from .cpu_scan import (XPROJ_FUSED_MAX, FusedConv, _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads,
+                       conv_silu_bwd_cl, conv_silu_fwd_cl, scan_bwd_cl, scan_fwd_cl)
 
 __all__ = ["DirectionParams", "add_rms_norm_cpu", "bimamba_core_cl", "rms_norm_cpu"]
 
@@ -56,7 +56,6 @@ CONV_IN_KERNEL = True
 # scan: one kernel call a direction, no x_proj matmul). Only with at least as many samples as threads:
 # a sample's work then runs on one thread. Off: cv_fwd's call and a matmul first. For A/B comparisons.
 FWD_IN_KERNEL = True
-XPROJ_FUSED_MAX = 256  # the widest x_proj output (R + 2N) the fused forward takes (SM_XPROJ_MAX in scan_steps.h)
 
 
 class DirectionParams(NamedTuple):
@@ -84,9 +83,10 @@ class _BiMambaCoreCL(torch.autograd.Function):
         train = any(ctx.needs_input_grad)
         y = xz.new_empty(batch, L, E)
         saved: list[Tensor | None] = []
+        dirs = (DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))
         fuse = (FWD_IN_KERNEL and batch >= torch.get_num_threads()
-                and max(flat[2].shape[0], flat[9].shape[0]) <= XPROJ_FUSED_MAX)  # x_proj weights (R + 2N, E)
-        for k, p in enumerate((DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))):
+                and max(p.x_proj_weight.shape[0] for p in dirs) <= XPROJ_FUSED_MAX)
+        for k, p in enumerate(dirs):
             reverse = k == 1
             wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
             bias = _contig(p.conv_bias)
@@ -136,22 +136,22 @@ class _BiMambaCoreCL(torch.autograd.Function):
             wt, bias, xc, x_dbl, At, dtw, dsave, ysave, A = saved[nsaved * k: nsaved * (k + 1)]
             N = At.shape[0]
             dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
-            kw = dict(dz_accumulate=k == 1, softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw)
-            if XPROJ_IN_KERNEL and CONV_IN_KERNEL:  # x_proj's and the conv's backward in the kernel too
-                g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, None, None, dz,
-                                x_proj_weight=_contig(p.x_proj_weight), conv=FusedConv(x, wt, bias, dx, k == 1), **kw)
-                d_xproj_w, dwt, db = g.dxw, g.dconv_wt, g.dconv_bias
+            # the kernel runs x_proj's backward too (XPROJ_IN_KERNEL: du gets its input gradient added, g.dxw
+            # is its weight's), and then the conv's (CONV_IN_KERNEL: du stays in the kernel, dx gets x's)
+            xw = _contig(p.x_proj_weight) if XPROJ_IN_KERNEL else None
+            conv = FusedConv(x, wt, bias, dx, k == 1) if XPROJ_IN_KERNEL and CONV_IN_KERNEL else None
+            du = None if conv is not None else torch.empty_like(xc)
+            g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, dz_accumulate=k == 1,
+                            softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw, x_proj_weight=xw, conv=conv)
+            if xw is not None:
+                d_xproj_w = g.dxw
             else:
-                du = torch.empty_like(xc)
-                if XPROJ_IN_KERNEL:  # du gets x_proj's input gradient added, g.dxw is its weight's
-                    g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz,
-                                    x_proj_weight=_contig(p.x_proj_weight), **kw)
-                    d_xproj_w = g.dxw
-                else:
-                    g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, **kw)
-                    dx_dbl = torch.cat((g.ddt, g.dB, g.dC), -1).view(-1, R + 2 * N)  # x_proj's output gradient
-                    d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
-                    du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
+                dx_dbl = torch.cat((g.ddt, g.dB, g.dC), -1).view(-1, R + 2 * N)  # x_proj's output gradient
+                d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
+                du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
+            if conv is not None:
+                dwt, db = g.dconv_wt, g.dconv_bias
+            else:
                 dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
             grads += [
                 dwt.t().reshape(p.conv_weight.shape), db if p.conv_bias is not None else None,

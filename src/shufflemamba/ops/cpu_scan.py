@@ -57,7 +57,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
 _HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-_ABI_VERSION = 14  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
+_ABI_VERSION = 15  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
 # 7: cv_bwd's and sl_bwd's parameter-gradient partial sums per thread (caller-zeroed), not per sample;
 # 8: sl_bwd's dB, dC, ddt whole (batch, L, .) and added to (caller-zeroed), not per channel block;
@@ -70,9 +70,11 @@ _ABI_VERSION = 14  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumul
 # 12: sl_bwd takes x_proj's weight (NULL: as 11) and then runs x_proj's backward itself
 # 13: and the conv's input, weight, bias and dx (NULL: as 12): the conv's backward after it
 # 14: sl_fwd takes the conv's input, weight, bias, x_proj's weight and output (NULL: as 13): both run in it
+# 15: sl_bwd's dB, dC, ddt contiguous again (their row strides, added in 11, had no caller left)
 _NO_DTPROJ = (None, 0, 0, None, 0)  # sl_fwd / sl_bwd arguments when they read delta itself (dt_proj not fused)
 _NO_CONV = (None, 0, 0, None, None, 0, None, 0, 0, 0)  # sl_bwd's arguments without the conv's backward
 _NO_CONV_FWD = (None, 0, 0, None, None, 0, None, None)  # sl_fwd's without the conv and x_proj
+XPROJ_FUSED_MAX = 256  # the widest x_proj output (R + 2N) sl_fwd runs x_proj for (SM_XPROJ_MAX in scan_steps.h)
 _WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 _WIDTHS = ("256", "512")
 _ROUNDS = 5  # interleaved timing rounds of the auto choice (median)
@@ -169,7 +171,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"sl_fwd_{sfx}").argtypes = (head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj]
                                                   + [p, i64, i64, p, p, i64, p, p, i32])
         getattr(lib, f"sl_bwd_{sfx}").argtypes = ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 3
-                                                  + [i64] * 5 + [i32, i32, f64, *dtproj, p, i64, p]
+                                                  + [i64] * 4 + [i32, i32, f64, *dtproj, p, p]
                                                   + [p, i64, i64, p, p, i64, p, i64, i64, i32, i32])
         getattr(lib, f"rms_fwd_{sfx}").argtypes = [p] * 6 + [i64, i64, f64, i32]
         getattr(lib, f"rms_bwd_{sfx}").argtypes = [p] * 7 + [i64] * 3 + [i32]
@@ -272,8 +274,8 @@ def _time_scan(libs: dict[str, ctypes.CDLL], rounds: int = _ROUNDS, reps: int = 
         lib.sl_fwd_f32(_ptr(u), _ptr(delta), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(bias), _ptr(out), _ptr(dsave),
                        _ptr(ysave), batch, E, L, N, 1, 0, 1.0, 0, *_NO_DTPROJ, *_NO_CONV_FWD, 1)
         lib.sl_bwd_f32(_ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), *Bs, *Cs, _ptr(D), *zs, _ptr(gout), _ptr(du),
-                       _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N,
-                       1, 0, 1.0, *_NO_DTPROJ, None, 0, None, *_NO_CONV, 1)
+                       _ptr(ddelta), _ptr(dz), L * E, E, 0, _ptr(sums), _ptr(dB), _ptr(dC), batch, E, L, N,
+                       1, 0, 1.0, *_NO_DTPROJ, None, None, *_NO_CONV, 1)
 
     for lib in libs.values():
         step(lib)  # warm-up: page faults, caches
@@ -523,11 +525,22 @@ def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, d
     return sums[:K * E].view(K, E), sums[K * E:]
 
 
+class FusedConv(NamedTuple):
+    """The depthwise conv + SiLU whose output is the scan's u, for :func:`scan_fwd_cl` to run it (with
+    x_proj) and :func:`scan_bwd_cl` its backward."""
+
+    x: Tensor  # (batch, L, E) the conv's input, unit stride along E
+    wt: Tensor  # (K, E) its weight, transposed
+    bias: Tensor | None  # (E,)
+    dx: Tensor | None = None  # (batch, L, E) unit stride along E: x's gradient, written or added to (backward)
+    accumulate: bool = False  # add into dx instead of writing it
+
+
 def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 z: Tensor | None, delta_bias: Tensor | None, out: Tensor, dsave: Tensor | None, ysave: Tensor | None,
                 *, softplus: bool, reverse: bool, out_scale: float, accumulate: bool,
                 dt: Tensor | None = None, dtw: Tensor | None = None, gate_sum: bool = False,
-                conv: "FusedConv | None" = None, x_proj_weight: Tensor | None = None,
+                conv: FusedConv | None = None, x_proj_weight: Tensor | None = None,
                 x_dbl: Tensor | None = None) -> None:
     """The ``sl_fwd`` kernel into ``out`` (added to it with ``accumulate``). u contiguous; B, C, z and
     dt (batch, L, .) with unit last stride; At (N, E). With ``dtw`` (R, E) the kernel forms
@@ -545,11 +558,11 @@ def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tenso
     fused = _NO_CONV_FWD
     if conv is not None:
         J = (0 if dtw is None else dtw.shape[0]) + 2 * N
-        if (dtw is None or x_proj_weight is None or x_dbl is None or x_proj_weight.shape != (J, E)
+        if (dtw is None or x_proj_weight is None or x_dbl is None or J > XPROJ_FUSED_MAX or x_proj_weight.shape != (J, E)
                 or not x_proj_weight.is_contiguous() or x_dbl.shape != (batch, L, J) or not x_dbl.is_contiguous()
                 or not u.is_contiguous() or conv.x.shape != u.shape or conv.x.stride(-1) != 1):
-            raise ValueError("scan_fwd_cl: conv needs dt_proj fused, x_proj_weight (R + 2N, E) and x_dbl "
-                             "(batch, L, R + 2N) contiguous, x shaped as u")
+            raise ValueError(f"scan_fwd_cl: conv needs dt_proj fused, x_proj_weight (R + 2N, E) and x_dbl "
+                             f"(batch, L, R + 2N) contiguous with R + 2N <= {XPROJ_FUSED_MAX}, x shaped as u")
         fused = (_ptr(conv.x), *_strides(conv.x), _ptr(conv.wt), _ptr(conv.bias), conv.wt.shape[0],
                  _ptr(x_proj_weight), _ptr(x_dbl))
     rc = getattr(_lib_or_raise(), f"sl_fwd_{_sfx(u)}")(
@@ -559,17 +572,6 @@ def scan_fwd_cl(u: Tensor, delta: Tensor | None, At: Tensor, B: Tensor, C: Tenso
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("selective scan kernel: out of memory")
-
-
-class FusedConv(NamedTuple):
-    """The depthwise conv + SiLU whose output is the scan's u, for :func:`scan_fwd_cl` to run it (with
-    x_proj) and :func:`scan_bwd_cl` its backward."""
-
-    x: Tensor  # (batch, L, E) the conv's input, unit stride along E
-    wt: Tensor  # (K, E) its weight, transposed
-    bias: Tensor | None  # (E,)
-    dx: Tensor | None = None  # (batch, L, E) unit stride along E: x's gradient, written or added to (backward)
-    accumulate: bool = False  # add into dx instead of writing it
 
 
 class ScanGrads(NamedTuple):
@@ -628,8 +630,8 @@ def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, At: Tensor, B: T
     rc = getattr(lib, f"sl_bwd_{_sfx(u)}")(
         _ptr(u), _ptr(dsave), _ptr(ysave), _ptr(At), _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D),
         _ptr(z), *_strides(z), _ptr(gout), _ptr(du), _ptr(ddelta), _ptr(dz), *_strides(dz),
-        int(dz_accumulate), _ptr(sums), _ptr(dB), _ptr(dC), N, batch, E, L, N, int(softplus), int(reverse),
-        float(out_scale), *dtproj, _ptr(ddt), R, _ptr(x_proj_weight),
+        int(dz_accumulate), _ptr(sums), _ptr(dB), _ptr(dC), batch, E, L, N, int(softplus), int(reverse),
+        float(out_scale), *dtproj, _ptr(ddt), _ptr(x_proj_weight),
         *(_NO_CONV if conv is None else (_ptr(conv.x), *_strides(conv.x), _ptr(conv.wt), _ptr(conv.bias), K,
                                          _ptr(conv.dx), *_strides(conv.dx), int(conv.accumulate))),
         _threads(batch * L * E * N),

@@ -402,9 +402,8 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
      * added to with acc_dz; sums: (N + 2 + R) x E, written: [dA (N, E) | dD (E) | dbias (E) (the sum \
      * of ddelta over time, so no pass over ddelta after) | ddtw (R, E)], reduced over the threads \
      * here (CL_REDUCE_PARTS);                                                                     \
-     * dB_out, dC_out: (batch, L, N) with row stride sdbc_t (batch stride L sdbc_t), ddt (batch, L, R) \
-     * with row stride sddt_t: written; a sample's channel blocks run in sequence on one thread, the \
-     * first zeroes the sample's rows and each adds its share.                                     \
+     * dB_out, dC_out: (batch, L, N), ddt (batch, L, R), contiguous: written; a sample's channel   \
+     * blocks run in sequence on one thread, the first zeroes the sample's rows and each adds its share. \
      * With xw, x_proj's weight (R + 2N, E) (the mixer: u = x_proj's input, [dt | B | C] its output, \
      * dt_proj fused), x_proj's backward runs here too, per sample once its channel blocks are done: \
      * [ddt | dB | dC] go to a per-thread (L, R + 2N) buffer instead of dB_out / dC_out / ddt (unused), \
@@ -420,10 +419,10 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                      int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t, \
                      const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,                             \
                      T *CL_RESTRICT ddelta, T *dz, int64_t sdz_b, int64_t sdz_t, int acc_dz,       \
-                     T *CL_RESTRICT sums, T *CL_RESTRICT dB_out, T *CL_RESTRICT dC_out, int64_t sdbc_t, \
+                     T *CL_RESTRICT sums, T *CL_RESTRICT dB_out, T *CL_RESTRICT dC_out,            \
                      int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,    \
                      double oscale, const T *dt, int64_t sdt_b, int64_t sdt_t,                     \
-                     const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt, int64_t sddt_t,      \
+                     const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt,                      \
                      const T *CL_RESTRICT xw, const T *cx, int64_t scx_b, int64_t scx_t,           \
                      const T *CL_RESTRICT cwt, const T *CL_RESTRICT cbias, int64_t K, T *cdx,      \
                      int64_t scdx_b, int64_t scdx_t, int cacc,                                     \
@@ -447,7 +446,7 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             const int64_t G = sm_state_group(N, L, (int64_t)sizeof(T));                            \
             const size_t rows = (size_t)(L + 1) * (size_t)(G * EB);                                \
             /* with dtw: R x EB rows of dtw and of its gradient */                                 \
-            const int64_t tid = CL_THREAD_NUM(); /* this thread's rows of the *_part sums */       \
+            const int64_t tid = CL_THREAD_NUM(); /* this thread's row of parts */                  \
             /* with xw: an EB row, L x EB rows of u, J x EB of dxw, x_proj's weight as nblk blocks of \
              * J x EB (loaded once), then the sample's (L, J) rows of [ddt | dB | dC] */           \
             const size_t base = 2 * rows + 9 * (size_t)(L * EB) + 3 * (size_t)(N * EB) + 6 * EB + 2 * (size_t)(R * EB); \
@@ -471,9 +470,9 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
             for (int64_t b = 0; b < batch; ++b) {                                                  \
             if (!buf) continue;                                                                    \
             /* where this sample's [ddt | dB | dC] rows go: xg with x_proj's backward, else the outputs */ \
-            T *const dBb = xw ? xg + R : dB_out + b * L * sdbc_t, *const dCb = xw ? xg + R + N : dC_out + b * L * sdbc_t; \
-            T *const ddtb = xw ? xg : (dtw ? ddt + b * L * sddt_t : NULL);                         \
-            const int64_t sbc = xw ? J : sdbc_t, sdd = xw ? J : sddt_t;                            \
+            T *const dBb = xw ? xg + R : dB_out + b * L * N, *const dCb = xw ? xg + R + N : dC_out + b * L * N; \
+            T *const ddtb = xw ? xg : (dtw ? ddt + b * L * R : NULL);                              \
+            const int64_t sbc = xw ? J : N, sdd = xw ? J : R; /* their row strides */              \
             T *const dub = cx ? cdu : du_out + b * L * E; /* the sample's du rows */               \
             for (int64_t t = 0; t < L; ++t) {                                                      \
                 memset(dBb + t * sbc, 0, sizeof(T) * (size_t)N);                                   \
@@ -494,7 +493,6 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                 T *CL_RESTRICT wb = szs + EB, *CL_RESTRICT dwb = wb + R * EB;                      \
                 const int64_t e0 = blk * EB;                                                       \
                 const int64_t ne = E - e0 < EB ? E - e0 : EB;                                      \
-                                                                                                   \
                 if (dtw) {                                                                         \
                     for (int64_t r = 0; r < R; ++r) CL_LOAD(T, wb + r * EB, dtw + r * E + e0, ne); \
                     memset(dwb, 0, sizeof(T) * (size_t)(R * EB));                                  \

@@ -195,10 +195,7 @@
                                           T *CL_RESTRICT d, T *CL_RESTRICT du, int softplus) {     \
         T dl[EB];                                                                                  \
         _Pragma("omp simd") for (int j = 0; j < EB; ++j) dl[j] = (T)0;                             \
-        for (int64_t r = 0; r < R; ++r) {                                                          \
-            const T v = dtr[r];                                                                    \
-            _Pragma("omp simd") for (int j = 0; j < EB; ++j) dl[j] += v * wb[r * EB + j];          \
-        }                                                                                          \
+        sl_rowmat_add_##SFX(dtr, R, wb, dl);                                                       \
         if (softplus) { /* branch outside the loops: a flag read inside defeats vectorisation */   \
             _Pragma("omp simd") for (int j = 0; j < EB; ++j) d[j] = SOFTPLUS(dl[j] + bs[j]);       \
         } else {                                                                                   \
@@ -402,6 +399,15 @@ static inline sm_vf sm_vsigmoid(sm_vf z) {
     const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), z), sm_vset1(88.0f)));
     return sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
 }
+/* acc (a block's SM_NV vectors) += sum_j g_j W_j (W: J x EB rows), acc in registers across the J rows:
+ * dt_proj's delta in the forward, x_proj's input gradient in the backward (sl_rowmat_add_f32) */
+static inline void sm_rowmat_acc(sm_vf *acc, const float *g, int64_t J, const float *CL_RESTRICT wb) {
+    for (int64_t j = 0; j < J; ++j) {
+        const sm_vf v = sm_vset1(g[j]);
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + k * SM_VL), acc[k]);
+    }
+}
 /* as the generic one, delta in registers across the R rows of dt_proj: a load and an FMA per row
  * and vector, where the generic loop also loads and stores delta's row for each */
 static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL_RESTRICT wb,
@@ -410,11 +416,7 @@ static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL
     sm_vf acc[SM_NV];
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
-    for (int64_t r = 0; r < R; ++r) {
-        const sm_vf v = sm_vset1(dtr[r]);
-#pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vfma(v, sm_vload(wb + r * EB + k * SM_VL), acc[k]);
-    }
+    sm_rowmat_acc(acc, dtr, R, wb);
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) {
         const int j = k * SM_VL;
@@ -729,11 +731,7 @@ static inline void sl_rowmat_add_f32(const float *g, int64_t J, const float *CL_
     sm_vf acc[SM_NV];
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vload(row + k * SM_VL);
-    for (int64_t j = 0; j < J; ++j) {
-        const sm_vf v = sm_vset1(g[j]);
-#pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + k * SM_VL), acc[k]);
-    }
+    sm_rowmat_acc(acc, g, J, wb);
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) sm_vstore(row + k * SM_VL, acc[k]);
 }
