@@ -90,3 +90,33 @@ def test_vim_vit_pairs_quartiles():
     assert _quartiles([1.0]) is None
     lo, hi = _quartiles([1.3, 0.9, 1.1, 1.0, 1.2])
     assert lo < 1.1 < hi and lo >= 0.9 and hi <= 1.3
+
+
+def _ab_switch():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ab_switch.py"
+    spec = importlib.util.spec_from_file_location("ab_switch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ab_switch_quick_run_restores_the_switch(capsys):
+    """benchmarks/ab_switch.py times a switch on and off and leaves it as it found it; unknown switches
+    and setups end in one error line."""
+    from shufflemamba.models import PatchEmbed
+    from shufflemamba.ops import cpu_mixer
+
+    mod = _ab_switch()
+    assert mod.main(["CONV_IN_KERNEL", "--quick"]) == 0
+    assert cpu_mixer.CONV_IN_KERNEL is True
+    assert mod.main(["PatchEmbed.MATMUL_MAX", "--off", "0", "--quick"]) == 0
+    assert PatchEmbed.MATMUL_MAX == 64
+    out = capsys.readouterr().out
+    assert out.count("off / on (median of pairs)") == 2
+    with pytest.raises(SystemExit, match="unknown switch 'torch'"):
+        mod.main(["torch", "--quick"])
+    with pytest.raises(SystemExit, match="no setup starts with"):
+        mod.main(["SAVE_Y", "--setup", "nope", "--quick"])
