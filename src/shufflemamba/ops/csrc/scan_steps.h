@@ -542,16 +542,24 @@ static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const fl
         }
         sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), ab), m);
         for (int k = 0; k < K; ++k) sm_vstore_n(dw + k * E + e, sm_vadd(sm_vload_n(dw + k * E + e, m), aw[k]), m);
-        /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s */
-        for (int64_t s = 0; s < L; ++s) {
-            float *d = dxb + s * sdx_t + e;
-            sm_vf acc = acc_dx ? sm_vload_n(d, m) : sm_vzero();
+    }
+    /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s, a row of dx at a time: its rows are
+     * (batch, L, 2E) tensor rows 3 KB apart at D 192, so a vector of channels down the L steps (as the
+     * pass above, before 2026-12-02) met each row's line as a cache miss the prefetchers did not see
+     * (perf: the conv backward ~9% of the mixer core's samples at the D 192 shape, its dx load the
+     * hottest instruction); whole rows in order, they stream */
+    for (int64_t s = 0; s < L; ++s) {
+        float *d = dxb + s * sdx_t;
+        for (int64_t e = 0; e < E; e += SM_VL) {
+            const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
+            sm_vf acc = acc_dx ? sm_vload_n(d + e, m) : sm_vzero();
 #pragma GCC unroll 4
             for (int k = 0; k < CL_VK; ++k) {
                 const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);
-                if (k < K && t >= 0 && t < L) acc = sm_vfma(w[k], sm_vload_n(gpre + t * E + e, m), acc);
+                if (k < K && t >= 0 && t < L)
+                    acc = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(gpre + t * E + e, m), acc);
             }
-            sm_vstore_n(d, acc, m);
+            sm_vstore_n(d + e, acc, m);
         }
     }
     return 1;
