@@ -206,10 +206,8 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                                     const T *CL_RESTRICT go_b, T *dxb, int64_t sdx_t, int acc_dx,  \
                                     T *CL_RESTRICT dw, T *CL_RESTRICT db, T *CL_RESTRICT gpre, int64_t E, \
                                     int64_t L, int64_t K, int reverse) {                           \
-        /* float32 on AVX-512: the whole sample with registers across the steps (scan_steps.h) */  \
-        if (cl_conv_bwd_sample_##SFX(xb, sx_t, wt, bias, go_b, dxb, sdx_t, acc_dx, dw, db, gpre, E, L, K, \
-                                     reverse))                                                     \
-            return;                                                                                \
+        /* float32 on AVX-512: the first pass with registers across the steps (scan_steps.h) */    \
+        if (!cl_conv_bwd_sample_##SFX(xb, sx_t, wt, bias, go_b, dw, db, gpre, E, L, K, reverse))   \
         for (int64_t t = 0; t < L; ++t) {                                                          \
             T *CL_RESTRICT gp = gpre + t * E;                                                      \
             const T *CL_RESTRICT go = go_b + t * E;                                                \
@@ -228,7 +226,10 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
                 for (int64_t e = 0; e < E; ++e) dwk[e] += gp[e] * xr[e];                           \
             }                                                                                      \
         }                                                                                          \
-        /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s */                            \
+        /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s, a row of dx at a time: dx's     \
+         * rows are (batch, L, 2E) rows, 3 KB apart at D 192, and a vector of channels down the L     \
+         * rows (the AVX-512 pass's dx before 2026-12-02) met each as a cache miss the prefetchers    \
+         * did not see (perf: its dx load the mixer core's hottest instruction at the D 192 shape)   */ \
         for (int64_t s = 0; s < L; ++s) {                                                          \
             T *CL_RESTRICT d = dxb + s * sdx_t;                                                    \
             if (s + CL_PF < L) CL_PREFETCH(dxb + (s + CL_PF) * sdx_t, E, 1);                       \

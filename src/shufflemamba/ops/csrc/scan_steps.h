@@ -243,13 +243,12 @@
             db[e] += gp[e];                                                                        \
         }                                                                                          \
     }                                                                                              \
-    /* the conv backward of one sample with registers across the steps: explicit AVX-512 only */   \
+    /* the conv backward's first pass with registers across the steps: explicit AVX-512 only */   \
     static inline int cl_conv_bwd_sample_##SFX(const T *xb, int64_t sx_t, const T *wt, const T *bias, \
-                                               const T *go, T *dxb, int64_t sdx_t, int acc_dx, T *dw, \
-                                               T *db, T *gpre, int64_t E, int64_t L, int64_t K,    \
-                                               int reverse) {                                      \
-        (void)xb, (void)sx_t, (void)wt, (void)bias, (void)go, (void)dxb, (void)sdx_t, (void)acc_dx; \
-        (void)dw, (void)db, (void)gpre, (void)E, (void)L, (void)K, (void)reverse;                  \
+                                               const T *go, T *dw, T *db, T *gpre, int64_t E,      \
+                                               int64_t L, int64_t K, int reverse) {                \
+        (void)xb, (void)sx_t, (void)wt, (void)bias, (void)go, (void)dw, (void)db, (void)gpre;      \
+        (void)E, (void)L, (void)K, (void)reverse;                                                  \
         return 0; /* not handled: the caller runs its generic loops */                             \
     }
 
@@ -495,22 +494,21 @@ static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRIC
         sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), g), m);
     }
 }
-/* The conv backward (mixer_cl.c's cv_bwd) of one sample for K <= CL_VK taps, a vector of channels at
- * a time: the pre-activation, silu', db and dW stay in registers across the L steps and each step's
- * rows are read once, where the generic loops make K + 1 passes over a row of gpre and K over the
- * rows of dW in memory per step. Then dx from gpre (L x E scratch), the weights still in registers.
- * Returns 1, or 0 for K > CL_VK (the caller runs the generic loops). Measured on the Intel Xeon
+/* The conv backward's first pass (mixer_cl.c's cv_bwd_sample) of one sample for K <= CL_VK taps, a
+ * vector of channels at a time: the pre-activation, silu', db and dW stay in registers across the L
+ * steps and each step's rows are read once, where the generic loops make K + 1 passes over a row of
+ * gpre and K over the rows of dW in memory per step. Writes gpre (L x E) for the caller's dx pass,
+ * which runs row by row for every type. Returns 1, or 0 for K > CL_VK (the caller runs the generic
+ * loops). Measured on the Intel Xeon
  * (scratch interleaved A/B of the conv backward alone): 1.3-1.5x at the demo16 shape (128, 17, 192),
  * 1.4-1.55x at D 192 (64, 65, 384); without the prefetch, 1.24x and 0.98x. */
 #define CL_VK 4
 #ifndef CL_VPF
-#define CL_VPF 4 /* steps ahead that the first pass prefetches its rows (2, 8, 12: no better; the same in
-                  * the dx pass: slower, 1.41 -> 1.55 ms at the D 192 shape) */
+#define CL_VPF 4 /* steps ahead that the first pass prefetches its rows (2, 8, 12: no better) */
 #endif
 static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const float *wt, const float *bias,
-                                         const float *go, float *dxb, int64_t sdx_t, int acc_dx, float *dw,
-                                         float *db, float *gpre, int64_t E, int64_t L, int64_t K,
-                                         int reverse) {
+                                         const float *go, float *dw, float *db, float *gpre, int64_t E,
+                                         int64_t L, int64_t K, int reverse) {
     if (K > CL_VK) return 0;
     for (int64_t e = 0; e < E; e += SM_VL) {
         const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
@@ -542,25 +540,6 @@ static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const fl
         }
         sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), ab), m);
         for (int k = 0; k < K; ++k) sm_vstore_n(dw + k * E + e, sm_vadd(sm_vload_n(dw + k * E + e, m), aw[k]), m);
-    }
-    /* dx[s] = sum_k w[k] gpre[t] over the outputs t that read s, a row of dx at a time: its rows are
-     * (batch, L, 2E) tensor rows 3 KB apart at D 192, so a vector of channels down the L steps (as the
-     * pass above, before 2026-12-02) met each row's line as a cache miss the prefetchers did not see
-     * (perf: the conv backward ~9% of the mixer core's samples at the D 192 shape, its dx load the
-     * hottest instruction); whole rows in order, they stream */
-    for (int64_t s = 0; s < L; ++s) {
-        float *d = dxb + s * sdx_t;
-        for (int64_t e = 0; e < E; e += SM_VL) {
-            const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
-            sm_vf acc = acc_dx ? sm_vload_n(d + e, m) : sm_vzero();
-#pragma GCC unroll 4
-            for (int k = 0; k < CL_VK; ++k) {
-                const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);
-                if (k < K && t >= 0 && t < L)
-                    acc = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(gpre + t * E + e, m), acc);
-            }
-            sm_vstore_n(d + e, acc, m);
-        }
     }
     return 1;
 }
