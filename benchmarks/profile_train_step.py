@@ -18,6 +18,13 @@ steps alternately with those and the current kernels in one process (the Python 
 current one for both, so REV must have the same kernel ABI): the before / after of a kernel change
 measured side by side, with the machine's load changes hitting both alike.
 
+``--kernels-flags=FLAGS`` (the ``=`` form: FLAGS starts with a dash) builds the kernels (of REV
+with ``--kernels-from``, else of the working tree) with compiler flags added, e.g. ``-DEB=64`` or
+``-funroll-loops``, for the same A/B; ``--core`` times the first block's mixer core instead of whole
+steps, its forward and backward apart:
+    python benchmarks/profile_train_step.py --kernels-from HEAD --core --models d192 --steps 30
+    python benchmarks/profile_train_step.py --kernels-flags=-DEB=64 --core --models d192 --steps 30
+
 ``--compare`` times the mixer's unfused path ((B, E, L) scan with flips and transposes) against
 the fused channel-last path (compiled conv1d + reverse scan) on the same model, alternating
 steps so that load changes hit both alike; it reports the medians.
@@ -142,8 +149,41 @@ def compare(name: str, steps: int, warmup: int) -> dict:
     return dict(median=med, times=times)
 
 
-def kernels_at(rev: str):
-    """The compiled CPU kernels as they were at git revision ``rev``, built like the current ones."""
+def make_core(name: str, seed: int = 0):
+    """The first block's mixer core (``bimamba_core_cl``: both directions' conv, x_proj, dt_proj, scan and
+    gate) at the model's shapes; returns a closure running it forward and backward, timed apart."""
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
+
+    kwargs, batch, img, chans = MODELS[name]
+    torch.manual_seed(seed)
+    kwargs = dict(kwargs)
+    model = timm.create_model(kwargs.pop("model_name"), **kwargs)
+    mixer = model.layers[0].mixer
+    shapes = []  # in_proj's output, (1, L, 2E), from one image through the model
+    hook = mixer.in_proj.register_forward_hook(lambda mod, inp, out: shapes.append(out.shape))
+    with torch.no_grad():
+        model(torch.randn(1, chans, img, img))
+    hook.remove()
+    xz = torch.randn(batch, *shapes[0][1:], requires_grad=True)
+    gy = torch.randn(batch, shapes[0][1], mixer.d_inner)
+
+    def run() -> tuple[float, float]:
+        fwd = mixer._params_cl(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, xz.dtype)
+        bwd = mixer._params_cl(mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b, xz.dtype)
+        t0 = time.perf_counter()
+        y = bimamba_core_cl(xz, mixer.dt_rank, fwd, bwd)
+        t1 = time.perf_counter()
+        y.backward(gy)
+        t2 = time.perf_counter()
+        xz.grad = None
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+    return run
+
+
+def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = ()):
+    """The compiled CPU kernels as they were at git revision ``rev`` (None: the working tree's sources),
+    built like the current ones, with ``extra_flags`` added to the compiler's."""
     import ctypes
     import subprocess
     import tempfile
@@ -161,15 +201,21 @@ def kernels_at(rev: str):
         return res.stdout
 
     tmp = Path(tempfile.mkdtemp(prefix="kernels-"))
-    names = git("ls-tree", "--name-only", f"{rev}:{csrc}").split()
-    for name in names:
-        (tmp / name).write_text(git("show", f"{rev}:{csrc}/{name}"))
+    if rev is None:
+        names = sorted(f.name for f in (root / csrc).iterdir() if f.suffix in (".c", ".h"))
+        for name in names:
+            (tmp / name).write_text((root / csrc / name).read_text())
+    else:
+        names = git("ls-tree", "--name-only", f"{rev}:{csrc}").split()
+        for name in names:
+            (tmp / name).write_text(git("show", f"{rev}:{csrc}/{name}"))
     width = (cpu_scan.vector_width_info() or {}).get("width")
     try:  # the package's own build, with the flags and width the current kernels have
         cpu_scan._build(os.environ.get("CC", "cc"), tmp / "lib.so", str(width) if width else None, csrc=tmp,
-                        sources=tuple(tmp / n for n in names if n.endswith(".c")))
+                        sources=tuple(tmp / n for n in names if n.endswith(".c")), extra_flags=extra_flags)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        raise SystemExit(f"error: building the kernels of {rev} failed: {str(exc).strip()[-2000:]}") from None
+        raise SystemExit(f"error: building the kernels of {rev or 'the working tree'} {' '.join(extra_flags)} "
+                         f"failed: {str(exc).strip()[-2000:]}") from None
     lib = ctypes.CDLL(str(tmp / "lib.so"))
     lib.ss_abi_version.restype = ctypes.c_int
     if lib.ss_abi_version() != current.ss_abi_version():
@@ -179,29 +225,47 @@ def kernels_at(rev: str):
     return lib
 
 
-def compare_kernels(name: str, rev: str, steps: int, warmup: int) -> dict:
-    """Interleaved steps of one model with the kernels of ``rev`` and the current ones; medians of each."""
+def compare_kernels(name: str, rev: str | None, steps: int, warmup: int, extra_flags: tuple[str, ...] = (),
+                    core: bool = False) -> dict:
+    """Interleaved training steps of one model (``core``: its first mixer core, forward and backward timed
+    apart) with the kernels of ``rev`` (None: the working tree's) built with ``extra_flags``, and with the
+    current ones; medians of each and the median of the pairs' ratios (other / current time: > 1 means
+    the current kernels are faster)."""
     from shufflemamba.ops import cpu_scan
 
-    libs = {rev: kernels_at(rev), "current": cpu_scan._lib_or_raise()}
-    step = make_step(name)
-    times: dict[str, list[float]] = {k: [] for k in libs}
+    label = " ".join([rev or "working tree", *extra_flags])
+    libs = {label: kernels_at(rev, extra_flags), "current": cpu_scan._lib_or_raise()}
+    if core:
+        run, parts = make_core(name), ("forward", "backward")
+    else:
+        step = make_step(name)
+
+        def run() -> tuple[float]:
+            t0 = time.perf_counter()
+            step()
+            return ((time.perf_counter() - t0) * 1e3,)
+
+        parts = ("step",)
+    times: dict[str, dict[str, list[float]]] = {k: {part: [] for part in parts} for k in libs}
     order = list(libs)
     try:
         for i in range(warmup + steps):
             for k in order if i % 2 == 0 else order[::-1]:
                 cpu_scan._lib = libs[k]
-                t0 = time.perf_counter()
-                step()
+                ms = run()
                 if i >= warmup:
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+                    for part, v in zip(parts, ms):
+                        times[k][part].append(v)
     finally:
         cpu_scan._lib = libs["current"]
-    med = {k: statistics.median(v) for k, v in times.items()}
-    paired = statistics.median(a / b for a, b in zip(times[rev], times["current"]))
-    print(f"{name}: kernels of {rev} {med[rev]:.1f} ms/step, current {med['current']:.1f} ms/step; "
-          f"speed-up (median of pairs) {paired:.3f}x, load {os.getloadavg()[0]:.2f}")
-    return dict(median=med, speedup_paired=paired, times=times)
+    res = {}
+    for part in parts:
+        med = {k: statistics.median(times[k][part]) for k in libs}
+        paired = statistics.median(a / b for a, b in zip(times[label][part], times["current"][part]))
+        print(f"{name} {part}: kernels of {label} {med[label]:.2f} ms, current {med['current']:.2f} ms; "
+              f"speed-up (median of pairs) {paired:.3f}x, load {os.getloadavg()[0]:.2f}")
+        res[part] = dict(median=med, speedup_paired=paired, times={k: times[k][part] for k in libs})
+    return res["step"] if not core else res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,17 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", action="store_true", help="only time the steps")
     p.add_argument("--compare", action="store_true", help="unfused vs fused mixer, interleaved")
     p.add_argument("--kernels-from", metavar="REV", help="A/B: the CPU kernels of git revision REV vs the current ones")
+    p.add_argument("--kernels-flags", metavar="FLAGS", default="",
+                   help="A/B: the kernels built with these compiler flags added (--kernels-flags=-DEB=64; "
+                        "of REV with --kernels-from, else of the working tree) vs the current ones")
+    p.add_argument("--core", action="store_true",
+                   help="with --kernels-from / --kernels-flags: time the first mixer core's forward and backward "
+                        "instead of whole steps")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.kernels_from:
+    if args.core and not (args.kernels_from or args.kernels_flags):
+        p.error("--core needs --kernels-from or --kernels-flags")
+    if args.kernels_from or args.kernels_flags:
         from shufflemamba.ops.cpu_scan import describe_vector_width
 
         print(describe_vector_width())
-        res = {name: compare_kernels(name, args.kernels_from, args.steps, args.warmup) for name in args.models}
+        flags = tuple(args.kernels_flags.split())
+        res = {name: compare_kernels(name, args.kernels_from, args.steps, args.warmup, flags, args.core)
+               for name in args.models}
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(dict(threads=args.threads, kernels_from=args.kernels_from,
+                                                 kernels_flags=flags, core=args.core,
                                                  cpu_kernels=describe_vector_width(), compare=res), indent=2))
         return 0
     if args.compare:

@@ -45,3 +45,25 @@ def test_kernels_from_an_unknown_revision_is_one_error_line():
     _needs_checkout_and_kernels()
     with pytest.raises(SystemExit, match="error: git"):
         _module().kernels_at("no-such-revision-xyz")
+
+
+def test_kernels_flags_core_ab_times_forward_and_backward_apart():
+    """--kernels-flags --core: the working tree's kernels built with a define against the loaded ones,
+    the first mixer core's forward and backward timed apart, and the loaded library restored."""
+    _needs_checkout_and_kernels()
+    from shufflemamba.ops import cpu_scan
+
+    mod = _module()
+    current = cpu_scan._lib_or_raise()
+    res = mod.compare_kernels("demo16", None, steps=1, warmup=0, extra_flags=("-DCL_PF=2",), core=True)
+    assert cpu_scan._lib is current
+    assert set(res) == {"forward", "backward"}
+    for part in res.values():
+        assert set(part["median"]) == {"working tree -DCL_PF=2", "current"}
+        assert all(v > 0 for v in part["median"].values()) and part["speedup_paired"] > 0
+
+
+def test_kernels_flags_that_do_not_compile_are_one_error_line():
+    _needs_checkout_and_kernels()
+    with pytest.raises(SystemExit, match="error: building the kernels of the working tree"):
+        _module().kernels_at(None, ("-DEB=7",))  # not a multiple of the vector length: #error

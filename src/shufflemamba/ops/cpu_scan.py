@@ -136,14 +136,15 @@ def _flags(width: str | None) -> tuple[str, ...]:
 
 
 def _build(cc: str, out: Path, width: str | None = None, csrc: Path = _CSRC,
-           sources: tuple[Path, ...] = _SOURCES) -> None:
+           sources: tuple[Path, ...] = _SOURCES, extra_flags: tuple[str, ...] = ()) -> None:
     """Compile the kernel to ``out`` atomically (temp file in the same directory, then rename).
-    ``csrc`` / ``sources``: another copy of the kernel sources (benchmarks build older revisions)."""
+    ``csrc`` / ``sources``: another copy of the kernel sources (benchmarks build older revisions);
+    ``extra_flags``: appended to the compiler's (benchmarks' A/B of a define or an optimisation flag)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *_flags(width), f"-I{csrc}", "-o", tmp, *map(str, sources), "-lm"]
+        cmd = [cc, *_flags(width), *extra_flags, f"-I{csrc}", "-o", tmp, *map(str, sources), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()}")
