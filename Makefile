@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml $(PINS)
 	$(BIN)/pip install -q -c $(PINS) torch
 	$(BIN)/pip install -q -c $(PINS) torchvision
 	$(BIN)/pip install -q -c $(PINS) -e ".[dev,triton]"
+	@# guarded: only where torchvision's compiled ops do not load (a CUDA torchvision beside the CPU torch),
+	@# a start-up hook defines their schemas, so `import timm` works before `import shufflemamba` too
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python src/shufflemamba/_compat.py install-hook
 	touch $(STAMP)
 
 dataset:
