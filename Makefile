@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) dataset
-	$(BIN)/shufflemamba train --config demo --output runs/demo
+	$(BIN)/shufflemamba train --config demo
 
 study: $(STAMP) dataset
 	$(BIN)/python benchmarks/study.py --output runs/study --background

@@ -82,7 +82,7 @@ def test_unknown_model_suggests_close_names(data, capsys):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--epochs", "-3"], "epochs must be >= 0"),
+        (["--epochs", "-3"], "epochs must be >= 1"),
         (["--slws-rate", "1.2"], "slws_rate must be in"),
         (["--ssr", "-0.5"], "slws_rate must be in"),
         (["--config", "no_such_preset"], "unknown preset"),

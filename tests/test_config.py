@@ -45,7 +45,7 @@ def test_config_file_by_path(tmp_path):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"epochs": -1}, "epochs must be >= 0"),
+        ({"epochs": -1}, "epochs must be >= 1"),
         ({"slws_rate": 1.5}, r"slws_rate must be in \[0.0, 1.0\]"),
         ({"slws_rate": -0.1}, "slws_rate"),
         ({"drop_path": 2.0}, "drop_path"),

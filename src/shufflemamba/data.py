@@ -212,10 +212,15 @@ def build_dataset(cfg: dict[str, Any], split: str, in_chans: int, transform: Cal
             return FashionMNIST(cfg["data_dir"], split, None, mode, batch_transform=batched)
         return FashionMNIST(cfg["data_dir"], split, transform, mode)
     if not cfg["data_dir"]:
-        raise UserError("no data: pass --data-dir DIR (with train/ and val/ class folders) or --dataset fashion-mnist")
-    root = os.path.join(cfg["data_dir"], split)
+        raise UserError("no data: pass --data-dir DIR (class folders, or train/ and val/ with class folders) "
+                        "or --dataset fashion-mnist")
     if not os.path.isdir(cfg["data_dir"]):
         raise UserError(f"data directory '{cfg['data_dir']}' does not exist")
+    from .defaults import data_layout
+
+    if data_layout(cfg["data_dir"]) == "flat":  # DIR/<class>/...: both splits read it; holdout picks val
+        return ImageFolderPIL(cfg["data_dir"], transform, mode)
+    root = os.path.join(cfg["data_dir"], split)
     if not os.path.isdir(root):
         raise UserError(f"data directory '{cfg['data_dir']}' has no {split}/ sub-directory")
     return ImageFolderPIL(root, transform, mode)

@@ -55,6 +55,15 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     return flag.item() == 0.0
 
 
+def rank0_value(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. a generated run folder name, which the clock makes differ)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class SignalCatcher:
     """SIGTERM / SIGINT / SIGUSR1 set ``state.stop_signal`` (the loop saves a step checkpoint and
     stops at the next accumulation boundary); a second signal gets the previous behaviour."""
