@@ -34,7 +34,8 @@ from .checkpointing import (
     restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, step_number, tensorboard_writer,
     training_checkpoint, write_metrics,
 )
-from .config import UserError, dump_config, resolve_amp
+from ..errors import UserError
+from .config import dump_config, resolve_amp
 from .data import build_loaders
 from .distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
@@ -120,7 +121,7 @@ def init_weights(model: nn.Module, path: str, name: str, log: Callable[[str], No
     freshly initialised and named in one ``log`` line (``models.checkpoint.init_from_checkpoint``)."""
     ckpt = load_checkpoint(path)
     if is_our_model(name):
-        from .models.checkpoint import init_from_checkpoint
+        from ..models.checkpoint import init_from_checkpoint
 
         try:
             init_from_checkpoint(model, ckpt, key="model", log=log, source=path)
@@ -298,7 +299,7 @@ class Trainer:
         """Train the remaining epochs. Returns the exit code (128 + signal when stopped by one)."""
         self.log(self._summary())
         if self.device.type == "cpu":
-            from ._omp import describe
+            from .._omp import describe
 
             self.log(describe())
         with SignalCatcher(self.state):
