@@ -51,14 +51,14 @@ bench: $(STAMP)
 # (intel-xeon, amd-epyc, ...): the benchmark suite (with Vim vs ViT) and the scan vs its
 # arithmetic limit. ~3 minutes on 2 cores; run it on an idle machine.
 cpu-figures: $(STAMP)
-	@tag=$$($(BIN)/python -c "from shufflemamba.reports import cpu_model, machine_tag; print(machine_tag(cpu_model()))") && \
+	@tag=$$($(BIN)/python -c "from shufflemamba.bench.report import cpu_model, machine_tag; print(machine_tag(cpu_model()))") && \
 	  $(BIN)/shufflemamba bench --device cpu --json benchmarks/results/bench-cpu-$$tag.json && \
 	  $(BIN)/python benchmarks/scan_limit.py --threads 2 --repeat 5 --docs docs/benchmarks.md \
 	    --json benchmarks/results/scan-limit-$$tag.json
 
 # the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix
 triton-report: $(STAMP)
-	$(BIN)/python -m shufflemamba.ops.triton_compile --json benchmarks/results/triton-sm90.json
+	$(BIN)/python -m shufflemamba.bench.triton_compile --json benchmarks/results/triton-sm90.json
 
 # Install this checkout into another environment that has its own torch, torchvision and timm
 # (nothing else is installed or fetched), then import it and train one epoch of a tiny model there.

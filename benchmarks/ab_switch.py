@@ -23,9 +23,9 @@ import time
 import torch
 
 import shufflemamba  # noqa: F401  (before timm / torchvision)
-from shufflemamba import bench_vit
+from shufflemamba.bench import vit as bench_vit
 from shufflemamba._malloc import tune_malloc
-from shufflemamba.bench import _train_step_fn
+from shufflemamba.bench.suite import _train_step_fn
 from shufflemamba.models import PatchEmbed
 from shufflemamba.ops import cpu_mixer
 

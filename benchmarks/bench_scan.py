@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import shufflemamba  # noqa: F401  (applies the torchvision shim before anything imports timm)
-from shufflemamba.ops.benchmark import DEFAULT_IMPLS, SCAN_SHAPES, ScanShape, bench_scan, scan_markdown
+from shufflemamba.bench.scan import DEFAULT_IMPLS, SCAN_SHAPES, ScanShape, bench_scan, scan_markdown
 
 
 def cpu_model() -> str:
@@ -39,7 +39,7 @@ def bench_cl(shapes, threads: int, repeat: int, warmup: int, dtype: torch.dtype,
     import time
     from dataclasses import asdict
 
-    from shufflemamba.ops.benchmark import _inputs
+    from shufflemamba.bench.scan import _inputs
     from shufflemamba.ops.cpu_scan import cpu_scan_available, selective_scan_cl
 
     if not cpu_scan_available():

@@ -39,7 +39,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim)
 from shufflemamba.ops import cpu_scan
-from shufflemamba.reports import cpu_model, machine_tag, write_marked_section
+from shufflemamba.bench.report import cpu_model, machine_tag, write_marked_section
 
 HERE = Path(__file__).resolve().parent
 KERNEL_SRC = HERE.parent / "src" / "shufflemamba" / "ops" / "csrc"

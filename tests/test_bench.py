@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from shufflemamba import bench
-from shufflemamba.config import UserError
-from shufflemamba.reports import machine_tag
+from shufflemamba.bench import suite as bench
+from shufflemamba.errors import UserError
+from shufflemamba.bench.report import machine_tag
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
@@ -39,7 +39,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
             assert r["slws_overhead"] > -1 and r["slws_ops_ms"] > 0 and 0 < r["slws_ops_fraction"] < 1
     assert "skipped" in res["gpu"]
 
-    from shufflemamba.bench_vit import SETUPS
+    from shufflemamba.bench.vit import SETUPS
     assert set(res["vit"]["setups"]) == set(SETUPS)
     for r in res["vit"]["setups"].values():
         assert r["status"] == "ok", r
@@ -85,7 +85,7 @@ def test_bad_arguments():
 
 
 def test_vim_vit_pairs_quartiles():
-    from shufflemamba.bench_vit import _quartiles
+    from shufflemamba.bench.vit import _quartiles
 
     assert _quartiles([1.0]) is None
     lo, hi = _quartiles([1.3, 0.9, 1.1, 1.0, 1.2])

@@ -16,8 +16,8 @@ from PIL import Image
 
 import shufflemamba
 from shufflemamba.cli import build_parser, main
-from shufflemamba.config import AUTO_KEYS, DEFAULTS, UserError, load_config_file, resolve_config
-from shufflemamba.defaults import fill_auto_defaults
+from shufflemamba.training.config import AUTO_KEYS, DEFAULTS, UserError, load_config_file, resolve_config
+from shufflemamba.training.defaults import fill_auto_defaults
 
 TINY = ["--model-kwargs", "embed_dim=16", "depth=1", "d_state=4", "--workers", "0"]
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -205,7 +205,7 @@ def test_unreadable_val_images_are_counted(tmp_path):
 
 def test_final_line_names_val_and_best(run, capsys):
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    from shufflemamba.train import Trainer
+    from shufflemamba.training.trainer import Trainer
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.output = {"holdout": None, "save_best": True}, run

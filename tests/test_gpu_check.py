@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
-from shufflemamba import gpu_check
+from shufflemamba.bench import gpu_check
 from shufflemamba.cli import main as cli
 
 from test_mamba_ssm_glue import fakes  # noqa: F401  (fixture: stand-in mamba_ssm / causal-conv1d)

@@ -20,7 +20,7 @@ from .ops import selective_scan, selective_scan_ref  # noqa: E402
 from .slws import LayerShuffle, ShuffledLayer, apply_slws, shuffle_rates  # noqa: E402
 from . import models  # noqa: E402  (registers the Vim / ShuffleMamba models in timm)
 from .models import VisionMamba, load_checkpoint  # noqa: E402
-from .runs import load_model  # noqa: E402
+from .training.runs import load_model  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

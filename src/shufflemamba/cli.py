@@ -1,18 +1,20 @@
 """The ``shufflemamba`` command: ``train``, ``eval``, ``bench`` and ``doctor`` subcommands.
 
-Mistakes in what the user asked for raise :class:`~shufflemamba.config.UserError`; ``main`` prints
+Mistakes in what the user asked for raise :class:`~shufflemamba.errors.UserError`; ``main`` prints
 them as one ``error: ...`` line on stderr and returns 2 (no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from typing import Any
 
-from .config import UserError, format_config, list_presets, parse_kv_list, resolve_config
+from .errors import UserError
+from .training.config import format_config, list_presets, parse_kv_list, resolve_config
 from .console import guarded
 
 TRUST_HELP = "load checkpoints that need Python's unpickler (only for files you trust; default: weights_only)"
@@ -121,15 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     _add_data_flags(e)
 
-    sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench)", add_help=False)
-    sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.gpu_check)",
+    sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench.suite)", add_help=False)
+    sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.bench.gpu_check)",
                    add_help=False)
     return parser
 
 
 def _show_defaults(p: argparse.ArgumentParser) -> None:
     """Each option's help ends with its default (DEFAULTS; "auto" where the data decides)."""
-    from .config import AUTO_KEYS, DEFAULTS
+    from .training.config import AUTO_KEYS, DEFAULTS
 
     for action in p._actions:
         key = action.dest
@@ -154,15 +156,15 @@ def _overrides(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
 def _trust(args: argparse.Namespace) -> None:
     """--trust-checkpoint: the full unpickler for every checkpoint this process reads."""
     if args.trust_checkpoint:
-        from .checkpointing import TRUST_ENV
+        from .training.checkpointing import TRUST_ENV
 
         os.environ[TRUST_ENV] = "1"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import validate_config
-    from .defaults import fill_auto_defaults
-    from .train import load_checkpoint, train
+    from .training.config import validate_config
+    from .training.defaults import fill_auto_defaults
+    from .training.trainer import load_checkpoint, train
 
     _trust(args)
     overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint", "overwrite"})
@@ -211,7 +213,7 @@ def _world_size(given: int) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint
+    from .training.trainer import evaluate_checkpoint
 
     _trust(args)
     overrides = _overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint"})
@@ -229,12 +231,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     try:
-        from . import bench
+        suite = importlib.import_module("shufflemamba.bench.suite")
     except ModuleNotFoundError as err:
         if err.name and err.name.startswith("shufflemamba"):
-            raise UserError("the benchmark module shufflemamba.bench is not available in this install") from None
+            raise UserError("the benchmark module shufflemamba.bench.suite is not available in this install") from None
         raise
-    return int(bench.main(argv) or 0)
+    return int(suite.main(argv) or 0)
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -246,7 +248,7 @@ def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     if argv and argv[0] == "doctor":
-        from .gpu_check import main as doctor
+        from .bench.gpu_check import main as doctor
 
         return doctor(argv[1:])
     parser = build_parser()

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import faults
-from .config import UserError
+from .. import faults
+from ..errors import UserError
 
 VERSION = 2
 TRUST_ENV = "SHUFFLEMAMBA_TRUST_CHECKPOINTS"
@@ -275,7 +275,7 @@ def load_checkpoint(path: str, *, trust: bool = False) -> dict[str, Any]:
         raise UserError(f"checkpoint '{path}' not found")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint '{path}' is empty")
-    from .models.checkpoint import read_checkpoint  # the one torch.load of the project (Namespace allowed)
+    from ..models.checkpoint import read_checkpoint  # the one torch.load of the project (Namespace allowed)
 
     trusted = trust or trusted_by_env()
     try:

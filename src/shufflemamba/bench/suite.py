@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import shufflemamba  # noqa: F401  (torchvision shim and model registration before timm)
-from shufflemamba.config import UserError
+from shufflemamba.errors import UserError
 from shufflemamba.ops.selective_scan import selective_scan, selective_scan_ref
-from shufflemamba.reports import cpu_model, format_number, machine_tag, write_marked_section
+from shufflemamba.bench.report import cpu_model, format_number, machine_tag, write_marked_section
 
 def markers(tag: str) -> tuple[str, str]:
     """The begin / end markers of one machine's section (``tag`` from ``reports.machine_tag``)."""
@@ -203,7 +203,7 @@ def _make_model(name: str, quick: bool, device: torch.device, **kwargs: Any) -> 
 
 def _train_step_fn(model: torch.nn.Module, batch: int, img: int, device: torch.device,
                    amp: torch.dtype | None, in_chans: int = 3) -> Callable[[], None]:
-    from .train import fused_adam_supported
+    from ..training.trainer import fused_adam_supported
 
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=fused_adam_supported(params))  # as training builds it
@@ -325,7 +325,7 @@ def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
     if device.type == "cuda":
         meta["device_name"] = torch.cuda.get_device_name(device)
     else:  # which vector width the compiled CPU kernels run with, and why (cpu_scan's auto rule)
-        from .ops.cpu_scan import describe_vector_width
+        from ..ops.cpu_scan import describe_vector_width
 
         meta["cpu_kernels"] = describe_vector_width()
     for mod in ("triton", "mambapy", "timm"):
@@ -371,7 +371,7 @@ def to_markdown(res: dict[str, Any]) -> str:
               "(randperm, argsort, gathers) in isolation as if every block shuffled: an upper bound that, unlike "
               "the difference of two step times, does not drown in machine noise."]
     if res.get("vit"):
-        from shufflemamba.bench_vit import to_markdown as vit_markdown
+        from shufflemamba.bench.vit import to_markdown as vit_markdown
 
         lines += vit_markdown(res["vit"])
     lines += ["", "### GPU", ""]
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res["train"] = {"batch": train_batch, "img_size": None, "amp": None, "models": {}}
     if "vit" not in args.skip:
-        from shufflemamba.bench_vit import bench_vs_vit
+        from shufflemamba.bench.vit import bench_vs_vit
 
         print("[bench] training steps, our Vim vs timm's ViT of the same size ...", file=sys.stderr)
         res["vit"] = bench_vs_vit(device, args.quick, repeats, torch.bfloat16 if gpu else None)

@@ -2,7 +2,7 @@
 
 Used by ``benchmarks/bench_scan.py`` and meant for a ``shufflemamba bench`` command::
 
-    from shufflemamba.ops.benchmark import SCAN_SHAPES, bench_scan, scan_markdown
+    from shufflemamba.bench.scan import SCAN_SHAPES, bench_scan, scan_markdown
     rows = bench_scan([SCAN_SHAPES["vim_tiny"]], impls=("unbind", "cpu"), threads=2)
     print(scan_markdown(rows))
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selective_scan import selective_scan
+from ..ops.selective_scan import selective_scan
 
 __all__ = ["SCAN_SHAPES", "ScanShape", "bench_scan", "scan_markdown", "scan_unbind_loop"]
 

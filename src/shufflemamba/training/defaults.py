@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Any
 
-from .config import UserError
+from ..errors import UserError
 
 DEFAULT_MODEL = "vim_tiny_patch16_224"
 BASE_LR = 5e-4  # at total batch 512, the DeiT rule; small runs keep it unscaled (see _lr)

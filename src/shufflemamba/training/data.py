@@ -21,7 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
-from .config import UserError
+from ..errors import UserError
+from .defaults import data_layout
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_FILES = {
@@ -216,8 +217,6 @@ def build_dataset(cfg: dict[str, Any], split: str, in_chans: int, transform: Cal
                         "or --dataset fashion-mnist")
     if not os.path.isdir(cfg["data_dir"]):
         raise UserError(f"data directory '{cfg['data_dir']}' does not exist")
-    from .defaults import data_layout
-
     if data_layout(cfg["data_dir"]) == "flat":  # DIR/<class>/...: both splits read it; holdout picks val
         return ImageFolderPIL(cfg["data_dir"], transform, mode)
     root = os.path.join(cfg["data_dir"], split)

@@ -65,7 +65,7 @@ def _quartiles(values: list[float]) -> tuple[float, float] | None:
 
 def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dtype | None) -> dict[str, Any]:
     """Training images/s of our Vim and timm's ViT at each of :data:`SETUPS`, interleaved in one process."""
-    from .bench import _time_interleaved, _train_step_fn
+    from .suite import _time_interleaved, _train_step_fn
 
     out: dict[str, Any] = {"amp": str(amp) if amp else None, "threads": torch.get_num_threads(), "setups": {}}
     for name, setup in SETUPS.items():
@@ -104,7 +104,7 @@ def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dty
 
 def to_markdown(res: dict[str, Any]) -> list[str]:
     """The section's lines for docs/benchmarks.md."""
-    from .bench import _fmt
+    from .suite import _fmt
 
     lines = ["", f"### Vim vs timm's ViT of the same width, depth and tokens (training, {res['amp'] or 'fp32'}, "
                  f"fused AdamW, {res['threads']} threads)", "",

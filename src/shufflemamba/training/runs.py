@@ -8,9 +8,9 @@ from typing import Any, Literal
 import torch.nn as nn
 
 from .checkpointing import load_checkpoint
-from .config import UserError
+from ..errors import UserError
 from .data import norm_stats
-from .train import build_model, load_weights
+from .trainer import build_model, load_weights
 
 
 def _checkpoint_path(run_or_checkpoint: str, which: Literal["best", "last"]) -> str:

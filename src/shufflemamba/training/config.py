@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line on stderr, no traceback."""
+from ..errors import UserError
 
 
 # Every key a config may hold. Values are the defaults (a small-scale DeiT-style recipe); None on

@@ -34,7 +34,8 @@ from .checkpointing import (
     restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, step_number, tensorboard_writer,
     training_checkpoint, write_metrics,
 )
-from .config import UserError, dump_config, resolve_amp
+from ..errors import UserError
+from .config import dump_config, resolve_amp
 from .data import build_loaders
 from .defaults import data_layout, new_run_folder
 from .distributed import SignalCatcher, all_ranks_agree, rank0_value, setup_distributed, teardown_distributed
@@ -121,7 +122,7 @@ def init_weights(model: nn.Module, path: str, name: str, log: Callable[[str], No
     freshly initialised and named in one ``log`` line (``models.checkpoint.init_from_checkpoint``)."""
     ckpt = load_checkpoint(path)
     if is_our_model(name):
-        from .models.checkpoint import init_from_checkpoint
+        from ..models.checkpoint import init_from_checkpoint
 
         try:
             init_from_checkpoint(model, ckpt, key="model", log=log, source=path)
@@ -303,7 +304,7 @@ class Trainer:
             return 0
         self.log(self._summary())
         if self.device.type == "cpu":
-            from ._omp import describe
+            from .._omp import describe
 
             self.log(describe())
         with SignalCatcher(self.state):

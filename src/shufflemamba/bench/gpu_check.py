@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
-REPO = Path(__file__).resolve().parents[2]  # src/shufflemamba/gpu_check.py -> repository root
+REPO = Path(__file__).resolve().parents[3]  # src/shufflemamba/bench/gpu_check.py -> repository root
 SHAPES = {"vim_ti": dict(E=384, L=197, N=16), "vim_s": dict(E=768, L=197, N=16)}
 QUICK_SHAPES = {"vim_ti": dict(E=16, L=9, N=4), "vim_s": dict(E=24, L=9, N=4)}
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # max |err| / max |reference|, per tensor
@@ -62,12 +62,12 @@ def _error(exc: BaseException) -> dict[str, str]:
 
 def _scan_impls(device: torch.device) -> list[str]:
     """The fast selective-scan implementations that can run on ``device`` here."""
-    from .ops.mamba_ssm_glue import mamba_ssm_scan
+    from ..ops.mamba_ssm_glue import mamba_ssm_scan
 
     impls = ["torch"]
     if device.type == "cuda":
         try:
-            from .ops.triton_scan import triton_available
+            from ..ops.triton_scan import triton_available
         except ImportError:
             pass
         else:
@@ -83,7 +83,7 @@ def _scan_impls(device: torch.device) -> list[str]:
 # -- sections -------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, the device, and which scan kernels import (with the reason when one does not)."""
-    from .ops.mamba_ssm_glue import status
+    from ..ops.mamba_ssm_glue import status
 
     out: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -96,10 +96,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         out.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
                    memory_gib=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported())
     else:
-        from shufflemamba.reports import cpu_model
+        from .report import cpu_model
 
         out.update(device_name=cpu_model())
-    from .ops.selective_scan import _resolve_impl
+    from ..ops.selective_scan import _resolve_impl
 
     out["auto_impl"] = {dt: _resolve_impl("auto", device, getattr(torch, dt)) for dt in ("float32", "bfloat16")}
     return out
@@ -129,14 +129,14 @@ def run_pytest(timeout_s: float) -> dict[str, Any]:
 
 
 def _inputs(batch: int, E: int, L: int, N: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    from .bench import _scan_inputs
+    from .suite import _scan_inputs
 
     return _scan_inputs(batch, E, L, N, device, dtype, seed)
 
 
 def parity(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int) -> list[dict]:
     """Every impl vs the float64 reference on the same (rounded) inputs: worst scaled error per tensor."""
-    from .ops.selective_scan import selective_scan
+    from ..ops.selective_scan import selective_scan
 
     torch.manual_seed(0)
     rows = []
@@ -173,7 +173,7 @@ def _scaled_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _copy_peak(device: torch.device, nbytes: int, repeats: int) -> float:
-    from .bench import _time_interleaved
+    from .suite import _time_interleaved
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -184,8 +184,8 @@ def _copy_peak(device: torch.device, nbytes: int, repeats: int) -> float:
 def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int,
                 repeats: int, quick: bool) -> dict[str, Any]:
     """Forward+backward ms of the reference and each impl (interleaved medians), GB/s and % of copy peak."""
-    from .bench import _scan_bytes, _time_interleaved
-    from .ops.selective_scan import selective_scan
+    from ..ops.selective_scan import selective_scan
+    from .suite import _scan_bytes, _time_interleaved
 
     peak = _copy_peak(device, (16 if quick else 1024) * 2**20, max(repeats, 5))
     rows = []
@@ -220,7 +220,7 @@ def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[s
 
 def _step_record(name: str, device: torch.device, batch: int, img: int, repeats: int, quick: bool,
                  **kwargs: Any) -> dict[str, Any]:
-    from .bench import _make_model, _time_interleaved, _train_step_fn
+    from .suite import _make_model, _time_interleaved, _train_step_fn
 
     rec: dict[str, Any] = dict(model=name, batch=batch, img_size=img, amp="bfloat16", **kwargs)
     try:
@@ -252,14 +252,14 @@ def train_step(device: torch.device, impls: list[str], batch: int, repeats: int,
 
 
 def slws(device: torch.device, batch: int, repeats: int, quick: bool) -> dict[str, Any]:
-    from .bench import bench_train
+    from .suite import bench_train
 
     return {"status": "ok", **bench_train(device, quick, repeats, batch, torch.bfloat16)}
 
 
 # -- report ---------------------------------------------------------------------------------------------
 def _f(x: Any, spec: str = ".1f") -> str:
-    from shufflemamba.reports import format_number
+    from .report import format_number
 
     return format_number(x, spec)
 
@@ -326,7 +326,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, section: str) -> None:
     """Put ``section`` between the gpu-check markers in ``path``, keeping everything else in the file."""
-    from shufflemamba.reports import write_marked_section
+    from .report import write_marked_section
 
     write_marked_section(path, section, BEGIN, END)
 
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``shufflemamba doctor [--gpu]``; returns the exit code (0 also when there is no GPU)."""
-    from .config import UserError
+    from ..errors import UserError
 
     args = build_parser().parse_args(argv)
     if args.device not in ("cuda", "cpu"):
@@ -409,6 +409,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     sys.exit(cli_main(["doctor", *sys.argv[1:]]))
