@@ -379,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def describe_environment(env: dict[str, Any]) -> str:
+    """``environment()`` as aligned ``name: value`` lines (nested mappings as ``name.key``)."""
+    flat: list[tuple[str, Any]] = []
+    for key, value in env.items():
+        if isinstance(value, dict):
+            flat += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            flat.append((key, value))
+    width = max(len(k) for k, _ in flat)
+    return "\n".join(f"{k.ljust(width)}  {_shown(k, v)}" for k, v in flat)
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return "none (a CPU build of torch)" if key == "cuda" else "not installed"
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``shufflemamba doctor [--gpu]``; returns the exit code (0 also when there is no GPU)."""
     from ..errors import UserError
@@ -390,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--budget-s must be positive, got {args.budget_s}")
     if not args.gpu:  # plain `doctor`: what this machine has
         device = torch.device("cuda" if torch.cuda.is_available() and args.device == "cuda" else "cpu")
-        print(json.dumps(environment(device), indent=1))
+        print(describe_environment(environment(device)))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"gpu-check: no CUDA GPU here (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
