@@ -103,3 +103,16 @@ def test_missing_torchvision_is_left_to_timm(tmp_path):
     proc = _run("import sys; sys.modules['torchvision'] = None\n" + LOAD_COMPAT
                 + "compat.ensure_torchvision(); print(compat.applied)")
     assert proc.returncode == 0 and proc.stdout.split() == ["False"], proc.stderr[-2000:]
+
+
+def test_start_up_line_is_silent_when_the_checkout_is_gone(tmp_path):
+    """The .pth line names this file by path: if the checkout moves, Python must still start cleanly."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    proc = _run(NO_HOOKS + LOAD_COMPAT + f"""
+import site
+compat.write_pth({str(site_dir)!r}, {str(tmp_path / 'gone' / '_compat.py')!r})
+site.addsitedir({str(site_dir)!r})
+print("started")
+""")
+    assert proc.returncode == 0 and proc.stdout.split() == ["started"] and proc.stderr == "", proc.stderr[-2000:]
