@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
-from shufflemamba.bench.report import write_marked_section
+from docs_section import write_marked_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
-from shufflemamba.bench.report import cpu_model, write_marked_section
+from docs_section import write_marked_section
+from shufflemamba.bench.report import cpu_model
 from study import (_mean_sd, add_run_options, load_final, read_rows, run_in_background,  # the first study's helpers
                    train_all)
 

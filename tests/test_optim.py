@@ -144,7 +144,7 @@ def test_training_run_uses_the_configured_grouping(grouping, decayed_a, images, 
 def test_adam_optimizers_are_torchs_fused_kernels(opt, fused):
     """AdamW / Adam run torch's fused kernel (one per parameter); its update equals the plain rule."""
     from shufflemamba.training.config import DEFAULTS
-    from shufflemamba.training.trainer import build_optimizer
+    from shufflemamba.training.optim import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
@@ -169,7 +169,7 @@ def test_adam_optimizers_are_torchs_fused_kernels(opt, fused):
 
 def test_fused_adam_is_chosen_only_for_float_cpu_or_cuda_parameters():
     """The predicate training and `shufflemamba bench` share: integer or meta tensors rule fused AdamW out."""
-    from shufflemamba.training.trainer import fused_adam_supported
+    from shufflemamba.training.optim import fused_adam_supported
 
     assert fused_adam_supported([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
     assert not fused_adam_supported([torch.zeros(2), torch.zeros(2, dtype=torch.int64)])

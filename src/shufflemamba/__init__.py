@@ -1,16 +1,10 @@
 """ShuffleMamba: Vision Mamba models trained with Stochastic Layer-Wise Shuffle (SLWS)."""
 
-import os
-import sys
+from .process import tune_openmp
 
-if "torch" not in sys.modules:
-    # How idle OpenMP threads wait: a bounded spin on an idle machine, for the shufflemamba command,
-    # else PASSIVE (a spinning policy makes 2-thread training several times slower when the cores are
-    # shared with other work; see _omp.py). Only takes effect before torch loads its OpenMP runtime;
-    # a value the user set wins.
-    from ._omp import invoked_as_command, set_wait_policy
-
-    set_wait_policy(os.environ, cli=invoked_as_command(sys.argv, getattr(sys, "orig_argv", [])))
+# The `shufflemamba` command's OpenMP wait policy: read by OpenMP when torch loads, which this
+# package's import does, so the command's choice is made here. Another program's import changes nothing.
+tune_openmp()
 
 from ._compat import ensure_torchvision  # noqa: E402
 

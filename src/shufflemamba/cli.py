@@ -13,9 +13,10 @@ import os
 import sys
 from typing import Any
 
-from .errors import UserError
-from .training.config import format_config, list_presets, parse_kv_list, resolve_config
 from .console import guarded
+from .errors import UserError
+from .process import tune_malloc
+from .training.config import format_config, list_presets, parse_kv_list, resolve_config
 
 TRUST_HELP = "load checkpoints that need Python's unpickler (only for files you trust; default: weights_only)"
 
@@ -240,11 +241,6 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    import shufflemamba  # noqa: F401  (torchvision shim before timm)
-    from ._malloc import tune_malloc
-
-    tune_malloc()  # large tensors from the heap, kept between steps (fewer page faults; _malloc.py)
-
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     if argv and argv[0] == "doctor":
@@ -262,5 +258,9 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``shufflemamba`` console script. Returns the exit code."""
+    """Entry point of the ``shufflemamba`` console script. Returns the exit code.
+
+    The command tunes its own process: malloc here, OpenMP's wait policy when the package loads
+    (:mod:`shufflemamba.process`)."""
+    tune_malloc()  # large tensors from the heap, kept between steps (fewer page faults)
     return guarded(_dispatch, list(sys.argv[1:] if argv is None else argv))

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from .data import build_loaders
 from .defaults import data_layout, new_run_folder
 from .distributed import SignalCatcher, all_ranks_agree, rank0_value, setup_distributed, teardown_distributed
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
+from .optim import build_optimizer
 from .plots import plot_curves, read_metrics
 
 COUNTERS = ("num_updates", "nonfinite_streak", "nonfinite_steps", "skipped_images")  # kept by the loop, saved in Progress
@@ -140,29 +141,6 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- the pieces of a run
-
-
-def fused_adam_supported(params: Iterable[torch.Tensor]) -> bool:
-    """Whether torch's fused Adam(W) can take these parameters (CPU / CUDA floats): one kernel per
-    parameter instead of a dozen foreach ops over all of them, the same update rule
-    (tests/test_optim.py holds it to the single-tensor loop). Training uses it, and so does
-    ``shufflemamba bench`` for both models it compares."""
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
-                                                                 torch.float64) for p in params)
-
-
-def build_optimizer(model: nn.Module, cfg: dict[str, Any], lr: float) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2
-
-    from .optim import param_groups_weight_decay
-
-    extra: dict[str, Any] = {}
-    if cfg["opt"].lower() in ("adam", "adamw") and fused_adam_supported(model.parameters()):
-        extra["fused"] = True
-    return create_optimizer_v2(  # groups carry their own decay (config key wd_grouping)
-        param_groups_weight_decay(model, weight_decay=cfg["weight_decay"], grouping=cfg["wd_grouping"]),
-        opt=cfg["opt"], lr=lr, betas=tuple(cfg["opt_betas"]), eps=cfg["opt_eps"], **extra,
-    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], updates_per_epoch: int) -> Any:
@@ -304,9 +282,9 @@ class Trainer:
             return 0
         self.log(self._summary())
         if self.device.type == "cpu":
-            from .._omp import describe
+            from ..process import describe_wait_policy
 
-            self.log(describe())
+            self.log(describe_wait_policy())
         with SignalCatcher(self.state):
             try:
                 while self.progress.epoch < self.cfg["epochs"]:
