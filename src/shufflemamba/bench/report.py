@@ -76,6 +76,9 @@ def bench_markdown(res: dict[str, Any]) -> str:
               "the difference of two step times, does not drown in machine noise."]
     if res.get("vit"):
         lines += vit_markdown(res["vit"])
+    if res.get("pair"):
+        lines += ["", "### The paper's pair: vim_tiny (24 blocks) vs deit_tiny (12 blocks), fp32", ""]
+        lines += pair_markdown(res["pair"])
     lines += ["", "### GPU", ""]
     g = res.get("gpu")
     if not g or "skipped" in g:
@@ -93,6 +96,18 @@ def bench_markdown(res: dict[str, Any]) -> str:
                          f"{tv['amp']}) {tv[name]['status']}")
         lines.append(f"- Vim-S / DeiT-S: {_f(tv.get('vim_over_deit'), '.2f')}x (target >= 0.7x)")
     return "\n".join(lines) + "\n"
+
+
+def pair_markdown(records: list[dict[str, Any]]) -> list[str]:
+    """The rows of :func:`shufflemamba.bench.paper_pair.bench_paper_pair`: Vim's speed relative to DeiT's
+    (DeiT time / Vim time) beside the multiply-add parity it is held against."""
+    rows = ["| mode | px | batch | Vim-Ti s | DeiT-Ti s | Vim speed vs DeiT | MAC parity | GMACs Vim / DeiT | peak MB Vim / DeiT |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        peak = f"{r['vim_peak_mb']:.0f} / {r['deit_peak_mb']:.0f}" if "vim_peak_mb" in r else "-"
+        rows.append(f"| {r['mode']} | {r['img_size']} | {r['batch']} | {r['vim_s']:.3f} | {r['deit_s']:.3f} | "
+                    f"{r['vim_vs_deit']:.2f}x | {r['parity']:.2f}x | {r['vim_gmacs']:.2f} / {r['deit_gmacs']:.2f} | {peak} |")
+    return rows
 
 
 def vit_markdown(res: dict[str, Any]) -> list[str]:

@@ -14,6 +14,8 @@ Measured, all as medians over interleaved repeats:
   (optional peer; ``pip install mambapy``). Each forward is also checked against the reference.
 * one training step (forward, loss, backward, AdamW) of vim_tiny / vim_small with SLWS off and at
   rate 0.5: images/s and the SLWS overhead ratio (target: at most 2%).
+* the paper's pair: vim_tiny (24 blocks) vs deit_tiny (12 blocks), inference at 224 and 1024 px and
+  training at 224 px, with multiply-adds per image and peak memory (``bench/paper_pair.py``).
 * on a GPU: the Triton scan's achieved memory bandwidth as a fraction of a measured copy peak, and
   Vim-S vs timm's deit_small_patch16_224 training images/s at the same batch and precision.
 """
@@ -41,6 +43,7 @@ from ..ops.selective_scan import selective_scan, selective_scan_ref
 from .report import bench_markdown, cpu_model
 from .scan import min_scan_bytes, mixer_like_inputs
 from .timing import make_model, time_interleaved, train_step_fn
+from .paper_pair import bench_paper_pair
 from .vit import bench_vs_vit
 
 # Mixer shapes: E = 2 * embed_dim, L = 196 patches + class token, N = d_state
@@ -261,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--scan-batch", type=int, default=None, help="batch of the scan benchmark")
     p.add_argument("--train-batch", type=int, default=None, help="batch of the training-step benchmark")
-    p.add_argument("--skip", nargs="*", default=[], choices=["scan", "train", "vit", "gpu"], help="sections to skip")
+    p.add_argument("--skip", nargs="*", default=[], choices=["scan", "train", "vit", "pair", "gpu"], help="sections to skip")
     return p
 
 
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     if "vit" not in args.skip:
         print("[bench] training steps, our Vim vs timm's ViT of the same size ...", file=sys.stderr)
         res["vit"] = bench_vs_vit(device, args.quick, repeats, torch.bfloat16 if gpu else None)
+    if "pair" not in args.skip:
+        print("[bench] the paper's pair: vim_tiny vs deit_tiny, inference and training ...", file=sys.stderr)
+        res["pair"] = bench_paper_pair(device, args.quick, max(3, repeats // 2))
     if gpu and "gpu" not in args.skip:
         print("[bench] GPU bandwidth and Vim-S vs DeiT-S ...", file=sys.stderr)
         res["gpu"] = bench_gpu(device, args.quick, repeats, res["scan"], train_batch)
