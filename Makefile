@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` (the main job) and `make test`.
-# Both create .venv and install everything in the order this matters (SPEC 4):
+# Both create .venv and install everything in the order this matters:
 # torch (pinned CPU wheel, constraints-cpu.txt) first, then torchvision, then the package with timm.
 PYTHON ?= python3
 VENV   := .venv

@@ -1,6 +1,6 @@
 """Vision Mamba (Vim, hustvl/Vim) and ShuffleMamba models, registered in timm.
 
-Architecture (SPEC 2): Conv2d patch embedding, a class token in the middle of the sequence (Vim) or at
+Architecture (as hustvl/Vim's): Conv2d patch embedding, a class token in the middle of the sequence (Vim) or at
 its head (ShuffleMamba), a learned absolute position embedding, ``depth`` Add -> Norm -> bidirectional
 Mamba blocks with an fp32 residual stream, a final ``norm_f(residual + drop_path(hidden))``, the class
 token's feature and a Linear head. Parameter names match the official checkpoints.
@@ -19,7 +19,6 @@ size uses LayerNorm as the reference code does). The register-token variants ``m
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal
 
 import torch
@@ -93,10 +92,8 @@ class PatchEmbed(nn.Module):
             return torch.nn.functional.linear(cols, weight, self.proj.bias)  # (B, M, D)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, M, D)
 
-    # Up to this many values a patch (C ph pw), non-overlapping patches are embedded as one matmul over the
-    # patches' pixels instead of the strided Conv2d: the same sums, without the convolution's fixed cost.
-    # Conv + backward vs matmul + backward (Intel Xeon, 2 threads): 1 x 4 x 4 (the demo, batch 128)
-    # 1.84 -> 0.95 ms; 3 x 4 x 4 1.09x; 1 x 8 x 8 1.47x; 3 x 8 x 8 at 64 px 0.92x (so not above 64).
+    # Small non-overlapping patches (up to this many values, C ph pw) are embedded as one matmul: the same
+    # sums without the strided Conv2d's fixed cost, which dominates at that size (faster on CPU up to 64).
     MATMUL_MAX = 64
 
     def _as_matmul(self, x: Tensor) -> bool:
@@ -139,8 +136,6 @@ class VisionMamba(FeatureMixin, nn.Module):
         expand: mixer expansion E / D.
         dt_rank: dt projection rank (``None``: ceil(D / 16)).
         init: ``"vim"``, ``"shufflemamba"`` or ``"mamba"`` (see above).
-        dt_init_b: deprecated alias of ``init`` (``"vim"`` or ``"mamba"``); when given it wins over
-            ``init``, so old ``model_kwargs`` rebuild the model they describe.
         drop_rate: dropout after the position embedding and before the head.
         drop_path_rate: stochastic depth; block i uses ``([0] + linspace(0, r, depth))[i]``, the final
             add uses ``r``.
@@ -177,7 +172,6 @@ class VisionMamba(FeatureMixin, nn.Module):
         expand: int = 2,
         dt_rank: int | None = None,
         init: Literal["vim", "shufflemamba", "mamba"] = "vim",
-        dt_init_b: Literal["vim", "mamba"] | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         cls_position: str = "middle",
@@ -193,16 +187,10 @@ class VisionMamba(FeatureMixin, nn.Module):
         dynamic_img_pad: bool = False,
     ) -> None:
         super().__init__()
-        if dt_init_b is not None:
-            if dt_init_b not in ("vim", "mamba"):
-                raise ValueError(f"dt_init_b (deprecated: use init) must be 'vim' or 'mamba', got {dt_init_b!r}")
-            warnings.warn("dt_init_b is deprecated; use init='vim' | 'shufflemamba' | 'mamba'",
-                          DeprecationWarning, stacklevel=2)
-            init = dt_init_b
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.model_kwargs: dict[str, Any] = {k: v for k, v in locals().items()
-                                             if k not in ("self", "__class__", "dt_init_b")}
+                                             if k not in ("self", "__class__")}
         if isinstance(img_size, (tuple, list)) and len(set(img_size)) == 1:
             self.model_kwargs["img_size"] = int(img_size[0])  # timm passes (224, 224); keep it plain
         if cls_position not in CLS_POSITIONS:

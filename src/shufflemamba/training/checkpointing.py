@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import faults
 from ..errors import UserError
 
 VERSION = 2
@@ -177,9 +176,6 @@ def restore_training_state(ckpt: dict[str, Any], *, model_ema: Any, optimizer: A
 # --------------------------------------------------------------------------- writing
 
 
-_saves = 0  # checkpoint writes by this process (the pause_save fault counts them)
-
-
 def save_checkpoint(obj: dict[str, Any], path: str) -> None:
     """Write ``obj`` to ``path`` atomically: a temp file, flushed to disk, then renamed over ``path``.
     A crash or kill at any moment leaves either the old file or the new one, never a partial one.
@@ -187,15 +183,12 @@ def save_checkpoint(obj: dict[str, Any], path: str) -> None:
     Raises:
         UserError: the disk is full or the folder not writable (the previous ``path`` is untouched).
     """
-    global _saves
-    _saves += 1
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        faults.FAULTS.maybe_pause_in_save(_saves, tmp)
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path) or ".")
     except OSError as err:

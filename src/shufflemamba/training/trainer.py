@@ -48,29 +48,17 @@ COUNTERS = ("num_updates", "nonfinite_streak", "nonfinite_steps", "skipped_image
 __all__ = ["train", "evaluate_checkpoint", "build_model", "load_checkpoint", "save_checkpoint", "model_in_chans"]
 
 
-def _register_models() -> None:
-    """Import our model definitions so timm knows their names (absent while under development)."""
-    try:
-        import shufflemamba.models  # noqa: F401
-    except ImportError:
-        pass
-
-
 def is_our_model(name: str) -> bool:
     """True when ``name`` is registered by shufflemamba (and so takes SLWS keyword arguments)."""
-    from timm.models import _registry
+    from timm.models import is_model, model_entrypoint
 
-    try:
-        return _registry.model_entrypoint(name).__module__.startswith("shufflemamba")
-    except (RuntimeError, KeyError):
-        return False
+    return is_model(name) and model_entrypoint(name).__module__.startswith("shufflemamba")
 
 
 def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model(name, **kwargs)``, with user errors for unknown names and bad kwargs."""
     import timm
 
-    _register_models()
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -309,7 +297,7 @@ class Trainer:
         return train_one_epoch(
             self.ddp_model, self.loaders["train_loader"], self.optimizer, self.criterion, p.epoch, self.cfg, self.device,
             self.state, scheduler=self.scheduler, mixup_fn=self.mixup_fn, model_ema=self.model_ema, scaler=self.scaler,
-            progress=self.rank == 0 and sys.stdout.isatty(), start_batch=p.batches_done,
+            progress=self.rank == 0 and sys.stderr.isatty(), start_batch=p.batches_done,  # tqdm writes to stderr
         )
 
     def end_epoch(self, tr: dict[str, float]) -> None:
