@@ -225,6 +225,6 @@ def test_train_init_from_prints_one_line_naming_the_dropped_entries(tmp_path, ca
     bad = tmp_path / "bad.pth"
     torch.save({"model": timm.create_model("vim_tiny_patch16_224", img_size=16, **{**kw, "depth": 3}).state_dict()},
                bad)
-    assert main(args[:-1] + [str(bad)]) != 0
+    assert main(args[:-1] + [str(bad), "--overwrite"]) != 0
     err = capsys.readouterr().err
     assert "does not fit model" in err and "Traceback" not in err

@@ -263,4 +263,4 @@ def test_signal_at_an_epoch_end_stops_after_its_checkpoint(data, tmp_path, capsy
     assert f"stopped by SIGTERM after epoch 0; saved {os.path.join(out, 'last.pt')}" in stdout
     assert step_checkpoints(out) == [] and [r["epoch"] for r in read_metrics(out)] == [0]
     code, stdout, _ = run_main(train_args(data, str(tmp_path / "one"), 1), capsys)
-    assert code == 0 and "final test top-1" in stdout
+    assert code == 0 and "final val top-1" in stdout

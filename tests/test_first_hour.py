@@ -119,6 +119,13 @@ def test_overwrite_replaces_the_run(tmp_path, folder):
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
 
 
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(run, folder, capsys):
+    before = open(os.path.join(run, "last.pt"), "rb").read()
+    code = main(["train", "--data-dir", folder, "--epochs", "1", "--output", run, "--overwrite", "--model", "no_such_model"])
+    assert code == 2 and "unknown model" in _err(capsys)
+    assert open(os.path.join(run, "last.pt"), "rb").read() == before
+
+
 def test_default_output_is_a_new_folder(tmp_path, folder, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):

@@ -24,7 +24,7 @@ from shufflemamba.models.pretrained import RELEASED_WEIGHTS, released
 
 TINY = dict(patch_size=16, embed_dim=16, depth=2, d_state=4)
 REG = dict(TINY, num_registers=2, cls_reduce=2)
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "models.md"  # the released-weights table
 
 
 def _model(name: str, img_size: int = 32, **kw):

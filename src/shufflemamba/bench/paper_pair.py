@@ -56,7 +56,7 @@ def vit_macs(img: int, *, patch: int = 16, dim: int = 192, depth: int = 12, mlp_
 def _build(name: str, img: int, quick: bool) -> torch.nn.Module:
     import timm
 
-    import shufflemamba  # noqa: F401  (registers the Vim names)
+    from .. import models  # noqa: F401  (registers the Vim names in timm)
 
     kwargs: dict[str, Any] = {"img_size": img}
     if quick:

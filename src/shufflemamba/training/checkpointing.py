@@ -325,22 +325,28 @@ def free_name(folder: str) -> str:
     return f"{folder}-{n}"
 
 
-def claim_output(output: str, *, resume: str | None, overwrite: bool) -> None:
+def claim_output(output: str, *, resume: str | None, overwrite: bool) -> bool:
     """Refuse to start a run over another one: ``output`` may hold a run only when this run resumes
-    it, or when the user said ``--overwrite`` (then its run files are removed first).
+    it, or when the user said ``--overwrite``. Returns whether a run there is to be replaced (by
+    :func:`remove_run_files`, once the new run has been built and is about to write).
 
     Raises:
         UserError: naming ``--resume``, a free folder name and ``--overwrite``.
     """
     if not holds_run(output):
-        return
+        return False
     if resume is not None:
         resumed = resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
         if os.path.realpath(resumed) == os.path.realpath(output):
-            return
+            return False
     if not overwrite:
         raise UserError(f"output folder '{output}' already holds a run: continue it with --resume {output}, "
                         f"start a new one with --output {free_name(output)}, or replace it with --overwrite")
+    return True
+
+
+def remove_run_files(output: str) -> None:
+    """Delete the run files of ``output`` (``--overwrite``); other files stay."""
     for name in [*RUN_FILES, *map(os.path.basename, step_checkpoints(output))]:
         path = os.path.join(output, name)
         if os.path.exists(path):

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from .checkpointing import (
-    EpochSums, Progress, claim_output, gather_rank_states, load_checkpoint, prepare_output, remove_step_checkpoints,
+    EpochSums, Progress, claim_output, gather_rank_states, load_checkpoint, prepare_output, remove_run_files,
+    remove_step_checkpoints,
     restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, step_number, tensorboard_writer,
     training_checkpoint, write_metrics,
 )
@@ -185,6 +186,7 @@ class Trainer:
         self.writer: Any = None
         self.last_save = time.monotonic()
         self.saved: str | None = None  # the newest checkpoint this run wrote
+        self.replace_run = False  # --overwrite found a run in the output folder: removed before writing
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -225,6 +227,8 @@ class Trainer:
         if self.rank == 0:
             try:
                 prepare_output(self.output)
+                if self.replace_run:  # --overwrite: only now that the new run is built and can start
+                    remove_run_files(self.output)
                 dump_config(self.cfg, os.path.join(self.output, "config.yaml"))
                 self._reset_metrics_file()
                 self._drop_stale_step_checkpoints()
@@ -441,15 +445,16 @@ def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None, *, ove
     try:
         if cfg["output"] is None:
             cfg["output"] = rank0_value(new_run_folder(cfg, run_name))
-        err = None
+        err, replace = None, False
         if rank == 0:
             try:
-                claim_output(cfg["output"], resume=cfg["resume"], overwrite=overwrite)
+                replace = claim_output(cfg["output"], resume=cfg["resume"], overwrite=overwrite)
             except UserError as e:
                 err = e
         if not all_ranks_agree(err is None, device):
             raise err or UserError(f"output folder '{cfg['output']}' already holds a run")
         trainer = Trainer(cfg, rank, world, device, resuming=resume_ckpt is not None)
+        trainer.replace_run = replace
         trainer.restore(resume_ckpt)
         trainer.prepare_output()
         trainer.wrap_ddp()
