@@ -35,6 +35,8 @@ SAFE_WEIGHTS = "model.safetensors"
 ARCH_CFG_KEYS = ("architecture", "num_classes", "input_size", "pool_size", "crop_pct", "crop_mode", "interpolation",
                  "mean", "std", "first_conv", "classifier", "fixed_input_size", "paper_ids")
 SLWS_PAPER = "https://arxiv.org/abs/2408.17081"
+# constructor arguments that are run-time choices, not architecture (timm drops the drop rates itself)
+RUNTIME_ARGS = ("drop_rate", "drop_path_rate", "scan_impl")
 
 
 @dataclass
@@ -106,6 +108,12 @@ def data_config(src: ExportSource, model: torch.nn.Module) -> dict[str, Any]:
         if cfg.get(key) is not None:
             out[key] = cfg[key]
     return out
+
+
+def model_args(model: torch.nn.Module) -> dict[str, Any]:
+    """All of our models' constructor arguments (``model_kwargs``), not only those the run passed, so the
+    folder pins the architecture even if a registered name's defaults change; {} for other timm models."""
+    return {k: v for k, v in (getattr(model, "model_kwargs", None) or {}).items() if k not in RUNTIME_ARGS}
 
 
 def _clean_pretrained_cfg(model: torch.nn.Module, licence: str | None, description: str) -> None:
@@ -292,7 +300,7 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
         raise UserError(f"cannot write to '{parent}': {err.strerror or type(err).__name__}") from None
     try:
         save_for_hf(model, tmp, model_config={"label_names": list(src.ckpt.get("classes") or [])} if src.ckpt.get("classes") else None,
-                    safe_serialization=True, data_config=data)
+                    model_args=model_args(model), safe_serialization=True, data_config=data)
         has_curves = _write_curves(src, os.path.join(tmp, "curves.png"))
         name = push_to_hub.split("/")[-1] if push_to_hub else os.path.basename(out)
         load_as = f"hf-hub:{push_to_hub}" if push_to_hub else f"local-dir:{out}"
