@@ -94,6 +94,20 @@ def test_config_json_has_the_architecture_labels_and_preprocessing_of_the_run(tm
     assert tuple(data["input_size"]) == (3, 16, 16) and tuple(data["mean"]) == (0.5,) * 3 and data["crop_pct"] == 0.9
 
 
+def test_a_dynamic_size_model_exports_as_not_fixed_and_takes_other_sizes(tmp_path, capsys):
+    kwargs = dict(TINY, dynamic_img_size=True)
+    model = timm.create_model("vim_tiny_patch16_224", **kwargs).eval()
+    torch.save({"model_name": "vim_tiny_patch16_224", "model_kwargs": kwargs, "model": model.state_dict(),
+                "classes": CLASSES, "config": {"img_size": 16}}, tmp_path / "last.pt")
+    assert main(["export", str(tmp_path / "last.pt"), str(tmp_path / "out")]) == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["fixed_input_size"] is False and cfg["model_args"]["dynamic_img_size"] is True
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(_load(tmp_path / "out")(x), model(x))
+    assert "The checkpoint records no evaluated epoch." in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_model_card_lists_the_runs_metrics_recipe_and_slws(tmp_path, capsys):
     _checkpoint(tmp_path / "last.pt", "shufflemamba_middle_patch16_224")
     assert main(["export", str(tmp_path / "last.pt"), str(tmp_path / "out"), "--license", "mit"]) == 0
@@ -116,19 +130,18 @@ def test_without_a_licence_the_card_and_config_state_none(tmp_path, capsys):
     assert "license:" not in card and "No licence was given" in card
 
 
-def test_a_trained_run_exports_and_loads_back(tmp_path, capsys):
-    """End to end: `shufflemamba train` (grey images, EMA) -> `export --ema` -> timm alone."""
-    data = tmp_path / "data"
-    for split in ("train", "val"):
-        for c, level in (("dark", 40), ("light", 200)):
-            os.makedirs(data / split / c)
-            for i in range(4):
-                Image.fromarray(np.full((16, 16), level + 5 * i, np.uint8), "L").save(data / split / c / f"{i}.png")
+def _eval_json(argv, capsys) -> dict:
+    assert main(["eval", *argv, "--json", "--workers", "0"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_the_demo_run_exports_loads_back_and_evaluates_the_same(tmp_path, capsys, make_fashion_idx):
+    """End to end on the README's demo recipe (a stand-in Fashion-MNIST): `train` -> `export --ema` ->
+    timm alone gives the EMA model's logits, and `eval` of the folder gives the run's own numbers."""
+    data = make_fashion_idx(tmp_path, 64, 32, 10)
     run = tmp_path / "run"
-    train = ["train", "--data-dir", str(data), "--model", "vim_tiny_patch16_224", "--model-kwargs", "patch_size=4",
-             "embed_dim=16", "depth=1", "d_state=4", "in_chans=1", "--img-size", "16", "--batch-size", "4",
-             "--epochs", "2", "--workers", "0", "--model-ema", "--slws-rate", "0.3", "--output", str(run)]
-    assert main(train) == 0
+    assert main(["train", "--config", "demo", "--data-dir", data, "--train-subset", "64", "--epochs", "2",
+                 "--batch-size", "16", "--model-ema", "--output", str(run)]) == 0
     assert main(["export", str(run), str(tmp_path / "out"), "--ema"]) == 0
     ckpt = torch.load(run / "last.pt", weights_only=True)
     model = timm.create_model("vim_tiny_patch16_224", **ckpt["model_kwargs"]).eval()
@@ -137,13 +150,42 @@ def test_a_trained_run_exports_and_loads_back(tmp_path, capsys):
     x = _images(chans=1)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert loaded.pretrained_cfg["label_names"] == ["dark", "light"]
-    assert loaded.pretrained_cfg["input_size"] == (1, 16, 16)
+    assert loaded.pretrained_cfg["label_names"] == ckpt["classes"] and len(ckpt["classes"]) == 10
+    assert tuple(loaded.pretrained_cfg["input_size"]) == (1, 16, 16)
     assert (tmp_path / "out" / "curves.png").read_bytes() == (run / "curves.png").read_bytes()
     card = (tmp_path / "out" / "README.md").read_text()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert f"| top-1 (%) | {rows[-1]['val_top1']:.2f} |" in card and f"{rows[-1]['ema_top1']:.2f}" in card
-    assert "p_max 0.3, linear" in card and "from `last.pt`, EMA" in card
+    assert "p_max 0.1, linear" in card and "from `last.pt`, EMA" in card and "fashion-mnist" in card
+
+    capsys.readouterr()
+    data_flags = ["--dataset", "fashion-mnist", "--data-dir", data]
+    from_run = _eval_json(["--checkpoint", str(run), "--ema", *data_flags], capsys)
+    for source in (str(tmp_path / "out"), f"local-dir:{tmp_path / 'out'}"):
+        from_export = _eval_json(["--checkpoint", source, *data_flags], capsys)
+        assert from_export["images"] == from_run["images"] == 32
+        assert from_export["top1"] == from_run["top1"] and from_export["loss"] == pytest.approx(from_run["loss"], rel=1e-6)
+
+
+def test_eval_of_a_corrupted_or_foreign_folder_is_one_line(tmp_path, capsys):
+    _checkpoint(tmp_path / "last.pt", "vim_tiny_patch16_224")
+    assert main(["export", str(tmp_path / "last.pt"), str(tmp_path / "good")]) == 0
+    capsys.readouterr()
+    flags = ["--data-dir", str(tmp_path)]
+    broken = {
+        "bad_json": lambda d: (d / "config.json").write_text("{not json"),
+        "foreign_arch": lambda d: (d / "config.json").write_text(
+            (d / "config.json").read_text().replace('"vim_tiny_patch16_224"', '"no_such_net"')),
+        "cut_weights": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:300]),
+        "no_weights": lambda d: (d / "model.safetensors").unlink(),
+    }
+    for name, spoil in broken.items():
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        spoil(tmp_path / name)
+        _one_error_line(main(["eval", "--checkpoint", str(tmp_path / name), *flags]), capsys, "could not load", name)
+    _one_error_line(main(["eval", "--checkpoint", f"local-dir:{tmp_path / 'nothing'}", *flags]), capsys, "not a folder")
+    _one_error_line(main(["eval", "--checkpoint", str(tmp_path / "good"), "--ema", *flags]), capsys, "drop --ema")
+    _one_error_line(main(["eval", "--checkpoint", str(tmp_path / "good")]), capsys, "--data-dir")
 
 
 # -- bad input: one line, nothing written ----------------------------------------------------------------

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val / test split")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True,
+                   help="run folder or checkpoint file; or an exported folder, local-dir:PATH or hf-hub:USER/NAME")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     e.add_argument("--model", help="only for checkpoints that do not name their model (official Vim weights)")
@@ -189,7 +190,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _trust(args)
     overrides = _overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint"})
-    m = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.ema)
+    from .hub import evaluate_exported, is_exported
+
+    if is_exported(args.checkpoint):  # `shufflemamba export`'s folders, timm's local-dir: / hf-hub: names
+        m = evaluate_exported(args.checkpoint, overrides, use_ema=args.ema)
+    else:
+        m = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.ema)
     skipped = f" ({m['skipped']} unreadable skipped)" if m["skipped"] else ""
     print(
         f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "

@@ -219,7 +219,9 @@ def model_card(src: ExportSource, model: torch.nn.Module, *, name: str, load_as:
               "", f'model = timm.create_model("{load_as}", pretrained=True).eval()',
               "config = timm.data.resolve_model_data_config(model)",
               "transform = timm.data.create_transform(**config, is_training=False)",
-              "labels = model.pretrained_cfg.get(\"label_names\")", "```", ""]
+              "labels = model.pretrained_cfg.get(\"label_names\")", "```", "",
+              f"Evaluate it on labelled data: `shufflemamba eval --checkpoint {load_as} --data-dir DIR` "
+              "(DIR/val/CLASS/*.png) or `--dataset NAME`.", ""]
     return "\n".join(lines)
 
 
