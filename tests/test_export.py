@@ -297,3 +297,18 @@ def test_hf_hub_name_loads_a_pushed_folder_from_the_cache(tmp_path, capsys, monk
     x = _images()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_a_failed_upload_keeps_the_finished_folder_and_says_how_to_retry(tmp_path, capsys, monkeypatch):
+    class _Down(_FakeHub):
+        def upload_folder(self, **kw):
+            raise ConnectionError("connection reset")
+
+    _checkpoint(tmp_path / "last.pt", "vim_tiny_patch16_224")
+    monkeypatch.setattr(huggingface_hub, "HfApi", _Down)
+    out = tmp_path / "out"
+    code = main(["export", str(tmp_path / "last.pt"), str(out), "--push-to-hub", "someone/tiny-vim"])
+    _one_error_line(code, capsys, f"exported to '{out}'", "connection reset", f"hf upload someone/tiny-vim {out}")
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "curves.png", "model.safetensors"]
+    _one_error_line(main(["export", str(tmp_path / "last.pt"), str(tmp_path / "o2"), "--push-to-hub", "a/b/c"]),
+                    capsys, "USER/NAME")

@@ -256,9 +256,16 @@ def _hub_api(repo_id: str) -> Any:
     try:
         api.whoami()
     except Exception as err:  # noqa: BLE001 - no token, offline mode, no network, HTTP errors
-        why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot publish to the Hugging Face Hub ({type(err).__name__}: {why}); log in with "
-                        "`hf auth login` (or set HF_TOKEN), or export without --push-to-hub") from None
+        kind = type(err).__name__
+        if kind == "LocalTokenNotFoundError":
+            why = "not logged in: run `hf auth login` or set HF_TOKEN"
+        elif kind == "OfflineModeIsEnabled":
+            why = "HF_HUB_OFFLINE is set"
+        else:
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            why = f"{kind}: {first}; check the network and your login (`hf auth whoami`)"
+        raise UserError(f"cannot publish to the Hugging Face Hub ({why}); nothing was written; "
+                        "export without --push-to-hub to write the folder only") from None
     return api
 
 
