@@ -11,13 +11,11 @@ import os
 import shutil
 
 import huggingface_hub
-import numpy as np
 import pytest
 import shufflemamba  # noqa: F401  (registers the models in timm)
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
-from PIL import Image
 from shufflemamba.cli import main
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, d_state=4, num_classes=3)

@@ -8,6 +8,9 @@ timm loads it back by itself (after ``import shufflemamba`` registers the models
 
     timm.create_model("local-dir:OUTPUT_DIR", pretrained=True)     # or "hf-hub:USER/NAME" once pushed
 
+(``pretrained=True`` is what reads the weights, as for any timm name; the ``local-dir:`` source needs a
+recent timm 1.0 release, 1.0.31 here.)
+
 Writing is all or nothing: the folder is built beside ``OUTPUT_DIR`` under a temporary name, loaded
 back through timm and compared with the checkpoint, and only then renamed into place. ``--push-to-hub``
 checks the Hub login before anything is written and uploads the finished folder in one commit.
@@ -29,7 +32,6 @@ from .config import UserError
 
 __all__ = ["export_run", "model_card", "read_run", "ExportSource"]
 
-SAFE_WEIGHTS = "model.safetensors"
 # keys of a registered pretrained_cfg that describe the architecture; the rest (Hub file, reported
 # accuracy, licence of the released weights) describe other weights and are not carried over
 ARCH_CFG_KEYS = ("architecture", "num_classes", "input_size", "pool_size", "crop_pct", "crop_mode", "interpolation",
@@ -94,12 +96,11 @@ def build_model(src: ExportSource) -> torch.nn.Module:
 
 def data_config(src: ExportSource, model: torch.nn.Module) -> dict[str, Any]:
     """The evaluation preprocessing of the run: input size, mean / std, crop_pct, interpolation."""
-    from timm.models import get_model_input_config
-
     from .data import norm_stats
 
     cfg = src.cfg
-    in_chans, *size = get_model_input_config(model)["input_size"]
+    in_chans = int(getattr(model, "in_chans", model.pretrained_cfg["input_size"][0]))
+    size = list(model.pretrained_cfg["input_size"][1:])
     if cfg.get("img_size"):
         size = [int(cfg["img_size"])] * 2
     mean, std = norm_stats(cfg, in_chans)
@@ -116,10 +117,11 @@ def model_args(model: torch.nn.Module) -> dict[str, Any]:
     return {k: v for k, v in (getattr(model, "model_kwargs", None) or {}).items() if k not in RUNTIME_ARGS}
 
 
-def _clean_pretrained_cfg(model: torch.nn.Module, licence: str | None, description: str) -> None:
-    """Keep only the architecture's part of the registered config (see ARCH_CFG_KEYS) and say what these
-    weights are; a licence only when the user states one."""
+def _clean_pretrained_cfg(model: torch.nn.Module, data: dict[str, Any], licence: str | None, description: str) -> None:
+    """Keep only the architecture's part of the registered config (see ARCH_CFG_KEYS), with the run's
+    preprocessing ``data``, and say what these weights are; a licence only when the user states one."""
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k in ARCH_CFG_KEYS}
+    cfg.update(data, num_classes=model.num_classes)
     cfg["description"] = description
     if licence:
         cfg["license"] = licence
@@ -298,7 +300,7 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
     hist = src.history
     top1 = hist[-1].get("ema_top1" if ema else "val_top1") if hist else None
     what = f"top-1 {top1:.2f}% on its evaluation split" if isinstance(top1, float) else "no recorded evaluation"
-    _clean_pretrained_cfg(model, licence, f"trained with shufflemamba ({what})")
+    _clean_pretrained_cfg(model, data, licence, f"trained with shufflemamba ({what})")
 
     out = os.path.abspath(output)
     parent = os.path.dirname(out)
@@ -308,8 +310,9 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
     except OSError as err:
         raise UserError(f"cannot write to '{parent}': {err.strerror or type(err).__name__}") from None
     try:
-        save_for_hf(model, tmp, model_config={"label_names": list(src.ckpt.get("classes") or [])} if src.ckpt.get("classes") else None,
-                    model_args=model_args(model), safe_serialization=True, data_config=data)
+        labels = list(src.ckpt.get("classes") or [])
+        save_for_hf(model, tmp, model_config={"label_names": labels} if labels else None, model_args=model_args(model),
+                    safe_serialization=True)
         has_curves = _write_curves(src, os.path.join(tmp, "curves.png"))
         name = push_to_hub.split("/")[-1] if push_to_hub else os.path.basename(out)
         load_as = f"hf-hub:{push_to_hub}" if push_to_hub else f"local-dir:{out}"
