@@ -25,9 +25,9 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from ..slws import apply_slws
+from .features import mean_patch_tokens
 from .mamba_mixer import make_norm
 from .pretrained import default_cfgs  # noqa: F401 (register_model reads default_cfgs here)
-from .features import mean_patch_tokens
 from .vim import VisionMamba
 from .vim import _create as _create_vim
 
@@ -56,13 +56,13 @@ def _token_order(num_patches: int, num_registers: int) -> Tensor:
 class VisionMambaReg(VisionMamba):
     """Vim with register tokens instead of a class token (see the module docstring).
 
+    ``global_pool="avg"`` (a VisionMamba argument) feeds the head the mean of the patch tokens instead of
+    the registers; the model then has no ``neck`` / ``norm_neck``.
+
     Args:
         num_registers: number of register tokens R (12 for tiny / small / base, 16 for large).
         cls_reduce: each register feature is reduced from D to D / cls_reduce before the head
             (1: no reduction, no ``neck`` / ``norm_neck``).
-
-    ``global_pool="avg"`` (a VisionMamba argument) feeds the head the mean of the patch tokens instead
-    of the registers; the model then has no ``neck`` / ``norm_neck``.
         **kwargs: :class:`~shufflemamba.models.VisionMamba`'s arguments (``cls_position`` is unused).
     """
 
