@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim)
+from docs_section import write_marked_section
+from shufflemamba.bench.report import cpu_model, machine_tag
 from shufflemamba.ops import cpu_scan
-from shufflemamba.reports import cpu_model, machine_tag, write_marked_section
 
 HERE = Path(__file__).resolve().parent
 KERNEL_SRC = HERE.parent / "src" / "shufflemamba" / "ops" / "csrc"

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
-from shufflemamba import bench, faults
-from shufflemamba.checkpointing import TRUST_ENV, load_checkpoint, step_checkpoints
+from shufflemamba import faults
+from shufflemamba.bench import suite as bench
+from shufflemamba.training.checkpointing import TRUST_ENV, load_checkpoint, step_checkpoints
 from shufflemamba.cli import main
-from shufflemamba.config import UserError
+from shufflemamba.errors import UserError
 from test_train import make_folder, read_metrics, train_args
 
 

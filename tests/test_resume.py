@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
-from shufflemamba.checkpointing import load_checkpoint, step_checkpoints
+from shufflemamba.training.checkpointing import load_checkpoint, step_checkpoints
 from test_train import TINY_MODEL, make_folder
 
 EPOCHS = 2

@@ -16,8 +16,8 @@ from PIL import Image
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
 from shufflemamba.cli import main
-from shufflemamba.config import resolve_config
-from shufflemamba.engine import NonFiniteLossError, StepState, train_one_epoch
+from shufflemamba.training.config import resolve_config
+from shufflemamba.training.engine import NonFiniteLossError, StepState, train_one_epoch
 
 TINY_MODEL = ["--model", "vim_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=2", "d_state=4"]
 

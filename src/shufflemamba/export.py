@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .checkpointing import load_checkpoint  # the run-checkpoint reader (UserError on a bad file)
-from .config import UserError
+from .errors import UserError
+from .training.checkpointing import load_checkpoint  # the run-checkpoint reader (UserError on a bad file)
 
 __all__ = ["export_run", "model_card", "read_run", "ExportSource"]
 
@@ -96,7 +96,7 @@ def build_model(src: ExportSource) -> torch.nn.Module:
 
 def data_config(src: ExportSource, model: torch.nn.Module) -> dict[str, Any]:
     """The evaluation preprocessing of the run: input size, mean / std, crop_pct, interpolation."""
-    from .data import norm_stats
+    from .training.data import norm_stats
 
     cfg = src.cfg
     in_chans = int(getattr(model, "in_chans", model.pretrained_cfg["input_size"][0]))
@@ -337,7 +337,7 @@ def _write_curves(src: ExportSource, path: str) -> bool:
     if os.path.isfile(run_png):
         shutil.copyfile(run_png, path)
         return True
-    from .plots import plot_curves
+    from .training.plots import plot_curves
 
     try:
         return plot_curves(src.history, path) is not None

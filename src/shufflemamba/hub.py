@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULTS, UserError, validate_config  # the run config (for the data pipeline)
+from .errors import UserError
+from .training.config import DEFAULTS, validate_config  # the run config (for the data pipeline)
 
 __all__ = ["is_exported", "timm_name", "load_exported", "evaluate_exported"]
 
@@ -50,8 +51,8 @@ def evaluate_exported(source: str, overrides: dict[str, Any], use_ema: bool = Fa
     """Evaluate an exported model on the val split of the data ``overrides`` names (``data_dir`` /
     ``dataset`` are required: an export does not say where its data lies). Returns
     :func:`~shufflemamba.engine.evaluate`'s metrics."""
-    from .data import build_loaders
-    from .engine import evaluate
+    from .training.data import build_loaders
+    from .training.engine import evaluate
 
     overrides = dict(overrides)
     if use_ema:
@@ -71,6 +72,7 @@ def evaluate_exported(source: str, overrides: dict[str, Any], use_ema: bool = Fa
     if overrides.get("data_dir") is not None and overrides.get("dataset") is None:
         cfg["dataset"] = None  # a data dir alone means the ImageFolder layout
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    cfg["batch_size"] = cfg["batch_size"] or 128
     cfg = validate_config(cfg)
     loaders = build_loaders(cfg, int(in_chans), train=False)
     labels = pre.get("label_names")
@@ -81,4 +83,6 @@ def evaluate_exported(source: str, overrides: dict[str, Any], use_ema: bool = Fa
         raise UserError(f"'{source}' was trained on classes {list(labels)[:5]}..., the data has {data_classes[:5]}...")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg["device"] != "cpu" else "cpu")
     model.to(device)
-    return evaluate(model, loaders["val_loader"], device, cfg["amp"], cfg["amp_dtype"])
+    metrics = evaluate(model, loaders["val_loader"], device, cfg["amp"], cfg["amp_dtype"])
+    metrics["source"] = f"{source} ({pre.get('architecture')}, exported) on the val split of {cfg['dataset'] or cfg['data_dir']}"
+    return metrics

@@ -9,7 +9,8 @@ SLWS is built into the blocks (:class:`~shufflemamba.models.mamba_mixer.VimBlock
 :class:`~shufflemamba.slws.ShuffledLayer`) and configured by ``slws_rate`` / ``slws_schedule``.
 
 Registered names (all 224 px, patch 16; keyword arguments of ``timm.create_model`` override):
-``vim_{tiny,small,base}_patch16_224`` (middle class token, slws_rate 0) and
+``vim_{tiny,small,base}_patch16_224`` (middle class token, slws_rate 0),
+``vim_{tiny,small}_patch16_stride8_224`` (Vim's "+" fine-tunes: overlapping patches, stride 8) and
 ``shufflemamba_{middle,base,large}_patch16_224`` (class token at the head, slws_rate 0.5; the middle
 size uses LayerNorm as the reference code does). The register-token variants ``mambar_*`` live in
 :mod:`shufflemamba.models.vim_reg`.
@@ -27,7 +28,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
-from .checkpoint import _cls_index, resize_pos_embed
+from .checkpoint import cls_token_index, resize_pos_embed
 from .features import FeatureMixin, final_add_norm, mean_patch_tokens
 from .mamba_mixer import INITS, VimBlock, make_norm
 from .pretrained import default_cfgs, resolve_weights  # noqa: F401 (register_model reads default_cfgs here)
@@ -234,7 +235,7 @@ class VisionMamba(FeatureMixin, nn.Module):
                                       dynamic_img_pad=dynamic_img_pad)
         self.dynamic_img_size = dynamic_img_size
         num_patches = self.patch_embed.num_patches
-        self.cls_index = _cls_index(num_patches, cls_position)
+        self.cls_index = cls_token_index(num_patches, cls_position)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -334,7 +335,7 @@ class VisionMamba(FeatureMixin, nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def _cls_index_for(self, num_patches: int) -> int:
-        return _cls_index(num_patches, self.cls_position)
+        return cls_token_index(num_patches, self.cls_position)
 
     def _prefix_positions(self, num_patches: int) -> list[int]:
         """Sequence indices of the non-patch tokens for ``num_patches`` patches: the class token."""
@@ -396,7 +397,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionMamba) -> d
     return prepare_state_dict(state_dict, model)
 
 
-def _create(variant: str, pretrained: bool = False, model_cls: type[VisionMamba] | None = None,
+def build_vim(variant: str, pretrained: bool = False, model_cls: type[VisionMamba] | None = None,
             **kwargs: Any) -> VisionMamba:
     """Build ``variant`` (a :class:`VisionMamba`, or ``model_cls``) through timm (pretrained configs and
     weight loading: :mod:`shufflemamba.models.pretrained`)."""
@@ -416,35 +417,47 @@ _SM = dict(patch_size=16, cls_position="head", norm_layer="rms", slws_rate=0.5, 
 @register_model
 def vim_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """Vim-Ti: D 192, depth 24, middle class token (7.15M parameters)."""
-    return _create("vim_tiny_patch16_224", pretrained, **{**_VIM, "embed_dim": 192, **kwargs})
+    return build_vim("vim_tiny_patch16_224", pretrained, **{**_VIM, "embed_dim": 192, **kwargs})
 
 
 @register_model
 def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """Vim-S: D 384, depth 24, middle class token (25.8M parameters)."""
-    return _create("vim_small_patch16_224", pretrained, **{**_VIM, "embed_dim": 384, **kwargs})
+    return build_vim("vim_small_patch16_224", pretrained, **{**_VIM, "embed_dim": 384, **kwargs})
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-Ti+: Vim-Ti with patch stride 8 (27 x 27 overlapping patches), as Vim's "+" fine-tune."""
+    return build_vim("vim_tiny_patch16_stride8_224", pretrained, **{**_VIM, "embed_dim": 192, "stride": 8, **kwargs})
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-S+: Vim-S with patch stride 8 (27 x 27 overlapping patches), as Vim's "+" fine-tune."""
+    return build_vim("vim_small_patch16_stride8_224", pretrained, **{**_VIM, "embed_dim": 384, "stride": 8, **kwargs})
 
 
 @register_model
 def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """Vim-B: D 768, depth 24, middle class token (97.6M parameters)."""
-    return _create("vim_base_patch16_224", pretrained, **{**_VIM, "embed_dim": 768, **kwargs})
+    return build_vim("vim_base_patch16_224", pretrained, **{**_VIM, "embed_dim": 768, **kwargs})
 
 
 @register_model
 def shufflemamba_middle_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """ShuffleMamba-M: D 576, depth 32, class token at the head, LayerNorm, SLWS 0.5 (~74M)."""
     defaults = {**_SM, "embed_dim": 576, "depth": 32, "norm_layer": "layer"}
-    return _create("shufflemamba_middle_patch16_224", pretrained, **{**defaults, **kwargs})
+    return build_vim("shufflemamba_middle_patch16_224", pretrained, **{**defaults, **kwargs})
 
 
 @register_model
 def shufflemamba_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """ShuffleMamba-B: D 768, depth 24, class token at the head, SLWS 0.5 (~98M)."""
-    return _create("shufflemamba_base_patch16_224", pretrained, **{**_SM, "embed_dim": 768, "depth": 24, **kwargs})
+    return build_vim("shufflemamba_base_patch16_224", pretrained, **{**_SM, "embed_dim": 768, "depth": 24, **kwargs})
 
 
 @register_model
 def shufflemamba_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """ShuffleMamba-L: D 1024, depth 48, class token at the head, SLWS 0.5 (~340M)."""
-    return _create("shufflemamba_large_patch16_224", pretrained, **{**_SM, "embed_dim": 1024, "depth": 48, **kwargs})
+    return build_vim("shufflemamba_large_patch16_224", pretrained, **{**_SM, "embed_dim": 1024, "depth": 48, **kwargs})

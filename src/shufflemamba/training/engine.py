@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import faults
+from .. import faults
+from ..errors import UserError
 from .checkpointing import EpochSums
-from .config import UserError
 
 
 class NonFiniteLossError(UserError):
