@@ -140,8 +140,8 @@ def test_the_demo_run_exports_loads_back_and_evaluates_the_same(tmp_path, capsys
     run = tmp_path / "run"
     assert main(["train", "--config", "demo", "--data-dir", data, "--train-subset", "64", "--epochs", "2",
                  "--batch-size", "16", "--model-ema", "--output", str(run)]) == 0
-    assert main(["export", str(run), str(tmp_path / "out"), "--ema"]) == 0
-    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert main(["export", str(run), str(tmp_path / "out"), "--ema"]) == 0  # a run folder: its best.pt
+    ckpt = torch.load(run / "best.pt", weights_only=True)
     model = timm.create_model("vim_tiny_patch16_224", **ckpt["model_kwargs"]).eval()
     model.load_state_dict(ckpt["model_ema"])
     loaded = _load(tmp_path / "out")
@@ -153,12 +153,13 @@ def test_the_demo_run_exports_loads_back_and_evaluates_the_same(tmp_path, capsys
     assert (tmp_path / "out" / "curves.png").read_bytes() == (run / "curves.png").read_bytes()
     card = (tmp_path / "out" / "README.md").read_text()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert f"| top-1 (%) | {rows[-1]['val_top1']:.2f} |" in card and f"{rows[-1]['ema_top1']:.2f}" in card
-    assert "p_max 0.1, linear" in card and "from `last.pt`, EMA" in card and "fashion-mnist" in card
+    final = rows[ckpt["epoch"]]  # the epoch these weights are from
+    assert f"| top-1 (%) | {final['val_top1']:.2f} |" in card and f"{final['ema_top1']:.2f}" in card
+    assert "p_max 0.1, linear" in card and "from `best.pt`, EMA" in card and "fashion-mnist" in card
 
     capsys.readouterr()
     data_flags = ["--dataset", "fashion-mnist", "--data-dir", data]
-    from_run = _eval_json(["--checkpoint", str(run), "--ema", *data_flags], capsys)
+    from_run = _eval_json(["--checkpoint", str(run / "best.pt"), "--ema", *data_flags], capsys)
     for source in (str(tmp_path / "out"), f"local-dir:{tmp_path / 'out'}"):
         from_export = _eval_json(["--checkpoint", source, *data_flags], capsys)
         assert from_export["images"] == from_run["images"] == 32
@@ -210,7 +211,7 @@ def test_missing_foreign_and_corrupted_sources_are_one_line(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "mismatch.pt")
     _one_error_line(main(["export", str(tmp_path / "mismatch.pt"), str(out)]), capsys, "does not rebuild")
     os.makedirs(tmp_path / "empty_run")
-    _one_error_line(main(["export", str(tmp_path / "empty_run"), str(out)]), capsys, "no last.pt")
+    _one_error_line(main(["export", str(tmp_path / "empty_run"), str(out)]), capsys, "no best.pt or last.pt")
     _assert_nothing_written(tmp_path, "junk.pt", "foreign.pt", "unnamed.pt", "good.pt", "cut.pt", "mismatch.pt", "empty_run")
 
 

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a run's model as a timm / Hugging Face folder (config.json, model.safetensors, card)",
                        description='Load it back with timm.create_model("local-dir:OUTPUT_DIR", pretrained=True) after import shufflemamba.')
-    x.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder (its last.pt) or checkpoint file (e.g. RUN/best.pt)")
+    x.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder (its best.pt, else last.pt) or checkpoint file (e.g. RUN/last.pt)")
     x.add_argument("output", metavar="OUTPUT_DIR", help="folder to create (refused if it exists and is not empty)")
     x.add_argument("--ema", action="store_true", help="export the EMA weights")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUTPUT_DIR")

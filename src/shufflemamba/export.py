@@ -60,13 +60,15 @@ class ExportSource:
 
 
 def read_run(source: str, use_ema: bool = False) -> ExportSource:
-    """The checkpoint to export: ``source`` itself, or a run folder's ``last.pt`` (``RUN/best.pt`` for the
-    best epoch). Raises UserError for a missing, foreign or corrupted file, or no EMA weights with ``use_ema``."""
+    """The checkpoint to export: ``source`` itself, or a run folder's ``best.pt``, else its ``last.pt`` (as
+    :func:`shufflemamba.load_model` picks; pass ``RUN/last.pt`` for the final epoch). Raises UserError for a
+    missing, foreign or corrupted file, or no EMA weights with ``use_ema``."""
     path = source
     if os.path.isdir(source):
-        path = os.path.join(source, "last.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"'{source}' holds no last.pt (no epoch finished there); pass a checkpoint file to export it")
+        found = [p for p in (os.path.join(source, n) for n in ("best.pt", "last.pt")) if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"'{source}' holds no best.pt or last.pt (no epoch finished there); pass a checkpoint file")
+        path = found[0]
     elif not os.path.exists(source):
         raise UserError(f"'{source}' not found (expected a run folder or a checkpoint file)")
     ckpt = load_checkpoint(path)
