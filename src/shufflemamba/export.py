@@ -162,15 +162,16 @@ def model_card(src: ExportSource, model: torch.nn.Module, *, name: str, load_as:
     if licence:
         lines.append(f"license: {licence}")
     lines += ["---", f"# {name}", "",
-              f"A `{ckpt['model_name']}` classifier trained with [shufflemamba](https://github.com/huangzizheng01/ShuffleMamba)"
-              f"'s `train` command on {dataset} ({len(classes) or model.num_classes} classes), exported with "
-              "`shufflemamba export`" + (" (EMA weights)." if src.use_ema else "."), ""]
+              f"A `{ckpt['model_name']}` classifier trained with the `shufflemamba` package's `train` command on "
+              f"{dataset} ({len(classes) or model.num_classes} classes), exported with `shufflemamba export`"
+              + (" (EMA weights)." if src.use_ema else "."), ""]
     if not licence:
         lines += ["No licence was given at export: ask the author before reusing these weights.", ""]
 
     lines += ["## Model", "", "| | |", "|---|---|",
               f"| architecture | `{ckpt['model_name']}` |",
               f"| parameters | {n_params / 1e6:.3f}M |",
+              *([f"| paper | {model.pretrained_cfg['paper_ids']} |"] if model.pretrained_cfg.get("paper_ids") else []),
               f"| input | {data['input_size'][0]} x {data['input_size'][1]} x {data['input_size'][2]}, "
               f"mean {_fmt(data['mean'])}, std {_fmt(data['std'])}, crop_pct {_fmt(data.get('crop_pct'))}, "
               f"{data.get('interpolation', 'bicubic')} |"]
@@ -219,7 +220,7 @@ def model_card(src: ExportSource, model: torch.nn.Module, *, name: str, load_as:
     if has_curves:
         lines += ["![loss and top-1 per epoch](curves.png)", ""]
 
-    lines += ["## Usage", "", "```python", "import timm", "import shufflemamba  # registers the Vision Mamba models in timm",
+    lines += ["## Usage", "", "```python", "import shufflemamba  # registers the Vision Mamba models in timm", "import timm",
               "", f'model = timm.create_model("{load_as}", pretrained=True).eval()',
               "config = timm.data.resolve_model_data_config(model)",
               "transform = timm.data.create_transform(**config, is_training=False)",
