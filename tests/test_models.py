@@ -286,8 +286,10 @@ def test_reset_classifier():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7) and model.model_kwargs["num_classes"] == 7
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 16)
+    model.reset_classifier(5, global_pool="avg")  # mean of the patch tokens, as timm's ViT
+    assert model.global_pool == "avg" and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
     with pytest.raises(ValueError, match="global_pool"):
-        model.reset_classifier(5, global_pool="avg")
+        model.reset_classifier(5, global_pool="max")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -84,6 +84,68 @@ def test_models_without_released_weights():
         timm.create_model("shufflemamba_base_patch16_224", pretrained=True)
 
 
+def test_licences_only_where_the_source_repository_states_one():
+    """hustvl/Vim: Apache-2.0; wangf3014/Mamba-Reg and huangzizheng01/ShuffleMamba state none (unknown)."""
+    from shufflemamba.models import MODEL_NAMES
+
+    for name in MODEL_NAMES + ("vim_tiny_patch16_stride8_224",):
+        with torch.device("meta"):
+            cfg = timm.create_model(name).pretrained_cfg
+        assert cfg.get("license") == ("apache-2.0" if name.startswith("vim") else None), name
+
+
+@pytest.mark.parametrize("name", ["vim_tiny_patch16_224", "mambar_small_patch16_224"])
+def test_fixed_input_size_is_what_the_model_does(name):
+    """As timm's ViT: a model as registered rejects other sizes (fixed), one built with dynamic_img_size
+    takes them (not fixed), and timm's input config and data config say so."""
+    from timm.models import get_model_input_config
+
+    fixed = _model(name).eval()
+    assert get_model_input_config(fixed)["fixed_input_size"] is True
+    with pytest.raises(ValueError, match="does not match the model's img_size"):
+        fixed(torch.randn(1, 3, 48, 48))
+    dynamic = _model(name, dynamic_img_size=True).eval()
+    assert get_model_input_config(dynamic)["fixed_input_size"] is False
+    assert dynamic(torch.randn(1, 3, 48, 48)).shape == (1, 1000)
+    data = timm.data.resolve_input_data_config(dynamic, args={"input_size": (3, 48, 48)})  # what timm's scripts use
+    assert data["input_size"] == (3, 48, 48)
+    with pytest.raises(ValueError, match="requires"):
+        timm.data.resolve_input_data_config(fixed, args={"input_size": (3, 48, 48)})
+
+
+@pytest.mark.parametrize("name", ["vim_tiny_patch16_224", "shufflemamba_base_patch16_224", "mambar_small_patch16_224"])
+def test_global_pool_avg_is_the_mean_of_the_patch_tokens(name):
+    """timm's validate.py --gp avg: the constructors take global_pool ('token' or 'avg'), as ViT's do."""
+    model = _model(name, num_classes=5, global_pool="avg").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (B, M + prefix, D)
+        prefix = model._prefix_positions(4)  # 2 x 2 patches at 32 px
+        keep = [i for i in range(tokens.shape[1]) if i not in prefix]
+        assert len(keep) == 4
+        torch.testing.assert_close(model(x), model.head(tokens[:, keep].mean(1)))
+    assert model.num_features == model.embed_dim and not hasattr(model, "neck")
+    assert model.model_kwargs["global_pool"] == "avg"
+    with pytest.raises(ValueError, match="global_pool"):
+        _model(name, global_pool="max")
+
+
+def test_reset_classifier_switches_to_avg_pooling():
+    model = _model("mambar_small_patch16_224").eval()  # registers reduced by the neck
+    assert model.num_features == 2 * 16 // 2 and hasattr(model, "neck")
+    model.reset_classifier(4, global_pool="avg")
+    assert model.num_features == 16 and not hasattr(model, "neck") and model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    with pytest.raises(ValueError, match="register neck"):
+        model.reset_classifier(4, global_pool="token")
+
+
+def test_torchscript_is_refused_in_one_line():
+    """timm's --torchscript runs torch.jit.script(model): one line that says why, not a deep traceback."""
+    for name in ("vim_tiny_patch16_224", "mambar_small_patch16_224"):
+        with pytest.raises(RuntimeError, match=r"^Vision\w+ does not support TorchScript .*eager mode$"):
+            torch.jit.script(_model(name).eval())
+
+
 def test_readme_lists_the_registered_weights_and_their_reported_top1():
     text = README.read_text()
     for w in RELEASED_WEIGHTS:

@@ -1,4 +1,4 @@
-"""The ``shufflemamba`` command: ``train``, ``eval``, ``bench`` and ``doctor`` subcommands.
+"""The ``shufflemamba`` command: ``train``, ``eval``, ``export``, ``bench`` and ``doctor`` subcommands.
 
 Mistakes in what the user asked for raise :class:`~shufflemamba.errors.UserError`; ``main`` prints
 them as one ``error: ...`` line on stderr and returns 2 (no traceback).
@@ -116,13 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     _show_defaults(t)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val / test split")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True,
+                   help="run folder or checkpoint file; or an exported folder, local-dir:PATH or hf-hub:USER/NAME")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     e.add_argument("--model", help="only for checkpoints that do not name their model (official Vim weights)")
     e.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE")
     e.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     _add_data_flags(e)
+
+    x = sub.add_parser("export", help="write a run's model as a timm / Hugging Face folder (config.json, model.safetensors, card)",
+                       description='Load it back with timm.create_model("local-dir:OUTPUT_DIR", pretrained=True) after import shufflemamba.')
+    x.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run folder (its best.pt, else last.pt) or checkpoint file (e.g. RUN/last.pt)")
+    x.add_argument("output", metavar="OUTPUT_DIR", help="folder to create (refused if it exists and is not empty)")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUTPUT_DIR")
+    x.add_argument("--license", help="licence to state in the card and config (Hub id, e.g. apache-2.0; default: none stated)")
+    x.add_argument("--push-to-hub", metavar="REPO_ID", help="also publish the folder to this Hugging Face Hub repo (needs a login)")
+    x.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
     sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench.suite)", add_help=False)
     sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.bench.gpu_check)",
@@ -218,7 +229,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _trust(args)
     overrides = _overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint"})
-    m = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.ema)
+    from .hub import evaluate_exported, is_exported
+
+    if is_exported(args.checkpoint):  # `shufflemamba export`'s folders, timm's local-dir: / hf-hub: names
+        m = evaluate_exported(args.checkpoint, overrides, use_ema=args.ema)
+    else:
+        m = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.ema)
     print(f"evaluated {m['source']}")
     skipped = f" ({m['skipped']} unreadable skipped)" if m["skipped"] else ""
     print(
@@ -227,6 +243,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps({k: m[k] for k in ("top1", "top5", "loss", "images", "images_per_second", "skipped")}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    _trust(args)
+    out = export_run(args.source, args.output, ema=args.ema, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+                     licence=args.license)
+    print(f'exported to {out}; load it with timm.create_model("local-dir:{out}", pretrained=True) after import shufflemamba')
     return 0
 
 
@@ -254,6 +280,8 @@ def _dispatch(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "export":
+        return cmd_export(args)
     return cmd_eval(args)
 
 

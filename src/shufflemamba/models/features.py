@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureMixin", "final_add_norm", "final_norm", "take_indices"]
+__all__ = ["FeatureMixin", "final_add_norm", "final_norm", "mean_patch_tokens", "take_indices"]
 
 
 def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
@@ -40,6 +40,14 @@ def take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | N
         if not taken:
             raise ValueError("indices is empty: name at least one block")
     return taken, max(taken)
+
+
+def mean_patch_tokens(x: Tensor, prefix: list[int]) -> Tensor:
+    """(B, L, D) -> (B, D): the mean over the patch tokens, the tokens at ``prefix`` (class token or
+    registers) left out, as timm's ViT ``global_pool="avg"``."""
+    is_patch = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+    is_patch[prefix] = False
+    return x[:, is_patch].mean(dim=1)
 
 
 def final_norm(norm: nn.Module, x: Tensor) -> Tensor:

@@ -34,6 +34,12 @@ optimizer state, the argparse arguments): we take ``model``, which the authors' 
 ``argparse.Namespace`` (:func:`~shufflemamba.models.checkpoint.read_checkpoint`), resize pos_embed to the
 model's grid, and with another class count or register layout drop what does not fit, in one log line
 (:func:`~shufflemamba.models.checkpoint.init_from_checkpoint`).
+
+Folders written by ``shufflemamba export`` (``config.json`` + ``model.safetensors``), and Hub repos made
+from them, load through timm's own sources: ``timm.create_model("local-dir:PATH", pretrained=True)`` or
+``"hf-hub:USER/NAME"``; their state dict is native, so :func:`resolve_weights` leaves them to timm.
+
+Licences: a config names one only where its source repository states one (:data:`LICENSES`).
 """
 
 from __future__ import annotations
@@ -108,14 +114,23 @@ _PAPERS = {"vim": ("arXiv:2401.09417", "https://github.com/hustvl/Vim"),
            "mambar": ("arXiv:2405.14858", "https://github.com/wangf3014/Mamba-Reg"),
            "shufflemamba": ("arXiv:2408.17081", "https://github.com/huangzizheng01/ShuffleMamba")}
 
+# The licence each source repository states: hustvl/Vim has an Apache-2.0 LICENSE (and says so on its
+# Hub cards); wangf3014/Mamba-Reg and huangzizheng01/ShuffleMamba state none, so their configs carry
+# no ``license`` (timm's "unknown"), rather than a guess.
+LICENSES = {"vim": "apache-2.0"}
+
 
 def _cfg(model: str, **kwargs: Any) -> dict[str, Any]:
-    paper_ids, origin_url = _PAPERS[model.split("_")[0]]
+    family = model.split("_")[0]
+    paper_ids, origin_url = _PAPERS[family]
+    licence = {"license": LICENSES[family]} if family in LICENSES else {}
     return {
+        # fixed_input_size describes the model as registered (its PatchEmbed rejects other sizes); a model
+        # built with dynamic_img_size=True reports False through timm (PatchEmbed.strict_img_size)
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
         "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
-        "license": "apache-2.0", "paper_ids": paper_ids, "origin_url": origin_url,
+        **licence, "paper_ids": paper_ids, "origin_url": origin_url,
         # every file goes through VisionMamba.load_pretrained ("hf": for Hub ids too), see the module doc
         "custom_load": "hf", **kwargs,
     }
@@ -163,6 +178,8 @@ def resolve_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=overlay)
     name = f"{variant}.{cfg.tag}" if cfg.tag else variant
+    if cfg.source in ("hf-hub", "local-dir"):
+        return kwargs  # timm's "hf-hub:" / "local-dir:" names: a native state dict that timm loads itself
     # timm resets custom_load when an overlay names a file; keep it, so that every file goes through
     # VisionMamba.load_pretrained (pass custom_load=False in the overlay for timm's generic loader)
     if cfg.state_dict is not None or cfg.url:

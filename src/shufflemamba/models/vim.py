@@ -28,13 +28,14 @@ from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
 from .checkpoint import cls_token_index, resize_pos_embed
-from .features import FeatureMixin, final_add_norm
+from .features import FeatureMixin, final_add_norm, mean_patch_tokens
 from .mamba_mixer import INITS, VimBlock, make_norm
 from .pretrained import default_cfgs, resolve_weights  # noqa: F401 (register_model reads default_cfgs here)
 
 __all__ = ["PatchEmbed", "VisionMamba", "CLS_POSITIONS"]
 
 CLS_POSITIONS = ("middle", "head")
+GLOBAL_POOLS = ("token", "avg")
 
 
 class PatchEmbed(nn.Module):
@@ -51,6 +52,7 @@ class PatchEmbed(nn.Module):
                  dynamic_img_pad: bool = False) -> None:
         super().__init__()
         self.dynamic_img_size, self.dynamic_img_pad = dynamic_img_size, dynamic_img_pad
+        self.strict_img_size = not dynamic_img_size  # timm reads this for the model's fixed_input_size
         self.img_size = tuple(to_2tuple(img_size))  # tuple() also for lists read back from yaml / json
         self.patch_size = tuple(to_2tuple(patch_size))
         self.stride = tuple(to_2tuple(stride or patch_size))
@@ -151,6 +153,8 @@ class VisionMamba(FeatureMixin, nn.Module):
         dynamic_img_size: accept any input size, resizing the position embedding on the fly
             (``slws_keep_cls`` then keeps the class-token index of the built size).
         dynamic_img_pad: with ``dynamic_img_size``, zero-pad inputs to whole patches.
+        global_pool: what the head reads, as timm's ViT: ``"token"`` the class token (the references),
+            ``"avg"`` the mean of the patch tokens (class token / registers left out).
 
     Attributes:
         model_kwargs: the constructor's keyword arguments; ``VisionMamba(**model.model_kwargs)``
@@ -185,6 +189,7 @@ class VisionMamba(FeatureMixin, nn.Module):
         scan_impl: str = "auto",
         dynamic_img_size: bool = False,
         dynamic_img_pad: bool = False,
+        global_pool: Literal["token", "avg"] = "token",
     ) -> None:
         super().__init__()
         if init not in INITS:
@@ -195,6 +200,8 @@ class VisionMamba(FeatureMixin, nn.Module):
             self.model_kwargs["img_size"] = int(img_size[0])  # timm passes (224, 224); keep it plain
         if cls_position not in CLS_POSITIONS:
             raise ValueError(f"cls_position must be one of {CLS_POSITIONS}, got {cls_position!r}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
         if slws_schedule not in SCHEDULES:
             raise ValueError(f"slws_schedule must be one of {SCHEDULES}, got {slws_schedule!r}")
         for name, val in (("embed_dim", embed_dim), ("depth", depth), ("d_state", d_state), ("patch_size", patch_size)):
@@ -202,11 +209,12 @@ class VisionMamba(FeatureMixin, nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        self.num_classes = num_classes
+        self.num_classes, self.in_chans = num_classes, in_chans  # timm reads both for configs and exports
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.depth = depth
         self.init = init
         self.cls_position = cls_position
+        self.global_pool = global_pool
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
 
@@ -296,8 +304,10 @@ class VisionMamba(FeatureMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "token"):
-            raise ValueError(f"VisionMamba pools the class token only; global_pool={global_pool!r} is not supported")
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = self.model_kwargs["global_pool"] = global_pool
         self.num_classes = num_classes
         self.model_kwargs["num_classes"] = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -342,12 +352,22 @@ class VisionMamba(FeatureMixin, nn.Module):
         return final_add_norm(self.norm_f, self.drop_path(hidden), residual)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(B, M + 1, D) -> logits (B, num_classes), or the class-token feature (B, D) if pre_logits."""
-        x = self.head_drop(x[:, self._cls_index_for(x.shape[1] - 1)])
+        """(B, M + 1, D) -> logits (B, num_classes), or the pooled feature (B, D) if pre_logits."""
+        if self.global_pool == "avg":
+            x = mean_patch_tokens(x, self._prefix_positions(x.shape[1] - 1))
+        else:
+            x = x[:, self._cls_index_for(x.shape[1] - 1)]
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` (timm's ``--torchscript``) calls this first: refuse in one line instead of
+        failing deep inside (the selective scan and SLWS are Python: autograd Functions, generators)."""
+        raise RuntimeError(f"{type(self).__name__} does not support TorchScript (its selective scan and SLWS "
+                           "run Python code); run it in eager mode")
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's ``custom_load`` hook for ``pretrained=True`` (see :mod:`shufflemamba.models.pretrained`)."""

@@ -25,6 +25,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from ..slws import apply_slws
+from .features import mean_patch_tokens
 from .mamba_mixer import make_norm
 from .pretrained import default_cfgs  # noqa: F401 (register_model reads default_cfgs here)
 from .vim import VisionMamba, build_vim
@@ -54,6 +55,9 @@ def _token_order(num_patches: int, num_registers: int) -> Tensor:
 class VisionMambaReg(VisionMamba):
     """Vim with register tokens instead of a class token (see the module docstring).
 
+    ``global_pool="avg"`` (a VisionMamba argument) feeds the head the mean of the patch tokens instead of
+    the registers; the model then has no ``neck`` / ``norm_neck``.
+
     Args:
         num_registers: number of register tokens R (12 for tiny / small / base, 16 for large).
         cls_reduce: each register feature is reduced from D to D / cls_reduce before the head
@@ -81,11 +85,12 @@ class VisionMambaReg(VisionMamba):
         self.cls_token = nn.Parameter(torch.zeros(1, R, D))  # the registers
         self.pos_embed = nn.Parameter(torch.zeros(1, M, D))  # patches only
         self.pos_embed_cls = nn.Parameter(torch.zeros(1, R, D))
-        if cls_reduce > 1:
+        if cls_reduce > 1 and self.global_pool == "token":
             self.neck = nn.Linear(D, D // cls_reduce, bias=False)
             self.norm_neck = make_norm(kwargs.get("norm_layer", "rms"), R * D // cls_reduce,
                                        kwargs.get("norm_eps", 1e-5))
-        self.num_features = self.head_hidden_size = R * D // cls_reduce
+        if self.global_pool == "token":
+            self.num_features = self.head_hidden_size = R * D // cls_reduce
         self.reset_classifier(self.num_classes)
         if kwargs.get("slws_keep_cls", False):
             self.slws_rates = apply_slws(self.layers, kwargs.get("slws_rate", 0.0),
@@ -126,6 +131,16 @@ class VisionMambaReg(VisionMamba):
         registers = (self.cls_token + self.pos_embed_cls).expand(x.shape[0], -1, -1)  # (B, R, D)
         return torch.cat((x, registers), dim=1)[:, order.to(x.device)], grid  # (B, M + R, D), registers spread
 
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """VisionMamba's; switching to ``"avg"`` drops the register neck (the head then reads D features)."""
+        if global_pool == "token" and self.global_pool != "token":
+            raise ValueError("global_pool 'token' needs the register neck: build the model with global_pool='token'")
+        if global_pool == "avg" and self.global_pool != "avg":
+            if hasattr(self, "neck"):
+                del self.neck, self.norm_neck
+            self.num_features = self.head_hidden_size = self.embed_dim
+        super().reset_classifier(num_classes, global_pool)
+
     def prune_intermediate_layers(self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """VisionMamba's, and with the head the register neck (``neck``, ``norm_neck``) goes too."""
@@ -136,7 +151,11 @@ class VisionMambaReg(VisionMamba):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, M + R, D) -> logits, or the (B, R * D / cls_reduce) register feature if pre_logits."""
-        x = x[:, self._prefix_positions(x.shape[1] - self.num_registers)]  # (B, R, D)
+        prefix = self._prefix_positions(x.shape[1] - self.num_registers)
+        if self.global_pool == "avg":
+            x = self.head_drop(mean_patch_tokens(x, prefix))
+            return x if pre_logits else self.head(x)
+        x = x[:, prefix]  # (B, R, D)
         if hasattr(self, "neck"):
             x = self.norm_neck(self.neck(x).flatten(1))  # (B, R * D / cls_reduce)
         else:
