@@ -145,13 +145,14 @@ def _trust(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import validate_config
-    from .training.trainer import load_checkpoint, train
+    from .training.checkpointing import load_training_checkpoint
+    from .training.trainer import train
 
     _trust(args)
     overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint"})
     resume_ckpt = None
     if args.resume:
-        resume_ckpt = load_checkpoint(args.resume)
+        resume_ckpt = load_training_checkpoint(args.resume)
         if args.model is not None and resume_ckpt.get("model_name") not in (None, args.model):
             raise UserError(f"checkpoint '{args.resume}' is for model '{resume_ckpt.get('model_name')}', not '{args.model}'")
     if resume_ckpt is not None and not args.config and isinstance(resume_ckpt.get("config"), dict):
