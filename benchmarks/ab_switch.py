@@ -7,7 +7,7 @@ step by step in one process (a machine's drift hits both alike), timm's ViT of t
 
 Switches: ``cpu_mixer``'s SAVE_Y, GATE_ONCE, XPROJ_IN_KERNEL, CONV_IN_KERNEL, FWD_IN_KERNEL (on: True,
 off: False unless ``--off`` says otherwise) and ``PatchEmbed.MATMUL_MAX`` (on: its value). Setups: the
-ones of ``shufflemamba bench``'s Vim / ViT comparison (``bench_vit.SETUPS``), by name prefix. Prints the
+ones of ``shufflemamba bench``'s Vim / ViT comparison (``shufflemamba.bench.vit.SETUPS``), by name prefix. Prints the
 medians and the median of the pairs' ratios (off time / on time: above 1, the switch pays). Run it as
 the ``shufflemamba`` command runs (its malloc settings; set ``GOMP_SPINCOUNT=30000`` on an idle machine
 to match its OpenMP choice) and with nothing else running.

@@ -3,7 +3,7 @@
     python benchmarks/bench_loader.py --config demo --batches 150 --rounds 3
 
 Builds the config's training loader twice in one process, once as the package builds it (batched
-augmentation, ``shufflemamba.batch_aug``, when the config allows) and once with the batched path
+augmentation, ``shufflemamba.training.batch_aug``, when the config allows) and once with the batched path
 switched off (timm's PIL transforms, image by image), and times ``--batches`` batches of each,
 alternating for ``--rounds``. Prints images/s and the seconds a 60,000-image epoch would spend
 loading. Not a test: the figures depend on the machine and its load.

@@ -63,7 +63,7 @@ MODELS: dict[str, tuple[dict, int, int, int]] = {
         128, 28, 1,
     ),
     "tiny224": (dict(model_name="vim_tiny_patch16_224", num_classes=1000), 8, 224, 3),
-    # the Vim of `shufflemamba bench`'s "D 192, depth 12, 65 tokens" setup (bench_vit.py), SLWS off as there
+    # the Vim of `shufflemamba bench`'s "D 192, depth 12, 65 tokens" setup (shufflemamba/bench/vit.py), SLWS off as there
     "d192": (
         dict(model_name="vim_tiny_patch16_224", in_chans=3, img_size=64, patch_size=8, embed_dim=192, depth=12,
              d_state=16, cls_position="middle", num_classes=100, slws_rate=0.0),

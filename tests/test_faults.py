@@ -16,7 +16,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
 from shufflemamba.bench import suite as bench
-from shufflemamba.training.checkpointing import TRUST_ENV, load_checkpoint, step_checkpoints
+from shufflemamba.training.checkpointing import TRUST_ENV, load_training_checkpoint, step_checkpoints
 from shufflemamba.cli import main
 from shufflemamba.errors import UserError
 from faults import Faults, install
@@ -78,7 +78,7 @@ def test_our_checkpoints_load_with_weights_only(stopped_run):
         ck = torch.load(os.path.join(stopped_run, name), map_location="cpu", weights_only=True)
         assert ck["version"] == 2 and isinstance(ck["config"], dict) and len(ck["rng"]) == 1
         assert isinstance(ck["rng"][0]["numpy"]["state"], torch.Tensor)
-    step = load_checkpoint(os.path.join(stopped_run, "step_00000009.pt"))
+    step = load_training_checkpoint(os.path.join(stopped_run, "step_00000009.pt"))
     assert (step["progress"]["epoch"], step["progress"]["batches_done"], step["num_updates"]) == (1, 3, 9)
     assert step["rank_sums"][0]["loss_count"] == 3 and [r["epoch"] for r in step["progress"]["history"]] == [0]
 
@@ -98,7 +98,7 @@ def test_bad_checkpoints_are_one_line_errors(stopped_run, data, tmp_path, capsys
         assert_one_error(*run_main(["eval", "--checkpoint", path, "--data-dir", data], capsys)[::2], needle)
     assert_one_error(*run_main(["train", "--resume", str(tmp_path)], capsys)[::2], "holds no checkpoint")
     # opting in loads the foreign file (it then fails for holding no weights, not for its pickle)
-    assert isinstance(load_checkpoint(str(tmp_path / "foreign.pt"), trust=True)["extra"], Foreign)
+    assert isinstance(load_training_checkpoint(str(tmp_path / "foreign.pt"), trust=True)["extra"], Foreign)
     code, _, err = run_main(["eval", "--checkpoint", str(tmp_path / "foreign.pt"), "--data-dir", data, "--trust-checkpoint"], capsys)
     assert_one_error(code, err)
     assert "--trust-checkpoint" not in err
@@ -140,7 +140,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(data, tmp_path, capsys,
     code, _, err = run_main(train_args(data, out, 2), capsys)
     assert_one_error(code, err, "disk full", "last.pt", "untouched")
     assert open(os.path.join(out, "last.pt"), "rb").read() == before["last"]
-    assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0
+    assert load_training_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0
     assert not os.path.exists(os.path.join(out, "last.pt.tmp"))
 
 
@@ -151,7 +151,7 @@ def test_nonfinite_loss_is_skipped_and_counted(data, tmp_path, capsys, monkeypat
     assert code == 0, err
     assert "non-finite loss at epoch 0 step 3; step skipped (1 in a row)" in stdout
     assert read_metrics(out)[0]["nonfinite_steps"] == 1
-    assert load_checkpoint(os.path.join(out, "last.pt"))["num_updates"] == 5  # 6 batches, one skipped
+    assert load_training_checkpoint(os.path.join(out, "last.pt"))["num_updates"] == 5  # 6 batches, one skipped
 
 
 def test_nonfinite_streak_stops_with_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
@@ -186,7 +186,7 @@ def test_bench_does_not_import_cli():
 
 def test_user_error_from_load_is_not_a_traceback(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        load_checkpoint(str(tmp_path / "missing.pt"))
+        load_training_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_version1_checkpoint_resumes_only_when_trusted(stopped_run, tmp_path, capsys, monkeypatch):
@@ -195,7 +195,7 @@ def test_version1_checkpoint_resumes_only_when_trusted(stopped_run, tmp_path, ca
     import numpy as np
 
     monkeypatch.delenv(TRUST_ENV, raising=False)
-    ck = load_checkpoint(os.path.join(stopped_run, "last.pt"))
+    ck = load_training_checkpoint(os.path.join(stopped_run, "last.pt"))
     for key in ("progress", "rank_sums", "metrics"):
         ck.pop(key)
     ck["version"] = 1
@@ -217,7 +217,7 @@ def test_version1_checkpoint_resumes_only_when_trusted(stopped_run, tmp_path, ca
 def test_step_checkpoint_from_another_world_size_restarts_its_epoch(stopped_run, tmp_path, capsys):
     """Another process count shards the epoch differently: the position is meaningless, so the
     interrupted epoch restarts from its first batch (schedule and weights continue)."""
-    ck = load_checkpoint(stopped_run + "_step9.pt")
+    ck = load_training_checkpoint(stopped_run + "_step9.pt")
     ck["rng"] = ck["rng"] * 2
     ck["rank_sums"] = ck["rank_sums"] * 2
     path = str(tmp_path / "two_ranks.pt")
@@ -225,7 +225,7 @@ def test_step_checkpoint_from_another_world_size_restarts_its_epoch(stopped_run,
     code, stdout, err = run_main(["train", "--resume", path, "--output", str(tmp_path / "out")], capsys)
     assert code == 0, err
     assert "written by 2 processes, resumed on 1; epoch 1 restarts from its first batch" in stdout
-    assert load_checkpoint(str(tmp_path / "out" / "last.pt"))["num_updates"] == 9 + 6
+    assert load_training_checkpoint(str(tmp_path / "out" / "last.pt"))["num_updates"] == 9 + 6
 
 
 def test_accumulation_resume_in_process_is_exact(data, tmp_path, capsys, monkeypatch):
@@ -238,7 +238,7 @@ def test_accumulation_resume_in_process_is_exact(data, tmp_path, capsys, monkeyp
     assert code == 128 + signal.SIGTERM and "at epoch 1, batch 4 of 6" in stdout
     monkeypatch.undo()  # no more faults
     assert run_main(["train", "--resume", out], capsys)[0] == 0
-    a, b = load_checkpoint(os.path.join(out, "last.pt")), load_checkpoint(os.path.join(ref, "last.pt"))
+    a, b = load_training_checkpoint(os.path.join(out, "last.pt")), load_training_checkpoint(os.path.join(ref, "last.pt"))
     assert a["num_updates"] == b["num_updates"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 

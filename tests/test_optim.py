@@ -1,4 +1,4 @@
-"""Weight-decay parameter groups (shufflemamba.optim) on real, small Vim and Mamba-Reg models."""
+"""Weight-decay parameter groups (shufflemamba.training.optim) on real, small Vim and Mamba-Reg models."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
-from shufflemamba.training.checkpointing import load_checkpoint, step_checkpoints
+from shufflemamba.training.checkpointing import load_training_checkpoint, step_checkpoints
 from test_train import TINY_MODEL, make_folder
 
 EPOCHS = 2
@@ -60,8 +60,8 @@ def metrics(out: str) -> list[dict]:
 
 def assert_same_run(out: str, ref: str) -> None:
     """Same final weights, EMA and optimiser state; every epoch once with the same numbers."""
-    a = load_checkpoint(os.path.join(out, "last.pt"))
-    b = load_checkpoint(os.path.join(ref, "last.pt"))
+    a = load_training_checkpoint(os.path.join(out, "last.pt"))
+    b = load_training_checkpoint(os.path.join(ref, "last.pt"))
     for key in ("model", "model_ema"):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
@@ -112,7 +112,7 @@ def test_sigkill_after_step_checkpoint_then_resume(data, reference, tmp_path):
     assert [os.path.basename(p) for p in steps] == [f"step_{save - 1:08d}.pt", f"step_{save:08d}.pt"]
     for p in steps:
         torch.load(p, map_location="cpu", weights_only=True)
-    ck = load_checkpoint(out)  # a run folder means its newest checkpoint
+    ck = load_training_checkpoint(out)  # a run folder means its newest checkpoint
     assert (ck["progress"]["epoch"], ck["progress"]["batches_done"]) == (epoch, save - epoch * BATCHES)
     assert len(metrics(out)) == epoch  # the killed run's rows so far (finished epochs only)
     res = run(["train", "--resume", out])
@@ -170,11 +170,11 @@ def test_torchrun_two_processes_sigterm_and_sigkill_then_resume(data, tmp_path):
     res = run(args(data, out, "--batch-size", "4"), faults="sigterm=2 rank=1", torchrun=True)
     assert res.returncode != 0
     assert "stopped by SIGTERM at epoch 0, batch 3 of 6" in res.stdout, res.stdout + res.stderr[-3000:]
-    ck = load_checkpoint(out)
+    ck = load_training_checkpoint(out)
     assert len(ck["rng"]) == 2 and len(ck["rank_sums"]) == 2 and ck["progress"]["batches_done"] == 3
     res = run(["train", "--resume", out], faults=f"save={BATCHES + 2} kill={BATCHES + 4} rank=0", torchrun=True)
     assert res.returncode != 0
-    assert load_checkpoint(out)["progress"]["batches_done"] == 2  # epoch 1's step checkpoint
+    assert load_training_checkpoint(out)["progress"]["batches_done"] == 2  # epoch 1's step checkpoint
     res = run(["train", "--resume", out], torchrun=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(out, ref)

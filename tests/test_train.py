@@ -170,3 +170,16 @@ def test_a_short_epoch_logs_its_progress_with_an_eta():
         long.update(done, loss=0.5, lr=1e-3, images_per_second=10.0)
     assert [line.split("]")[0] for line in lines] == ["epoch 0 [450/1000", "epoch 0 [500/1000"]
     assert [duration(s) for s in (0.4, 42, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]
+
+
+def test_on_a_terminal_a_bar_replaces_the_log_lines(capsys):
+    from shufflemamba.training.progress import EpochProgress
+
+    lines: list[str] = []
+    report = EpochProgress(epoch=1, n_batches=8, start=2, log_interval=1, log=lines.append, bar=True)
+    for done in range(3, 9):
+        report.update(done, loss=0.25, lr=1e-3, images_per_second=10.0)
+    report.close()
+    err = capsys.readouterr().err
+    # tqdm on stderr: resumed at batch 2 of 8, elapsed<remaining (its ETA), the loss; no log lines
+    assert lines == [] and "epoch 1" in err and "2/8 [" in err and "<" in err and "loss=0.2500" in err

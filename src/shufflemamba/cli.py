@@ -175,14 +175,15 @@ def _trust(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import validate_config
+    from .training.checkpointing import load_training_checkpoint
     from .training.defaults import fill_auto_defaults
-    from .training.trainer import load_checkpoint, train
+    from .training.trainer import train
 
     _trust(args)
     overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint", "overwrite"})
     resume_ckpt = None
     if args.resume:
-        resume_ckpt = load_checkpoint(args.resume)
+        resume_ckpt = load_training_checkpoint(args.resume)
         if args.model is not None and resume_ckpt.get("model_name") not in (None, args.model):
             raise UserError(f"checkpoint '{args.resume}' is for model '{resume_ckpt.get('model_name')}', not '{args.model}'")
     if resume_ckpt is not None and not args.config and isinstance(resume_ckpt.get("config"), dict):
@@ -194,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = validate_config(cfg)
     else:
         cfg = resolve_config(args.config, overrides)
-        init = load_checkpoint(cfg["init_from"]) if cfg["init_from"] else None
+        init = load_training_checkpoint(cfg["init_from"]) if cfg["init_from"] else None
         notes = fill_auto_defaults(cfg, init_ckpt=init, init_source=cfg["init_from"])
         cfg = validate_config(cfg)
         if notes and _is_rank0():

@@ -1,7 +1,7 @@
 """How every command-line entry point ends: one ``error:`` line for a user mistake, never a traceback.
 
 ``shufflemamba`` (cli.py) and ``python -m shufflemamba.bench`` both run through :func:`guarded`, so
-neither needs to import the other (cli.py imports bench.py lazily; bench.py never imports cli.py).
+neither needs to import the other (cli.py imports the tools lazily; they never import cli.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .training.checkpointing import load_checkpoint  # the run-checkpoint reader (UserError on a bad file)
+from .training.checkpointing import load_training_checkpoint  # the run-checkpoint reader (UserError on a bad file)
 
 __all__ = ["export_run", "model_card", "read_run", "ExportSource"]
 
@@ -71,7 +71,7 @@ def read_run(source: str, use_ema: bool = False) -> ExportSource:
         path = found[0]
     elif not os.path.exists(source):
         raise UserError(f"'{source}' not found (expected a run folder or a checkpoint file)")
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_checkpoint(path)
     if not ckpt.get("model_name"):
         raise UserError(f"checkpoint '{path}' does not name its model (not written by `shufflemamba train`)")
     if use_ema and ckpt.get("model_ema") is None:

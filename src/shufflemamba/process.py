@@ -1,22 +1,17 @@
 """The ``shufflemamba`` command's process settings: how OpenMP's idle threads wait, and glibc's malloc.
 
 Only the command applies them (its console script or ``python -m shufflemamba``); ``import
-shufflemamba`` in a program of yours changes nothing. Stdlib only: the wait policy must be chosen
-before torch loads its OpenMP runtime, which the package root does (see ``tune_openmp``).
+shufflemamba`` in a program of yours changes nothing. Stdlib only: OpenMP reads its wait policy when
+torch loads it, which happens while the package is imported (:func:`tune_openmp`).
 
-OpenMP. An idle OpenMP thread either spins for a while before sleeping or sleeps at once
-(``PASSIVE``). Neither suits every machine: on the 2-core Intel Xeon, one epoch of the demo's training
-on an idle machine trained at 1.01-1.26x the images/s of ``PASSIVE`` with a bounded spin
-(``GOMP_SPINCOUNT=30000``), and at 0.37x with two busy processes beside it, because each parallel op
-then spins while the thread it waits for is descheduled (docs/benchmarks.md). So the command looks at
-what else is running when it starts: if other processes use less than a quarter of a core it spins,
-otherwise (and off Linux) it sleeps. Either environment variable set by you wins and nothing is measured.
+OpenMP: a bounded spin (``GOMP_SPINCOUNT``) trains faster on an idle machine but several times slower
+when other processes share the cores (each parallel op spins while the thread it waits for is
+descheduled), so the command measures the others' load when it starts and has idle threads sleep
+(``PASSIVE``) unless the machine is idle. A variable you set wins. Figures: docs/benchmarks.md.
 
-malloc. A training step allocates and frees dozens of (batch, L, E) tensors; glibc serves blocks
-above its mmap threshold with fresh mappings and returns freed memory at the top of its heaps, so each
-step faults those pages in again (one demo epoch: 1.44 million minor faults, 118,000 with the settings
-below, at 1.07-1.11x the images/s). The price: memory freed after a peak stays with the process.
-Skipped where any ``MALLOC_*_`` variable is set, off Linux / glibc, or with ``SHUFFLEMAMBA_MALLOC=0``.
+malloc: large blocks come from the heap and stay with the process, so that each step does not fault
+its tensors' pages in again; the price is that memory freed after a peak is not returned. Skipped
+where any ``MALLOC_*_`` variable is set, off Linux / glibc, or with ``SHUFFLEMAMBA_MALLOC=0``.
 """
 
 from __future__ import annotations

@@ -26,11 +26,9 @@ import argparse
 import datetime as _dt
 import importlib.metadata
 import json
-import math
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 

@@ -78,8 +78,7 @@ def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dty
             fns = {key: train_step_fn(model.to(device), batch, img, device, amp, chans)
                    for key, model in (("vim", vim), ("vit", vit))}
             # as many pairs as fit PAIRS_SECONDS (at least `repeats`, at most MAX_PAIRS): a short step's
-            # ratio is noisy pair by pair (the demo's: 0.9-1.1 on the Intel Xeon), its median over 7
-            # pairs moved by +-5% from run to run
+            # ratio is noisy pair by pair, and a median over a few pairs moves from run to run
             first = time_interleaved(fns, 1, 2, device)
             pair_s = sum(v[0] for v in first.values())
             n = repeats if quick else min(MAX_PAIRS, max(repeats, math.ceil(PAIRS_SECONDS / max(pair_s, 1e-6))))

@@ -255,9 +255,10 @@ def _needs_pickle(path: str) -> bool:
         return f.read(1) == b"\x80"  # the pickle protocol opcode
 
 
-def load_checkpoint(path: str, *, trust: bool = False) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU with ``weights_only=True`` (or, when ``trust`` or the
-    environment says the file is trusted, with the full unpickler).
+def load_training_checkpoint(path: str, *, trust: bool = False) -> dict[str, Any]:
+    """A checkpoint file (or a run folder's newest) as a dict, read on the CPU with ``weights_only=True``
+    (the full unpickler when ``trust`` or the environment says the file is trusted). Weights into a
+    model: :func:`shufflemamba.models.load_checkpoint`.
 
     Raises:
         UserError: missing, empty, truncated or not a checkpoint, or needs pickle and is not trusted.

@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "sched": "cosine",
     "sched_on_updates": True,  # per-optimizer-step lr updates (smooth warmup on short runs)
     "weight_decay": 0.05,
-    # which parameters skip weight decay (shufflemamba.optim): "reference" = timm 0.4.12 as both
+    # which parameters skip weight decay (shufflemamba.training.optim): "reference" = timm 0.4.12 as both
     # reference trainers use it (A_log / A_b_log decayed; 1-D params, biases, tokens not);
     # "mamba" = also exempt A_log / A_b_log (the Mamba convention; this project's rule before issue 9)
     "wd_grouping": "reference",

@@ -104,7 +104,7 @@ class FashionMNIST(Dataset):
         split: ``"train"`` (60k) or ``"val"`` (the 10k test set).
         transform: applied to the 28x28 PIL image.
         mode: ``"L"`` keeps one channel; ``"RGB"`` replicates it to three.
-        batch_transform: a :class:`~shufflemamba.batch_aug.BatchAugment` that transforms the
+        batch_transform: a :class:`~shufflemamba.training.batch_aug.BatchAugment` that transforms the
             uint8 images of a whole batch at once (``__getitems__``, which the DataLoader calls
             with a batch's indices); ``transform`` is then unused.
     """
@@ -199,7 +199,7 @@ def build_dataset(cfg: dict[str, Any], split: str, in_chans: int, transform: Cal
     """The ``split`` ("train" or "val") dataset the config names. Grayscale stays one channel when
     ``in_chans == 1``; otherwise images are converted to RGB (grayscale replicated).
 
-    Fashion-MNIST, held in memory, is transformed a batch at a time (:mod:`shufflemamba.batch_aug`,
+    Fashion-MNIST, held in memory, is transformed a batch at a time (:mod:`shufflemamba.training.batch_aug`,
     the training transform when ``is_training``, else the eval one) whenever the config asks only
     for what that does; otherwise, and for image folders, ``transform`` runs per sample."""
     mode = "L" if in_chans == 1 else "RGB"

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
-from .checkpointing import load_checkpoint
+from .checkpointing import load_training_checkpoint
 from ..errors import UserError
 from .data import norm_stats
 from .trainer import build_model, load_weights
@@ -61,7 +61,7 @@ def load_model(run_or_checkpoint: str, *, which: Literal["best", "last"] = "best
         UserError: missing files, a checkpoint that names no model, or one without EMA weights.
     """
     path = _checkpoint_path(run_or_checkpoint, which)
-    ckpt = load_checkpoint(path, trust=trust)
+    ckpt = load_training_checkpoint(path, trust=trust)
     name = ckpt.get("model_name")
     if name is None:
         raise UserError(f"checkpoint '{path}' does not name its model: build it with timm.create_model and "

@@ -10,7 +10,7 @@ SIGINT or SIGUSR1 arrives (then the run exits with 128 + signal number). A SIGKI
 at most the minutes since the last one. ``--resume OUTPUT`` (or a checkpoint file) continues from
 the newest: the rest of the epoch in the same order with the same RNG streams, the lr schedule
 where it was, and ``metrics.jsonl`` rewritten from the checkpoint so every epoch appears once.
-The contents of a checkpoint are defined in :mod:`shufflemamba.checkpointing`.
+The contents of a checkpoint are defined in :mod:`shufflemamba.training.checkpointing`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from .checkpointing import (
-    EpochSums, Progress, claim_output, gather_rank_states, load_checkpoint, prepare_output, remove_run_files,
-    remove_step_checkpoints,
+    EpochSums, Progress, claim_output, gather_rank_states, load_training_checkpoint, prepare_output,
+    remove_run_files, remove_step_checkpoints,
     restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, step_number, tensorboard_writer,
     training_checkpoint, write_metrics,
 )
@@ -46,7 +46,7 @@ from .plots import plot_curves, read_metrics
 
 COUNTERS = ("num_updates", "nonfinite_streak", "nonfinite_steps", "skipped_images")  # kept by the loop, saved in Progress
 
-__all__ = ["train", "evaluate_checkpoint", "build_model", "load_checkpoint", "save_checkpoint", "model_in_chans"]
+__all__ = ["train", "evaluate_checkpoint", "build_model", "model_in_chans"]
 
 
 def is_our_model(name: str) -> bool:
@@ -110,7 +110,7 @@ def init_weights(model: nn.Module, path: str, name: str, log: Callable[[str], No
     """Start from another run's weights (later Reg stages, fine-tuning): pos_embed is resized to the
     new resolution; a head, registers or neck of another class count / register layout are left
     freshly initialised and named in one ``log`` line (``models.checkpoint.init_from_checkpoint``)."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_checkpoint(path)
     if is_our_model(name):
         from ..models.checkpoint import init_from_checkpoint
 
@@ -474,7 +474,7 @@ def evaluate_checkpoint(path: str, overrides: dict[str, Any], use_ema: bool = Fa
     overrides (or else the checkpoint's config) name. Returns the metrics of :func:`evaluate`."""
     from .config import DEFAULTS, validate_config
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_training_checkpoint(path)
     name = overrides.pop("model", None)
     extra_kwargs = overrides.pop("model_kwargs", None) or {}
     saved_name = ckpt.get("model_name")
