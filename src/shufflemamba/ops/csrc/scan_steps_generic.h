@@ -131,22 +131,40 @@ static inline void CL_FN(sl_dtproj_ddt)(const T *CL_RESTRICT dd, int64_t R, cons
 }
 /* x_proj over a sample's L rows of u (L x E): out (L x J) = u W^T with wt = W^T zero-padded to
  * (E, JP) columns (JP a multiple of 16 >= J), four rows at a time */
+typedef T CL_FN(xv) __attribute__((vector_size(32))); /* 8 floats, 4 doubles: a GCC / Clang vector */
+static inline CL_FN(xv) CL_FN(xv_load)(const T *p) {
+    CL_FN(xv) v;
+    memcpy(&v, p, sizeof v); /* an unaligned vector load */
+    return v;
+}
 static inline void CL_FN(sl_xproj_rows)(const T *CL_RESTRICT u, int64_t L, int64_t E,
                                        const T *CL_RESTRICT wt, int64_t J, int64_t JP,
                                        T *CL_RESTRICT out) {
-    T acc[4 * SM_XPROJ_MAX];
+    /* two 32-byte vectors of columns of the four rows stay in registers across E (8 AVX2 registers;
+     * plain arrays the compiler keeps on the stack), so each channel costs 4 broadcasts, 2 vector
+     * loads of W^T and 8 vector FMAs, no load and store of an accumulator row. Each output is still
+     * summed over e in order with one FMA per term, as in the plain product */
+    enum { XV = 32 / sizeof(T), XB = 2 * XV }; /* lanes a vector, columns a pass */
     for (int64_t t0 = 0; t0 < L; t0 += 4) {
         const int64_t nt = L - t0 < 4 ? L - t0 : 4;
-        for (int64_t i = 0; i < 4 * JP; ++i) acc[i] = (T)0;
-        for (int64_t r = 0; r < nt; ++r)
+        /* rows past L repeat the last one: computed, not stored */
+        const T *u0 = u + t0 * E, *u1 = u + (t0 + (nt > 1)) * E;
+        const T *u2 = u + (t0 + (nt > 2 ? 2 : nt - 1)) * E, *u3 = u + (t0 + nt - 1) * E;
+        for (int64_t j0 = 0; j0 < JP; j0 += XB) { /* JP: a multiple of 16, so of XB */
+            CL_FN(xv) a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
             for (int64_t e = 0; e < E; ++e) {
-                const T v = u[(t0 + r) * E + e];
-                T *CL_RESTRICT a = acc + r * JP;
-                #pragma omp simd
-                for (int64_t j = 0; j < JP; ++j) a[j] += v * wt[e * JP + j];
+                const CL_FN(xv) wa = CL_FN(xv_load)(wt + e * JP + j0), wb = CL_FN(xv_load)(wt + e * JP + j0 + XV);
+                const T v0 = u0[e], v1 = u1[e], v2 = u2[e], v3 = u3[e];
+                a0 += v0 * wa, b0 += v0 * wb;
+                a1 += v1 * wa, b1 += v1 * wb;
+                a2 += v2 * wa, b2 += v2 * wb;
+                a3 += v3 * wa, b3 += v3 * wb;
             }
-        for (int64_t r = 0; r < nt; ++r)
-            for (int64_t j = 0; j < J; ++j) out[(t0 + r) * J + j] = acc[r * JP + j];
+            const int64_t nj = J - j0 < XB ? J - j0 : XB;
+            const CL_FN(xv) *rows[4][2] = {{&a0, &b0}, {&a1, &b1}, {&a2, &b2}, {&a3, &b3}};
+            for (int64_t r = 0; r < nt; ++r)
+                for (int64_t j = 0; j < nj; ++j) out[(t0 + r) * J + j0 + j] = (*rows[r][j / XV])[j % XV];
+        }
     }
 }
 /* row += sum_j g_j W_j over a block (W: J x EB rows): x_proj's input gradient at one step */
