@@ -129,14 +129,16 @@ static inline void CL_FN(sl_dtproj_ddt)(const T *CL_RESTRICT dd, int64_t R, cons
         ddt[r] += acc;
     }
 }
-/* x_proj over a sample's L rows of u (L x E): out (L x J) = u W^T with wt = W^T zero-padded to
- * (E, JP) columns (JP a multiple of 16 >= J), four rows at a time */
-typedef T CL_FN(xv) __attribute__((vector_size(32))); /* 8 floats, 4 doubles: a GCC / Clang vector */
+/* a 32-byte vector of T (8 floats, 4 doubles; GCC / Clang vector extensions, one or two registers on
+ * every target): the register-blocked products below hold their accumulators in these */
+typedef T CL_FN(xv) __attribute__((vector_size(32)));
 static inline CL_FN(xv) CL_FN(xv_load)(const T *p) {
     CL_FN(xv) v;
     memcpy(&v, p, sizeof v); /* an unaligned vector load */
     return v;
 }
+/* x_proj over a sample's L rows of u (L x E): out (L x J) = u W^T with wt = W^T zero-padded to
+ * (E, JP) columns (JP a multiple of 16 >= J), four rows at a time */
 static inline void CL_FN(sl_xproj_rows)(const T *CL_RESTRICT u, int64_t L, int64_t E,
                                        const T *CL_RESTRICT wt, int64_t J, int64_t JP,
                                        T *CL_RESTRICT out) {
@@ -177,14 +179,38 @@ static inline void CL_FN(sl_rowmat_add)(const T *g, int64_t J, const T *CL_RESTR
     }
 }
 /* dt_proj's weight gradient over a block's L steps: dW_r += sum_s dd_s dt_(s, r). dd: L x EB
- * rows; dt row s at dt0 + s * sdt (sdt < 0 in reverse time); dwb: R x EB rows */
+ * rows; dt row s at dt0 + s * sdt (sdt < 0 in reverse time); dwb: R x EB rows. Also x_proj's
+ * weight gradient in sl_bwd (R = J). Up to four rows by two vectors of dW stay in registers across
+ * the L steps (8 independent FMA chains), where a row-at-a-time loop loads and stores dW at every
+ * step; each element still adds its L terms in step order, one FMA each */
+/* m (1-4, a constant at each call) rows r0.. of dW, two vectors of columns from j0 */
+static inline __attribute__((always_inline)) void CL_FN(dw_pass)(const T *CL_RESTRICT dd, const T *dt0, int64_t sdt,
+                                                                 int64_t L, int64_t r0, const int m, int j0,
+                                                                 T *CL_RESTRICT dwb) {
+    enum { XV = 32 / sizeof(T) };
+    CL_FN(xv) acc[4][2];
+    for (int i = 0; i < m; ++i)
+        acc[i][0] = CL_FN(xv_load)(dwb + (r0 + i) * EB + j0), acc[i][1] = CL_FN(xv_load)(dwb + (r0 + i) * EB + j0 + XV);
+    for (int64_t s = 0; s < L; ++s) {
+        const T *dtr = dt0 + s * sdt + r0;
+        const CL_FN(xv) da = CL_FN(xv_load)(dd + s * EB + j0), db = CL_FN(xv_load)(dd + s * EB + j0 + XV);
+        for (int i = 0; i < m; ++i) acc[i][0] += da * dtr[i], acc[i][1] += db * dtr[i];
+    }
+    for (int i = 0; i < m; ++i) {
+        memcpy(dwb + (r0 + i) * EB + j0, &acc[i][0], sizeof acc[i][0]);
+        memcpy(dwb + (r0 + i) * EB + j0 + XV, &acc[i][1], sizeof acc[i][1]);
+    }
+}
 static inline void CL_FN(sl_dtproj_dw)(const T *CL_RESTRICT dd, const T *dt0, int64_t sdt, int64_t L,
                                       int64_t R, T *CL_RESTRICT dwb) {
-    for (int64_t r = 0; r < R; ++r)
-        for (int64_t s = 0; s < L; ++s) {
-            const T v = dt0[s * sdt + r];
-            #pragma omp simd
-            for (int j = 0; j < EB; ++j) dwb[r * EB + j] += dd[s * EB + j] * v;
+    enum { XB = 64 / sizeof(T) }; /* columns a pass: two vectors (EB: a multiple of 16) */
+    for (int64_t r0 = 0; r0 < R; r0 += 4)
+        for (int j0 = 0; j0 < EB; j0 += XB) {
+            const int64_t m = R - r0;
+            if (m >= 4) CL_FN(dw_pass)(dd, dt0, sdt, L, r0, 4, j0, dwb);
+            else if (m == 3) CL_FN(dw_pass)(dd, dt0, sdt, L, r0, 3, j0, dwb);
+            else if (m == 2) CL_FN(dw_pass)(dd, dt0, sdt, L, r0, 2, j0, dwb);
+            else CL_FN(dw_pass)(dd, dt0, sdt, L, r0, 1, j0, dwb);
         }
 }
 /* the forward's step before the states, with dt_proj fused: delta = sum_r dt_r W_r (R x EB rows
