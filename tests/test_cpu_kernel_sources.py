@@ -169,3 +169,17 @@ def test_silu_derivative_without_avx512(probes):
     assert probes[keys[0]].probe_dsilu(x.data_ptr(), out.data_ptr(), x.numel()) == 0
     excess = (out.double() - ref).abs() - (1e-6 * ref.abs() + 1e-7)
     assert excess.max() <= 0
+
+
+def test_isa_setting_builds_without_avx512(monkeypatch):
+    """SHUFFLEMAMBA_CPU_ISA=avx2: the kernels' flags switch AVX-512 off (x86) and the auto width rule
+    sees no AVX-512, so the AVX2-only code paths build and load as one variant; a bad value is a UserError."""
+    monkeypatch.setenv(cpu_scan._ISA_ENV, "avx2")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert ("-mno-avx512f" in cpu_scan._flags(None)) == x86
+    assert not cpu_scan._has_avx512()
+    monkeypatch.setenv(cpu_scan._ISA_ENV, "native")
+    assert "-mno-avx512f" not in cpu_scan._flags("512")
+    monkeypatch.setenv(cpu_scan._ISA_ENV, "avx9")
+    with pytest.raises(cpu_scan.VectorWidthError, match="SHUFFLEMAMBA_CPU_ISA must be native or avx2"):
+        cpu_scan._flags(None)
