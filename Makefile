@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` (the main job) and `make test`.
-# Both create .venv and install everything in the order this matters (SPEC 4):
+# Both create .venv and install everything in the order this matters:
 # torch (pinned CPU wheel, constraints-cpu.txt) first, then torchvision, then the package with timm.
 PYTHON ?= python3
 VENV   := .venv
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml $(PINS)
 	$(BIN)/pip install -q -c $(PINS) torch
 	$(BIN)/pip install -q -c $(PINS) torchvision
 	$(BIN)/pip install -q -c $(PINS) -e ".[dev,triton]"
+	@# guarded: only where torchvision's compiled ops do not load (a CUDA torchvision beside the CPU torch),
+	@# a start-up hook defines their schemas, so `import timm` works before `import shufflemamba` too
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python src/shufflemamba/_compat.py install-hook
 	touch $(STAMP)
 
 dataset:
@@ -30,7 +33,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) dataset
-	$(BIN)/shufflemamba train --config demo --output runs/demo
+	$(BIN)/shufflemamba train --config demo
 
 study: $(STAMP) dataset
 	$(BIN)/python benchmarks/study.py --output runs/study --background
@@ -48,14 +51,15 @@ bench: $(STAMP)
 # (intel-xeon, amd-epyc, ...): the benchmark suite (with Vim vs ViT) and the scan vs its
 # arithmetic limit. ~3 minutes on 2 cores; run it on an idle machine.
 cpu-figures: $(STAMP)
-	@tag=$$($(BIN)/python -c "from shufflemamba.reports import cpu_model, machine_tag; print(machine_tag(cpu_model()))") && \
+	@tag=$$($(BIN)/python -c "from shufflemamba.bench.report import cpu_model, machine_tag; print(machine_tag(cpu_model()))") && \
 	  $(BIN)/shufflemamba bench --device cpu --json benchmarks/results/bench-cpu-$$tag.json && \
+	  $(BIN)/python benchmarks/docs_section.py bench benchmarks/results/bench-cpu-$$tag.json && \
 	  $(BIN)/python benchmarks/scan_limit.py --threads 2 --repeat 5 --docs docs/benchmarks.md \
 	    --json benchmarks/results/scan-limit-$$tag.json
 
 # the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix
 triton-report: $(STAMP)
-	$(BIN)/python -m shufflemamba.ops.triton_compile --json benchmarks/results/triton-sm90.json
+	$(BIN)/python -m shufflemamba.bench.triton_compile --json benchmarks/results/triton-sm90.json
 
 # Install this checkout into another environment that has its own torch, torchvision and timm
 # (nothing else is installed or fetched), then import it and train one epoch of a tiny model there.
@@ -67,13 +71,18 @@ check-install:
 # On a CUDA machine, with the torch (and timm, triton, mamba_ssm, ...) already installed there:
 # nothing is installed or fetched, the package runs from src/. GPU_PYTHON picks the interpreter
 # (default: python3 if it imports torch, else this project's .venv). Without a GPU: one line, exit 0.
+# With one: benchmarks/results/gpu-check.json and its section in docs/benchmarks.md.
 gpu-check:
 	@if [ -n "$(GPU_PYTHON)" ]; then py="$(GPU_PYTHON)"; \
 	  "$$py" -c "import torch" 2>/dev/null || { echo "error: GPU_PYTHON=$$py cannot import torch" >&2; exit 2; }; \
 	elif python3 -c "import torch" 2>/dev/null; then py=python3; \
 	elif [ -x $(BIN)/python ]; then py=$(BIN)/python; \
 	else echo "gpu-check: no Python with torch here, so no GPU to check (set GPU_PYTHON)"; exit 0; fi; \
-	PYTHONPATH=src "$$py" -m shufflemamba doctor --gpu $(GPU_CHECK_ARGS)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	PYTHONPATH=src "$$py" -m shufflemamba doctor --gpu --json "$$tmp/gpu-check.json" $(GPU_CHECK_ARGS) && \
+	if [ -f "$$tmp/gpu-check.json" ]; then mkdir -p benchmarks/results && \
+	  cp "$$tmp/gpu-check.json" benchmarks/results/gpu-check.json && \
+	  PYTHONPATH=src "$$py" benchmarks/docs_section.py gpu-check benchmarks/results/gpu-check.json; fi
 
 clean:
 	rm -rf $(VENV) runs

@@ -23,9 +23,9 @@ import time
 import torch
 
 import shufflemamba  # noqa: F401  (before timm / torchvision)
-from shufflemamba import bench_vit
-from shufflemamba._malloc import tune_malloc
-from shufflemamba.bench import _train_step_fn
+from shufflemamba.bench import vit as bench_vit
+from shufflemamba.process import tune_malloc
+from shufflemamba.bench.timing import train_step_fn
 from shufflemamba.models import PatchEmbed
 from shufflemamba.ops import cpu_mixer
 
@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     torch.set_num_threads(args.threads)
     setup = bench_vit.SETUPS[names[0]]
-    vim, vit = bench_vit._models(setup, args.quick)
+    vim, vit = bench_vit.vim_and_vit(setup, args.quick)
     img, chans = setup["shared"]["img_size"], setup["shared"]["in_chans"]
     batch = 4 if args.quick else setup["batch"]
     cpu = torch.device("cpu")
-    steps = {k: _train_step_fn(m, batch, img, cpu, None, chans) for k, m in (("vim", vim), ("vit", vit))}
+    steps = {k: train_step_fn(m, batch, img, cpu, None, chans) for k, m in (("vim", vim), ("vit", vit))}
 
     def run(value: object) -> None:
         setattr(obj, attr, value)

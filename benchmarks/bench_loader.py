@@ -19,10 +19,10 @@ import time
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
-from shufflemamba import batch_aug
-from shufflemamba.config import resolve_config
-from shufflemamba.data import build_loaders
-from shufflemamba.reports import cpu_model
+from shufflemamba.bench.report import cpu_model
+from shufflemamba.training import batch_aug
+from shufflemamba.training.config import resolve_config
+from shufflemamba.training.data import build_loaders
 
 
 def images_per_second(cfg: dict, batches: int, batched: bool) -> float:

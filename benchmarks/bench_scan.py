@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import shufflemamba  # noqa: F401  (applies the torchvision shim before anything imports timm)
-from shufflemamba.ops.benchmark import DEFAULT_IMPLS, SCAN_SHAPES, ScanShape, bench_scan, scan_markdown
+from shufflemamba.bench.report import scan_markdown
+from shufflemamba.bench.scan import DEFAULT_IMPLS, SCAN_SHAPES, ScanShape, bench_scan
 
 
 def cpu_model() -> str:
@@ -39,7 +40,7 @@ def bench_cl(shapes, threads: int, repeat: int, warmup: int, dtype: torch.dtype,
     import time
     from dataclasses import asdict
 
-    from shufflemamba.ops.benchmark import _inputs
+    from shufflemamba.bench.scan import plain_inputs
     from shufflemamba.ops.cpu_scan import cpu_scan_available, selective_scan_cl
 
     if not cpu_scan_available():
@@ -49,7 +50,7 @@ def bench_cl(shapes, threads: int, repeat: int, warmup: int, dtype: torch.dtype,
     rows = []
     try:
         for shape in shapes:
-            ins = _inputs(shape, dtype, seed)
+            ins = plain_inputs(shape, dtype, seed)
             # (batch, E, L) -> (batch, L, E); B, C -> (batch, L, N)
             cl = [t.transpose(1, 2).contiguous() if t.dim() == 3 else t for t in ins]
             leaves = [t.requires_grad_() for t in cl]

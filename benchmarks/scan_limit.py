@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim)
+from docs_section import write_marked_section
+from shufflemamba.bench.report import cpu_model, machine_tag
 from shufflemamba.ops import cpu_scan
-from shufflemamba.reports import cpu_model, machine_tag, write_marked_section
 
 HERE = Path(__file__).resolve().parent
 KERNEL_SRC = HERE.parent / "src" / "shufflemamba" / "ops" / "csrc"
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation: the script's "
                    f"docstring and the paragraph below this section).\n\n{table}\n\n")
-        tag = machine_tag(cpu_model()) + ("-avx2" if capped else "")  # one section per CPU model and ISA
+        # one section per CPU model and vector ISA: AVX2-only and AVX-512 CPUs of one model name (AMD
+        # EPYC Zen 3 and Zen 4) and a run with AVX-512 switched off do not overwrite each other
+        tag = machine_tag(cpu_model()) + ("-avx2" if peak.fma_bits() == 256 and "AVX2" in fma_name else "")
         write_marked_section(args.docs, section, f"<!-- scan-limit:{tag}:begin -->", f"<!-- scan-limit:{tag}:end -->")
     return 0
 

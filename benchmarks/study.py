@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
-from shufflemamba.reports import write_marked_section
+from docs_section import write_marked_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,8 +80,8 @@ def run_one(args: argparse.Namespace, name: str, rate: float, schedule: str, see
 
 def load_final(out: str) -> tuple[Any, dict[str, Any], int, Any]:
     """A finished run's final weights (OUTPUT/last.pt) as (model, config, in_chans, eval transform)."""
-    from shufflemamba.data import build_transform
-    from shufflemamba.train import build_model, load_checkpoint, model_in_chans
+    from shufflemamba.training.data import build_transform
+    from shufflemamba.training.trainer import build_model, load_checkpoint, model_in_chans
 
     ckpt = load_checkpoint(os.path.join(out, "last.pt"))
     cfg, kwargs = ckpt["config"], dict(ckpt["model_kwargs"])
@@ -94,8 +94,8 @@ def load_final(out: str) -> tuple[Any, dict[str, Any], int, Any]:
 def final_accuracy(out: str) -> tuple[dict[str, float], dict[str, float]]:
     """Final weights on the run's own training subset and on the full test set, without augmentation
     (the per-epoch curves use a test subset to keep epochs cheap)."""
-    from shufflemamba.data import build_dataset, collate_skip, subset
-    from shufflemamba.engine import evaluate
+    from shufflemamba.training.data import build_dataset, collate_skip, subset
+    from shufflemamba.training.engine import evaluate
 
     model, cfg, in_chans, transform = load_final(out)
     results = []

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
-from shufflemamba.reports import cpu_model, write_marked_section
+from docs_section import write_marked_section
+from shufflemamba.bench.report import cpu_model
 from study import (_mean_sd, add_run_options, load_final, read_rows, run_in_background,  # the first study's helpers
                    train_all)
 
@@ -97,8 +98,8 @@ def overfits(rise: dict[str, float]) -> bool:
 def final_eval(out: str) -> dict[str, float]:
     """The final weights, without augmentation, on the run's own training images (clean train top-1
     and loss) and on all 10,000 test images."""
-    from shufflemamba.data import build_dataset, collate_skip, holdout_split, subset
-    from shufflemamba.engine import evaluate
+    from shufflemamba.training.data import build_dataset, collate_skip, holdout_split, subset
+    from shufflemamba.training.engine import evaluate
 
     model, cfg, in_chans, transform = load_final(out)
     train_ds = build_dataset(cfg, "train", in_chans, transform)

@@ -2,7 +2,12 @@
 
 import os
 
-import torch
+# Idle OpenMP threads sleep instead of spinning: the suite shares its cores with other work. Set here,
+# before torch loads OpenMP, since importing shufflemamba leaves the process alone (the command tunes
+# its own).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # Triton decides between compiler and CPU interpreter once, when triton itself is first imported
 # (timm imports it, so shufflemamba's import does too). Without a GPU the Triton kernels can only be

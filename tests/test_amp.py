@@ -10,7 +10,8 @@ import yaml
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 from shufflemamba.cli import main
-from shufflemamba.config import DEFAULTS, UserError, resolve_amp, resolve_config
+from shufflemamba.errors import UserError
+from shufflemamba.training.config import DEFAULTS, resolve_amp, resolve_config
 
 from test_train import make_folder, train_args
 

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import shufflemamba  # noqa: F401  (before timm / torchvision)
-from shufflemamba import batch_aug
-from shufflemamba.config import DEFAULTS
-from shufflemamba.data import FashionMNIST, build_transform, norm_stats
+from shufflemamba.training import batch_aug
+from shufflemamba.training.config import DEFAULTS
+from shufflemamba.training.data import FashionMNIST, build_transform, norm_stats
 
 
 def _cfg(**kw):

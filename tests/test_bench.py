@@ -1,21 +1,35 @@
-"""Smoke test of the benchmark suite: runs ``--quick`` and checks the shape of what it writes."""
+"""Smoke test of the benchmark suite: runs ``--quick`` and checks the shape of what it writes, and
+benchmarks/docs_section.py, which puts that into docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from shufflemamba import bench
-from shufflemamba.config import UserError
-from shufflemamba.reports import machine_tag
+from shufflemamba.bench import suite as bench
+from shufflemamba.bench.report import machine_tag
+from shufflemamba.errors import UserError
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_quick_run_writes_json_and_markdown(tmp_path):
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_run_writes_json_and_prints_markdown(tmp_path, capsys):
     md = tmp_path / "benchmarks.md"
     md.write_text("# Benchmarks\n\nHand-written section that must survive.\n")
     js = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--json", str(js), "--markdown", str(md)]) == 0
+    assert bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "Selective scan, forward + backward" in printed and md.read_text().count("bench:") == 0
 
     res = json.loads(js.read_text())
     assert set(res) >= {"meta", "scan", "train", "gpu"}
@@ -39,7 +53,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
             assert r["slws_overhead"] > -1 and r["slws_ops_ms"] > 0 and 0 < r["slws_ops_fraction"] < 1
     assert "skipped" in res["gpu"]
 
-    from shufflemamba.bench_vit import SETUPS
+    from shufflemamba.bench.vit import SETUPS
     assert set(res["vit"]["setups"]) == set(SETUPS)
     for r in res["vit"]["setups"].values():
         assert r["status"] == "ok", r
@@ -47,27 +61,43 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         assert r["vim_over_vit_quartiles"] is None and r["repeats"] == 1  # --quick --repeats 1: one pair
         assert r["tokens"] > 1 and r["params_vim"] > 0 and r["params_vit"] > 0
 
+    docs = _script("docs_section")
+    assert docs.main(["bench", str(js), "--docs", str(md)]) == 0
     text = md.read_text()
     assert "Hand-written section that must survive." in text
-    begin, end = bench.markers(machine_tag(res["meta"]["device_name"]))
+    begin, end = docs.bench_markers(machine_tag(res["meta"]["device_name"]))
     assert text.count(begin) == 1 and text.count(end) == 1
     assert "Selective scan, forward + backward" in text
     assert "Vim vs timm's ViT of the same width, depth and tokens" in text
 
 
-def test_write_markdown_replaces_only_its_section(tmp_path):
+def test_write_marked_section_replaces_only_its_section(tmp_path):
+    docs = _script("docs_section")
+
+    def write(section: str, tag: str) -> None:
+        docs.write_marked_section(md, section, *docs.bench_markers(tag))
+
     md = tmp_path / "b.md"
-    begin, end = bench.markers("intel-xeon")
-    other = "\n".join(bench.markers("amd-epyc"))
+    begin, end = docs.bench_markers("intel-xeon")
+    other = "\n".join(docs.bench_markers("amd-epyc"))
     md.write_text(f"intro\n\n{begin}\nold\n{end}\n{other}\n\n## Selective scan (CPU)\nkept\n")
-    bench.write_markdown(md, "new\n", "intel-xeon")
+    write("new\n", "intel-xeon")
     text = md.read_text()
     assert "old" not in text and "new" in text and other in text  # the other machine's section stays
     assert text.startswith("intro") and text.rstrip().endswith("kept")
-    bench.write_markdown(md, "newer\n", "intel-xeon")
+    write("newer\n", "intel-xeon")
     assert md.read_text().count(begin) == 1 and "newer" in md.read_text()
-    bench.write_markdown(md, "gpu\n", "nvidia-h200")  # a new machine's section is appended
-    assert md.read_text().count(bench.markers("nvidia-h200")[0]) == 1 and "newer" in md.read_text()
+    write("gpu\n", "nvidia-h200")  # a new machine's section is appended
+    assert md.read_text().count(docs.bench_markers("nvidia-h200")[0]) == 1 and "newer" in md.read_text()
+
+
+def test_docs_section_refuses_what_is_not_a_result(tmp_path, capsys):
+    docs, md = _script("docs_section"), tmp_path / "b.md"
+    (tmp_path / "x.json").write_text("{}")
+    assert docs.main(["bench", str(tmp_path / "missing.json"), "--docs", str(md)]) == 2
+    assert docs.main(["bench", str(tmp_path / "x.json"), "--docs", str(md)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 2 and not md.exists()
 
 
 @pytest.mark.parametrize("name, tag", [("Intel(R) Xeon(R) Processor", "intel-xeon"),
@@ -85,7 +115,7 @@ def test_bad_arguments():
 
 
 def test_vim_vit_pairs_quartiles():
-    from shufflemamba.bench_vit import _quartiles
+    from shufflemamba.bench.vit import _quartiles
 
     assert _quartiles([1.0]) is None
     lo, hi = _quartiles([1.3, 0.9, 1.1, 1.0, 1.2])

@@ -82,7 +82,7 @@ def test_unknown_model_suggests_close_names(data, capsys):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--epochs", "-3"], "epochs must be >= 0"),
+        (["--epochs", "-3"], "epochs must be >= 1"),
         (["--slws-rate", "1.2"], "slws_rate must be in"),
         (["--ssr", "-0.5"], "slws_rate must be in"),
         (["--config", "no_such_preset"], "unknown preset"),
@@ -122,13 +122,11 @@ def test_eval_rebuilds_from_checkpoint_alone(data, ckpt, capsys):
 
 def test_bench_dispatch(monkeypatch, capsys):
     seen = {}
-    fake = types.ModuleType("shufflemamba.bench")
+    fake = types.ModuleType("shufflemamba.bench.suite")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "shufflemamba.bench", fake)
-    monkeypatch.setattr(shufflemamba, "bench", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "shufflemamba.bench.suite", fake)
     assert main(["bench", "--quick", "x"]) == 0 and seen["argv"] == ["--quick", "x"]
-    monkeypatch.setitem(sys.modules, "shufflemamba.bench", None)
-    monkeypatch.delattr(shufflemamba, "bench", raising=False)
+    monkeypatch.setitem(sys.modules, "shufflemamba.bench.suite", None)
     assert_one_line_error(*run_main(["bench"], capsys), "shufflemamba.bench")
 
 

@@ -30,14 +30,49 @@ spec.loader.exec_module(compat)
 """
 
 
-def test_here_it_applies_exactly_when_torchvision_needs_it():
-    plain = _run("import torch, torchvision")
-    needed = plain.returncode != 0
-    if needed:
-        assert "torchvision::" in plain.stderr, plain.stderr[-500:]
-    proc = _run("import shufflemamba, torchvision, timm; from shufflemamba import _compat; print(_compat.applied)")
+@pytest.mark.parametrize("first", ["import shufflemamba, timm", "import timm, shufflemamba",
+                                   "import torchvision, shufflemamba", "import torch, torchvision"])
+def test_any_import_order_works_here(first):
+    """In the environment the Makefile builds, whatever the user imports first (a notebook's `import
+    timm`, say): the package's own step or the start-up hook it installs defines the schemas."""
+    proc = _run(first + "; import timm; timm.create_model('vim_tiny_patch16_224', num_classes=3) if 'shufflemamba' in "
+                "dir() else None")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == [str(needed)]
+
+
+# this environment's own start-up hook (if the Makefile installed one) out of the way, so each test sees only its own
+NO_HOOKS = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != '_SchemasBeforeTorchvision']\n"
+
+FAKE_TORCHVISION = """
+import torch
+torch._C._dispatch_find_schema_or_throw("torchvision::nms", "")  # as torchvision's fake-kernel registration needs
+"""
+
+
+def test_start_up_hook_defines_the_schemas_before_torchvision_loads(tmp_path):
+    """The .pth line, processed as Python's start-up does (site.addsitedir), installs a hook that runs
+    nothing until torchvision is imported, then defines the schemas first."""
+    (tmp_path / "torchvision").mkdir()
+    (tmp_path / "torchvision" / "__init__.py").write_text(FAKE_TORCHVISION)
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    proc = _run(NO_HOOKS + LOAD_COMPAT + f"""
+import site, sys
+compat.write_pth({str(site_dir)!r}, {str(COMPAT)!r})
+site.addsitedir({str(site_dir)!r})
+assert "torch" not in sys.modules  # nothing heavy at start-up
+import torchvision
+print("ok")
+""", tmp_path)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok"], proc.stderr[-2000:]
+
+
+def test_without_the_hook_the_fake_torchvision_fails(tmp_path):
+    """The check above can fail: the same fake torchvision without the hook raises."""
+    (tmp_path / "torchvision").mkdir()
+    (tmp_path / "torchvision" / "__init__.py").write_text(FAKE_TORCHVISION)
+    proc = _run(NO_HOOKS + "sys.path.insert(0, %r); import torchvision" % str(tmp_path))
+    assert proc.returncode != 0 and "torchvision::nms" in proc.stderr
 
 
 def test_importing_the_package_prints_nothing():
@@ -68,3 +103,16 @@ def test_missing_torchvision_is_left_to_timm(tmp_path):
     proc = _run("import sys; sys.modules['torchvision'] = None\n" + LOAD_COMPAT
                 + "compat.ensure_torchvision(); print(compat.applied)")
     assert proc.returncode == 0 and proc.stdout.split() == ["False"], proc.stderr[-2000:]
+
+
+def test_start_up_line_is_silent_when_the_checkout_is_gone(tmp_path):
+    """The .pth line names this file by path: if the checkout moves, Python must still start cleanly."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    proc = _run(NO_HOOKS + LOAD_COMPAT + f"""
+import site
+compat.write_pth({str(site_dir)!r}, {str(tmp_path / 'gone' / '_compat.py')!r})
+site.addsitedir({str(site_dir)!r})
+print("started")
+""")
+    assert proc.returncode == 0 and proc.stdout.split() == ["started"] and proc.stderr == "", proc.stderr[-2000:]

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 import shufflemamba  # noqa: F401
-from shufflemamba.config import DEFAULTS, UserError, list_presets, load_config_file, parse_kv_list, resolve_config
+from shufflemamba.errors import UserError
+from shufflemamba.training.config import DEFAULTS, list_presets, load_config_file, parse_kv_list, resolve_config
 
 
 def test_shipped_presets_all_resolve():
@@ -45,7 +46,7 @@ def test_config_file_by_path(tmp_path):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"epochs": -1}, "epochs must be >= 0"),
+        ({"epochs": -1}, "epochs must be >= 1"),
         ({"slws_rate": 1.5}, r"slws_rate must be in \[0.0, 1.0\]"),
         ({"slws_rate": -0.1}, "slws_rate"),
         ({"drop_path": 2.0}, "drop_path"),
@@ -88,7 +89,7 @@ def test_wd_grouping_validated_and_old_configs_keep_the_mamba_rule():
     assert resolve_config("demo", {"wd_grouping": "reference"})["wd_grouping"] == "reference"
     with pytest.raises(UserError, match="wd_grouping must be 'reference' or 'mamba'"):
         resolve_config(None, {"wd_grouping": "ours"})
-    from shufflemamba.config import validate_config
+    from shufflemamba.training.config import validate_config
 
     saved = resolve_config(None, {})
     del saved["wd_grouping"]  # a checkpoint's config from before the key: trained with the Mamba rule
@@ -96,7 +97,7 @@ def test_wd_grouping_validated_and_old_configs_keep_the_mamba_rule():
 
 
 def _print_config(argv, capsys, monkeypatch):
-    import shufflemamba.train as train_mod
+    import shufflemamba.training.trainer as train_mod
     from shufflemamba.cli import main
 
     def no_training(*args, **kwargs):

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import shufflemamba  # noqa: F401
-from shufflemamba.config import UserError, resolve_config
-from shufflemamba.data import FMNIST_DIR, FashionMNIST, ImageFolderPIL, build_loaders, collate_skip, read_idx
+from shufflemamba.errors import UserError
+from shufflemamba.training.config import resolve_config
+from shufflemamba.training.data import FMNIST_DIR, FashionMNIST, ImageFolderPIL, build_loaders, collate_skip, read_idx
 
 
 def _folder(root, classes=("a", "b"), n=4, size=12, split="train"):
@@ -145,7 +146,7 @@ def test_holdout_too_large_is_a_user_error(tmp_path):
 def test_fashion_mnist_loaders_transform_whole_batches(tmp_path):
     """The in-memory dataset goes through the batched transform (through Subset for train_subset
     and holdout too) when the config allows it, and through timm's per-sample one when it does not."""
-    from shufflemamba.batch_aug import BatchAugment
+    from shufflemamba.training.batch_aug import BatchAugment
 
     imgs = np.arange(40 * 28 * 28).reshape(40, 28, 28) % 251
     labels = np.arange(40) % 10

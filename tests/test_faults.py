@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
-from shufflemamba import bench, faults
-from shufflemamba.checkpointing import TRUST_ENV, load_checkpoint, step_checkpoints
+from shufflemamba.bench import suite as bench
+from shufflemamba.training.checkpointing import TRUST_ENV, load_checkpoint, step_checkpoints
 from shufflemamba.cli import main
-from shufflemamba.config import UserError
+from shufflemamba.errors import UserError
+from faults import Faults, install
 from test_train import make_folder, read_metrics, train_args
 
 
@@ -53,7 +54,7 @@ def one_thread():
 
 
 def set_faults(monkeypatch, **kw) -> None:
-    monkeypatch.setattr(faults, "FAULTS", faults.Faults(**{k: frozenset(v) for k, v in kw.items()}))
+    install(Faults(**{k: frozenset(v) for k, v in kw.items()}), monkeypatch.setattr)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def stopped_run(data, tmp_path_factory) -> str:
     """Two epochs planned; SIGTERM after update 8: last.pt / best.pt of epoch 0 and step_9.pt."""
     out = str(tmp_path_factory.mktemp("stopped") / "run")
     mp = pytest.MonkeyPatch()
-    mp.setattr(faults, "FAULTS", faults.Faults(sigterm=frozenset({8})))
+    install(Faults(sigterm=frozenset({8})), mp.setattr)
     try:
         assert main(train_args(data, out, 2, "--model-ema")) == 128 + signal.SIGTERM
     finally:
@@ -164,7 +165,7 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(data, tmp_path, capsys
     assert (ck["progress"]["epoch"], ck["progress"]["batches_done"], ck["num_updates"]) == (1, 1, 2)
     assert all(int(s["step"]) == 2 for s in ck["optimizer"]["state"].values())  # two good updates, no more
     assert all(torch.isfinite(t).all() for t in ck["model"].values())
-    set_faults(monkeypatch)
+    monkeypatch.undo()  # no more faults
     code, _, err = run_main(["train", "--resume", out], capsys)
     assert code == 0, err
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
@@ -235,7 +236,7 @@ def test_accumulation_resume_in_process_is_exact(data, tmp_path, capsys, monkeyp
     set_faults(monkeypatch, sigterm={4})  # after update 4 = epoch 1, micro-batch 1
     code, stdout, _ = run_main(train_args(data, out, 2, "--accum-steps", "2"), capsys)
     assert code == 128 + signal.SIGTERM and "at epoch 1, batch 4 of 6" in stdout
-    set_faults(monkeypatch)
+    monkeypatch.undo()  # no more faults
     assert run_main(["train", "--resume", out], capsys)[0] == 0
     a, b = load_checkpoint(os.path.join(out, "last.pt")), load_checkpoint(os.path.join(ref, "last.pt"))
     assert a["num_updates"] == b["num_updates"] == 6

@@ -14,12 +14,24 @@ import pytest
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
-from shufflemamba import gpu_check
+from shufflemamba.bench import gpu_check
+from shufflemamba.bench.report import gpu_check_markdown
 from shufflemamba.cli import main as cli
 
 from test_mamba_ssm_glue import fakes  # noqa: F401  (fixture: stand-in mamba_ssm / causal-conv1d)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _docs_section():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_section", REPO / "benchmarks" / "docs_section.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
 
 
@@ -27,8 +39,8 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answe
 def test_no_gpu_prints_one_line_and_writes_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "shufflemamba", "doctor", "--gpu", "--json", str(tmp_path / "r.json"),
-                           "--markdown", str(tmp_path / "r.md")], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "shufflemamba", "doctor", "--gpu", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 1 and "no CUDA GPU" in proc.stdout
     assert list(tmp_path.iterdir()) == []
@@ -51,20 +63,22 @@ def test_bad_arguments(capsys):
 
 def test_doctor_prints_environment(capsys):
     assert cli(["doctor"]) == 0
-    env = json.loads(capsys.readouterr().out)
-    assert env["torch"] == torch.__version__ and "mamba_ssm" in env["kernels"]
-    assert env["auto_impl"]["float32"] in ("cpu", "torch", "triton", "mamba_ssm")
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["torch"] == torch.__version__ and "kernels.mamba_ssm" in lines
+    assert lines["auto_impl.float32"] in ("cpu", "torch", "triton", "mamba_ssm")
 
 
 def test_quick_cpu_run_writes_json_and_markdown(tmp_path, fakes):  # noqa: F811
     """Every section on the CPU at tiny sizes, with the mamba_ssm stand-in present: parity of each impl
-    within tolerance, timings, training steps and the SLWS section recorded, and the markdown section
-    written between its markers without touching the rest of the file."""
+    within tolerance, timings, training steps and the SLWS section recorded, and (benchmarks/docs_section.py)
+    the markdown section written between its markers without touching the rest of the file."""
     md = tmp_path / "bench.md"
     md.write_text("# Benchmarks\n\nhand-written text\n")
     out = tmp_path / "r.json"
-    assert gpu_check.main(["--gpu", "--device", "cpu", "--quick", "--skip", "pytest", "--json", str(out),
-                           "--markdown", str(md)]) == 0
+    assert gpu_check.main(["--gpu", "--device", "cpu", "--quick", "--skip", "pytest", "--json", str(out)]) == 0
+    assert md.read_text() == "# Benchmarks\n\nhand-written text\n"  # the library writes no docs
+    docs = _docs_section()
+    assert docs.main(["gpu-check", str(out), "--docs", str(md)]) == 0
     rep = json.loads(out.read_text())
     assert rep["pytest"]["status"] == "skipped"
     for name in ("environment", "parity", "scan_timing", "train_step", "slws"):
@@ -82,11 +96,13 @@ def test_quick_cpu_run_writes_json_and_markdown(tmp_path, fakes):  # noqa: F811
     assert set(rep["slws"]["models"]) == {"vim_tiny_patch16_224", "vim_small_patch16_224"}
     text = md.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written text\n")
-    assert text.count(gpu_check.BEGIN) == 1 and "### Scan parity" in text and "### Training step" in text
+    begin = docs.GPU_CHECK_MARKERS[0]
+    assert text.count(begin) == 1 and "### Scan parity" in text and "### Training step" in text
     # a second run replaces the section instead of appending another
     assert gpu_check.main(["--gpu", "--device", "cpu", "--quick", "--skip", "pytest", "scan_timing", "train_step",
-                           "slws", "--json", str(out), "--markdown", str(md)]) == 0
-    assert md.read_text().count(gpu_check.BEGIN) == 1
+                           "slws", "--json", str(out)]) == 0
+    assert docs.main(["gpu-check", str(out), "--docs", str(md)]) == 0
+    assert md.read_text().count(begin) == 1
 
 
 def test_a_failing_section_is_recorded_and_the_rest_still_runs(monkeypatch):
@@ -97,7 +113,7 @@ def test_a_failing_section_is_recorded_and_the_rest_still_runs(monkeypatch):
     rep = gpu_check.run_check(torch.device("cpu"), quick=True, skip=("pytest", "train_step", "slws"))
     assert rep["parity"]["status"] == "error" and "kernel exploded" in rep["parity"]["error"]
     assert rep["scan_timing"]["status"] == "ok"
-    assert "kernel exploded" in gpu_check.to_markdown(rep)
+    assert "kernel exploded" in gpu_check_markdown(rep)
 
 
 def test_a_failing_impl_is_recorded_and_the_others_still_measured():

@@ -2,7 +2,7 @@
 
 The library must install beside the PyTorch a user already has (so no ``==`` and no needless upper
 bound on torch / torchvision / timm), while this project's own machines keep the exact CPU set
-(SPEC 4: an unpinned torch pulls a multi-GB CUDA build here).
+(an unpinned torch pulls a multi-GB CUDA build here).
 """
 
 from __future__ import annotations

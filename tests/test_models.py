@@ -17,7 +17,7 @@ from torch import nn
 
 TINY = dict(img_size=32, patch_size=16, embed_dim=16, depth=2, d_state=4, num_classes=3)
 
-# exact counts with a 1000-class head (SPEC 2: 7.15M, 25.8M, 97.6M, ~74M, ~98M, ~340M)
+# exact counts with a 1000-class head (the papers' 7.15M, 25.8M, 97.6M, ~74M, ~98M, ~340M)
 FULL_SIZE_PARAMS = {
     "vim_tiny_patch16_224": 7_148_008,
     "vim_small_patch16_224": 25_796_584,
@@ -50,7 +50,7 @@ MIXER_KEYS = [
 
 
 def official_keys(depth: int, layer_norm: bool = False) -> set[str]:
-    """The parameter names of the official hustvl/Vim checkpoints (SPEC 2)."""
+    """The parameter names of the official hustvl/Vim checkpoints."""
     keys = {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "norm_f.weight",
             "head.weight", "head.bias"}
     for i in range(depth):
@@ -223,16 +223,16 @@ def test_each_family_defaults_to_its_references_init():
     assert timm.create_model("shufflemamba_base_patch16_224", **kw, init="vim").layers[0].mixer.init == "vim"
 
 
-def test_deprecated_dt_init_b_maps_to_init_and_wins():
-    with pytest.warns(DeprecationWarning, match="dt_init_b"):
-        model = timm.create_model("shufflemamba_base_patch16_224", img_size=32, depth=2, dt_init_b="mamba")
-    assert model.init == "mamba" and "dt_init_b" not in model.model_kwargs
-    assert _in_mamba_dt_range(model.layers[0].mixer.dt_proj_b.bias)
-    VisionMamba(**model.model_kwargs)  # the stored kwargs rebuild without the alias
-    with pytest.raises(ValueError, match="dt_init_b"):
-        timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, dt_init_b="zero")
-    # None (what an emptied config entry gives) is "not given"
-    assert timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, dt_init_b=None, init="mamba").init == "mamba"
+def test_init_is_the_only_initialisation_switch():
+    """``init`` picks the initialisation; the unreleased alias ``dt_init_b`` is gone, and an unknown
+    value of ``init`` is refused."""
+    model = timm.create_model("shufflemamba_base_patch16_224", img_size=32, depth=2, init="mamba")
+    assert model.init == "mamba" and _in_mamba_dt_range(model.layers[0].mixer.dt_proj_b.bias)
+    assert VisionMamba(**model.model_kwargs).init == "mamba"  # the stored kwargs rebuild it
+    with pytest.raises(TypeError, match="dt_init_b"):
+        timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, dt_init_b="mamba")
+    with pytest.raises(ValueError, match="init must be one of"):
+        timm.create_model("vim_tiny_patch16_224", img_size=32, depth=2, init="zero")
 
 
 def test_drop_path_schedule():

@@ -7,7 +7,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (first: its torchvision shim lets timm import; registers the models)
 import timm  # noqa: I001
-from shufflemamba.optim import no_weight_decay_names, param_groups_weight_decay
+from shufflemamba.training.optim import no_weight_decay_names, param_groups_weight_decay
 
 SMALL = dict(img_size=64, patch_size=16, embed_dim=16, depth=2, d_state=4, num_classes=5)
 
@@ -143,8 +143,8 @@ def test_training_run_uses_the_configured_grouping(grouping, decayed_a, images, 
 @pytest.mark.parametrize("opt, fused", [("adamw", True), ("adam", True), ("sgd", None)])
 def test_adam_optimizers_are_torchs_fused_kernels(opt, fused):
     """AdamW / Adam run torch's fused kernel (one per parameter); its update equals the plain rule."""
-    from shufflemamba.config import DEFAULTS
-    from shufflemamba.train import build_optimizer
+    from shufflemamba.training.config import DEFAULTS
+    from shufflemamba.training.optim import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
@@ -169,7 +169,7 @@ def test_adam_optimizers_are_torchs_fused_kernels(opt, fused):
 
 def test_fused_adam_is_chosen_only_for_float_cpu_or_cuda_parameters():
     """The predicate training and `shufflemamba bench` share: integer or meta tensors rule fused AdamW out."""
-    from shufflemamba.train import fused_adam_supported
+    from shufflemamba.training.optim import fused_adam_supported
 
     assert fused_adam_supported([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
     assert not fused_adam_supported([torch.zeros(2), torch.zeros(2, dtype=torch.int64)])

@@ -23,7 +23,7 @@ import re
 import pytest
 
 import shufflemamba  # noqa: F401
-from shufflemamba.config import list_presets, resolve_config
+from shufflemamba.training.config import list_presets, resolve_config
 
 SMB, VIMS = "shufflemamba_base_in1k", "vim_small_in1k"
 REG1, REG2, REG3 = "reg_base_stage1", "reg_base_stage2", "reg_base_stage3"

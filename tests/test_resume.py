@@ -2,7 +2,8 @@
 checkpoint write) and resumed ends with the same weights, bit for bit, as the run never stopped.
 
 Every run is a subprocess with one thread, so the reference and the resumed runs compute the same
-floating-point operations. Faults are injected through ``SHUFFLEMAMBA_TEST_FAULTS`` (faults.py).
+floating-point operations. Faults are injected through ``SHUFFLEMAMBA_TEST_FAULTS`` (tests/faults.py), by running
+``tests/fault_runner.py`` where a user would run ``python -m shufflemamba``.
 The recipe uses every source of randomness we checkpoint: augmentation (RandAugment, erasing),
 mixup, SLWS, drop path, EMA.
 """
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
-from shufflemamba.checkpointing import load_checkpoint, step_checkpoints
+from shufflemamba.training.checkpointing import load_checkpoint, step_checkpoints
 from test_train import TINY_MODEL, make_folder
 
 EPOCHS = 2
@@ -44,9 +45,12 @@ def env(faults: str = "") -> dict[str, str]:
     return e
 
 
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_runner.py")  # the command, with faults
+
+
 def run(argv: list[str], faults: str = "", torchrun: bool = False) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    return subprocess.run([*launcher, "-m", "shufflemamba", *argv], env=env(faults), capture_output=True, text=True, timeout=300)
+    return subprocess.run([*launcher, RUNNER, *argv], env=env(faults), capture_output=True, text=True, timeout=300)
 
 
 def metrics(out: str) -> list[dict]:
@@ -137,7 +141,7 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous(data, reference, t
     """Writes: last.pt (epoch 0), best.pt (epoch 0), last.pt (epoch 1), ... The third pauses after
     writing its temp file; SIGKILL there leaves epoch 0's last.pt whole, and the resume is exact."""
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-m", "shufflemamba", *args(data, out)], env=env("pause_save=3"),
+    proc = subprocess.Popen([sys.executable, RUNNER, *args(data, out)], env=env("pause_save=3"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     paused = os.path.join(out, "PAUSED")
     deadline = time.time() + 240

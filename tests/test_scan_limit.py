@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _module():
+    if str(ROOT / "benchmarks") not in sys.path:  # the script imports its sibling docs_section, as when run
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("scan_limit", ROOT / "benchmarks" / "scan_limit.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -16,8 +16,8 @@ from PIL import Image
 
 import shufflemamba  # noqa: F401  (torchvision shim first)
 from shufflemamba.cli import main
-from shufflemamba.config import resolve_config
-from shufflemamba.engine import NonFiniteLossError, StepState, train_one_epoch
+from shufflemamba.training.config import resolve_config
+from shufflemamba.training.engine import NonFiniteLossError, StepState, train_one_epoch
 
 TINY_MODEL = ["--model", "vim_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=16", "depth=2", "d_state=4"]
 
@@ -148,5 +148,25 @@ def test_nonfinite_losses_skip_then_stop():
     state = StepState(log=msgs.append)
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
         train_one_epoch(model, batches, opt, torch.nn.CrossEntropyLoss(), 0, cfg, torch.device("cpu"), state)
-    assert len(msgs) == 3 and "step skipped" in msgs[0]
+    skipped = [m for m in msgs if "step skipped" in m]
+    assert len(skipped) == 3 and skipped[0].startswith("warning: non-finite loss at epoch 0 step 0")
     assert state.num_updates == 0 and model.w.item() == 1.0  # no step taken on a NaN loss
+
+
+def test_a_short_epoch_logs_its_progress_with_an_eta():
+    """Without a terminal, plain lines: every log_interval batches, and at least 4 an epoch."""
+    from shufflemamba.training.progress import EpochProgress, duration
+
+    lines: list[str] = []
+    report = EpochProgress(epoch=2, n_batches=8, start=0, log_interval=100, log=lines.append)
+    for done in range(1, 9):
+        report.update(done, loss=0.5, lr=1e-3, images_per_second=10.0)
+    report.close()
+    assert [line.split("]")[0] for line in lines] == [f"epoch 2 [{n}/8" for n in (2, 4, 6, 8)]
+    assert all(" eta " in line and "img/s" in line for line in lines)
+    lines.clear()
+    long = EpochProgress(epoch=0, n_batches=1000, start=400, log_interval=50, log=lines.append)
+    for done in range(401, 501):
+        long.update(done, loss=0.5, lr=1e-3, images_per_second=10.0)
+    assert [line.split("]")[0] for line in lines] == ["epoch 0 [450/1000", "epoch 0 [500/1000"]
+    assert [duration(s) for s in (0.4, 42, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]

@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 
 import shufflemamba  # noqa: E402,F401  (torchvision shim before timm)
 from shufflemamba.models import BiMambaMixer, mamba_mixer  # noqa: E402
-from shufflemamba.ops.triton_compile import _example_inputs  # noqa: E402
+from shufflemamba.bench.triton_compile import _example_inputs  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

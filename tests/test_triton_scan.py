@@ -267,7 +267,7 @@ def test_kernels_compile_for_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-c",
-         "import json, dataclasses; from shufflemamba.ops.triton_compile import compile_report; "
+         "import json, dataclasses; from shufflemamba.bench.triton_compile import compile_report; "
          "print(json.dumps([dataclasses.asdict(r) for r in compile_report(32, 384, 197, 16)]))"],
         env=env, capture_output=True, text=True, timeout=300,
     )

@@ -1,19 +1,22 @@
 """The ``shufflemamba`` command: ``train``, ``eval``, ``bench`` and ``doctor`` subcommands.
 
-Mistakes in what the user asked for raise :class:`~shufflemamba.config.UserError`; ``main`` prints
+Mistakes in what the user asked for raise :class:`~shufflemamba.errors.UserError`; ``main`` prints
 them as one ``error: ...`` line on stderr and returns 2 (no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from typing import Any
 
-from .config import UserError, format_config, list_presets, parse_kv_list, resolve_config
 from .console import guarded
+from .errors import UserError
+from .process import tune_malloc
+from .training.config import format_config, list_presets, parse_kv_list, resolve_config
 
 TRUST_HELP = "load checkpoints that need Python's unpickler (only for files you trust; default: weights_only)"
 
@@ -42,7 +45,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="ImageFolder root with train/ and val/ (or the Fashion-MNIST IDX files)")
+    g.add_argument("--data-dir", help="image folder: DIR/<class>/*.jpg (part held out to validate), or DIR/train/<class>/ "
+                   "and DIR/val/<class>/; or the Fashion-MNIST IDX files")
     g.add_argument("--dataset", help="built-in dataset: fashion-mnist (Debian package dataset-fashion-mnist)")
     g.add_argument("--img-size", type=int)
     g.add_argument("--crop-pct", type=float, help="eval centre-crop fraction")
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-ema-decay", type=float)
     g = t.add_argument_group("run")
     g.add_argument("--seed", type=int)
-    g.add_argument("--output")
+    g.add_argument("--output", help="run folder; one that holds another run is refused")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --output (its checkpoints are deleted)")
     g.add_argument("--init-from", help="start from this checkpoint's weights (fine-tuning; pos_embed resized)")
     g.add_argument("--resume", help="run folder (its newest checkpoint) or checkpoint file to continue from; its config is the default")
     g.add_argument("--checkpoint-every", type=float, metavar="MINUTES",
@@ -107,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, metavar="K", help="step checkpoints kept on disk (default 2)")
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--log-interval", type=int)
+
+    _show_defaults(t)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val / test split")
     e.add_argument("--checkpoint", required=True)
@@ -117,10 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     _add_data_flags(e)
 
-    sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench)", add_help=False)
-    sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.gpu_check)",
+    sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench.suite)", add_help=False)
+    sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.bench.gpu_check)",
                    add_help=False)
     return parser
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Each option's help ends with its default (DEFAULTS; "auto" where the data decides)."""
+    from .training.config import AUTO_KEYS, DEFAULTS
+
+    for action in p._actions:
+        key = action.dest
+        if key not in DEFAULTS or action.help == argparse.SUPPRESS:
+            continue
+        value = DEFAULTS[key]
+        shown = f"auto: {AUTO_KEYS[key]}" if value is None and key in AUTO_KEYS else ("none" if value is None else value)
+        if isinstance(shown, (list, tuple)):
+            shown = " ".join(str(v) for v in shown)
+        action.help = f"{action.help + '; ' if action.help else ''}default: {shown}"
 
 
 def _overrides(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
@@ -135,17 +157,18 @@ def _overrides(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
 def _trust(args: argparse.Namespace) -> None:
     """--trust-checkpoint: the full unpickler for every checkpoint this process reads."""
     if args.trust_checkpoint:
-        from .checkpointing import TRUST_ENV
+        from .training.checkpointing import TRUST_ENV
 
         os.environ[TRUST_ENV] = "1"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import validate_config
-    from .train import load_checkpoint, train
+    from .training.config import validate_config
+    from .training.defaults import fill_auto_defaults
+    from .training.trainer import load_checkpoint, train
 
     _trust(args)
-    overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint"})
+    overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint", "overwrite"})
     resume_ckpt = None
     if args.resume:
         resume_ckpt = load_checkpoint(args.resume)
@@ -155,13 +178,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         # resume: the checkpoint's resolved config is the base; explicit flags (e.g. --epochs) override
         cfg = dict(resume_ckpt["config"])
         cfg.update({k: v for k, v in overrides.items() if v is not None})
+        if args.output is None:  # the run continues where its checkpoint is, whatever the working directory
+            cfg["output"] = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
         cfg = validate_config(cfg)
     else:
         cfg = resolve_config(args.config, overrides)
+        init = load_checkpoint(cfg["init_from"]) if cfg["init_from"] else None
+        notes = fill_auto_defaults(cfg, init_ckpt=init, init_source=cfg["init_from"])
+        cfg = validate_config(cfg)
+        if notes and _is_rank0():
+            lead = "# " if args.print_config is not None else ""  # keep --print-config's output valid YAML
+            print(f"{lead}derived from the data (set any of these to override):\n"
+                  + "\n".join(f"{lead}  {n}" for n in notes), flush=True)
+    for key in ("data_dir", "output", "init_from", "resume"):  # config.yaml names files from anywhere
+        if cfg.get(key):
+            cfg[key] = os.path.abspath(cfg[key])
     if args.print_config is not None:
         print(format_config(cfg, world_size=_world_size(args.print_config), source=args.config or args.resume), end="")
         return 0
-    return train(cfg, resume_ckpt)
+    return train(cfg, resume_ckpt, overwrite=args.overwrite, run_name=args.config)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _world_size(given: int) -> int:
@@ -175,11 +214,12 @@ def _world_size(given: int) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint
+    from .training.trainer import evaluate_checkpoint
 
     _trust(args)
     overrides = _overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint"})
     m = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.ema)
+    print(f"evaluated {m['source']}")
     skipped = f" ({m['skipped']} unreadable skipped)" if m["skipped"] else ""
     print(
         f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "
@@ -192,24 +232,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     try:
-        from . import bench
+        suite = importlib.import_module("shufflemamba.bench.suite")
     except ModuleNotFoundError as err:
         if err.name and err.name.startswith("shufflemamba"):
-            raise UserError("the benchmark module shufflemamba.bench is not available in this install") from None
+            raise UserError("the benchmark module shufflemamba.bench.suite is not available in this install") from None
         raise
-    return int(bench.main(argv) or 0)
+    return int(suite.main(argv) or 0)
 
 
 def _dispatch(argv: list[str]) -> int:
-    import shufflemamba  # noqa: F401  (torchvision shim before timm)
-    from ._malloc import tune_malloc
-
-    tune_malloc()  # large tensors from the heap, kept between steps (fewer page faults; _malloc.py)
-
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     if argv and argv[0] == "doctor":
-        from .gpu_check import main as doctor
+        from .bench.gpu_check import main as doctor
 
         return doctor(argv[1:])
     parser = build_parser()
@@ -223,5 +258,9 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``shufflemamba`` console script. Returns the exit code."""
+    """Entry point of the ``shufflemamba`` console script. Returns the exit code.
+
+    The command tunes its own process: malloc here, OpenMP's wait policy when the package loads
+    (:mod:`shufflemamba.process`)."""
+    tune_malloc()  # large tensors from the heap, kept between steps (fewer page faults)
     return guarded(_dispatch, list(sys.argv[1:] if argv is None else argv))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from .config import UserError
+from .errors import UserError
 
 
 def guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """Run ``fn(argv)`` and return its exit code.
 
-    A :class:`~shufflemamba.config.UserError` prints ``error: <message>`` on stderr and returns 2;
+    A :class:`~shufflemamba.errors.UserError` prints ``error: <message>`` on stderr and returns 2;
     Ctrl-C outside the training loop (which handles it itself) prints ``interrupted`` and returns 130.
     """
     try:

@@ -48,7 +48,8 @@ def _grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (h, w)
 
 
-def _cls_index(num_patches: int, cls_position: str | None) -> int | None:
+def cls_token_index(num_patches: int, cls_position: str | None) -> int | None:
+    """Sequence index of the class token among ``num_patches + 1`` tokens (None: no class token)."""
     if cls_position is None:
         return None
     if cls_position == "middle":
@@ -88,9 +89,9 @@ def resize_pos_embed(
     old_grid, new_grid = _grid(old_grid), _grid(new_grid)
     if old_grid[0] * old_grid[1] != m_old:
         raise ValueError(f"old_grid {old_grid} does not match pos_embed with {m_old} patch positions")
-    i_old = _cls_index(m_old, cls_position)
+    i_old = cls_token_index(m_old, cls_position)
     m_new = new_grid[0] * new_grid[1]
-    i_new = _cls_index(m_new, cls_position)
+    i_new = cls_token_index(m_new, cls_position)
     if i_old is None:
         cls, patches = pos_embed[:, :0], pos_embed  # (1, 0, D), (1, M_old, D)
         i_old = i_new = 0

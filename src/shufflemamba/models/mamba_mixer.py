@@ -1,6 +1,6 @@
 """Building blocks of Vision Mamba: RMSNorm, the bidirectional "bimamba v2" mixer and the Vim block.
 
-Parameter names follow the official hustvl/Vim checkpoints (SPEC 2), so they load with strict=True.
+Parameter names follow the official hustvl/Vim checkpoints, so they load with strict=True.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import generate_default_cfgs, resolve_pretrained_cfg
 from torch import nn
 
 from .checkpoint import init_from_checkpoint
@@ -216,19 +216,3 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> Any:
     are dropped and named in one log line; the backbone must match.
     """
     return init_from_checkpoint(model, path, key=None)
-
-
-@register_model
-def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Vim-Ti+: Vim-Ti with patch stride 8 (27 x 27 overlapping patches), as Vim's "+" fine-tune."""
-    from .vim import _VIM, _create
-
-    return _create("vim_tiny_patch16_stride8_224", pretrained, **{**_VIM, "embed_dim": 192, "stride": 8, **kwargs})
-
-
-@register_model
-def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Vim-S+: Vim-S with patch stride 8 (27 x 27 overlapping patches), as Vim's "+" fine-tune."""
-    from .vim import _VIM, _create
-
-    return _create("vim_small_patch16_stride8_224", pretrained, **{**_VIM, "embed_dim": 384, "stride": 8, **kwargs})

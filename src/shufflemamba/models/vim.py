@@ -1,6 +1,6 @@
 """Vision Mamba (Vim, hustvl/Vim) and ShuffleMamba models, registered in timm.
 
-Architecture (SPEC 2): Conv2d patch embedding, a class token in the middle of the sequence (Vim) or at
+Architecture (as hustvl/Vim's): Conv2d patch embedding, a class token in the middle of the sequence (Vim) or at
 its head (ShuffleMamba), a learned absolute position embedding, ``depth`` Add -> Norm -> bidirectional
 Mamba blocks with an fp32 residual stream, a final ``norm_f(residual + drop_path(hidden))``, the class
 token's feature and a Linear head. Parameter names match the official checkpoints.
@@ -9,7 +9,8 @@ SLWS is built into the blocks (:class:`~shufflemamba.models.mamba_mixer.VimBlock
 :class:`~shufflemamba.slws.ShuffledLayer`) and configured by ``slws_rate`` / ``slws_schedule``.
 
 Registered names (all 224 px, patch 16; keyword arguments of ``timm.create_model`` override):
-``vim_{tiny,small,base}_patch16_224`` (middle class token, slws_rate 0) and
+``vim_{tiny,small,base}_patch16_224`` (middle class token, slws_rate 0),
+``vim_{tiny,small}_patch16_stride8_224`` (Vim's "+" fine-tunes: overlapping patches, stride 8) and
 ``shufflemamba_{middle,base,large}_patch16_224`` (class token at the head, slws_rate 0.5; the middle
 size uses LayerNorm as the reference code does). The register-token variants ``mambar_*`` live in
 :mod:`shufflemamba.models.vim_reg`.
@@ -18,7 +19,6 @@ size uses LayerNorm as the reference code does). The register-token variants ``m
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal
 
 import torch
@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch import Tensor, nn
 
 from ..slws import SCHEDULES, apply_slws
-from .checkpoint import _cls_index, resize_pos_embed
+from .checkpoint import cls_token_index, resize_pos_embed
 from .features import FeatureMixin, final_add_norm
 from .mamba_mixer import INITS, VimBlock, make_norm
 from .pretrained import default_cfgs, resolve_weights  # noqa: F401 (register_model reads default_cfgs here)
@@ -92,10 +92,8 @@ class PatchEmbed(nn.Module):
             return torch.nn.functional.linear(cols, weight, self.proj.bias)  # (B, M, D)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, M, D)
 
-    # Up to this many values a patch (C ph pw), non-overlapping patches are embedded as one matmul over the
-    # patches' pixels instead of the strided Conv2d: the same sums, without the convolution's fixed cost.
-    # Conv + backward vs matmul + backward (Intel Xeon, 2 threads): 1 x 4 x 4 (the demo, batch 128)
-    # 1.84 -> 0.95 ms; 3 x 4 x 4 1.09x; 1 x 8 x 8 1.47x; 3 x 8 x 8 at 64 px 0.92x (so not above 64).
+    # Small non-overlapping patches (up to this many values, C ph pw) are embedded as one matmul: the same
+    # sums without the strided Conv2d's fixed cost, which dominates at that size (faster on CPU up to 64).
     MATMUL_MAX = 64
 
     def _as_matmul(self, x: Tensor) -> bool:
@@ -138,8 +136,6 @@ class VisionMamba(FeatureMixin, nn.Module):
         expand: mixer expansion E / D.
         dt_rank: dt projection rank (``None``: ceil(D / 16)).
         init: ``"vim"``, ``"shufflemamba"`` or ``"mamba"`` (see above).
-        dt_init_b: deprecated alias of ``init`` (``"vim"`` or ``"mamba"``); when given it wins over
-            ``init``, so old ``model_kwargs`` rebuild the model they describe.
         drop_rate: dropout after the position embedding and before the head.
         drop_path_rate: stochastic depth; block i uses ``([0] + linspace(0, r, depth))[i]``, the final
             add uses ``r``.
@@ -176,7 +172,6 @@ class VisionMamba(FeatureMixin, nn.Module):
         expand: int = 2,
         dt_rank: int | None = None,
         init: Literal["vim", "shufflemamba", "mamba"] = "vim",
-        dt_init_b: Literal["vim", "mamba"] | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         cls_position: str = "middle",
@@ -192,16 +187,10 @@ class VisionMamba(FeatureMixin, nn.Module):
         dynamic_img_pad: bool = False,
     ) -> None:
         super().__init__()
-        if dt_init_b is not None:
-            if dt_init_b not in ("vim", "mamba"):
-                raise ValueError(f"dt_init_b (deprecated: use init) must be 'vim' or 'mamba', got {dt_init_b!r}")
-            warnings.warn("dt_init_b is deprecated; use init='vim' | 'shufflemamba' | 'mamba'",
-                          DeprecationWarning, stacklevel=2)
-            init = dt_init_b
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.model_kwargs: dict[str, Any] = {k: v for k, v in locals().items()
-                                             if k not in ("self", "__class__", "dt_init_b")}
+                                             if k not in ("self", "__class__")}
         if isinstance(img_size, (tuple, list)) and len(set(img_size)) == 1:
             self.model_kwargs["img_size"] = int(img_size[0])  # timm passes (224, 224); keep it plain
         if cls_position not in CLS_POSITIONS:
@@ -226,7 +215,7 @@ class VisionMamba(FeatureMixin, nn.Module):
                                       dynamic_img_pad=dynamic_img_pad)
         self.dynamic_img_size = dynamic_img_size
         num_patches = self.patch_embed.num_patches
-        self.cls_index = _cls_index(num_patches, cls_position)
+        self.cls_index = cls_token_index(num_patches, cls_position)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -324,7 +313,7 @@ class VisionMamba(FeatureMixin, nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def _cls_index_for(self, num_patches: int) -> int:
-        return _cls_index(num_patches, self.cls_position)
+        return cls_token_index(num_patches, self.cls_position)
 
     def _prefix_positions(self, num_patches: int) -> list[int]:
         """Sequence indices of the non-patch tokens for ``num_patches`` patches: the class token."""
@@ -376,7 +365,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: VisionMamba) -> d
     return prepare_state_dict(state_dict, model)
 
 
-def _create(variant: str, pretrained: bool = False, model_cls: type[VisionMamba] | None = None,
+def build_vim(variant: str, pretrained: bool = False, model_cls: type[VisionMamba] | None = None,
             **kwargs: Any) -> VisionMamba:
     """Build ``variant`` (a :class:`VisionMamba`, or ``model_cls``) through timm (pretrained configs and
     weight loading: :mod:`shufflemamba.models.pretrained`)."""
@@ -396,35 +385,47 @@ _SM = dict(patch_size=16, cls_position="head", norm_layer="rms", slws_rate=0.5, 
 @register_model
 def vim_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """Vim-Ti: D 192, depth 24, middle class token (7.15M parameters)."""
-    return _create("vim_tiny_patch16_224", pretrained, **{**_VIM, "embed_dim": 192, **kwargs})
+    return build_vim("vim_tiny_patch16_224", pretrained, **{**_VIM, "embed_dim": 192, **kwargs})
 
 
 @register_model
 def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """Vim-S: D 384, depth 24, middle class token (25.8M parameters)."""
-    return _create("vim_small_patch16_224", pretrained, **{**_VIM, "embed_dim": 384, **kwargs})
+    return build_vim("vim_small_patch16_224", pretrained, **{**_VIM, "embed_dim": 384, **kwargs})
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-Ti+: Vim-Ti with patch stride 8 (27 x 27 overlapping patches), as Vim's "+" fine-tune."""
+    return build_vim("vim_tiny_patch16_stride8_224", pretrained, **{**_VIM, "embed_dim": 192, "stride": 8, **kwargs})
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-S+: Vim-S with patch stride 8 (27 x 27 overlapping patches), as Vim's "+" fine-tune."""
+    return build_vim("vim_small_patch16_stride8_224", pretrained, **{**_VIM, "embed_dim": 384, "stride": 8, **kwargs})
 
 
 @register_model
 def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """Vim-B: D 768, depth 24, middle class token (97.6M parameters)."""
-    return _create("vim_base_patch16_224", pretrained, **{**_VIM, "embed_dim": 768, **kwargs})
+    return build_vim("vim_base_patch16_224", pretrained, **{**_VIM, "embed_dim": 768, **kwargs})
 
 
 @register_model
 def shufflemamba_middle_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """ShuffleMamba-M: D 576, depth 32, class token at the head, LayerNorm, SLWS 0.5 (~74M)."""
     defaults = {**_SM, "embed_dim": 576, "depth": 32, "norm_layer": "layer"}
-    return _create("shufflemamba_middle_patch16_224", pretrained, **{**defaults, **kwargs})
+    return build_vim("shufflemamba_middle_patch16_224", pretrained, **{**defaults, **kwargs})
 
 
 @register_model
 def shufflemamba_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """ShuffleMamba-B: D 768, depth 24, class token at the head, SLWS 0.5 (~98M)."""
-    return _create("shufflemamba_base_patch16_224", pretrained, **{**_SM, "embed_dim": 768, "depth": 24, **kwargs})
+    return build_vim("shufflemamba_base_patch16_224", pretrained, **{**_SM, "embed_dim": 768, "depth": 24, **kwargs})
 
 
 @register_model
 def shufflemamba_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     """ShuffleMamba-L: D 1024, depth 48, class token at the head, SLWS 0.5 (~340M)."""
-    return _create("shufflemamba_large_patch16_224", pretrained, **{**_SM, "embed_dim": 1024, "depth": 48, **kwargs})
+    return build_vim("shufflemamba_large_patch16_224", pretrained, **{**_SM, "embed_dim": 1024, "depth": 48, **kwargs})

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from ..slws import apply_slws
 from .mamba_mixer import make_norm
 from .pretrained import default_cfgs  # noqa: F401 (register_model reads default_cfgs here)
-from .vim import VisionMamba
-from .vim import _create as _create_vim
+from .vim import VisionMamba, build_vim
 
 __all__ = ["VisionMambaReg", "register_positions"]
 
@@ -149,7 +148,7 @@ class VisionMambaReg(VisionMamba):
 # -- timm registration ---------------------------------------------------------------------------------
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMambaReg:
-    return _create_vim(variant, pretrained, model_cls=VisionMambaReg, **kwargs)
+    return build_vim(variant, pretrained, model_cls=VisionMambaReg, **kwargs)
 
 
 # models_reg.py re-inits the patch embedding, head and neck and keeps Vim's init otherwise: init "vim"

@@ -49,8 +49,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_scan_inputs
-from ..config import UserError
-from ..reports import cpu_model
+from ..bench.report import cpu_model
+from ..errors import UserError
 
 __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selective_scan_cl", "selective_scan_cpu",
            "vector_width_info"]

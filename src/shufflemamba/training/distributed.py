@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import UserError
+from ..errors import UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SLURM's --signal sends USR1
 
@@ -53,6 +53,15 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([0.0 if ok else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
+
+
+def rank0_value(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. a generated run folder name, which the clock makes differ)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class SignalCatcher:

@@ -14,10 +14,10 @@ budget (default 420 s, under the 8 minutes promised):
    implies (minimum-traffic byte count, as ``shufflemamba bench``), vs a measured copy peak.
 5. ``train_step``: a Vim-S training step at batch 64 under bf16 autocast (img/s, peak memory) with
    each fast scan present, and timm's deit_small_patch16_224 at the same settings.
-6. ``slws``: SLWS overhead at rate 0.5 on Vim-Ti and Vim-S steps (``bench.bench_train``).
+6. ``slws``: SLWS overhead at rate 0.5 on Vim-Ti and Vim-S steps (:func:`~shufflemamba.bench.suite.bench_train`).
 
-It writes one JSON report and a markdown section between ``<!-- gpu-check:begin -->`` and
-``<!-- gpu-check:end -->`` in docs/benchmarks.md. ``shufflemamba doctor`` without ``--gpu`` prints
+It writes one JSON report and prints it as markdown (``benchmarks/docs_section.py gpu-check PATH`` puts
+that section into docs/benchmarks.md; ``make gpu-check`` does both). ``shufflemamba doctor`` without ``--gpu`` prints
 the environment section only. ``--device cpu --quick`` runs every section on tiny sizes on the CPU:
 that is how the tests check this module on machines without a GPU.
 """
@@ -40,8 +40,14 @@ from typing import Any, Callable
 
 import torch
 
-BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
-REPO = Path(__file__).resolve().parents[2]  # src/shufflemamba/gpu_check.py -> repository root
+from ..errors import UserError
+from ..ops.selective_scan import selective_scan
+from .report import cpu_model, gpu_check_markdown
+from .scan import min_scan_bytes, mixer_like_inputs
+from .suite import bench_train
+from .timing import make_model, time_interleaved, train_step_fn
+
+REPO = Path(__file__).resolve().parents[3]  # src/shufflemamba/bench/gpu_check.py -> repository root
 SHAPES = {"vim_ti": dict(E=384, L=197, N=16), "vim_s": dict(E=768, L=197, N=16)}
 QUICK_SHAPES = {"vim_ti": dict(E=16, L=9, N=4), "vim_s": dict(E=24, L=9, N=4)}
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # max |err| / max |reference|, per tensor
@@ -62,12 +68,12 @@ def _error(exc: BaseException) -> dict[str, str]:
 
 def _scan_impls(device: torch.device) -> list[str]:
     """The fast selective-scan implementations that can run on ``device`` here."""
-    from .ops.mamba_ssm_glue import mamba_ssm_scan
+    from ..ops.mamba_ssm_glue import mamba_ssm_scan
 
     impls = ["torch"]
     if device.type == "cuda":
         try:
-            from .ops.triton_scan import triton_available
+            from ..ops.triton_scan import triton_available
         except ImportError:
             pass
         else:
@@ -83,7 +89,7 @@ def _scan_impls(device: torch.device) -> list[str]:
 # -- sections -------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, the device, and which scan kernels import (with the reason when one does not)."""
-    from .ops.mamba_ssm_glue import status
+    from ..ops.mamba_ssm_glue import status
 
     out: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -96,10 +102,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         out.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
                    memory_gib=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported())
     else:
-        from shufflemamba.reports import cpu_model
-
         out.update(device_name=cpu_model())
-    from .ops.selective_scan import _resolve_impl
+    from ..ops.selective_scan import _resolve_impl
 
     out["auto_impl"] = {dt: _resolve_impl("auto", device, getattr(torch, dt)) for dt in ("float32", "bfloat16")}
     return out
@@ -128,23 +132,15 @@ def run_pytest(timeout_s: float) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 1), "output_tail": "\n".join(lines[-30:]) if not ok else ""}
 
 
-def _inputs(batch: int, E: int, L: int, N: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    from .bench import _scan_inputs
-
-    return _scan_inputs(batch, E, L, N, device, dtype, seed)
-
-
 def parity(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int) -> list[dict]:
     """Every impl vs the float64 reference on the same (rounded) inputs: worst scaled error per tensor."""
-    from .ops.selective_scan import selective_scan
-
     torch.manual_seed(0)
     rows = []
     for shape, s in shapes.items():
         for dtype in (torch.float32, torch.bfloat16):
             dname = str(dtype).split(".")[-1]
             for reverse in (False, True):
-                inputs = _inputs(batch, s["E"], s["L"], s["N"], device, dtype)
+                inputs = mixer_like_inputs(batch, s["E"], s["L"], s["N"], device, dtype)
                 gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
                 ref_leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
                 ref = selective_scan(**ref_leaves, delta_softplus=True, impl="ref", reverse=reverse)
@@ -173,25 +169,20 @@ def _scaled_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _copy_peak(device: torch.device, nbytes: int, repeats: int) -> float:
-    from .bench import _time_interleaved
-
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = _time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=repeats, warmup=2, device=device)["copy"]
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=repeats, warmup=2, device=device)["copy"]
     return 2 * nbytes / statistics.median(t) / 1e9  # read + write
 
 
 def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int,
                 repeats: int, quick: bool) -> dict[str, Any]:
     """Forward+backward ms of the reference and each impl (interleaved medians), GB/s and % of copy peak."""
-    from .bench import _scan_bytes, _time_interleaved
-    from .ops.selective_scan import selective_scan
-
     peak = _copy_peak(device, (16 if quick else 1024) * 2**20, max(repeats, 5))
     rows = []
     for shape, s in shapes.items():
         for dtype in (torch.float32, torch.bfloat16):
-            inputs = _inputs(batch, s["E"], s["L"], s["N"], device, dtype)
+            inputs = mixer_like_inputs(batch, s["E"], s["L"], s["N"], device, dtype)
             gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
             rec = dict(shape=shape, dtype=str(dtype).split(".")[-1], batch=batch, **s)
             fns: dict[str, Callable[[], None]] = {}
@@ -207,8 +198,8 @@ def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[s
                     rows.append(dict(rec, impl=impl, **_error(exc)))
                     continue
                 fns[impl] = step
-            times = _time_interleaved(fns, repeats, warmup=1, device=device)
-            nbytes = _scan_bytes(batch, s["E"], s["L"], s["N"], torch.finfo(dtype).bits // 8)
+            times = time_interleaved(fns, repeats, warmup=1, device=device)
+            nbytes = min_scan_bytes(batch, s["E"], s["L"], s["N"], torch.finfo(dtype).bits // 8)
             ref_ms = statistics.median(times["ref"]) * 1e3 if "ref" in times else None
             for name, ts in times.items():
                 ms = statistics.median(ts) * 1e3
@@ -220,16 +211,14 @@ def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[s
 
 def _step_record(name: str, device: torch.device, batch: int, img: int, repeats: int, quick: bool,
                  **kwargs: Any) -> dict[str, Any]:
-    from .bench import _make_model, _time_interleaved, _train_step_fn
-
     rec: dict[str, Any] = dict(model=name, batch=batch, img_size=img, amp="bfloat16", **kwargs)
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        model = _make_model(name, quick, device, **kwargs)
-        step = _train_step_fn(model, batch, img, device, torch.bfloat16)
-        ts = _time_interleaved({"s": step}, repeats, warmup=3, device=device)["s"]
+        model = make_model(name, quick, device, **kwargs)
+        step = train_step_fn(model, batch, img, device, torch.bfloat16)
+        ts = time_interleaved({"s": step}, repeats, warmup=3, device=device)["s"]
         rec.update(status="ok", ms=statistics.median(ts) * 1e3, images_per_s=batch / statistics.median(ts),
                    peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
         del model, step
@@ -252,85 +241,10 @@ def train_step(device: torch.device, impls: list[str], batch: int, repeats: int,
 
 
 def slws(device: torch.device, batch: int, repeats: int, quick: bool) -> dict[str, Any]:
-    from .bench import bench_train
-
     return {"status": "ok", **bench_train(device, quick, repeats, batch, torch.bfloat16)}
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def _f(x: Any, spec: str = ".1f") -> str:
-    from shufflemamba.reports import format_number
-
-    return format_number(x, spec)
-
-
-def to_markdown(rep: dict[str, Any]) -> str:
-    env = rep.get("environment", {})
-    m = rep["meta"]
-    lines = ["## GPU check (`make gpu-check`)", "",
-             f"Run {m['date']}{' (--quick: tiny sizes, a smoke test of the check itself)' if m['quick'] else ''} on "
-             f"**{env.get('device_name', m['device'])}** ({m['device']}), torch {env.get('torch')}, CUDA "
-             f"{env.get('cuda')}, triton {env.get('triton')}, timm {env.get('timm')}, mamba_ssm {env.get('mamba_ssm')}, "
-             f"causal-conv1d {env.get('causal_conv1d')}; scan impls {', '.join(env.get('scan_impls', []))}; "
-             f"\"auto\" picks {env.get('auto_impl')}. {m['seconds']:.0f} s in all.", ""]
-    for name in SECTIONS[1:]:
-        sec = rep.get(name, {})
-        if sec.get("status") not in ("ok", "fail", None):
-            lines += [f"**{name}**: {sec.get('status')}: {sec.get('error') or sec.get('reason', '')}", ""]
-    p = rep.get("pytest", {})
-    if p.get("status") in ("ok", "fail"):
-        lines += [f"`pytest -m gpu`: **{p['status']}** ({p.get('summary')}, {p.get('seconds')} s)", ""]
-    par = rep.get("parity", {})
-    if par.get("rows"):
-        lines += ["### Scan parity vs the float64 reference (max |err| / max |ref|, worst of out and 8 gradients)", "",
-                  "| shape | dtype | direction | impl | worst | error | status |", "|---|---|---|---|---|---|---|"]
-        for r in par["rows"]:
-            lines.append(f"| {r['shape']} (B {r['batch']}) | {r['dtype']} | {'reverse' if r['reverse'] else 'forward'} "
-                         f"| {r['impl']} | {r.get('worst', '-')} | {_f(r.get('worst_err'), '.1e')} "
-                         f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |")
-        lines.append("")
-    st = rep.get("scan_timing", {})
-    if st.get("rows"):
-        lines += [f"### Scan forward + backward (copy peak {_f(st.get('copy_peak_gbytes_per_s'))} GB/s)", "",
-                  "| shape | dtype | impl | ms | vs ref | GB/s | % of copy peak | status |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in st["rows"]:
-            frac = r.get("fraction_of_copy_peak")
-            lines.append(f"| {r['shape']} (B {r['batch']}) | {r['dtype']} | {r['impl']} | {_f(r.get('ms_fwd_bwd'), '.2f')} "
-                         f"| {_f(r.get('speedup_vs_ref'), '.1f')}x | {_f(r.get('gbytes_per_s'))} "
-                         f"| {_f(100 * frac if frac is not None else None)} | {r['status']}"
-                         f"{': ' + r['error'] if 'error' in r else ''} |")
-        lines.append("")
-    ts = rep.get("train_step", {})
-    if ts.get("rows"):
-        lines += ["### Training step (AdamW, bf16 autocast)", "",
-                  "| model | scan | batch | img/s | peak memory GiB | vs DeiT-S | status |", "|---|---|---|---|---|---|---|"]
-        for r in ts["rows"]:
-            lines.append(f"| {r['model']} | {r.get('scan_impl', '-')} | {r['batch']} | {_f(r.get('images_per_s'))} "
-                         f"| {_f(r.get('peak_memory_gib'), '.2f')} | {_f(r.get('vs_deit_s'), '.2f')} "
-                         f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |")
-        lines.append("")
-    sl = rep.get("slws", {})
-    if sl.get("models"):
-        lines += [f"### SLWS overhead at rate 0.5 (batch {sl.get('batch')}, bf16)", "",
-                  "| model | img/s off | img/s 0.5 | overhead (median of pairs) | shuffle ops alone | status |",
-                  "|---|---|---|---|---|---|"]
-        for name, r in sl["models"].items():
-            ov = r.get("slws_overhead_paired")
-            lines.append(f"| {name} | {_f(r.get('images_per_s_off'))} | {_f(r.get('images_per_s_slws'))} "
-                         f"| {_f(100 * ov if ov is not None else None, '+.2f')}% | {_f(r.get('slws_ops_ms'), '.2f')} ms "
-                         f"| {r.get('status')} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_markdown(path: Path, section: str) -> None:
-    """Put ``section`` between the gpu-check markers in ``path``, keeping everything else in the file."""
-    from shufflemamba.reports import write_marked_section
-
-    write_marked_section(path, section, BEGIN, END)
-
-
 def run_check(device: torch.device, *, quick: bool = False, budget_s: float = 420.0,
               skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the sections in order, each guarded; a section that would start past the budget is skipped."""
@@ -374,15 +288,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the check itself")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start after this")
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS[1:], help="sections to leave out")
-    p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "gpu-check.json"))
-    p.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
+    p.add_argument("--json", default="runs/gpu-check.json", help="where to write the report as JSON")
     return p
+
+
+def describe_environment(env: dict[str, Any]) -> str:
+    """``environment()`` as aligned ``name: value`` lines (nested mappings as ``name.key``)."""
+    flat: list[tuple[str, Any]] = []
+    for key, value in env.items():
+        if isinstance(value, dict):
+            flat += [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            flat.append((key, value))
+    width = max(len(k) for k, _ in flat)
+    return "\n".join(f"{k.ljust(width)}  {_shown(k, v)}" for k, v in flat)
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return "none (a CPU build of torch)" if key == "cuda" else "not installed"
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``shufflemamba doctor [--gpu]``; returns the exit code (0 also when there is no GPU)."""
-    from .config import UserError
-
     args = build_parser().parse_args(argv)
     if args.device not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda or cpu, got {args.device!r}")
@@ -390,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--budget-s must be positive, got {args.budget_s}")
     if not args.gpu:  # plain `doctor`: what this machine has
         device = torch.device("cuda" if torch.cuda.is_available() and args.device == "cuda" else "cpu")
-        print(json.dumps(environment(device), indent=1))
+        print(describe_environment(environment(device)))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"gpu-check: no CUDA GPU here (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
@@ -401,14 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    section = to_markdown(rep)
-    write_markdown(Path(args.markdown), section)
-    print(section)
-    print(f"[gpu-check] wrote {json_path} and {args.markdown}", file=sys.stderr)
+    print(gpu_check_markdown(rep))
+    print(f"[gpu-check] wrote {json_path}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["doctor", *sys.argv[1:]]))

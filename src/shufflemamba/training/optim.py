@@ -1,4 +1,4 @@
-"""Optimiser parameter groups: which parameters get weight decay.
+"""The optimiser: AdamW as training builds it, and which parameters get weight decay.
 
 Two rules, chosen by the config key ``wd_grouping``:
 
@@ -23,9 +23,11 @@ Two rules, chosen by the config key ``wd_grouping``:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from fnmatch import fnmatch
 from typing import Any, Literal, get_args
 
+import torch
 import torch.nn as nn
 
 WdGrouping = Literal["reference", "mamba"]
@@ -86,3 +88,25 @@ def param_groups_weight_decay(model: nn.Module, *, weight_decay: float, grouping
             continue
         (no_decay if name in skip else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def fused_adam_supported(params: Iterable[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam(W) can take these parameters (CPU / CUDA floats): one kernel per
+    parameter instead of a dozen foreach ops over all of them, the same update rule
+    (tests/test_optim.py holds it to the single-tensor loop). Training uses it, and so does
+    ``shufflemamba bench`` for both models it compares."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
+                                                                 torch.float64) for p in params)
+
+
+def build_optimizer(model: nn.Module, cfg: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+    """The configured optimiser (timm's factory) over :func:`param_groups_weight_decay`'s groups."""
+    from timm.optim import create_optimizer_v2
+
+    extra: dict[str, Any] = {}
+    if cfg["opt"].lower() in ("adam", "adamw") and fused_adam_supported(model.parameters()):
+        extra["fused"] = True
+    return create_optimizer_v2(  # groups carry their own decay (config key wd_grouping)
+        param_groups_weight_decay(model, weight_decay=cfg["weight_decay"], grouping=cfg["wd_grouping"]),
+        opt=cfg["opt"], lr=lr, betas=tuple(cfg["opt_betas"]), eps=cfg["opt_eps"], **extra,
+    )

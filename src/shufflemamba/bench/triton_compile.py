@@ -7,7 +7,7 @@ real launch would get) and shows what the hardware would run: registers per thre
 memory, and the SASS instruction mix. Speed still needs a GPU.
 
 Triton chooses between compiler and interpreter when it is first imported, so this only works in a
-process where ``TRITON_INTERPRET`` was not set (``python -m shufflemamba.ops.triton_compile``).
+process where ``TRITON_INTERPRET`` was not set (``python -m shufflemamba.bench.triton_compile``).
 
 This reaches into triton's launcher (``create_function_from_signature``, ``JITFunction._pack_args``)
 to specialise arguments exactly as ``kernel[grid](...)`` would: pointer alignment, strides equal to
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import triton_scan as ts
+from ..ops import triton_scan as ts
 
 # SASS opcodes worth counting: the exp2 unit, global loads / stores, warp shuffles (the parallel
 # scan and the reductions), local-memory traffic (spills)
@@ -178,7 +178,7 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shufflemamba.ops.triton_compile",
+        prog="python -m shufflemamba.bench.triton_compile",
         description="Compile the Triton scan kernels for a GPU architecture (no GPU needed) and report "
                     "registers, spills and the SASS instruction mix.")
     parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("BATCH", "E", "L", "N"),

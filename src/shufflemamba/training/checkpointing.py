@@ -31,8 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import faults
-from .config import UserError
+from ..errors import UserError
 
 VERSION = 2
 TRUST_ENV = "SHUFFLEMAMBA_TRUST_CHECKPOINTS"
@@ -177,9 +176,6 @@ def restore_training_state(ckpt: dict[str, Any], *, model_ema: Any, optimizer: A
 # --------------------------------------------------------------------------- writing
 
 
-_saves = 0  # checkpoint writes by this process (the pause_save fault counts them)
-
-
 def save_checkpoint(obj: dict[str, Any], path: str) -> None:
     """Write ``obj`` to ``path`` atomically: a temp file, flushed to disk, then renamed over ``path``.
     A crash or kill at any moment leaves either the old file or the new one, never a partial one.
@@ -187,15 +183,12 @@ def save_checkpoint(obj: dict[str, Any], path: str) -> None:
     Raises:
         UserError: the disk is full or the folder not writable (the previous ``path`` is untouched).
     """
-    global _saves
-    _saves += 1
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        faults.FAULTS.maybe_pause_in_save(_saves, tmp)
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path) or ".")
     except OSError as err:
@@ -275,7 +268,7 @@ def load_checkpoint(path: str, *, trust: bool = False) -> dict[str, Any]:
         raise UserError(f"checkpoint '{path}' not found")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint '{path}' is empty")
-    from .models.checkpoint import read_checkpoint  # the one torch.load of the project (Namespace allowed)
+    from ..models.checkpoint import read_checkpoint  # the one torch.load of the project (Namespace allowed)
 
     trusted = trust or trusted_by_env()
     try:
@@ -314,6 +307,44 @@ def prepare_output(output: str) -> None:
             pass
     except OSError as err:
         raise UserError(f"cannot write to output folder '{output}': {err.strerror or type(err).__name__}") from None
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png")
+
+
+def holds_run(folder: str) -> bool:
+    """Whether ``folder`` has a run's files (finished or not)."""
+    return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES) or bool(step_checkpoints(folder))
+
+
+def free_name(folder: str) -> str:
+    """``folder`` with the first ``-2``, ``-3``, ... suffix that names nothing yet."""
+    n = 2
+    while os.path.exists(f"{folder}-{n}"):
+        n += 1
+    return f"{folder}-{n}"
+
+
+def claim_output(output: str, *, resume: str | None, overwrite: bool) -> None:
+    """Refuse to start a run over another one: ``output`` may hold a run only when this run resumes
+    it, or when the user said ``--overwrite`` (then its run files are removed first).
+
+    Raises:
+        UserError: naming ``--resume``, a free folder name and ``--overwrite``.
+    """
+    if not holds_run(output):
+        return
+    if resume is not None:
+        resumed = resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
+        if os.path.realpath(resumed) == os.path.realpath(output):
+            return
+    if not overwrite:
+        raise UserError(f"output folder '{output}' already holds a run: continue it with --resume {output}, "
+                        f"start a new one with --output {free_name(output)}, or replace it with --overwrite")
+    for name in [*RUN_FILES, *map(os.path.basename, step_checkpoints(output))]:
+        path = os.path.join(output, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def write_metrics(path: str, rows: list[dict[str, Any]]) -> None:

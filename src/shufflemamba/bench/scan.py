@@ -1,8 +1,9 @@
-"""Timing of the selective-scan implementations, side by side in one process.
+"""Selective-scan problems to time (inputs, the bytes a fused kernel must move) and a sequential timer.
 
-Used by ``benchmarks/bench_scan.py`` and meant for a ``shufflemamba bench`` command::
+Used by the benchmark suite, the GPU check and ``benchmarks/bench_scan.py``::
 
-    from shufflemamba.ops.benchmark import SCAN_SHAPES, bench_scan, scan_markdown
+    from shufflemamba.bench.report import scan_markdown
+    from shufflemamba.bench.scan import SCAN_SHAPES, bench_scan
     rows = bench_scan([SCAN_SHAPES["vim_tiny"]], impls=("unbind", "cpu"), threads=2)
     print(scan_markdown(rows))
 
@@ -12,6 +13,7 @@ D, z, delta_bias, softplus) on the same inputs; the reported time is the median 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selective_scan import selective_scan
+from ..ops.selective_scan import selective_scan
 
-__all__ = ["SCAN_SHAPES", "ScanShape", "bench_scan", "scan_markdown", "scan_unbind_loop"]
+__all__ = ["SCAN_SHAPES", "ScanShape", "bench_scan", "min_scan_bytes", "mixer_like_inputs", "plain_inputs",
+           "scan_unbind_loop"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ def scan_unbind_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_s
     return y * F.silu(z) if z is not None else y
 
 
-def _inputs(shape: ScanShape, dtype: torch.dtype, seed: int) -> list[Tensor]:
+def plain_inputs(shape: ScanShape, dtype: torch.dtype, seed: int) -> list[Tensor]:
+    """The eight scan arguments for ``shape`` in positional order, Vim's A init, unit-scale activations."""
     g = torch.Generator().manual_seed(seed)
     b, E, L, N = shape.batch, shape.E, shape.L, shape.N
 
@@ -72,6 +76,32 @@ def _inputs(shape: ScanShape, dtype: torch.dtype, seed: int) -> list[Tensor]:
 
     A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1).to(dtype)  # Vim's init: -(1..N)
     return [r(b, E, L), r(b, E, L, scale=0.5), A, r(b, N, L), r(b, N, L), r(E), r(b, E, L), r(E, scale=0.5) - 4.0]
+
+
+def mixer_like_inputs(batch: int, E: int, L: int, N: int, device: torch.device, dtype: torch.dtype,
+                      seed: int = 0) -> dict[str, Tensor]:
+    """Inputs scaled like a Vim mixer's, as leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    dt = torch.exp(torch.rand(E, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    t = dict(
+        u=rnd(batch, E, L), delta=0.5 * rnd(batch, E, L),
+        A=-torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1),
+        B=rnd(batch, N, L), C=rnd(batch, N, L), D=torch.ones(E), z=rnd(batch, E, L),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),
+    )
+    act = ("u", "delta", "B", "C", "z")
+    return {k: v.to(device, dtype if k in act else torch.float32).requires_grad_() for k, v in t.items()}
+
+
+def min_scan_bytes(batch: int, E: int, L: int, N: int, elem: int) -> int:
+    """Bytes a fused forward+backward must move at least: 4 (batch, E, L) tensors forward (u, delta, z
+    read, out written), 7 backward (u, delta, z, grad read; du, ddelta, dz written), B and C read
+    twice and dB, dC written once. Parameters are small and left out, and so are the Triton kernel's
+    fp32 chunk states (one (E, N) state per 16 steps, written forward and read backward: about one
+    more (batch, E, L) fp32 tensor each way), which a kernel that kept every state on chip would not
+    need: the figure is the minimum any fused kernel must move."""
+    return elem * (11 * batch * E * L + 6 * batch * N * L)
 
 
 def _time_once(fn, leaves: list[Tensor], gout: Tensor, backward: bool) -> float:
@@ -116,7 +146,7 @@ def bench_scan(
     rows: list[dict] = []
     try:
         for shape in shapes:
-            leaves = [t.requires_grad_() for t in _inputs(shape, dtype, seed)]
+            leaves = [t.requires_grad_() for t in plain_inputs(shape, dtype, seed)]
             gout = torch.randn(shape.batch, shape.E, shape.L, generator=torch.Generator().manual_seed(seed + 1))
             gout = gout.to(dtype)
             base = None
@@ -146,18 +176,3 @@ def bench_scan(
     finally:
         torch.set_num_threads(old_threads)
     return rows
-
-
-def scan_markdown(rows: list[dict]) -> str:
-    """A markdown table of :func:`bench_scan` rows."""
-    lines = [
-        "| shape (batch, E, L, N) | impl | forward ms | fwd+bwd ms (median) | fwd+bwd ms (min) | vs unbind loop |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        shape = f"{r['shape']} ({r['batch']}, {r['E']}, {r['L']}, {r['N']})"
-        speed = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
-        lines.append(
-            f"| {shape} | {r['impl']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_min_ms']:.1f} | {speed} |"
-        )
-    return "\n".join(lines)

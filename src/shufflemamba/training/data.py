@@ -21,7 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
-from .config import UserError
+from ..errors import UserError
+from .defaults import data_layout
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_FILES = {
@@ -212,10 +213,13 @@ def build_dataset(cfg: dict[str, Any], split: str, in_chans: int, transform: Cal
             return FashionMNIST(cfg["data_dir"], split, None, mode, batch_transform=batched)
         return FashionMNIST(cfg["data_dir"], split, transform, mode)
     if not cfg["data_dir"]:
-        raise UserError("no data: pass --data-dir DIR (with train/ and val/ class folders) or --dataset fashion-mnist")
-    root = os.path.join(cfg["data_dir"], split)
+        raise UserError("no data: pass --data-dir DIR (class folders, or train/ and val/ with class folders) "
+                        "or --dataset fashion-mnist")
     if not os.path.isdir(cfg["data_dir"]):
         raise UserError(f"data directory '{cfg['data_dir']}' does not exist")
+    if data_layout(cfg["data_dir"]) == "flat":  # DIR/<class>/...: both splits read it; holdout picks val
+        return ImageFolderPIL(cfg["data_dir"], transform, mode)
+    root = os.path.join(cfg["data_dir"], split)
     if not os.path.isdir(root):
         raise UserError(f"data directory '{cfg['data_dir']}' has no {split}/ sub-directory")
     return ImageFolderPIL(root, transform, mode)

@@ -8,21 +8,21 @@ every checkpoint), validated by :func:`validate_config`.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from importlib import resources
 from typing import Any
 
 import yaml
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line on stderr, no traceback."""
+from ..errors import UserError
 
 
-# Every key a config may hold. Values are the defaults (a small-scale DeiT-style recipe).
+# Every key a config may hold. Values are the defaults (a small-scale DeiT-style recipe); None on
+# a key of AUTO_KEYS means "derive it from the data" (shufflemamba.defaults, printed at the start).
 DEFAULTS: dict[str, Any] = {
     # model
-    "model": "vim_tiny_patch16_224",
+    "model": None,  # auto: vim_tiny_patch16_224, or the --init-from checkpoint's model
     "model_kwargs": {},
     "drop_path": None,  # None: the model's default (as for the two SLWS options)
     "slws_rate": None,
@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     # data
     "data_dir": None,
     "dataset": None,  # None: ImageFolder layout under data_dir; or "fashion-mnist"
-    "img_size": 224,
+    "img_size": None,  # auto: from the images (a patch size to match for our models), 28 for Fashion-MNIST
     "crop_pct": 0.875,
     "scale": [0.08, 1.0],  # RandomResizedCrop area range
     "ratio": [0.75, 1.3333333333333333],
@@ -58,16 +58,16 @@ DEFAULTS: dict[str, Any] = {
     "repeated_aug": False,  # RepeatAugSampler, used under DDP only (as in DeiT)
     # optimisation
     "epochs": 300,
-    "batch_size": 128,  # per process
+    "batch_size": None,  # per process; auto: 128, halved until an epoch has at least 8 steps
     "accum_steps": 1,
     "opt": "adamw",
     "opt_betas": [0.9, 0.999],
     "opt_eps": 1e-8,
-    "lr": 5e-4,
+    "lr": None,  # auto: 5e-4 absolute up to total batch 512, scaled by total / 512 above
     "scale_lr": True,  # lr *= total batch / 512 (DeiT rule); false: lr is absolute
     "min_lr": 1e-5,
     "warmup_lr": 1e-6,
-    "warmup_epochs": 5,
+    "warmup_epochs": None,  # auto: 10% of the run, at most 5 epochs
     "sched": "cosine",
     "sched_on_updates": True,  # per-optimizer-step lr updates (smooth warmup on short runs)
     "weight_decay": 0.05,
@@ -87,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
     # run
     "seed": 0,
     "device": None,  # None: cuda when available, else cpu
-    "output": "runs/train",
+    "output": None,  # auto: a new folder runs/<preset or model>-<date>-<time>
     "resume": None,
     "log_interval": 50,
     "save_best": True,
@@ -95,6 +95,15 @@ DEFAULTS: dict[str, Any] = {
     # SIGINT / SIGUSR1; a kill loses at most this much work. 0: only on signals and at epoch ends
     "checkpoint_every": 10.0,
     "keep_last": 2,  # step checkpoints kept on disk (older ones are deleted)
+}
+
+AUTO_KEYS = {  # what "auto" means for each (shufflemamba.defaults fills them; presets set them all)
+    "model": "vim_tiny_patch16_224, or the --init-from checkpoint's",
+    "img_size": "the images' median shorter side, at most 224 (28 for Fashion-MNIST)",
+    "batch_size": "128, halved until an epoch has 8 steps",
+    "lr": "5e-4, scaled by total batch / 512 above 512",
+    "warmup_epochs": "10%% of the run, at most 5",
+    "output": "a new folder runs/<preset or model>-<date>-<time>",
 }
 
 PRESET_DIR = "configs"
@@ -127,13 +136,22 @@ def load_config_file(name_or_path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"config {source} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config {source} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise UserError(f"config {source} must be a YAML mapping of option: value")
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
-        raise UserError(f"config {source} has unknown option(s): {', '.join(unknown)}")
+        raise UserError(f"config {source} has unknown option(s): {', '.join(_with_hint(k) for k in unknown)}")
     return data
+
+
+def _with_hint(key: str) -> str:
+    """``key`` with a "did you mean" for the closest known option, if one is close."""
+    close = difflib.get_close_matches(key, list(DEFAULTS), n=1, cutoff=0.6)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 def parse_kv_list(items: list[str] | None) -> dict[str, Any]:
@@ -160,7 +178,7 @@ def resolve_config(config: str | None, overrides: dict[str, Any]) -> dict[str, A
         if value is None:
             continue
         if key not in DEFAULTS:
-            raise UserError(f"unknown option '{key}'")
+            raise UserError(f"unknown option {_with_hint(key)}")
         if key == "model_kwargs":
             cfg[key] = {**(cfg.get(key) or {}), **value}  # flag kwargs add to / override the preset's
         else:
@@ -183,13 +201,14 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     Raises:
         UserError: with a message naming the offending option.
     """
+    auto = {k for k in AUTO_KEYS if cfg.get(k) is None}  # left for shufflemamba.defaults to fill
     for key in ("epochs", "batch_size", "accum_steps", "img_size", "workers", "seed", "max_nonfinite", "log_interval"):
+        if key in auto:
+            continue
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
             raise UserError(f"{key} must be an integer, got {cfg[key]!r}")
-    if cfg["epochs"] < 0:
-        raise UserError(f"epochs must be >= 0, got {cfg['epochs']}")
-    for key in ("batch_size", "accum_steps", "img_size", "max_nonfinite", "log_interval"):
-        if cfg[key] < 1:
+    for key in ("epochs", "batch_size", "accum_steps", "img_size", "max_nonfinite", "log_interval"):
+        if key not in auto and cfg[key] < 1:
             raise UserError(f"{key} must be >= 1, got {cfg[key]}")
     # configs saved before step checkpoints existed (a checkpoint being resumed) get the defaults
     cfg.setdefault("checkpoint_every", DEFAULTS["checkpoint_every"])
@@ -208,8 +227,10 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     _check_range(cfg, "crop_pct", 0.0, 1.0, lo_open=True)
     _check_range(cfg, "model_ema_decay", 0.0, 1.0, lo_open=True)
     for key in ("mixup", "cutmix", "weight_decay", "min_lr", "warmup_lr", "warmup_epochs", "color_jitter"):
-        _check_range(cfg, key, 0.0, float("inf"))
-    _check_range(cfg, "lr", 0.0, float("inf"), lo_open=True)
+        if key not in auto:
+            _check_range(cfg, key, 0.0, float("inf"))
+    if "lr" not in auto:
+        _check_range(cfg, "lr", 0.0, float("inf"), lo_open=True)
     if cfg["clip_grad"] is not None:
         _check_range(cfg, "clip_grad", 0.0, float("inf"), lo_open=True)
     if cfg["slws_schedule"] not in (None, "linear", "constant"):
@@ -225,7 +246,7 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"amp_dtype must be 'bfloat16' or 'float16', got {cfg['amp_dtype']!r}")
     if not isinstance(cfg["model_kwargs"], dict):
         raise UserError("model_kwargs must be a mapping of keyword: value")
-    if not isinstance(cfg["model"], str) or not cfg["model"]:
+    if "model" not in auto and (not isinstance(cfg["model"], str) or not cfg["model"]):
         raise UserError("model must be a model name")
     betas = cfg["opt_betas"]
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):

@@ -1,14 +1,11 @@
 """Benchmark suite: selective-scan implementations, Vim training steps, SLWS overhead, GPU figures.
 
-Everything runs side by side in one process and is written as JSON plus a markdown section::
+Everything runs side by side in one process; the results are written as JSON and printed as markdown::
 
-    python -m shufflemamba.bench [--quick] [--device cpu|cuda] [--json PATH] [--markdown PATH]
-    shufflemamba bench ...                      (the CLI calls :func:`main`)
+    shufflemamba bench [--quick] [--device cpu|cuda] [--json PATH]
+    python -m shufflemamba.bench ...            (the same)
 
-The markdown goes between ``<!-- bench:TAG:begin -->`` and ``<!-- bench:TAG:end -->`` in the target file,
-TAG naming the machine (``reports.machine_tag``: "intel-xeon", "amd-epyc", "nvidia-h200"; other content,
-other machines' sections included, is kept; the section is appended when the markers are absent), so the
-suite can share docs/benchmarks.md with hand-written sections and with runs on other machines.
+``benchmarks/docs_section.py bench PATH`` puts the JSON's section into docs/benchmarks.md.
 
 Measured, all as medians over interleaved repeats:
 
@@ -17,6 +14,8 @@ Measured, all as medians over interleaved repeats:
   (optional peer; ``pip install mambapy``). Each forward is also checked against the reference.
 * one training step (forward, loss, backward, AdamW) of vim_tiny / vim_small with SLWS off and at
   rate 0.5: images/s and the SLWS overhead ratio (target: at most 2%).
+* the paper's pair: vim_tiny (24 blocks) vs deit_tiny (12 blocks), inference at 224 and 1024 px and
+  training at 224 px, with multiply-adds per image and peak memory (``bench/paper_pair.py``).
 * on a GPU: the Triton scan's achieved memory bandwidth as a fraction of a measured copy peak, and
   Vim-S vs timm's deit_small_patch16_224 training images/s at the same batch and precision.
 """
@@ -39,14 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import shufflemamba  # noqa: F401  (torchvision shim and model registration before timm)
-from shufflemamba.config import UserError
-from shufflemamba.ops.selective_scan import selective_scan, selective_scan_ref
-from shufflemamba.reports import cpu_model, format_number, machine_tag, write_marked_section
-
-def markers(tag: str) -> tuple[str, str]:
-    """The begin / end markers of one machine's section (``tag`` from ``reports.machine_tag``)."""
-    return f"<!-- bench:{tag}:begin -->", f"<!-- bench:{tag}:end -->"
+from ..errors import UserError
+from ..ops.selective_scan import selective_scan, selective_scan_ref
+from .report import bench_markdown, cpu_model
+from .scan import min_scan_bytes, mixer_like_inputs
+from .timing import make_model, time_interleaved, train_step_fn
+from .paper_pair import bench_paper_pair
+from .vit import bench_vs_vit
 
 # Mixer shapes: E = 2 * embed_dim, L = 196 patches + class token, N = d_state
 SCAN_SHAPES = {"vim_ti": dict(E=384, L=197, N=16), "vim_s": dict(E=768, L=197, N=16)}
@@ -54,29 +52,6 @@ QUICK_SCAN_SHAPES = {"vim_ti": dict(E=32, L=17, N=4), "vim_s": dict(E=64, L=17, 
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                      device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each fn, run round-robin so drifts in machine load hit all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def _mambapy_scan() -> Callable[..., Tensor] | None:
     """mambapy's parallel (Blelloch) scan wrapped to our signature, or None when mambapy is absent."""
     try:
@@ -121,32 +96,6 @@ def _scan_impls(device: torch.device) -> dict[str, Callable[..., Tensor] | str]:
     return impls
 
 
-def _scan_inputs(batch: int, E: int, L: int, N: int, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0) -> dict[str, Tensor]:
-    """Inputs scaled like a Vim mixer's, as leaves that require grad."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    dt = torch.exp(torch.rand(E, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    t = dict(
-        u=rnd(batch, E, L), delta=0.5 * rnd(batch, E, L),
-        A=-torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1),
-        B=rnd(batch, N, L), C=rnd(batch, N, L), D=torch.ones(E), z=rnd(batch, E, L),
-        delta_bias=dt + torch.log(-torch.expm1(-dt)),
-    )
-    act = ("u", "delta", "B", "C", "z")
-    return {k: v.to(device, dtype if k in act else torch.float32).requires_grad_() for k, v in t.items()}
-
-
-def _scan_bytes(batch: int, E: int, L: int, N: int, elem: int) -> int:
-    """Bytes a fused forward+backward must move at least: 4 (batch, E, L) tensors forward (u, delta, z
-    read, out written), 7 backward (u, delta, z, grad read; du, ddelta, dz written), B and C read
-    twice and dB, dC written once. Parameters are small and left out, and so are the Triton kernel's
-    fp32 chunk states (one (E, N) state per 16 steps, written forward and read backward: about one
-    more (batch, E, L) fp32 tensor each way), which a kernel that kept every state on chip would not
-    need: the figure is the minimum any fused kernel must move."""
-    return elem * (11 * batch * E * L + 6 * batch * N * L)
-
-
 # -- sections -----------------------------------------------------------------------------------------
 def bench_scan(device: torch.device, quick: bool, repeats: int, batch: int,
                dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
@@ -155,7 +104,7 @@ def bench_scan(device: torch.device, quick: bool, repeats: int, batch: int,
     records = []
     for shape_name, shp in (QUICK_SCAN_SHAPES if quick else SCAN_SHAPES).items():
         E, L, N = shp["E"], shp["L"], shp["N"]
-        inputs = _scan_inputs(batch, E, L, N, device, dtype)
+        inputs = mixer_like_inputs(batch, E, L, N, device, dtype)
         gout = torch.randn(batch, E, L, device=device, dtype=dtype)
         with torch.no_grad():
             ref = selective_scan_ref(**inputs, delta_softplus=True).float()
@@ -181,9 +130,9 @@ def bench_scan(device: torch.device, quick: bool, repeats: int, batch: int,
                 fn(**inputs, delta_softplus=True).backward(gout)
 
             fns[name] = step
-        times = _time_interleaved(fns, repeats, warmup=1, device=device)
+        times = time_interleaved(fns, repeats, warmup=1, device=device)
         ref_ms = statistics.median(times["reference"]) * 1e3 if "reference" in times else None
-        nbytes = _scan_bytes(batch, E, L, N, torch.finfo(dtype).bits // 8)
+        nbytes = min_scan_bytes(batch, E, L, N, torch.finfo(dtype).bits // 8)
         for rec in records[-len(impls):]:
             if rec["impl"] in times:
                 ms = statistics.median(times[rec["impl"]]) * 1e3
@@ -191,36 +140,6 @@ def bench_scan(device: torch.device, quick: bool, repeats: int, batch: int,
                            speedup_vs_ref=(ref_ms / ms) if ref_ms else None,
                            gbytes_per_s=nbytes / (ms * 1e-3) / 1e9)
     return records
-
-
-def _make_model(name: str, quick: bool, device: torch.device, **kwargs: Any) -> torch.nn.Module:
-    import timm
-
-    if quick:  # tiny stand-in with the same code paths: 2 blocks, 32 px (4 patches)
-        kwargs.update(img_size=32, depth=2)
-    return timm.create_model(name, num_classes=10 if quick else 1000, **kwargs).to(device)
-
-
-def _train_step_fn(model: torch.nn.Module, batch: int, img: int, device: torch.device,
-                   amp: torch.dtype | None, in_chans: int = 3) -> Callable[[], None]:
-    from .train import fused_adam_supported
-
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused_adam_supported(params))  # as training builds it
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, in_chans, img, img, generator=g).to(device)
-    num_classes = model.num_classes if hasattr(model, "num_classes") else 1000
-    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-    model.train()
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def _slws_ops_ms(model: torch.nn.Module, batch: int, img: int, device: torch.device, repeats: int) -> float:
@@ -239,7 +158,7 @@ def _slws_ops_ms(model: torch.nn.Module, batch: int, img: int, device: torch.dev
             for _ in range(4):
                 h.index_select(1, perm).index_select(1, inv)
 
-    return statistics.median(_time_interleaved({"ops": ops}, repeats, 1, device)["ops"]) * 1e3
+    return statistics.median(time_interleaved({"ops": ops}, repeats, 1, device)["ops"]) * 1e3
 
 
 def bench_train(device: torch.device, quick: bool, repeats: int, batch: int,
@@ -251,19 +170,19 @@ def bench_train(device: torch.device, quick: bool, repeats: int, batch: int,
         rec: dict[str, Any] = {}
         out["models"][name] = rec
         try:
-            model = _make_model(name, quick, device)
+            model = make_model(name, quick, device)
             if not hasattr(model, "set_slws"):
                 raise TypeError(f"{type(model).__name__} has no set_slws")
         except Exception as e:
             rec["status"] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             continue
-        step = _train_step_fn(model, batch, img, device, amp)
+        step = train_step_fn(model, batch, img, device, amp)
 
         def run(rate: float) -> None:
             model.set_slws(rate)
             step()
 
-        times = _time_interleaved({"off": lambda: run(0.0), "slws_0.5": lambda: run(0.5)}, repeats, 1, device)
+        times = time_interleaved({"off": lambda: run(0.0), "slws_0.5": lambda: run(0.5)}, repeats, 1, device)
         off, on = statistics.median(times["off"]), statistics.median(times["slws_0.5"])
         # the ratio of each interleaved pair is steadier than the ratio of medians on a busy machine
         paired = statistics.median(b / a for a, b in zip(times["off"], times["slws_0.5"]))
@@ -282,7 +201,7 @@ def bench_gpu(device: torch.device, quick: bool, repeats: int, scan_records: lis
     n = (64 if quick else 1024) * 2**20  # bytes
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = _time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=max(repeats, 5), warmup=2, device=device)
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=max(repeats, 5), warmup=2, device=device)
     peak = 2 * n / statistics.median(t["copy"]) / 1e9  # read + write
     out["copy_peak_gbytes_per_s"] = peak
     del src, dst
@@ -300,10 +219,10 @@ def bench_gpu(device: torch.device, quick: bool, repeats: int, scan_records: lis
                 kw = dict(img_size=32, depth=2) if name.startswith("vim") else dict(img_size=32, depth=2)
                 model = timm.create_model(name, num_classes=10, **kw).to(device)
             else:
-                model = _make_model(name, False, device)
+                model = make_model(name, False, device)
             img = 32 if quick else 224
-            step = _train_step_fn(model, batch, img, device, amp)
-            tt = _time_interleaved({"s": step}, repeats, 2, device)["s"]
+            step = train_step_fn(model, batch, img, device, amp)
+            tt = time_interleaved({"s": step}, repeats, 2, device)["s"]
             res[name] = dict(status="ok", images_per_s=batch / statistics.median(tt))
             del model, step
         except Exception as e:
@@ -325,7 +244,7 @@ def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
     if device.type == "cuda":
         meta["device_name"] = torch.cuda.get_device_name(device)
     else:  # which vector width the compiled CPU kernels run with, and why (cpu_scan's auto rule)
-        from .ops.cpu_scan import describe_vector_width
+        from ..ops.cpu_scan import describe_vector_width
 
         meta["cpu_kernels"] = describe_vector_width()
     for mod in ("triton", "mambapy", "timm"):
@@ -336,80 +255,16 @@ def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
     return meta
 
 
-_fmt = format_number
-
-
-def to_markdown(res: dict[str, Any]) -> str:
-    m = res["meta"]
-    lines = [
-        f"## Benchmark suite (`shufflemamba bench`), {m['device_name']}", "",
-        f"Run {m['date']}{' (--quick: tiny sizes, smoke test only)' if m['quick'] else ''} on "
-        f"**{m['device_name']}** ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
-        f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats."
-        + (f" {m['cpu_kernels'][0].upper()}{m['cpu_kernels'][1:]}." if m.get("cpu_kernels") else ""), "",
-        "### Selective scan, forward + backward", "",
-        "| shape | batch, E, L, N | impl | ms | speedup vs reference | max abs err vs ref | status |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in res["scan"]:
-        lines.append(
-            f"| {r['shape']} | {r['batch']}, {r['E']}, {r['L']}, {r['N']} | {r['impl']} | {_fmt(r.get('ms_fwd_bwd'))}"
-            f" | {_fmt(r.get('speedup_vs_ref'), '.2f')} | {_fmt(r.get('max_abs_err_vs_ref'), '.1e')} | {r['status']} |")
-    t = res["train"]
-    lines += ["", f"### Training step (batch {t['batch']}, {t['img_size']} px, "
-                  f"{t['amp'] or 'fp32'}, fused AdamW), SLWS off vs rate 0.5", "",
-              "| model | img/s SLWS off | img/s SLWS 0.5 | overhead (ratio of medians) | overhead (median of pairs) |"
-              " shuffle ops alone, every block | status |", "|---|---|---|---|---|---|---|"]
-    for name, r in t["models"].items():
-        lines.append(f"| {name} | {_fmt(r.get('images_per_s_off'), '.2f')} | {_fmt(r.get('images_per_s_slws'), '.2f')}"
-                     f" | {_fmt(100 * r['slws_overhead'] if 'slws_overhead' in r else None, '+.2f')}%"
-                     f" | {_fmt(100 * r['slws_overhead_paired'] if 'slws_overhead_paired' in r else None, '+.2f')}%"
-                     f" | {_fmt(r.get('slws_ops_ms'), '.2f')} ms = "
-                     f"{_fmt(100 * r['slws_ops_fraction'] if 'slws_ops_fraction' in r else None, '.2f')}% of a step"
-                     f" | {r['status']} |")
-    lines += ["", "Target: SLWS overhead at most 2% of a training step. The last column times SLWS's own work "
-              "(randperm, argsort, gathers) in isolation as if every block shuffled: an upper bound that, unlike "
-              "the difference of two step times, does not drown in machine noise."]
-    if res.get("vit"):
-        from shufflemamba.bench_vit import to_markdown as vit_markdown
-
-        lines += vit_markdown(res["vit"])
-    lines += ["", "### GPU", ""]
-    g = res.get("gpu")
-    if not g or "skipped" in g:
-        lines.append(f"Not measured in this run: {g.get('skipped') if g else 'no GPU'}. Still unmeasured: "
-                     "Triton scan speedup vs reference (target >= 20x), its fraction of peak memory bandwidth "
-                     "(target >= 50%), Vim-S vs DeiT-S training images/s (target >= 0.7x).")
-    else:
-        lines.append(f"Copy peak (device-to-device): {_fmt(g['copy_peak_gbytes_per_s'])} GB/s.")
-        for b in g["scan_bandwidth"]:
-            lines.append(f"- Triton scan {b['shape']}: {_fmt(b['gbytes_per_s'])} GB/s = "
-                         f"{_fmt(100 * b['fraction_of_peak'])}% of peak (minimum-traffic byte count)")
-        tv = g["train_vs_deit"]
-        for name in ("vim_small_patch16_224", "deit_small_patch16_224"):
-            lines.append(f"- {name}: {_fmt(tv[name].get('images_per_s'))} img/s (batch {tv['batch']}, "
-                         f"{tv['amp']}) {tv[name]['status']}")
-        lines.append(f"- Vim-S / DeiT-S: {_fmt(tv.get('vim_over_deit'), '.2f')}x (target >= 0.7x)")
-    return "\n".join(lines) + "\n"
-
-
-def write_markdown(path: Path, section: str, tag: str) -> None:
-    """Put ``section`` between machine ``tag``'s bench markers in ``path``, keeping everything else."""
-    write_marked_section(path, section, *markers(tag))
-
-
 # -- entry point ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shufflemamba bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs in seconds")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default="runs/bench.json", help="where to write the results as JSON")
-    p.add_argument("--markdown", default="docs/benchmarks.md",
-                   help="markdown file whose <!-- bench:MACHINE:begin/end --> section is (re)written")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--scan-batch", type=int, default=None, help="batch of the scan benchmark")
     p.add_argument("--train-batch", type=int, default=None, help="batch of the training-step benchmark")
-    p.add_argument("--skip", nargs="*", default=[], choices=["scan", "train", "vit", "gpu"], help="sections to skip")
+    p.add_argument("--skip", nargs="*", default=[], choices=["scan", "train", "vit", "pair", "gpu"], help="sections to skip")
     return p
 
 
@@ -445,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res["train"] = {"batch": train_batch, "img_size": None, "amp": None, "models": {}}
     if "vit" not in args.skip:
-        from shufflemamba.bench_vit import bench_vs_vit
-
         print("[bench] training steps, our Vim vs timm's ViT of the same size ...", file=sys.stderr)
         res["vit"] = bench_vs_vit(device, args.quick, repeats, torch.bfloat16 if gpu else None)
+    if "pair" not in args.skip:
+        print("[bench] the paper's pair: vim_tiny vs deit_tiny, inference and training ...", file=sys.stderr)
+        res["pair"] = bench_paper_pair(device, args.quick, max(3, repeats // 2))
     if gpu and "gpu" not in args.skip:
         print("[bench] GPU bandwidth and Vim-S vs DeiT-S ...", file=sys.stderr)
         res["gpu"] = bench_gpu(device, args.quick, repeats, res["scan"], train_batch)
@@ -458,14 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(res, indent=2) + "\n")
-    section = to_markdown(res)
-    write_markdown(Path(args.markdown), section, machine_tag(res["meta"]["device_name"]))
-    print(section)
-    print(f"[bench] wrote {json_path} and {args.markdown}", file=sys.stderr)
+    print(bench_markdown(res))
+    print(f"[bench] wrote {json_path}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    from shufflemamba.console import guarded  # one-line errors for bad input, as `shufflemamba bench`
-
-    sys.exit(guarded(main, sys.argv[1:]))

@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import faults
+from ..errors import UserError
 from .checkpointing import EpochSums
-from .config import UserError
+from .progress import EpochProgress
 
 
 class NonFiniteLossError(UserError):
@@ -82,6 +82,64 @@ def autocast_ctx(device: torch.device, amp: bool, amp_dtype: str) -> contextlib.
     return torch.autocast(device_type=device.type, dtype=getattr(torch, amp_dtype))
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """What every process decided together about one micro-batch (each flag max-reduced over ranks)."""
+
+    not_finite: bool = False  # some rank's loss is NaN / inf: every rank drops the micro-batch
+    stop: bool = False  # a stop signal arrived on some rank
+    save: bool = False  # some rank's checkpoint clock is due
+    some_empty: bool = False  # some rank had no readable images: every rank drops the micro-batch
+
+    @property
+    def dropped(self) -> bool:
+        return self.not_finite or self.some_empty
+
+
+def agree(loss: torch.Tensor | None, state: StepState, device: torch.device) -> Agreement:
+    """The micro-batch's flags, max-reduced over DDP ranks: every rank must take the same branch (or
+    the next all-reduce hangs), so a rank whose images were all unreadable has no loss but still takes
+    part. The flags stay on the device: one host read."""
+    asked = [float(state.stop_signal is not None), float(state.checkpoint_due())]
+    if loss is not None:
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), *map(loss.new_tensor, asked), loss.new_tensor(0.0)])
+    else:
+        flags = torch.tensor([0.0, *asked, 1.0], device=device)
+    if _dist():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return Agreement(*(bool(v) for v in flags.tolist()))
+
+
+def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+         cfg: dict[str, Any], device: torch.device, state: StepState, *, epoch: int, i: int, is_update: bool,
+         mixup_fn: Callable | None = None, scaler: Any = None) -> tuple[torch.Tensor | None, Agreement]:
+    """One micro-batch: forward, the ranks' agreement on it, then backward (or drop it). Returns the loss
+    (None when there was none or it was dropped) and the agreement."""
+    if not (len(x) or _dist()):
+        return None, Agreement()
+    # DDP: skip the gradient all-reduce on micro-batches that do not end in an optimizer step
+    with model.no_sync() if (hasattr(model, "no_sync") and not is_update) else contextlib.nullcontext():
+        loss = None
+        if len(x):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                x, y = mixup_fn(x, y)
+            with autocast_ctx(device, cfg["amp"], cfg["amp_dtype"]):
+                loss = criterion(model(x).float(), y)
+        agreed = agree(loss, state, device)
+        if agreed.some_empty:  # drop this micro-batch and its accumulation group on every rank
+            state.log(f"warning: epoch {epoch} step {i}: a process had no readable images; step skipped on every process")
+            optimizer.zero_grad(set_to_none=True)
+            return None, agreed
+        if agreed.not_finite:
+            _skip_nonfinite(state, optimizer, cfg, epoch, i)
+            return None, agreed
+        state.nonfinite_streak = 0
+        scaled = loss / cfg["accum_steps"]
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss, agreed
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Any,
@@ -99,7 +157,8 @@ def train_one_epoch(
     start_batch: int = 0,
 ) -> dict[str, float]:
     """Train for one epoch, or its remainder from micro-batch ``start_batch`` (the loader then yields
-    only the remaining batches, and ``state.sums`` holds the sums of those before). Returns
+    only the remaining batches, and ``state.sums`` holds the sums of those before). ``progress``: a
+    progress bar (else a log line every ``log_interval`` batches, at least 4 an epoch). Returns
     train_loss (mean over finite steps), images, seconds, lr.
 
     Raises:
@@ -107,90 +166,36 @@ def train_one_epoch(
         NonFiniteLossError: ``cfg['max_nonfinite']`` non-finite losses in a row.
     """
     model.train()
-    accum = cfg["accum_steps"]
-    n_batches = start_batch + len(loader)
-    sums = state.sums
+    accum, n_batches, sums = cfg["accum_steps"], start_batch + len(loader), state.sums
     t0 = time.perf_counter() - sums.seconds
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    report = EpochProgress(epoch, n_batches, start_batch, cfg["log_interval"], state.log, bar=progress)
     save_due = stop = False
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y, skipped) in enumerate(loader, start=start_batch):
         state.skipped_images += skipped
         is_update = (i + 1) % accum == 0 or i + 1 == n_batches
-        loss, dropped = None, False
-        if faults.FAULTS.empty_batch(epoch * n_batches + i, state.rank):
-            x, y = x[:0], y[:0]
         if mixup_fn is not None and len(x) % 2:  # timm's batch mixup pairs samples; only after skipped images
             x, y = x[:-1], y[:-1]
-        if len(x) or _dist():
-            # DDP: skip the gradient all-reduce on micro-batches that do not end in an optimizer step
-            sync_ctx = model.no_sync() if (hasattr(model, "no_sync") and not is_update) else contextlib.nullcontext()
-            with sync_ctx:
-                if len(x):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if mixup_fn is not None:
-                        x, y = mixup_fn(x, y)
-                    with autocast_ctx(device, cfg["amp"], cfg["amp_dtype"]):
-                        loss = criterion(model(x).float(), y)
-                    if epoch * n_batches + i in faults.FAULTS.nan:
-                        loss = loss * float("nan")
-                # [not finite, stop requested, checkpoint due, no images]: under DDP every rank must
-                # take the same branch (or the next all-reduce hangs), so the flags are max-reduced;
-                # a rank whose images were all unreadable has no loss but still takes part
-                asked = [float(state.stop_signal is not None), float(state.checkpoint_due())]
-                if loss is not None:  # on the device: one host read (below) per micro-batch
-                    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), *map(loss.new_tensor, asked),
-                                         loss.new_tensor(0.0)])
-                else:
-                    flags = torch.tensor([0.0, *asked, 1.0], device=device)
-                if _dist():
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                not_finite, stop_flag, due_flag, some_empty = (bool(v) for v in flags.tolist())
-                stop, save_due = stop or stop_flag, save_due or due_flag or stop_flag
-                if some_empty:
-                    # some rank has nothing to back-propagate: every rank drops this micro-batch and
-                    # its accumulation group, so that the gradient all-reduce stays in step
-                    state.log(f"warning: epoch {epoch} step {i}: a process had no readable images; "
-                              "step skipped on every process")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, dropped = None, True
-                elif not_finite:
-                    _skip_nonfinite(state, optimizer, cfg, epoch, i)
-                    loss, dropped = None, True
-                else:
-                    state.nonfinite_streak = 0
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss, agreed = step(model, x, y, criterion, optimizer, cfg, device, state, epoch=epoch, i=i,
+                            is_update=is_update, mixup_fn=mixup_fn, scaler=scaler)
+        stop, save_due = stop or agreed.stop, save_due or agreed.save or agreed.stop
         loss_value = loss.item() if loss is not None else math.nan  # one host read per micro-batch
         if loss is not None:
             sums.loss_sum += loss_value
             sums.loss_count += 1
             sums.images += len(x)
         if is_update:
-            if not dropped:  # a group ending in a non-finite loss takes no step (its gradients are gone)
+            if not agreed.dropped:  # a group ending in a dropped micro-batch takes no step (its gradients are gone)
                 _optimizer_step(model, optimizer, cfg, state, scheduler, model_ema, scaler)
-                faults.FAULTS.after_update(state.num_updates, state.rank)
-            if save_due or state.num_updates in faults.FAULTS.save:
+            if save_due:
                 sums.seconds = time.perf_counter() - t0
                 if state.save_step is not None:
                     state.save_step(epoch, i + 1)
                 save_due = False
             if stop:
                 raise Interrupted(state.stop_signal or signal.SIGTERM, epoch, i + 1)
-        lr = optimizer.param_groups[0]["lr"]
-        ips = sums.images / max(time.perf_counter() - t0, 1e-9)
-        shown = f"{loss_value:.4f}"
-        if bar is not None:
-            bar.set_postfix(loss=shown, lr=f"{lr:.2e}", ips=f"{ips:.0f}")
-            bar.update(1)
-        elif (i + 1) % cfg["log_interval"] == 0:
-            state.log(f"epoch {epoch} [{i + 1}/{n_batches}] loss {shown} lr {lr:.3e} {ips:.0f} img/s")
-    if bar is not None:
-        bar.close()
+        report.update(i + 1, loss_value, optimizer.param_groups[0]["lr"], sums.images / max(time.perf_counter() - t0, 1e-9))
+    report.close()
     sums.seconds = time.perf_counter() - t0
     loss_sum, loss_count, images = _all_sum([sums.loss_sum, sums.loss_count, sums.images], device)
     return {

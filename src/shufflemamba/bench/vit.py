@@ -3,11 +3,11 @@
 Issue 12's yardstick for the CPU path: a Vim should train at least as fast as the plain ViT it is
 meant to replace. Both models get the same embedding width D, depth, patch size, image size and a
 class token (so the same number of tokens), the same batch, AdamW (torch's fused kernel, as
-training builds it; the unfused one until 2026-12-01) and fp32 (bf16 autocast on CUDA). The ViT
+training builds it) and fp32 (bf16 autocast on CUDA). The ViT
 has D / 32 heads and MLP ratio 4 (timm's defaults); the Vim has d_state and expand as given, SLWS
 off (its shuffle costs < 1% of a step, measured in the training-step section).
 
-The two step functions are timed round-robin in one process (``bench._time_interleaved``), so a
+The two step functions are timed round-robin in one process (:func:`~shufflemamba.bench.timing.time_interleaved`), so a
 change in machine load hits both alike; the ratio of each interleaved pair's times is reported.
 """
 
@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .timing import time_interleaved, train_step_fn
+
 PAIRS_SECONDS = 15.0  # time spent on the interleaved pairs of one setup (not counting the warm-up)
 MAX_PAIRS = 80
 
@@ -29,7 +31,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         shared=dict(img_size=16, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_classes=10), batch=128,
         vim=dict(d_state=8, cls_position="head"),
     ),
-    # the demo's model as it was until 2026-12-01 (28 px, 49 patches + class token): the figures before
+    # the demo's model at Fashion-MNIST's own 28 px (49 patches + class token): three times the tokens
     "demo at 28 px (D 96, depth 4, 50 tokens)": dict(
         shared=dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_classes=10), batch=128,
         vim=dict(d_state=8, cls_position="head"),
@@ -42,7 +44,7 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
-def _models(setup: dict[str, Any], quick: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+def vim_and_vit(setup: dict[str, Any], quick: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
@@ -65,25 +67,23 @@ def _quartiles(values: list[float]) -> tuple[float, float] | None:
 
 def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dtype | None) -> dict[str, Any]:
     """Training images/s of our Vim and timm's ViT at each of :data:`SETUPS`, interleaved in one process."""
-    from .bench import _time_interleaved, _train_step_fn
-
     out: dict[str, Any] = {"amp": str(amp) if amp else None, "threads": torch.get_num_threads(), "setups": {}}
     for name, setup in SETUPS.items():
         batch = 4 if quick else setup["batch"]
         rec: dict[str, Any] = {"batch": batch}
         out["setups"][name] = rec
         try:
-            vim, vit = _models(setup, quick)
+            vim, vit = vim_and_vit(setup, quick)
             img, chans = setup["shared"]["img_size"], setup["shared"]["in_chans"]  # --quick keeps both
-            fns = {key: _train_step_fn(model.to(device), batch, img, device, amp, chans)
+            fns = {key: train_step_fn(model.to(device), batch, img, device, amp, chans)
                    for key, model in (("vim", vim), ("vit", vit))}
             # as many pairs as fit PAIRS_SECONDS (at least `repeats`, at most MAX_PAIRS): a short step's
             # ratio is noisy pair by pair (the demo's: 0.9-1.1 on the Intel Xeon), its median over 7
             # pairs moved by +-5% from run to run
-            first = _time_interleaved(fns, 1, 2, device)
+            first = time_interleaved(fns, 1, 2, device)
             pair_s = sum(v[0] for v in first.values())
             n = repeats if quick else min(MAX_PAIRS, max(repeats, math.ceil(PAIRS_SECONDS / max(pair_s, 1e-6))))
-            times = _time_interleaved(fns, n, 0, device)
+            times = time_interleaved(fns, n, 0, device)
         except Exception as e:  # one setup failing must not lose the others' figures
             rec["status"] = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             continue
@@ -100,24 +100,3 @@ def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dty
         )
         del vim, vit, fns
     return out
-
-
-def to_markdown(res: dict[str, Any]) -> list[str]:
-    """The section's lines for docs/benchmarks.md."""
-    from .bench import _fmt
-
-    lines = ["", f"### Vim vs timm's ViT of the same width, depth and tokens (training, {res['amp'] or 'fp32'}, "
-                 f"fused AdamW, {res['threads']} threads)", "",
-             "| setup | batch | tokens | params Vim / ViT | img/s Vim | img/s ViT | Vim / ViT (median of pairs) "
-             "| pairs' quartiles | pairs | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in res["setups"].items():
-        params = (f"{r['params_vim'] / 1e6:.2f}M / {r['params_vit'] / 1e6:.2f}M" if "params_vim" in r else "-")
-        q = r.get("vim_over_vit_quartiles")
-        quart = f"{q[0]:.2f}-{q[1]:.2f}" if q else "-"
-        lines.append(f"| {name} | {r['batch']} | {r.get('tokens', '-')} | {params} | {_fmt(r.get('images_per_s_vim'))}"
-                     f" | {_fmt(r.get('images_per_s_vit'))} | {_fmt(r.get('vim_over_vit_paired'), '.2f')}x | {quart}"
-                     f" | {r.get('repeats', '-')} | {r['status']} |")
-    lines += ["", ("Target (issue 12): Vim / ViT >= 1.0x at the demo's size and at D 192 / depth 12 / 65 tokens, on the "
-                   "Intel and the AMD machines of this kind.")]
-    return lines

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,14 +30,17 @@ import torch
 import torch.nn as nn
 
 from .checkpointing import (
-    EpochSums, Progress, gather_rank_states, load_checkpoint, prepare_output, remove_step_checkpoints,
+    EpochSums, Progress, claim_output, gather_rank_states, load_checkpoint, prepare_output, remove_step_checkpoints,
     restore_training_state, save_checkpoint, save_step_checkpoint, step_checkpoints, step_number, tensorboard_writer,
     training_checkpoint, write_metrics,
 )
-from .config import UserError, dump_config, resolve_amp
+from ..errors import UserError
+from .config import dump_config, resolve_amp
 from .data import build_loaders
-from .distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
+from .defaults import data_layout, new_run_folder
+from .distributed import SignalCatcher, all_ranks_agree, rank0_value, setup_distributed, teardown_distributed
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
+from .optim import build_optimizer
 from .plots import plot_curves, read_metrics
 
 COUNTERS = ("num_updates", "nonfinite_streak", "nonfinite_steps", "skipped_images")  # kept by the loop, saved in Progress
@@ -45,29 +48,17 @@ COUNTERS = ("num_updates", "nonfinite_streak", "nonfinite_steps", "skipped_image
 __all__ = ["train", "evaluate_checkpoint", "build_model", "load_checkpoint", "save_checkpoint", "model_in_chans"]
 
 
-def _register_models() -> None:
-    """Import our model definitions so timm knows their names (absent while under development)."""
-    try:
-        import shufflemamba.models  # noqa: F401
-    except ImportError:
-        pass
-
-
 def is_our_model(name: str) -> bool:
     """True when ``name`` is registered by shufflemamba (and so takes SLWS keyword arguments)."""
-    from timm.models import _registry
+    from timm.models import is_model, model_entrypoint
 
-    try:
-        return _registry.model_entrypoint(name).__module__.startswith("shufflemamba")
-    except (RuntimeError, KeyError):
-        return False
+    return is_model(name) and model_entrypoint(name).__module__.startswith("shufflemamba")
 
 
 def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model(name, **kwargs)``, with user errors for unknown names and bad kwargs."""
     import timm
 
-    _register_models()
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -120,7 +111,7 @@ def init_weights(model: nn.Module, path: str, name: str, log: Callable[[str], No
     freshly initialised and named in one ``log`` line (``models.checkpoint.init_from_checkpoint``)."""
     ckpt = load_checkpoint(path)
     if is_our_model(name):
-        from .models.checkpoint import init_from_checkpoint
+        from ..models.checkpoint import init_from_checkpoint
 
         try:
             init_from_checkpoint(model, ckpt, key="model", log=log, source=path)
@@ -138,29 +129,6 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- the pieces of a run
-
-
-def fused_adam_supported(params: Iterable[torch.Tensor]) -> bool:
-    """Whether torch's fused Adam(W) can take these parameters (CPU / CUDA floats): one kernel per
-    parameter instead of a dozen foreach ops over all of them, the same update rule
-    (tests/test_optim.py holds it to the single-tensor loop). Training uses it, and so does
-    ``shufflemamba bench`` for both models it compares."""
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16,
-                                                                 torch.float64) for p in params)
-
-
-def build_optimizer(model: nn.Module, cfg: dict[str, Any], lr: float) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2
-
-    from .optim import param_groups_weight_decay
-
-    extra: dict[str, Any] = {}
-    if cfg["opt"].lower() in ("adam", "adamw") and fused_adam_supported(model.parameters()):
-        extra["fused"] = True
-    return create_optimizer_v2(  # groups carry their own decay (config key wd_grouping)
-        param_groups_weight_decay(model, weight_decay=cfg["weight_decay"], grouping=cfg["wd_grouping"]),
-        opt=cfg["opt"], lr=lr, betas=tuple(cfg["opt_betas"]), eps=cfg["opt_eps"], **extra,
-    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], updates_per_epoch: int) -> Any:
@@ -296,11 +264,15 @@ class Trainer:
 
     def fit(self) -> int:
         """Train the remaining epochs. Returns the exit code (128 + signal when stopped by one)."""
+        if self.progress.epoch >= self.cfg["epochs"] and not self.progress.batches_done:
+            self.log(f"the run in {self.output} has finished its {self.cfg['epochs']} epochs: nothing to train "
+                     f"(to train longer, resume with --epochs N, N > {self.cfg['epochs']})")
+            return 0
         self.log(self._summary())
         if self.device.type == "cpu":
-            from ._omp import describe
+            from ..process import describe_wait_policy
 
-            self.log(describe())
+            self.log(describe_wait_policy())
         with SignalCatcher(self.state):
             try:
                 while self.progress.epoch < self.cfg["epochs"]:
@@ -313,11 +285,7 @@ class Trainer:
                 return self._stopped(intr)
             except NonFiniteLossError as err:
                 self._save_last_good_state(err)
-        last = self.progress.history[-1] if self.progress.history else None
-        if last is not None:
-            split = "held-out val" if self.cfg.get("holdout") else "test"  # --holdout: val/ is not read in training
-            self.log(f"final {split} top-1 {last['val_top1']:.2f}% (epoch {last['epoch']}); curves: "
-                     f"{os.path.join(self.output, 'curves.png')}; checkpoint: {os.path.join(self.output, 'last.pt')}")
+        self.log(self._final_line())
         return 0
 
     def train_epoch(self) -> dict[str, float]:
@@ -329,7 +297,7 @@ class Trainer:
         return train_one_epoch(
             self.ddp_model, self.loaders["train_loader"], self.optimizer, self.criterion, p.epoch, self.cfg, self.device,
             self.state, scheduler=self.scheduler, mixup_fn=self.mixup_fn, model_ema=self.model_ema, scaler=self.scaler,
-            progress=self.rank == 0 and sys.stdout.isatty(), start_batch=p.batches_done,
+            progress=self.rank == 0 and sys.stderr.isatty(), start_batch=p.batches_done,  # tqdm writes to stderr
         )
 
     def end_epoch(self, tr: dict[str, float]) -> None:
@@ -348,6 +316,8 @@ class Trainer:
         for key in ("skipped_images", "nonfinite_steps"):  # over the run so far; absent when none
             if getattr(self.state, key):
                 row[key] = getattr(self.state, key)
+        if ev.get("skipped"):
+            row["skipped_val_images"] = ev["skipped"]  # unreadable images of this evaluation
         is_best = row["val_top1"] > p.best_top1
         p.best_top1 = max(p.best_top1, row["val_top1"])
         p.history.append(row)
@@ -433,6 +403,18 @@ class Trainer:
             where = path or "a step checkpoint"
         raise NonFiniteLossError(f"{err}; the last good state is in {where}: resume with --resume {self.output}") from None
 
+    def _final_line(self) -> str:
+        """The last line of a run: the final and the best epoch on the validation split, and the files."""
+        history = self.progress.history
+        if not history:
+            return f"no epoch finished; run folder: {self.output}"
+        split = "held-out val" if self.cfg.get("holdout") else "val"  # with a holdout, val/ stays unseen
+        last, best = history[-1], max(history, key=lambda r: r["val_top1"])
+        where = (f"best {best['val_top1']:.2f}% at epoch {best['epoch']} (best.pt)"
+                 if best is not last and self.cfg["save_best"] else "the best epoch")
+        return (f"final {split} top-1 {last['val_top1']:.2f}% at epoch {last['epoch']}, {where}; "
+                f"run folder {self.output} (last.pt, best.pt, metrics.jsonl, curves.png)")
+
     def _summary(self) -> str:
         ld, p = self.loaders, self.progress
         n_params = sum(t.numel() for t in self.model.parameters())
@@ -448,13 +430,25 @@ class Trainer:
         self.ddp_model = None  # before the process group goes (see teardown_distributed)
 
 
-def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None) -> int:
+def train(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None = None, *, overwrite: bool = False,
+          run_name: str | None = None) -> int:
     """Run the training described by the resolved config ``cfg`` (continuing ``resume_ckpt`` when
-    given). Returns a process exit code."""
+    given). ``cfg["output"]`` None: a new folder named after ``run_name`` (the preset) or the model.
+    A folder that holds another run is refused unless ``overwrite``. Returns a process exit code."""
     rank, world, device = setup_distributed(cfg)
     cfg["amp"] = resolve_amp(cfg["amp"], device, cfg["amp_dtype"])  # None (auto): bf16 on a capable GPU
     trainer = None
     try:
+        if cfg["output"] is None:
+            cfg["output"] = rank0_value(new_run_folder(cfg, run_name))
+        err = None
+        if rank == 0:
+            try:
+                claim_output(cfg["output"], resume=cfg["resume"], overwrite=overwrite)
+            except UserError as e:
+                err = e
+        if not all_ranks_agree(err is None, device):
+            raise err or UserError(f"output folder '{cfg['output']}' already holds a run")
         trainer = Trainer(cfg, rank, world, device, resuming=resume_ckpt is not None)
         trainer.restore(resume_ckpt)
         trainer.prepare_output()
@@ -492,7 +486,11 @@ def evaluate_checkpoint(path: str, overrides: dict[str, Any], use_ema: bool = Fa
         cfg["dataset"] = None  # a data dir alone means the ImageFolder layout
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     cfg["val_subset"] = overrides.get("val_subset")
-    cfg["holdout"] = None  # evaluate reads the val/ (test) split, never the run's held-out training images
+    if not (cfg["data_dir"] and data_layout(cfg["data_dir"]) == "flat"):
+        cfg["holdout"] = None  # evaluate reads the val/ (test) split, never the run's held-out training images
+    # a folder without train/ and val/ has only the run's held-out images to evaluate on: the same split again
+    cfg["img_size"] = cfg["img_size"] or 224  # official weights carry no config
+    cfg["batch_size"] = cfg["batch_size"] or 128
     cfg = validate_config(cfg)
     state = ckpt["model"]
     if use_ema:
@@ -508,4 +506,10 @@ def evaluate_checkpoint(path: str, overrides: dict[str, Any], use_ema: bool = Fa
     model = build_model(name, kwargs)
     load_weights(model, state, name, path)
     model.to(device)
-    return evaluate(model, loaders["val_loader"], device, cfg["amp"], cfg["amp_dtype"])
+    metrics = evaluate(model, loaders["val_loader"], device, cfg["amp"], cfg["amp_dtype"])
+    data = cfg["dataset"] or cfg["data_dir"]
+    split = f"{cfg['holdout']} held-out images of" if cfg["holdout"] else "the val split of"
+    epoch = f", epoch {ckpt['epoch']}" if isinstance(ckpt.get("epoch"), int) else ""
+    metrics["source"] = (f"{'EMA weights of ' if use_ema else ''}{os.path.abspath(path)} ({name}{epoch}) "
+                         f"on {split} {data}")
+    return metrics

@@ -1,0 +1,140 @@
+"""The paper's pair on one device: Vim-Ti (24 blocks) against DeiT-Ti (12 blocks), as users compare them.
+
+Inference at 224 px and at 1024 px (where the Vim's linear scan should overtake attention's quadratic
+cost) and training at 224 px, fp32, both models timed round-robin in one process
+(:func:`~shufflemamba.bench.timing.time_interleaved`). Each row carries the multiply-adds per image
+of both models, so a ratio can be held against its arithmetic parity (DeiT MACs / Vim MACs), and the
+peak resident memory of each model's step, measured in a fresh process each (the only way to read a
+CPU peak per model: the allocator keeps what a process once used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+from typing import Any, Literal
+
+import torch
+
+from .report import pair_markdown
+from .timing import time_interleaved, train_step_fn
+
+VIM, DEIT = "vim_tiny_patch16_224", "deit_tiny_patch16_224"
+# (mode, image size, batch): the rows of the comparison
+ROWS: tuple[tuple[Literal["inference", "training"], int, int], ...] = (
+    ("inference", 224, 8), ("inference", 1024, 1), ("training", 224, 8),
+)
+QUICK_ROWS = (("inference", 32, 2), ("training", 32, 2))
+
+
+def vim_macs(img: int, *, patch: int = 16, dim: int = 192, depth: int = 24, d_state: int = 16,
+             d_conv: int = 4, expand: int = 2, in_chans: int = 3) -> int:
+    """Multiply-adds of one image through a Vim: per token and block, in_proj (D x 2E), out_proj (E x D)
+    and, per direction, the depthwise conv (E k), x_proj (E (R + 2N)), dt_proj (R E) and the scan
+    (3 E N: the decay times the state, delta B u into it, C read out)."""
+    tokens = (img // patch) ** 2 + 1
+    e, r = expand * dim, math.ceil(dim / 16)
+    per_direction = e * d_conv + e * (r + 2 * d_state) + r * e + 3 * e * d_state
+    per_block = dim * 2 * e + 2 * per_direction + e * dim
+    return tokens * (depth * per_block + in_chans * patch * patch * dim)
+
+
+def vit_macs(img: int, *, patch: int = 16, dim: int = 192, depth: int = 12, mlp_ratio: float = 4.0,
+             in_chans: int = 3) -> int:
+    """Multiply-adds of one image through a ViT: per token and block, qkv and proj (4 D^2), the MLP
+    (2 r D^2) and attention's two products (2 T D)."""
+    tokens = (img // patch) ** 2 + 1
+    per_block = 4 * dim * dim + int(2 * mlp_ratio * dim * dim) + 2 * tokens * dim
+    return tokens * (depth * per_block + in_chans * patch * patch * dim)
+
+
+def _build(name: str, img: int, quick: bool) -> torch.nn.Module:
+    import timm
+
+    import shufflemamba  # noqa: F401  (registers the Vim names)
+
+    kwargs: dict[str, Any] = {"img_size": img}
+    if quick:
+        kwargs["depth"] = 2
+    if name == VIM:
+        kwargs["slws_rate"] = 0.0
+    return timm.create_model(name, **kwargs)
+
+
+def _step(model: torch.nn.Module, mode: str, img: int, batch: int, device: torch.device):
+    if mode == "training":
+        return train_step_fn(model, batch, img, device, None)
+    x = torch.randn(batch, 3, img, img, device=device)
+    model.eval()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return infer
+
+
+def peak_rss_mb(name: str, mode: str, img: int, batch: int, quick: bool) -> float:
+    """Peak resident memory (MB) of a fresh process that builds ``name`` and runs two steps."""
+    code = ("import sys; from shufflemamba.bench.paper_pair import _child_peak; "
+            f"_child_peak({name!r}, {mode!r}, {img}, {batch}, {quick})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "peak child failed")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _child_peak(name: str, mode: str, img: int, batch: int, quick: bool) -> None:
+    step = _step(_build(name, img, quick), mode, img, batch, torch.device("cpu"))
+    for _ in range(2):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KB on Linux
+
+
+def bench_paper_pair(device: torch.device, quick: bool, repeats: int, peak_memory: bool | None = None) -> list[dict[str, Any]]:
+    """One record per row: seconds per step of each model, the DeiT / Vim time ratio (Vim's speed
+    relative to DeiT's, > 1 when the Vim is faster), MACs and parity, and peak memory on the CPU
+    (``peak_memory`` None: measured unless ``quick``; each costs a process start)."""
+    peak_memory = not quick if peak_memory is None else peak_memory
+    records = []
+    for mode, img, batch in (QUICK_ROWS if quick else ROWS):
+        vim, deit = _build(VIM, img, quick).to(device), _build(DEIT, img, quick).to(device)
+        steps = {"vim": _step(vim, mode, img, batch, device), "deit": _step(deit, mode, img, batch, device)}
+        times = time_interleaved(steps, repeats, warmup=1, device=device)
+        ratios = [d / v for v, d in zip(times["vim"], times["deit"])]
+        vm, dm = vim_macs(img, depth=2 if quick else 24), vit_macs(img, depth=2 if quick else 12)
+        rec: dict[str, Any] = {
+            "mode": mode, "img_size": img, "batch": batch, "repeats": repeats,
+            "vim_s": statistics.median(times["vim"]), "deit_s": statistics.median(times["deit"]),
+            "vim_vs_deit": statistics.median(ratios), "vim_gmacs": vm / 1e9, "deit_gmacs": dm / 1e9,
+            "parity": dm / vm,
+        }
+        if peak_memory and device.type == "cpu":
+            rec["vim_peak_mb"] = peak_rss_mb(VIM, mode, img, batch, quick)
+            rec["deit_peak_mb"] = peak_rss_mb(DEIT, mode, img, batch, quick)
+        records.append(rec)
+        del vim, deit, steps
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shufflemamba.bench.paper_pair", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the records here")
+    args = p.parse_args(argv)
+    records = bench_paper_pair(torch.device("cpu"), args.quick, args.repeats)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=2)
+    print("\n".join(pair_markdown(records)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

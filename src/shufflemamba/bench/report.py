@@ -1,0 +1,208 @@
+"""What the measuring tools report: the machine's name and each tool's results as markdown.
+
+The tools return plain dicts (written as JSON); these functions turn them into the sections that
+``benchmarks/docs_section.py`` puts into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from typing import Any
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), e.g. "AMD EPYC": CPU figures must name it,
+    since machines of one kind differ (platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_tag(name: str) -> str:
+    """A short slug of a CPU or GPU model name for file names and section markers: its first two
+    words, lower case ("Intel(R) Xeon(R) Processor" -> "intel-xeon", "NVIDIA H200" -> "nvidia-h200"),
+    so that figures of different machines live side by side instead of overwriting each other."""
+    words = re.sub(r"\((r|tm)\)", " ", name.lower()).replace("processor", " ").split()
+    slug = "-".join(re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words[:2])
+    return slug or "unknown"
+
+
+def format_number(x: Any, spec: str = ".1f") -> str:
+    """``x`` formatted with ``spec``, or "-" for a figure that is missing (None) or not a number."""
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+_f = format_number
+
+
+# -- shufflemamba bench ----------------------------------------------------------------------------------
+def bench_markdown(res: dict[str, Any]) -> str:
+    """The section of ``shufflemamba bench``'s results (:func:`shufflemamba.bench.suite.main`)."""
+    m = res["meta"]
+    lines = [
+        f"## Benchmark suite (`shufflemamba bench`), {m['device_name']}", "",
+        f"Run {m['date']}{' (--quick: tiny sizes, smoke test only)' if m['quick'] else ''} on "
+        f"**{m['device_name']}** ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
+        f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats."
+        + (f" {m['cpu_kernels'][0].upper()}{m['cpu_kernels'][1:]}." if m.get("cpu_kernels") else ""), "",
+        "### Selective scan, forward + backward", "",
+        "| shape | batch, E, L, N | impl | ms | speedup vs reference | max abs err vs ref | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["scan"]:
+        lines.append(
+            f"| {r['shape']} | {r['batch']}, {r['E']}, {r['L']}, {r['N']} | {r['impl']} | {_f(r.get('ms_fwd_bwd'))}"
+            f" | {_f(r.get('speedup_vs_ref'), '.2f')} | {_f(r.get('max_abs_err_vs_ref'), '.1e')} | {r['status']} |")
+    t = res["train"]
+    lines += ["", f"### Training step (batch {t['batch']}, {t['img_size']} px, "
+                  f"{t['amp'] or 'fp32'}, fused AdamW), SLWS off vs rate 0.5", "",
+              "| model | img/s SLWS off | img/s SLWS 0.5 | overhead (ratio of medians) | overhead (median of pairs) |"
+              " shuffle ops alone, every block | status |", "|---|---|---|---|---|---|---|"]
+    for name, r in t["models"].items():
+        lines.append(f"| {name} | {_f(r.get('images_per_s_off'), '.2f')} | {_f(r.get('images_per_s_slws'), '.2f')}"
+                     f" | {_f(100 * r['slws_overhead'] if 'slws_overhead' in r else None, '+.2f')}%"
+                     f" | {_f(100 * r['slws_overhead_paired'] if 'slws_overhead_paired' in r else None, '+.2f')}%"
+                     f" | {_f(r.get('slws_ops_ms'), '.2f')} ms = "
+                     f"{_f(100 * r['slws_ops_fraction'] if 'slws_ops_fraction' in r else None, '.2f')}% of a step"
+                     f" | {r['status']} |")
+    lines += ["", "Target: SLWS overhead at most 2% of a training step. The last column times SLWS's own work "
+              "(randperm, argsort, gathers) in isolation as if every block shuffled: an upper bound that, unlike "
+              "the difference of two step times, does not drown in machine noise."]
+    if res.get("vit"):
+        lines += vit_markdown(res["vit"])
+    if res.get("pair"):
+        lines += ["", "### The paper's pair: vim_tiny (24 blocks) vs deit_tiny (12 blocks), fp32", ""]
+        lines += pair_markdown(res["pair"])
+    lines += ["", "### GPU", ""]
+    g = res.get("gpu")
+    if not g or "skipped" in g:
+        lines.append(f"Not measured in this run: {g.get('skipped') if g else 'no GPU'}. Still unmeasured: "
+                     "Triton scan speedup vs reference (target >= 20x), its fraction of peak memory bandwidth "
+                     "(target >= 50%), Vim-S vs DeiT-S training images/s (target >= 0.7x).")
+    else:
+        lines.append(f"Copy peak (device-to-device): {_f(g['copy_peak_gbytes_per_s'])} GB/s.")
+        for b in g["scan_bandwidth"]:
+            lines.append(f"- Triton scan {b['shape']}: {_f(b['gbytes_per_s'])} GB/s = "
+                         f"{_f(100 * b['fraction_of_peak'])}% of peak (minimum-traffic byte count)")
+        tv = g["train_vs_deit"]
+        for name in ("vim_small_patch16_224", "deit_small_patch16_224"):
+            lines.append(f"- {name}: {_f(tv[name].get('images_per_s'))} img/s (batch {tv['batch']}, "
+                         f"{tv['amp']}) {tv[name]['status']}")
+        lines.append(f"- Vim-S / DeiT-S: {_f(tv.get('vim_over_deit'), '.2f')}x (target >= 0.7x)")
+    return "\n".join(lines) + "\n"
+
+
+def pair_markdown(records: list[dict[str, Any]]) -> list[str]:
+    """The rows of :func:`shufflemamba.bench.paper_pair.bench_paper_pair`: Vim's speed relative to DeiT's
+    (DeiT time / Vim time) beside the multiply-add parity it is held against."""
+    rows = ["| mode | px | batch | Vim-Ti s | DeiT-Ti s | Vim speed vs DeiT | MAC parity | GMACs Vim / DeiT | peak MB Vim / DeiT |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        peak = f"{r['vim_peak_mb']:.0f} / {r['deit_peak_mb']:.0f}" if "vim_peak_mb" in r else "-"
+        rows.append(f"| {r['mode']} | {r['img_size']} | {r['batch']} | {r['vim_s']:.3f} | {r['deit_s']:.3f} | "
+                    f"{r['vim_vs_deit']:.2f}x | {r['parity']:.2f}x | {r['vim_gmacs']:.2f} / {r['deit_gmacs']:.2f} | {peak} |")
+    return rows
+
+
+def vit_markdown(res: dict[str, Any]) -> list[str]:
+    """The lines of the Vim vs ViT section (:func:`shufflemamba.bench.vit.bench_vs_vit`)."""
+    lines = ["", f"### Vim vs timm's ViT of the same width, depth and tokens (training, {res['amp'] or 'fp32'}, "
+                 f"fused AdamW, {res['threads']} threads)", "",
+             "| setup | batch | tokens | params Vim / ViT | img/s Vim | img/s ViT | Vim / ViT (median of pairs) "
+             "| pairs' quartiles | pairs | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res["setups"].items():
+        params = (f"{r['params_vim'] / 1e6:.2f}M / {r['params_vit'] / 1e6:.2f}M" if "params_vim" in r else "-")
+        q = r.get("vim_over_vit_quartiles")
+        quart = f"{q[0]:.2f}-{q[1]:.2f}" if q else "-"
+        lines.append(f"| {name} | {r['batch']} | {r.get('tokens', '-')} | {params} | {_f(r.get('images_per_s_vim'))}"
+                     f" | {_f(r.get('images_per_s_vit'))} | {_f(r.get('vim_over_vit_paired'), '.2f')}x | {quart}"
+                     f" | {r.get('repeats', '-')} | {r['status']} |")
+    lines += ["", ("Target (issue 12): Vim / ViT >= 1.0x at the demo's size and at D 192 / depth 12 / 65 tokens, on the "
+                   "Intel and the AMD machines of this kind.")]
+    return lines
+
+
+# -- shufflemamba doctor --gpu ---------------------------------------------------------------------------
+def gpu_check_markdown(rep: dict[str, Any]) -> str:
+    """The section of the GPU check's report (:func:`shufflemamba.bench.gpu_check.run_check`)."""
+    env = rep.get("environment", {})
+    m = rep["meta"]
+    lines = ["## GPU check (`make gpu-check`)", "",
+             f"Run {m['date']}{' (--quick: tiny sizes, a smoke test of the check itself)' if m['quick'] else ''} on "
+             f"**{env.get('device_name', m['device'])}** ({m['device']}), torch {env.get('torch')}, CUDA "
+             f"{env.get('cuda')}, triton {env.get('triton')}, timm {env.get('timm')}, mamba_ssm {env.get('mamba_ssm')}, "
+             f"causal-conv1d {env.get('causal_conv1d')}; scan impls {', '.join(env.get('scan_impls', []))}; "
+             f"\"auto\" picks {env.get('auto_impl')}. {m['seconds']:.0f} s in all.", ""]
+    for name, sec in rep.items():
+        if name in ("meta", "environment"):
+            continue
+        if sec.get("status") not in ("ok", "fail", None):
+            lines += [f"**{name}**: {sec.get('status')}: {sec.get('error') or sec.get('reason', '')}", ""]
+    p = rep.get("pytest", {})
+    if p.get("status") in ("ok", "fail"):
+        lines += [f"`pytest -m gpu`: **{p['status']}** ({p.get('summary')}, {p.get('seconds')} s)", ""]
+    par = rep.get("parity", {})
+    if par.get("rows"):
+        lines += ["### Scan parity vs the float64 reference (max |err| / max |ref|, worst of out and 8 gradients)", "",
+                  "| shape | dtype | direction | impl | worst | error | status |", "|---|---|---|---|---|---|---|"]
+        for r in par["rows"]:
+            lines.append(f"| {r['shape']} (B {r['batch']}) | {r['dtype']} | {'reverse' if r['reverse'] else 'forward'} "
+                         f"| {r['impl']} | {r.get('worst', '-')} | {_f(r.get('worst_err'), '.1e')} "
+                         f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |")
+        lines.append("")
+    st = rep.get("scan_timing", {})
+    if st.get("rows"):
+        lines += [f"### Scan forward + backward (copy peak {_f(st.get('copy_peak_gbytes_per_s'))} GB/s)", "",
+                  "| shape | dtype | impl | ms | vs ref | GB/s | % of copy peak | status |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in st["rows"]:
+            frac = r.get("fraction_of_copy_peak")
+            lines.append(f"| {r['shape']} (B {r['batch']}) | {r['dtype']} | {r['impl']} | {_f(r.get('ms_fwd_bwd'), '.2f')} "
+                         f"| {_f(r.get('speedup_vs_ref'), '.1f')}x | {_f(r.get('gbytes_per_s'))} "
+                         f"| {_f(100 * frac if frac is not None else None)} | {r['status']}"
+                         f"{': ' + r['error'] if 'error' in r else ''} |")
+        lines.append("")
+    ts = rep.get("train_step", {})
+    if ts.get("rows"):
+        lines += ["### Training step (AdamW, bf16 autocast)", "",
+                  "| model | scan | batch | img/s | peak memory GiB | vs DeiT-S | status |", "|---|---|---|---|---|---|---|"]
+        for r in ts["rows"]:
+            lines.append(f"| {r['model']} | {r.get('scan_impl', '-')} | {r['batch']} | {_f(r.get('images_per_s'))} "
+                         f"| {_f(r.get('peak_memory_gib'), '.2f')} | {_f(r.get('vs_deit_s'), '.2f')} "
+                         f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |")
+        lines.append("")
+    sl = rep.get("slws", {})
+    if sl.get("models"):
+        lines += [f"### SLWS overhead at rate 0.5 (batch {sl.get('batch')}, bf16)", "",
+                  "| model | img/s off | img/s 0.5 | overhead (median of pairs) | shuffle ops alone | status |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in sl["models"].items():
+            ov = r.get("slws_overhead_paired")
+            lines.append(f"| {name} | {_f(r.get('images_per_s_off'))} | {_f(r.get('images_per_s_slws'))} "
+                         f"| {_f(100 * ov if ov is not None else None, '+.2f')}% | {_f(r.get('slws_ops_ms'), '.2f')} ms "
+                         f"| {r.get('status')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- benchmarks/bench_scan.py ----------------------------------------------------------------------------
+def scan_markdown(rows: list[dict]) -> str:
+    """A markdown table of :func:`shufflemamba.bench.scan.bench_scan` rows."""
+    lines = [
+        "| shape (batch, E, L, N) | impl | forward ms | fwd+bwd ms (median) | fwd+bwd ms (min) | vs unbind loop |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        shape = f"{r['shape']} ({r['batch']}, {r['E']}, {r['L']}, {r['N']})"
+        speed = f"{r['speedup']:.1f}x" if r.get("speedup") else "-"
+        lines.append(
+            f"| {shape} | {r['impl']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_min_ms']:.1f} | {speed} |"
+        )
+    return "\n".join(lines)

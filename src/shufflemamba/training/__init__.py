@@ -1,0 +1,1 @@
+"""Training: configuration, data, the epoch engine, the Trainer, run-state checkpoints, DDP."""

@@ -1,0 +1,28 @@
+"""The paper's pair benchmark (vim_tiny vs deit_tiny): its multiply-add counts and a quick run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shufflemamba.bench.paper_pair import bench_paper_pair, peak_rss_mb, vim_macs, vit_macs
+from shufflemamba.bench.report import pair_markdown
+
+
+@pytest.mark.parametrize("img,vim_g,deit_g", [(224, 1.41, 1.22), (1024, 29.0, 99.0)])
+def test_macs_match_the_hand_count(img, vim_g, deit_g):
+    """Within 6% of issue 27's hand count (7.1 M a token over Vim-Ti's 24 blocks; 5.3 M a token over
+    DeiT-Ti's 12 blocks plus attention's 2 x tokens x 192 a token and block)."""
+    assert vim_macs(img) / 1e9 == pytest.approx(vim_g, rel=0.06)
+    assert vit_macs(img) / 1e9 == pytest.approx(deit_g, rel=0.06)
+    assert vit_macs(1024) / vim_macs(1024) > 3 > vit_macs(224) / vim_macs(224)
+
+
+def test_quick_run_times_both_models_and_reports_peak_memory():
+    records = bench_paper_pair(torch.device("cpu"), quick=True, repeats=1)
+    assert [r["mode"] for r in records] == ["inference", "training"]
+    for r in records:
+        assert r["vim_s"] > 0 and r["deit_s"] > 0 and r["vim_vs_deit"] == pytest.approx(r["deit_s"] / r["vim_s"], rel=1.0)
+    rows = pair_markdown(records)
+    assert len(rows) == 2 + len(records) and "MAC parity" in rows[0]
+    assert 50 < peak_rss_mb("vim_tiny_patch16_224", "inference", 32, 2, True) < 20000
