@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "kernels": kernels, "rates": rates, "fma": fma_name, "exp": exp_name, "ops": OPS, "shape": VIM_TI,
                                          "limit_ms": limit, "measured_ms": measured, "command": command}, indent=2))
     if args.docs:
-        section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation: the script's "
+        section = (f"### Scan vs its arithmetic limit ({cpu}, {fma_name} FMAs)\n\nCommand: `{command}` (derivation: the script's "
                    f"docstring and the paragraph below this section).\n\n{table}\n\n")
         # one section per CPU model and vector ISA: AVX2-only and AVX-512 CPUs of one model name (AMD
         # EPYC Zen 3 and Zen 4) and a run with AVX-512 switched off do not overwrite each other
