@@ -9,8 +9,9 @@ memory traffic, loop overhead and synchronisation taken as free:
 * the exp rate is that of the exp the kernels' decays use (they are computed as 2^(d A log2 e)):
   on AVX-512 the explicit-vector ``sm_vexp2`` of ``csrc/scan_steps.h`` (vreduceps, a polynomial,
   vscalefps), elsewhere the inlined ``sm_exp2f`` (common.h) in an ``omp simd`` loop; the FMA rate
-  that of 16-float vector FMAs with independent accumulators, both measured
-  here by ``benchmarks/csrc/cpu_peak.c`` built with the kernels' flags, on all ``--threads`` threads;
+  that of FMAs on the widest vectors the build has (AVX-512, AVX2, NEON) with independent
+  accumulators, both measured here by ``benchmarks/csrc/cpu_peak.c`` built with the kernels' flags
+  (``-march=native``), on all ``--threads`` threads;
 * op counts are read off the channel-last kernels (``mixer_cl.c``), every multiply, add or FMA
   counted as one op (they share the same vector ports on current x86 cores); the per-channel work
   of each step (softplus, the gate, their derivatives) is spread over the N states.
@@ -19,6 +20,9 @@ The measured time is forward + backward of ``selective_scan_cl`` (the kernel the
 at the Vim-Ti shape, median of ``--repeat`` runs, in the same process.
 
     python benchmarks/scan_limit.py --threads 2 --json benchmarks/results/scan-limit-<cpu>.json
+
+``--isa avx2`` (x86) builds the peak rates and the kernels without AVX-512 (``-mno-avx512f``, the
+SHUFFLEMAMBA_CPU_ISA setting of ``cpu_scan``): an AVX2-only CPU's figures, on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -78,6 +83,8 @@ def build_peak(vector_width: int | None) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [ctypes.c_int64, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_double
     lib.exp_path.restype = ctypes.c_int
+    lib.fma_bits.restype = ctypes.c_int
+    lib.fma_isa.restype = ctypes.c_char_p
     return lib
 
 
@@ -137,23 +144,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--vector-width", type=int, choices=[256, 512], default=None,
                    help="x86: vector width of the peak-rate build (default: the loaded kernels' width)")
+    p.add_argument("--isa", choices=["native", "avx2"], default=None,
+                   help="x86: avx2 builds the peak rates and the kernels without AVX-512 (SHUFFLEMAMBA_CPU_ISA)")
     p.add_argument("--json", type=Path, help="write the numbers here")
     p.add_argument("--docs", type=Path, help="write a marked section into this markdown file (docs/benchmarks.md)")
     args = p.parse_args(argv)
 
+    if args.isa:  # before the kernels load: they and the peak build read it
+        os.environ[cpu_scan._ISA_ENV] = args.isa
+    try:
+        capped = bool(cpu_scan._isa_flags())
+    except ValueError as exc:  # a bad SHUFFLEMAMBA_CPU_ISA
+        raise SystemExit(f"error: {exc}") from None
     if args.vector_width is None:
         args.vector_width = (cpu_scan.vector_width_info() or {}).get("width")
     peak = build_peak(args.vector_width)
     rates = peak_rates(peak, args.threads, args.repeat)
     exp_name = f"sm_vexp2, {peak.exp_path()}-bit" if peak.exp_path() else "sm_exp2f"
+    fma_name = f"{peak.fma_bits()}-bit {peak.fma_isa().decode()}"
     limit = limit_ms(VIM_TI, rates)
     measured = measure_scan(VIM_TI, args.threads, args.repeat)
     kernels = cpu_scan.describe_vector_width() if hasattr(cpu_scan, "describe_vector_width") else ""
-    cpu = cpu_model()
+    cpu = cpu_model() + (" (AVX-512 off: -mno-avx512f)" if capped else "")
     shape = f"({VIM_TI['batch']}, {VIM_TI['E']}, {VIM_TI['L']}, {VIM_TI['N']})"
     lines = [
-        f"{cpu}, {args.threads} threads, torch {torch.__version__}; peak-rate build {f'-mprefer-vector-width={args.vector_width}' if args.vector_width else 'without a width flag'}; {kernels}",
-        f"measured peak: {rates['fma_per_s'] / 1e9:.1f} G FMA/s, {rates['exp_per_s'] / 1e9:.2f} G exp/s ({exp_name}) "
+        f"{cpu}, {args.threads} threads, torch {torch.__version__}; peak-rate build {f'-mprefer-vector-width={args.vector_width}' if args.vector_width else 'without a width flag'}"
+        f"{' -mno-avx512f' if capped else ''}; {kernels}",
+        f"measured peak: {rates['fma_per_s'] / 1e9:.1f} G FMA/s ({fma_name}), {rates['exp_per_s'] / 1e9:.2f} G exp/s ({exp_name}) "
         f"({rates['fma_per_s'] / rates['exp_per_s']:.1f} FMAs per exp)",
         "",
         f"| selective_scan_cl at Vim-Ti {shape}, float32 | arithmetic limit ms | measured ms | measured / limit |",
@@ -168,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "torch": torch.__version__,
-                                         "kernels": kernels, "rates": rates, "exp": exp_name, "ops": OPS, "shape": VIM_TI,
+                                         "kernels": kernels, "rates": rates, "fma": fma_name, "exp": exp_name, "ops": OPS, "shape": VIM_TI,
                                          "limit_ms": limit, "measured_ms": measured, "command": command}, indent=2))
     if args.docs:
-        section = (f"### Scan vs its arithmetic limit ({cpu})\n\nCommand: `{command}` (derivation: the script's "
+        section = (f"### Scan vs its arithmetic limit ({cpu}, {fma_name} FMAs)\n\nCommand: `{command}` (derivation: the script's "
                    f"docstring and the paragraph below this section).\n\n{table}\n\n")
-        tag = machine_tag(cpu)  # one section per CPU model: the other machines' figures stay
+        # one section per CPU model and vector ISA: AVX2-only and AVX-512 CPUs of one model name (AMD
+        # EPYC Zen 3 and Zen 4) and a run with AVX-512 switched off do not overwrite each other
+        tag = machine_tag(cpu_model()) + ("-avx2" if peak.fma_bits() == 256 and "AVX2" in fma_name else "")
         write_marked_section(args.docs, section, f"<!-- scan-limit:{tag}:begin -->", f"<!-- scan-limit:{tag}:end -->")
     return 0
 

@@ -277,42 +277,6 @@ def test_explicit_vector_state_loops_match_the_generic_ones(width_libs, monkeypa
             assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, (width, R)
 
 
-def _pointwise_inputs():
-    """float32 values across the functions' whole range: a dense sweep of [-100, 100], the branch
-    points (softplus' threshold 20, expm1's polynomial below 0.35, the sigmoid's clamp at 88), tiny
-    and huge magnitudes, padded with zeros to a multiple of the channel block."""
-    sweep = torch.linspace(-100, 100, 20001, dtype=torch.float64)
-    edges = torch.tensor([0.0, 1e-30, 1e-8, 1e-4, 0.3499, 0.35, 0.3501, 19.999, 20.0, 20.001, 87.0, 88.0,
-                          88.5, 89.0, 1e4, 1e30], dtype=torch.float64)
-    x = torch.cat([sweep, edges, -edges]).float()
-    return torch.cat([x, x.new_zeros(-x.numel() % 96)])  # EB = 96 in mixer_cl.c
-
-
-@pytest.mark.parametrize("which, name", [(0, "softplus"), (1, "sigmoid"), (2, "-expm1(-x)"), (3, "x sigmoid(x)"),
-                                         (4, "silu, any length"), (5, "silu', any length")])
-def test_explicit_vector_pointwise_functions_against_float64(width_libs, which, name):
-    """softplus, sigmoid and softplus' derivative of the explicit AVX-512 rows (sm_vexp, vrcp14ps and
-    a Newton step) against float64 at every width, to float32 accuracy, from -1e30 to 1e30."""
-    x = _pointwise_inputs()
-    if which == 2:
-        x = x.abs()  # its input is softplus' output: >= 0
-    if which >= 4:
-        x = x[:-5]  # a length with a partial last vector at either width
-    xd = x.double()
-    sig = torch.sigmoid(xd)
-    ref = {0: torch.nn.functional.softplus(xd), 1: sig, 2: -torch.expm1(-xd), 3: xd * sig, 4: xd * sig,
-           5: sig * (1 + xd * (1 - sig))}[which]
-    for width, lib in width_libs.items():
-        out = torch.empty_like(x)
-        assert lib.sl_rows_f32(x.data_ptr(), out.data_ptr(), x.numel(), which) == 0
-        # relative 1e-6; absolute 1e-30 for results near float32's smallest normal (1.2e-38), which the
-        # generic build's division (a reciprocal under -ffast-math) flushes to zero, and 1e-7 for silu',
-        # whose 1 + p (1 - s) cancels near its zero at p = -1.28 in any float32 evaluation
-        excess = (out.double() - ref).abs() - (1e-6 * ref.abs() + (1e-7 if which == 5 else 1e-30))
-        worst = int(excess.argmax())
-        assert excess.max() <= 0, (name, width, x[worst].item(), out[worst].item(), ref[worst].item())
-
-
 def test_mixer_core_per_thread_partial_sums(monkeypatch):
     """The backward kernels add their parameter-gradient sums into one row per OpenMP thread: with
     two threads (the test shapes are below the size where the kernels use more than one) the

@@ -23,6 +23,8 @@ Environment variables:
     SHUFFLEMAMBA_NO_COMPILE: set to 1 to skip the compiled path (the pure-PyTorch one is used).
     SHUFFLEMAMBA_CPU_VECTOR_WIDTH: ``256``, ``512`` or ``auto`` (default; see above). On x86 a
         number forces that width without measuring; elsewhere it is ignored.
+    SHUFFLEMAMBA_CPU_ISA: ``native`` (default) or ``avx2``: on x86, build without AVX-512
+        (``-mno-avx512f``), to run an AVX2-only CPU's code paths on an AVX-512 machine.
     CC: C compiler (default ``cc``).
 """
 
@@ -55,7 +57,7 @@ __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "load_library", "selec
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (_CSRC / "selective_scan.c", _CSRC / "mixer_cl.c")
-_HEADERS = (_CSRC / "common.h", _CSRC / "scan_steps.h")  # included by the sources: hashed into the cache key too
+_HEADERS = tuple(sorted(_CSRC.glob("*.h")))  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
 _ABI_VERSION = 15  # 3: sl_fwd / sl_bwd take an output scale (and sl_fwd accumulate); 4: ysave; 5: dbias_part;
 # 6: cv_bwd's dx and sl_bwd's dz strided, written or accumulated; rms_fwd / rms_bwd; dt_proj fused in sl_*;
@@ -112,7 +114,7 @@ def _is_x86() -> bool:
 def _has_avx512() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return any(ln.startswith("flags") and "avx512f" in ln.split() for ln in f)
+            return not _isa_flags() and any(ln.startswith("flags") and "avx512f" in ln.split() for ln in f)
     except OSError:
         return False
 
@@ -129,10 +131,22 @@ def _width_setting() -> str:
     return value
 
 
+_ISA_ENV = "SHUFFLEMAMBA_CPU_ISA"
+
+
+def _isa_flags() -> tuple[str, ...]:
+    """SHUFFLEMAMBA_CPU_ISA: ``native`` (default: what -march=native gives) or ``avx2`` (x86: the
+    AVX-512 features off, so an AVX-512 machine builds and runs the code paths of an AVX2-only CPU)."""
+    isa = os.environ.get(_ISA_ENV, "").strip().lower() or "native"
+    if isa not in ("native", "avx2"):
+        raise VectorWidthError(f"{_ISA_ENV} must be native or avx2, got {isa!r}")
+    return ("-mno-avx512f",) if isa == "avx2" and _is_x86() else ()
+
+
 def _flags(width: str | None) -> tuple[str, ...]:
     # x86 only: gcc on ARM rejects the flag. SM_VECTOR_BITS tells the sources the width too: their
     # explicit-vector loops (scan_steps.h) use it, the omp simd loops follow the flag
-    return _FLAGS + ((f"-mprefer-vector-width={width}", f"-DSM_VECTOR_BITS={width}") if width else ())
+    return _FLAGS + _isa_flags() + ((f"-mprefer-vector-width={width}", f"-DSM_VECTOR_BITS={width}") if width else ())
 
 
 def _build(cc: str, out: Path, width: str | None = None, csrc: Path = _CSRC,
@@ -334,7 +348,7 @@ def load_library() -> ctypes.CDLL | None:
             elif setting != "auto":
                 lib, info = _load_variant(cc, base, setting), {"width": int(setting), "source": f"{_WIDTH_ENV}"}
             elif not _has_avx512():
-                lib, info = _load_variant(cc, base, None), {"width": None, "source": "no AVX-512: one build"}
+                lib, info = _load_variant(cc, base, None), {"width": None, "source": f"no AVX-512{' (' + _ISA_ENV + '=avx2)' if _isa_flags() else ''}: one build"}
             else:
                 lib, info = _choose_width(cc, base)
             _lib, _width_info = lib, info

@@ -3,7 +3,7 @@
  *
  * Everything here is static inline or a macro, so each kernel file inlines its own copy and the
  * compiler can vectorise through it. The macros take the element type and the exp / log1p to
- * use, because each kernel body is stamped out once for float (sm_expf, sm_softplusf, ...) and once for
+ * use, because each kernel body is built once for float (sm_expf, sm_softplusf, ...) and once for
  * double (exp, log1p).
  */
 #ifndef SHUFFLEMAMBA_COMMON_H
@@ -55,6 +55,12 @@ static inline void *sm_aligned_malloc(size_t bytes) {
     void *p = NULL;
     return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
 }
+
+/* name_SFX: the functions of a body file included once per element type (mixer_cl_body.h,
+ * scan_steps_generic.h) are written CL_FN(name), SFX (f32, f64) defined before each #include */
+#define CL_CAT_(a, b) a##_##b
+#define CL_CAT(a, b) CL_CAT_(a, b)
+#define CL_FN(name) CL_CAT(name, SFX)
 
 /* log2(e) and ln(2) in double: cast to the kernel's element type where used */
 #define SM_LOG2E_D 1.4426950408889634074

@@ -1,0 +1,515 @@
+/*
+ * The state loops and row functions of the channel-last scans explicit in AVX-512 vectors of the
+ * build's width (SM_VECTOR_BITS, passed by cpu_scan.py with -mprefer-vector-width: 512 or 256 bits),
+ * the float32 versions of scan_steps_generic.h's functions on x86 CPUs with AVX-512 (F, DQ, VL):
+ *   - 2^t as p(t - floor t) * 2^floor(t) with vreduceps (t - floor t in one instruction) and
+ *     vscalefps (the 2^floor(t) scaling, which also handles under- and overflow): 7 vector ops
+ *     where the portable version needs 12 (clamp, magic-number rounding, integer shift, convert);
+ *   - y (and the backward's sums over the states) stay in registers across the N states instead of
+ *     a load and a store per state.
+ * No clamp: t > 127 gives inf (sm_exp2f: 2^127) and t < -126 gives 0 (sm_exp2f: 2^-126); the
+ * decays' t = d A log2(e) is <= 0 for A < 0 <= d, and below -126 both are 0 to float precision.
+ * Included by scan_steps.h only.
+ */
+#ifndef SHUFFLEMAMBA_SCAN_STEPS_AVX512_H
+#define SHUFFLEMAMBA_SCAN_STEPS_AVX512_H
+#include <immintrin.h>
+#define SM_SCAN_VECTOR_PATH 1
+#if SM_VECTOR_BITS == 512
+typedef __m512 sm_vf;
+#define SM_VL 16
+#define sm_vload _mm512_loadu_ps
+#define sm_vstore _mm512_storeu_ps
+#define sm_vset1 _mm512_set1_ps
+#define sm_vzero _mm512_setzero_ps
+#define sm_vmul _mm512_mul_ps
+#define sm_vadd _mm512_add_ps
+#define sm_vfma _mm512_fmadd_ps
+#define sm_vfrac(x) _mm512_reduce_ps((x), 0x09) /* x - floor(x): round down (01), no precision exception (8) */
+#define sm_vscalef _mm512_scalef_ps              /* a * 2^floor(b) */
+#define sm_vsub _mm512_sub_ps
+#define sm_vmax _mm512_max_ps
+#define sm_vmin _mm512_min_ps
+#define sm_vabs _mm512_abs_ps
+#define sm_vfmsub _mm512_fmsub_ps   /* a b - c */
+#define sm_vfnmadd _mm512_fnmadd_ps /* c - a b */
+#define sm_vrcp14 _mm512_rcp14_ps   /* 1 / x to 2^-14 relative */
+#define sm_vsel_gt(x, c, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a)) /* x > c ? a : b */
+#define sm_vmask(m) ((__mmask16)((1u << (m)) - 1u)) /* the first m lanes */
+#define sm_vload_n(p, m) _mm512_maskz_loadu_ps(sm_vmask(m), (p))           /* zeros past them */
+#define sm_vstore_n(p, v, m) _mm512_mask_storeu_ps((p), sm_vmask(m), (v))
+static inline float sm_vhsum(sm_vf v) { return _mm512_reduce_add_ps(v); }
+/* the sums of SM_VL vectors at once: lane i of the result is the sum of v[i] (a tree of 128-bit-block
+ * and in-lane shuffles, 45 ops and a permutation where 16 separate horizontal sums take ~130) */
+static inline sm_vf sm_vhsum_all(const sm_vf *v) {
+    sm_vf a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    const sm_vf d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+    /* lane 4 b + a of d holds the sum of v[4 a + b]: transpose the 4 x 4 lane grid */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), d);
+}
+#else
+typedef __m256 sm_vf;
+#define SM_VL 8
+#define sm_vload _mm256_loadu_ps
+#define sm_vstore _mm256_storeu_ps
+#define sm_vset1 _mm256_set1_ps
+#define sm_vzero _mm256_setzero_ps
+#define sm_vmul _mm256_mul_ps
+#define sm_vadd _mm256_add_ps
+#define sm_vfma _mm256_fmadd_ps
+#define sm_vfrac(x) _mm256_reduce_ps((x), 0x09)
+#define sm_vscalef _mm256_scalef_ps
+#define sm_vsub _mm256_sub_ps
+#define sm_vmax _mm256_max_ps
+#define sm_vmin _mm256_min_ps
+#define sm_vabs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (x))
+#define sm_vfmsub _mm256_fmsub_ps
+#define sm_vfnmadd _mm256_fnmadd_ps
+#define sm_vrcp14 _mm256_rcp14_ps
+#define sm_vsel_gt(x, c, a, b) _mm256_mask_blend_ps(_mm256_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a))
+#define sm_vmask(m) ((__mmask8)((1u << (m)) - 1u))
+#define sm_vload_n(p, m) _mm256_maskz_loadu_ps(sm_vmask(m), (p))
+#define sm_vstore_n(p, v, m) _mm256_mask_storeu_ps((p), sm_vmask(m), (v))
+static inline float sm_vhsum(sm_vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline sm_vf sm_vhsum_all(const sm_vf *v) { /* as the 512-bit one: 8 sums */
+    sm_vf a[4], b[2];
+    for (int i = 0; i < 4; ++i)
+        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; ++i)
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    const sm_vf d = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+    /* lane 4 b + a of d holds the sum of v[2 a + b] */
+    return _mm256_permutevar8x32_ps(d, _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0));
+}
+#endif
+/* p[0..m) += v's first m lanes */
+static inline void sm_vadd_first(float *p, sm_vf v, int m) {
+    sm_vstore_n(p, sm_vadd(sm_vload_n(p, m), v), m);
+}
+#define SM_NV (EB / SM_VL) /* vectors per channel block */
+#if EB % SM_VL != 0
+#error "EB must be a multiple of the vector length"
+#endif
+
+/* 2^t: p(f) 2^floor(t), f = t - floor(t) in [0, 1); p a degree-5 polynomial with p(0) = 1 (so 2^k is
+ * exact), coefficients fitted for relative error on [0, 1] (1.6e-7 evaluated in float, against
+ * sm_exp2f's 1.9e-7). vscalefps gives 0 below the normal range (FTZ is on in the kernels) and
+ * propagates NaN; no clamp needed. */
+static inline sm_vf sm_vpow2_frac(sm_vf f) { /* p(f) ~ 2^f */
+    sm_vf p = sm_vfma(sm_vset1(1.8671332e-3f), f, sm_vset1(9.0170223e-3f));
+    p = sm_vfma(p, f, sm_vset1(5.5799920e-2f));
+    p = sm_vfma(p, f, sm_vset1(2.4016444e-1f));
+    p = sm_vfma(p, f, sm_vset1(6.9315130e-1f));
+    return sm_vfma(p, f, sm_vset1(1.0f));
+}
+static inline sm_vf sm_vexp2(sm_vf t) { return sm_vscalef(sm_vpow2_frac(sm_vfrac(t)), t); }
+
+/* e^x to a few ulp: x log2(e) as hi + lo (the FMA gives the product's rounding error exactly, plus
+ * the part of log2(e) that float drops), so that |x| up to ~88 costs no relative accuracy (2^(x
+ * log2(e)) with the product rounded would: ~1e-6 at |x| = 20); then 2^hi 2^lo as sm_vexp2 does.
+ * 12 vector ops where sm_expf, vectorised by the compiler, takes ~19 (clamps, magic-number
+ * rounding, integer shift and convert). x is clamped to [-104, 89]: inf above ~88.7, 0 (FTZ) below
+ * ~-87.3, as e^x in float32 */
+static inline sm_vf sm_vexp(sm_vf x) {
+    const sm_vf l2e = sm_vset1(1.44269502162933349609375f); /* float(log2 e) */
+    x = sm_vmax(sm_vmin(x, sm_vset1(89.0f)), sm_vset1(-104.0f)); /* |x| ~1e30 would turn lo into nonsense */
+    const sm_vf hi = sm_vmul(x, l2e);
+    const sm_vf lo = sm_vfma(x, sm_vset1(1.925963033500011e-8f), sm_vfmsub(x, l2e, hi)); /* x log2 e - hi */
+    return sm_vscalef(sm_vpow2_frac(sm_vadd(sm_vfrac(hi), lo)), hi);
+}
+/* 1 / d: vrcp14ps and one Newton step (2^-28 relative) */
+static inline sm_vf sm_vrecip(sm_vf d) {
+    const sm_vf r = sm_vrcp14(d);
+    return sm_vmul(r, sm_vfnmadd(d, r, sm_vset1(2.0f)));
+}
+/* softplus as sm_softplusf computes it (max(x, 0) + 2 atanh(t / (2 + t)), t = e^-|x|; x > 20 -> x,
+ * torch's threshold), with sm_vexp and sm_vrecip: ~30 vector ops against ~45 */
+static inline sm_vf sm_vsoftplus(sm_vf x) {
+    const sm_vf t = sm_vexp(sm_vsub(sm_vzero(), sm_vabs(x)));
+    const sm_vf s = sm_vmul(t, sm_vrecip(sm_vadd(t, sm_vset1(2.0f)))), s2 = sm_vmul(s, s);
+    sm_vf p = sm_vfma(sm_vset1(2.0f / 13.0f), s2, sm_vset1(2.0f / 11.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 9.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 7.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 5.0f));
+    p = sm_vfma(p, s2, sm_vset1(2.0f / 3.0f));
+    const sm_vf r = sm_vadd(sm_vmax(x, sm_vzero()), sm_vfma(sm_vmul(s, s2), p, sm_vadd(s, s)));
+    return sm_vsel_gt(x, sm_vset1(20.0f), x, r);
+}
+/* sigmoid(z) = 1 / (1 + e^-z); -z clamped to 88 so that 1 + e^-z stays finite (the reciprocal of
+ * inf would be 0 * inf in the Newton step) */
+static inline sm_vf sm_vsigmoid(sm_vf z) {
+    const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), z), sm_vset1(88.0f)));
+    return sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
+}
+/* acc (a block's SM_NV vectors) += sum_j g_j W_j (W: J x EB rows), acc in registers across the J rows:
+ * dt_proj's delta in the forward, x_proj's input gradient in the backward (sl_rowmat_add_f32) */
+static inline void sm_rowmat_acc(sm_vf *acc, const float *g, int64_t J, const float *CL_RESTRICT wb) {
+    for (int64_t j = 0; j < J; ++j) {
+        const sm_vf v = sm_vset1(g[j]);
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + k * SM_VL), acc[k]);
+    }
+}
+/* as the generic one, delta in registers across the R rows of dt_proj: a load and an FMA per row
+ * and vector, where the generic loop also loads and stores delta's row for each */
+static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL_RESTRICT wb,
+                                    const float *CL_RESTRICT bs, const float *CL_RESTRICT uu,
+                                    float *CL_RESTRICT d, float *CL_RESTRICT du, int softplus) {
+    sm_vf acc[SM_NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
+    sm_rowmat_acc(acc, dtr, R, wb);
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const int j = k * SM_VL;
+        const sm_vf x = sm_vadd(acc[k], sm_vload(bs + j)), dv = softplus ? sm_vsoftplus(x) : x;
+        sm_vstore(d + j, dv);
+        sm_vstore(du + j, sm_vmul(dv, sm_vload(uu + j)));
+    }
+}
+static inline void sl_softplus_row_f32(const float *CL_RESTRICT x, const float *CL_RESTRICT bs,
+                                       float *CL_RESTRICT d) {
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const int j = k * SM_VL;
+        sm_vstore(d + j, sm_vsoftplus(sm_vadd(sm_vload(x + j), sm_vload(bs + j))));
+    }
+}
+static inline void sl_gate_row_f32(float *CL_RESTRICT y, const float *CL_RESTRICT z, float os) {
+    const sm_vf vos = sm_vset1(os);
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const int j = k * SM_VL;
+        const sm_vf vz = sm_vload(z + j);
+        sm_vstore(y + j, sm_vmul(sm_vmul(sm_vload(y + j), vz), sm_vmul(sm_vsigmoid(vz), vos)));
+    }
+}
+
+static inline void sl_sigmoid_row_f32(const float *CL_RESTRICT z, float *CL_RESTRICT s) {
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) sm_vstore(s + k * SM_VL, sm_vsigmoid(sm_vload(z + k * SM_VL)));
+}
+/* -expm1(-d) as sm_expm1f computes it: a degree-7 Taylor polynomial where |d| < 0.35 (1 - e^-d would
+ * cancel), 1 - e^-d elsewhere, both computed and one selected */
+static inline void sl_dsoftplus_row_f32(const float *CL_RESTRICT d, float *CL_RESTRICT sg) {
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        const sm_vf x = sm_vsub(sm_vzero(), sm_vload(d + k * SM_VL)); /* expm1 at x = -d */
+        const sm_vf e = sm_vsub(sm_vexp(x), sm_vset1(1.0f));
+        sm_vf p = sm_vfma(sm_vset1(1.0f / 5040.0f), x, sm_vset1(1.0f / 720.0f));
+        p = sm_vfma(p, x, sm_vset1(1.0f / 120.0f));
+        p = sm_vfma(p, x, sm_vset1(1.0f / 24.0f));
+        p = sm_vfma(p, x, sm_vset1(1.0f / 6.0f));
+        p = sm_vfma(p, x, sm_vset1(0.5f));
+        p = sm_vfma(p, sm_vmul(x, x), x);
+        const sm_vf em1 = sm_vsel_gt(sm_vabs(x), sm_vset1(0.35f), e, p);
+        sm_vstore(sg + k * SM_VL, sm_vsub(sm_vzero(), em1));
+    }
+}
+static inline void cl_silu_n_f32(float *CL_RESTRICT o, int64_t n) {
+    int64_t e = 0;
+    for (; e + SM_VL <= n; e += SM_VL) {
+        const sm_vf p = sm_vload(o + e);
+        sm_vstore(o + e, sm_vmul(p, sm_vsigmoid(p)));
+    }
+    if (e < n) { /* the last, partial vector under a mask */
+        const int m = (int)(n - e);
+        const sm_vf p = sm_vload_n(o + e, m);
+        sm_vstore_n(o + e, sm_vmul(p, sm_vsigmoid(p)), m);
+    }
+}
+static inline sm_vf sm_vdsilu(sm_vf p, sm_vf go) { /* go silu'(p) = go s (1 + p (1 - s)) */
+    const sm_vf s = sm_vsigmoid(p), one = sm_vset1(1.0f);
+    return sm_vmul(sm_vmul(go, s), sm_vfma(p, sm_vsub(one, s), one));
+}
+static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRICT go, float *CL_RESTRICT db,
+                                  int64_t n) {
+    int64_t e = 0;
+    for (; e + SM_VL <= n; e += SM_VL) {
+        const sm_vf g = sm_vdsilu(sm_vload(gp + e), sm_vload(go + e));
+        sm_vstore(gp + e, g);
+        sm_vstore(db + e, sm_vadd(sm_vload(db + e), g));
+    }
+    if (e < n) {
+        const int m = (int)(n - e);
+        const sm_vf g = sm_vdsilu(sm_vload_n(gp + e, m), sm_vload_n(go + e, m));
+        sm_vstore_n(gp + e, g, m);
+        sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), g), m);
+    }
+}
+/* The conv backward's first pass (mixer_cl.c's cv_bwd_sample) of one sample for K <= CL_VK taps, a
+ * vector of channels at a time: the pre-activation, silu', db and dW stay in registers across the L
+ * steps and each step's rows are read once, where the generic loops make K + 1 passes over a row of
+ * gpre and K over the rows of dW in memory per step. Writes gpre (L x E) for the caller's dx pass,
+ * which runs row by row for every type. Returns 1, or 0 for K > CL_VK (the caller runs the generic
+ * loops). Measured on the Intel Xeon
+ * (scratch interleaved A/B of the conv backward alone): 1.3-1.5x at the demo16 shape (128, 17, 192),
+ * 1.4-1.55x at D 192 (64, 65, 384); without the prefetch, 1.24x and 0.98x. */
+#define CL_VK 4
+/* CL_VPF (knobs.h): steps ahead that the first pass prefetches its rows */
+static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const float *wt, const float *bias,
+                                         const float *go, float *dw, float *db, float *gpre, int64_t E,
+                                         int64_t L, int64_t K, int reverse) {
+    if (K > CL_VK) return 0;
+    for (int64_t e = 0; e < E; e += SM_VL) {
+        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
+        sm_vf w[CL_VK], aw[CL_VK], ab = sm_vzero();
+        const sm_vf vb = bias ? sm_vload_n(bias + e, m) : sm_vzero();
+#pragma GCC unroll 4
+        for (int k = 0; k < CL_VK; ++k) {
+            w[k] = k < K ? sm_vload_n(wt + k * E + e, m) : sm_vzero();
+            aw[k] = sm_vzero();
+        }
+        for (int64_t t = 0; t < L; ++t) {
+            sm_vf xs[CL_VK], pre = vb;
+            if (t + CL_VPF < L) { /* a step's rows are 1.5-3 KB apart: the stride prefetchers lose them */
+                const int64_t src = reverse ? t + CL_VPF + K - 1 : t + CL_VPF;
+                if (src < L) __builtin_prefetch(xb + src * sx_t + e, 0, 3);
+                __builtin_prefetch(go + (t + CL_VPF) * E + e, 0, 3);
+            }
+#pragma GCC unroll 4
+            for (int k = 0; k < CL_VK; ++k) {
+                const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
+                xs[k] = k < K && src >= 0 && src < L ? sm_vload_n(xb + src * sx_t + e, m) : sm_vzero();
+                pre = sm_vfma(w[k], xs[k], pre);
+            }
+            const sm_vf g = sm_vdsilu(pre, sm_vload_n(go + t * E + e, m));
+            sm_vstore_n(gpre + t * E + e, g, m);
+            ab = sm_vadd(ab, g);
+#pragma GCC unroll 4
+            for (int k = 0; k < CL_VK; ++k) aw[k] = sm_vfma(g, xs[k], aw[k]);
+        }
+        sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), ab), m);
+        for (int k = 0; k < K; ++k) sm_vstore_n(dw + k * E + e, sm_vadd(sm_vload_n(dw + k * E + e, m), aw[k]), m);
+    }
+    return 1;
+}
+static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTRICT Ab,
+                                     const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                     float *CL_RESTRICT y, const float *Bn, const float *Cn, int64_t N) {
+    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
+    for (int64_t n = 0; n < N; ++n) {
+        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
+        float *CL_RESTRICT hn = h + n * EB;
+        const float *CL_RESTRICT an = Ab + n * EB;
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) {
+            const int j = k * SM_VL;
+            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + j), sm_vload(an + j)));
+            const sm_vf hv = sm_vfma(a, sm_vload(hn + j), sm_vmul(sm_vload(du + j), vb));
+            sm_vstore(hn + j, hv);
+            acc[k] = sm_vfma(vc, hv, acc[k]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
+}
+
+/* the replay, with y = sum_n C_n h_n too when with_y (a constant at both call sites below, so each
+ * inlined copy keeps only its own loop body) */
+static inline void sm_replay_states(const float *CL_RESTRICT hp, float *CL_RESTRICT hc, float *CL_RESTRICT ac,
+                                    const float *CL_RESTRICT Ab, const float *CL_RESTRICT d,
+                                    const float *CL_RESTRICT du, const float *CL_RESTRICT gy, const float *Bn,
+                                    const float *Cn, float *dC, float *CL_RESTRICT y, int64_t N, const int with_y,
+                                    int add_y) {
+    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = with_y && add_y ? sm_vload(y + k * SM_VL) : sm_vzero();
+    for (int64_t n = 0; n < N; ++n) {
+        const sm_vf vb = sm_vset1(Bn[n]), vc = with_y ? sm_vset1(Cn[n]) : sm_vzero();
+        const int64_t o = n * EB;
+        sm_vf dc = sm_vzero();
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) {
+            const int64_t j = o + k * SM_VL;
+            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + k * SM_VL), sm_vload(Ab + j)));
+            const sm_vf hv = sm_vfma(a, sm_vload(hp + j), sm_vmul(sm_vload(du + k * SM_VL), vb));
+            sm_vstore(ac + j, a);
+            sm_vstore(hc + j, hv);
+            dc = sm_vfma(sm_vload(gy + k * SM_VL), hv, dc);
+            if (with_y) acc[k] = sm_vfma(vc, hv, acc[k]);
+        }
+        dC[n] += sm_vhsum(dc);
+    }
+    if (with_y)
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
+}
+static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
+                                        float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
+                                        const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                        const float *CL_RESTRICT gy, const float *Bn, float *dC, int64_t N) {
+    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Bn, dC, NULL, N, 0, 0);
+}
+static inline void sl_replay_states_y_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
+                                          float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
+                                          const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                          const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
+                                          float *dC, float *CL_RESTRICT y, int64_t N, int add_y) {
+    sm_replay_states(hp, hc, ac, Ab, d, du, gy, Bn, Cn, dC, y, N, 1, add_y);
+}
+static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const float *CL_RESTRICT ac,
+                                         const float *CL_RESTRICT ax, const float *CL_RESTRICT Ab,
+                                         const float *CL_RESTRICT d, const float *CL_RESTRICT du,
+                                         const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
+                                         float *CL_RESTRICT g, float *CL_RESTRICT dA, float *CL_RESTRICT dd,
+                                         float *CL_RESTRICT sgB, float *dB, int64_t N, int add) {
+    sm_vf vdd[SM_NV], vsg[SM_NV]; /* dd and sgB of the block, in registers across the states */
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        vdd[k] = add ? sm_vload(dd + k * SM_VL) : sm_vzero();
+        vsg[k] = add ? sm_vload(sgB + k * SM_VL) : sm_vzero();
+    }
+    for (int64_t n = 0; n < N; ++n) {
+        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
+        const int64_t o = n * EB;
+        sm_vf db = sm_vzero();
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_NV; ++k) {
+            const int64_t j = o + k * SM_VL, r = k * SM_VL;
+            const sm_vf gv = sm_vfma(sm_vload(gy + r), vc, sm_vmul(sm_vload(ax + j), sm_vload(g + j)));
+            sm_vstore(g + j, gv);
+            const sm_vf ga = sm_vmul(sm_vmul(gv, sm_vload(hp + j)), sm_vload(ac + j));
+            vdd[k] = sm_vfma(ga, sm_vload(Ab + j), vdd[k]);
+            sm_vstore(dA + j, sm_vfma(ga, sm_vload(d + r), sm_vload(dA + j)));
+            vsg[k] = sm_vfma(gv, vb, vsg[k]);
+            db = sm_vfma(gv, sm_vload(du + r), db);
+        }
+        dB[n] += sm_vhsum(db);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) {
+        sm_vstore(dd + k * SM_VL, vdd[k]);
+        sm_vstore(sgB + k * SM_VL, vsg[k]);
+    }
+}
+/* as the generic one, with dd in registers and the R lane sums of a group of SM_VL taken together */
+static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, const float *CL_RESTRICT wb,
+                                     float *ddt) {
+    sm_vf vdd[SM_NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) vdd[k] = sm_vload(dd + k * SM_VL);
+    for (int64_t r0 = 0; r0 < R; r0 += SM_VL) {
+        const int m = R - r0 < SM_VL ? (int)(R - r0) : SM_VL;
+        sm_vf acc[SM_VL];
+        for (int i = 0; i < SM_VL; ++i) acc[i] = sm_vzero();
+        for (int i = 0; i < m; ++i) {
+            const float *CL_RESTRICT w = wb + (r0 + i) * EB;
+            sm_vf a = sm_vmul(vdd[0], sm_vload(w));
+#pragma GCC unroll 16
+            for (int k = 1; k < SM_NV; ++k) a = sm_vfma(vdd[k], sm_vload(w + k * SM_VL), a);
+            acc[i] = a;
+        }
+        sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
+    }
+}
+/* as the generic one, a pass over NV vectors of columns (from j0) with the four rows' 4 NV accumulators
+ * in registers across E: per channel 4 broadcasts, NV loads of W^T and 4 NV FMAs */
+#define SM_XPROJ_PASS(NV)                                                                          \
+    static inline void sm_xproj_pass##NV(const float *CL_RESTRICT u, int64_t L, int64_t E,         \
+                                         const float *CL_RESTRICT wt, int64_t J, int64_t JP,       \
+                                         int64_t j0, float *CL_RESTRICT out) {                     \
+        for (int64_t t0 = 0; t0 < L; t0 += 4) {                                                    \
+            const int64_t nt = L - t0 < 4 ? L - t0 : 4;                                            \
+            /* rows past L repeat the last one: computed, not stored */                            \
+            const float *u0 = u + t0 * E, *u1 = u + (t0 + (nt > 1)) * E;                           \
+            const float *u2 = u + (t0 + (nt > 2 ? 2 : nt - 1)) * E, *u3 = u + (t0 + nt - 1) * E;   \
+            sm_vf a0[NV], a1[NV], a2[NV], a3[NV];                                                  \
+            _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) a0[k] = a1[k] = a2[k] = a3[k] = sm_vzero(); \
+            for (int64_t e = 0; e < E; ++e) {                                                      \
+                const float *w = wt + e * JP + j0;                                                 \
+                const sm_vf v0 = sm_vset1(u0[e]), v1 = sm_vset1(u1[e]), v2 = sm_vset1(u2[e]), v3 = sm_vset1(u3[e]); \
+                _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) {                             \
+                    const sm_vf wv = sm_vload(w + k * SM_VL);                                      \
+                    a0[k] = sm_vfma(v0, wv, a0[k]);                                                \
+                    a1[k] = sm_vfma(v1, wv, a1[k]);                                                \
+                    a2[k] = sm_vfma(v2, wv, a2[k]);                                                \
+                    a3[k] = sm_vfma(v3, wv, a3[k]);                                                \
+                }                                                                                  \
+            }                                                                                      \
+            _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) {                                 \
+                const int64_t j = j0 + k * SM_VL;                                                  \
+                if (j >= J) break;                                                                 \
+                const int m = J - j < SM_VL ? (int)(J - j) : SM_VL;                                \
+                sm_vstore_n(out + t0 * J + j, a0[k], m);                                           \
+                if (nt > 1) sm_vstore_n(out + (t0 + 1) * J + j, a1[k], m);                         \
+                if (nt > 2) sm_vstore_n(out + (t0 + 2) * J + j, a2[k], m);                         \
+                if (nt > 3) sm_vstore_n(out + (t0 + 3) * J + j, a3[k], m);                         \
+            }                                                                                      \
+        }                                                                                          \
+    }
+SM_XPROJ_PASS(1)
+SM_XPROJ_PASS(2)
+SM_XPROJ_PASS(3)
+SM_XPROJ_PASS(4)
+static inline void sl_xproj_rows_f32(const float *CL_RESTRICT u, int64_t L, int64_t E, const float *CL_RESTRICT wt,
+                                     int64_t J, int64_t JP, float *CL_RESTRICT out) {
+    for (int64_t j0 = 0; j0 < JP; j0 += 4 * SM_VL) {
+        const int64_t nv = (JP - j0) / SM_VL;
+        if (nv >= 4) sm_xproj_pass4(u, L, E, wt, J, JP, j0, out);
+        else if (nv == 3) sm_xproj_pass3(u, L, E, wt, J, JP, j0, out);
+        else if (nv == 2) sm_xproj_pass2(u, L, E, wt, J, JP, j0, out);
+        else sm_xproj_pass1(u, L, E, wt, J, JP, j0, out);
+    }
+}
+/* as the generic one, the row in registers across the J products */
+static inline void sl_rowmat_add_f32(const float *g, int64_t J, const float *CL_RESTRICT wb, float *CL_RESTRICT row) {
+    sm_vf acc[SM_NV];
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vload(row + k * SM_VL);
+    sm_rowmat_acc(acc, g, J, wb);
+#pragma GCC unroll 16
+    for (int k = 0; k < SM_NV; ++k) sm_vstore(row + k * SM_VL, acc[k]);
+}
+/* as the generic one, a group of SM_DW_ROWS rows of dW in registers across the L steps (24 vectors
+ * at either width), so each step costs loads of dd and dt and FMAs only, no load / store of dW */
+#define SM_DW_ROWS (24 / SM_NV)
+static inline void sl_dtproj_dw_f32(const float *CL_RESTRICT dd, const float *dt0, int64_t sdt, int64_t L,
+                                    int64_t R, float *CL_RESTRICT dwb) {
+    for (int64_t r0 = 0; r0 < R; r0 += SM_DW_ROWS) {
+        const int m = R - r0 < SM_DW_ROWS ? (int)(R - r0) : SM_DW_ROWS;
+        sm_vf acc[SM_DW_ROWS][SM_NV];
+#pragma GCC unroll 16
+        for (int i = 0; i < SM_DW_ROWS; ++i)
+#pragma GCC unroll 16
+            for (int k = 0; k < SM_NV; ++k) acc[i][k] = sm_vzero();
+        for (int64_t s = 0; s < L; ++s) {
+            const float *dtr = dt0 + s * sdt + r0;
+            sm_vf vd[SM_NV];
+#pragma GCC unroll 16
+            for (int k = 0; k < SM_NV; ++k) vd[k] = sm_vload(dd + s * EB + k * SM_VL);
+#pragma GCC unroll 16
+            for (int i = 0; i < SM_DW_ROWS; ++i) {
+                const sm_vf v = sm_vset1(i < m ? dtr[i] : 0.0f); /* rows past R: zeros, not stored */
+#pragma GCC unroll 16
+                for (int k = 0; k < SM_NV; ++k) acc[i][k] = sm_vfma(vd[k], v, acc[i][k]);
+            }
+        }
+        for (int i = 0; i < m; ++i)
+#pragma GCC unroll 16
+            for (int k = 0; k < SM_NV; ++k) {
+                float *p = dwb + (r0 + i) * EB + k * SM_VL;
+                sm_vstore(p, sm_vadd(sm_vload(p), acc[i][k]));
+            }
+    }
+}
+#define SM_STATE_LOOP_BITS (SM_VL * 32) /* the explicit loops' vector width, for the libraries' reports */
+
+#endif /* SHUFFLEMAMBA_SCAN_STEPS_AVX512_H */
