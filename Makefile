@@ -51,7 +51,8 @@ bench: $(STAMP)
 # (intel-xeon, amd-epyc, ...): the benchmark suite (with Vim vs ViT) and the scan vs its
 # arithmetic limit. ~3 minutes on 2 cores; run it on an idle machine.
 cpu-figures: $(STAMP)
-	@tag=$$($(BIN)/python -c "from shufflemamba.bench.report import cpu_model, machine_tag; print(machine_tag(cpu_model()))") && \
+	@tag=$$($(BIN)/python -c "from shufflemamba.bench.report import cpu_model, machine_tag; \
+	  from shufflemamba.ops.cpu_scan import describe_vector_width; print(machine_tag(cpu_model(), describe_vector_width()))") && \
 	  $(BIN)/shufflemamba bench --device cpu --json benchmarks/results/bench-cpu-$$tag.json && \
 	  $(BIN)/python benchmarks/docs_section.py bench benchmarks/results/bench-cpu-$$tag.json && \
 	  $(BIN)/python benchmarks/scan_limit.py --threads 2 --repeat 5 --docs docs/benchmarks.md \

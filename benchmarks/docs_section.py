@@ -48,7 +48,7 @@ def section_of(kind: str, results: dict[str, Any]) -> tuple[str, str, str]:
     from shufflemamba.bench.report import bench_markdown, gpu_check_markdown, machine_tag
 
     if kind == "bench":
-        return bench_markdown(results), *bench_markers(machine_tag(results["meta"]["device_name"]))
+        return bench_markdown(results), *bench_markers(machine_tag(results["meta"]["device_name"], results["meta"].get("cpu_kernels")))
     section = gpu_check_markdown(results)
     return section if section.endswith("\n") else section + "\n", *GPU_CHECK_MARKERS
 

@@ -107,6 +107,15 @@ def test_machine_tag(name, tag):
     assert machine_tag(name) == tag
 
 
+def test_machine_tag_names_avx2_kernels(monkeypatch):
+    """Zen 3 (AVX2) and Zen 4 (AVX-512) are both "AMD EPYC": kernels built without AVX-512 get their own tag."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert machine_tag("AMD EPYC", "cpu kernels: compiler default vectors (no AVX-512: one build)") == "amd-epyc-avx2"
+    assert machine_tag("AMD EPYC", "cpu kernels: 512-bit vectors (measured)") == "amd-epyc"
+
+
 def test_bad_arguments():
     with pytest.raises(UserError, match="--repeats"):
         bench.main(["--quick", "--repeats", "0"])

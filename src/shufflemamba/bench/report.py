@@ -24,13 +24,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_tag(name: str) -> str:
+def machine_tag(name: str, cpu_kernels: str | None = None) -> str:
     """A short slug of a CPU or GPU model name for file names and section markers: its first two
     words, lower case ("Intel(R) Xeon(R) Processor" -> "intel-xeon", "NVIDIA H200" -> "nvidia-h200"),
-    so that figures of different machines live side by side instead of overwriting each other."""
+    so that figures of different machines live side by side instead of overwriting each other.
+    ``cpu_kernels`` (``cpu_scan.describe_vector_width()``) saying the x86 kernels run without AVX-512
+    adds "-avx2": AMD's Zen 3 (AVX2) and Zen 4 (AVX-512) share the name "AMD EPYC"."""
     words = re.sub(r"\((r|tm)\)", " ", name.lower()).replace("processor", " ").split()
-    slug = "-".join(re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words[:2])
-    return slug or "unknown"
+    slug = "-".join(re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words[:2]) or "unknown"
+    if cpu_kernels and "no AVX-512" in cpu_kernels and platform.machine().lower() in ("x86_64", "amd64"):
+        slug += "-avx2"
+    return slug
 
 
 def format_number(x: Any, spec: str = ".1f") -> str:
