@@ -1,0 +1,99 @@
+"""The CPU kernels' settings in one place: each reads one environment variable, documented here.
+
+    SHUFFLEMAMBA_CACHE: where built kernels and the recorded vector-width choice live (default
+        ``$XDG_CACHE_HOME/shufflemamba`` or ``~/.cache/shufflemamba``): per user, so a read-only
+        install or a shared home still works.
+    SHUFFLEMAMBA_NO_COMPILE: ``1`` skips the compiled kernels (the pure-PyTorch path runs), for
+        machines where building or loading them is not wanted.
+    SHUFFLEMAMBA_CPU_VECTOR_WIDTH: ``256``, ``512`` or ``auto`` (default). x86 with AVX-512 only:
+        gcc keeps 256-bit vectors unless asked, and which width is faster depends on the CPU. auto
+        loads the width recorded by ``python -m shufflemamba.ops.cpu_scan --measure`` when there is
+        a record, else 512 (the widest the CPU has); a number forces that width. Ignored elsewhere.
+    CC: the C compiler that builds the kernels (default ``cc``).
+
+A bad value raises :class:`KernelConfigError` (the CLI prints it as one ``error:`` line).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["KernelConfigError", "VectorWidth", "cache_dir", "compiler", "compile_disabled", "cpu_model",
+           "cpu_signature", "has_avx512", "is_x86", "vector_width"]
+
+CACHE_ENV = "SHUFFLEMAMBA_CACHE"
+NO_COMPILE_ENV = "SHUFFLEMAMBA_NO_COMPILE"
+VECTOR_WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
+CC_ENV = "CC"
+
+VectorWidth = Literal["auto", "256", "512"]
+_WIDTHS: tuple[VectorWidth, ...] = ("auto", "256", "512")
+
+
+class KernelConfigError(ValueError):
+    """A kernel setting (environment variable) has a value the kernels cannot use: the user's to fix."""
+
+
+def cache_dir() -> Path:
+    """Directory of the built kernels and the recorded width choice (SHUFFLEMAMBA_CACHE)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shufflemamba"
+
+
+def compile_disabled() -> bool:
+    """SHUFFLEMAMBA_NO_COMPILE set to anything but empty or 0."""
+    return os.environ.get(NO_COMPILE_ENV, "0") not in ("", "0")
+
+
+def compiler() -> str:
+    """The C compiler's name or path (CC, default ``cc``)."""
+    return os.environ.get(CC_ENV, "cc")
+
+
+def vector_width() -> VectorWidth:
+    """SHUFFLEMAMBA_CPU_VECTOR_WIDTH: "256", "512" or "auto" (unset or empty).
+
+    Raises:
+        KernelConfigError: any other value.
+    """
+    value = os.environ.get(VECTOR_WIDTH_ENV, "").strip().lower() or "auto"
+    if value not in _WIDTHS:
+        raise KernelConfigError(f"{VECTOR_WIDTH_ENV} must be 256, 512 or auto, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; platform.processor() is often empty there)."""
+    for line in _cpuinfo_lines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_signature() -> str:
+    """Architecture, model name and flags: part of the kernels' cache key, since ``-march=native``
+    binaries must not travel between machines."""
+    lines = sorted({ln for ln in _cpuinfo_lines() if ln.startswith(("model name", "flags", "Features"))})
+    return platform.machine() + ("".join(lines) if lines else platform.processor())
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def has_avx512() -> bool:
+    return any(ln.startswith("flags") and "avx512f" in ln.split() for ln in _cpuinfo_lines())
