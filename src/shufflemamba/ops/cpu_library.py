@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import config
 
 __all__ = ["ABI_VERSION", "build", "choice_path", "compile_flags", "cpu_scan_available", "declare",
@@ -212,6 +214,7 @@ def swap_library(lib: ctypes.CDLL) -> ctypes.CDLL | None:
     return previous
 
 
+@torch.compiler.assume_constant_result  # traced code (torch.compile) takes the answer as a constant
 def cpu_scan_available() -> bool:
     """True when the compiled kernels are built and loaded (builds them on the first call)."""
     return load_library() is not None
