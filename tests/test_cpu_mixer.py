@@ -10,6 +10,8 @@ from shufflemamba.models import mamba_mixer
 from shufflemamba.models.mamba_mixer import BiMambaMixer, RMSNorm
 from shufflemamba.ops import cpu_library, cpu_mixer, cpu_scan
 
+from kernel_isas import isa  # noqa: F401  (fixture: each vector ISA's kernels)
+
 pytestmark = pytest.mark.skipif(not cpu_scan.cpu_scan_available(), reason="compiled CPU kernels unavailable")
 
 
@@ -17,7 +19,7 @@ def _rms_reference(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def test_rms_norm_kernel_gradcheck_float64():
+def test_rms_norm_kernel_gradcheck_float64(isa):
     from shufflemamba.ops.cpu_mixer import rms_norm_cpu
 
     g = torch.Generator().manual_seed(0)
@@ -44,7 +46,7 @@ def test_rms_norm_module_fast_path_matches_torch_ops(shape, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_add_rms_norm_kernel_gradcheck_float64():
+def test_add_rms_norm_kernel_gradcheck_float64(isa):
     """The residual add fused into the norm: both outputs and all three gradients, including the
     gradient reaching the sum from elsewhere (the next block's), against gradcheck in float64."""
     from shufflemamba.ops.cpu_mixer import add_rms_norm_cpu
@@ -190,7 +192,7 @@ def _core_inputs(E=6, L=5, N=2, R=2, K=3, batch=2, seed=0):
     return xz, R, dirs
 
 
-def test_mixer_core_gradcheck_float64():
+def test_mixer_core_gradcheck_float64(isa):
     """Finite differences through both directions (strided x / z, accumulated dx / dz, x_proj's split)."""
     from shufflemamba.ops.cpu_mixer import bimamba_core_cl
 

@@ -14,6 +14,8 @@ from shufflemamba.ops import selective_scan, selective_scan_ref
 from shufflemamba.ops import config, cpu_library, cpu_scan, torch_scan
 from shufflemamba.ops.selective_scan import IMPLS
 
+from kernel_isas import isa  # noqa: F401  (fixture: each vector ISA's kernels)
+
 FAST = ["cpu", "torch"]
 OPTIONS = list(itertools.product([False, True], repeat=4))  # (D, z, delta_bias, softplus)
 
@@ -68,6 +70,12 @@ def test_matches_reference_float64(impl, opts):
     _compare(impl, torch.float64, opts, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "D{}-z{}-bias{}-sp{}".format(*map(int, o)))
+def test_cpu_kernels_match_reference_float64_on_each_isa(isa, opts):
+    """The (batch, E, L) kernels (ss_fwd / ss_bwd) of each vector ISA: output and every gradient."""
+    _compare("cpu", torch.float64, opts, atol=1e-10, rtol=1e-10, batch=2, E=37, L=9, N=5)
+
+
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("opts", [(False, False, False, False), (True, True, True, True)], ids=["bare", "full"])
 def test_matches_reference_float32(impl, opts):
@@ -90,7 +98,7 @@ def test_cpu_uneven_channel_chunks():
 
 def test_torch_path_spans_several_chunks(monkeypatch):
     """Force short chunks so the state and gradient hand-over between chunks is exercised."""
-    monkeypatch.setattr(torch_scan, "_CHUNK_ELEMENTS", 2 * 5 * 4 * 3)  # chunk of 3 steps
+    monkeypatch.setattr(torch_scan, "TORCH_SCAN_CHUNK_ELEMENTS", 2 * 5 * 4 * 3)  # chunk of 3 steps
     _compare("torch", torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10, batch=2, E=5, L=10, N=4)
 
 
@@ -217,7 +225,7 @@ def _cl_flip(t, reverse):
 @pytest.mark.parametrize("opts", [(True, True, True, True), (False, False, False, False), (True, False, True, False)],
                          ids=["full", "bare", "D-bias"])
 @pytest.mark.parametrize("shape", [dict(batch=2, E=5, L=9, N=4), dict(batch=2, E=200, L=7, N=3)], ids=["small", "tail"])
-def test_scan_cl_matches_reference(reverse, opts, shape):
+def test_scan_cl_matches_reference(isa, reverse, opts, shape):
     """Strided (sliced) B, C, z; reverse equals flip(scan(flip)); E=200 has full channel blocks and a partial one."""
     _needs("cpu")
     D, z, bias, softplus = opts
@@ -258,7 +266,7 @@ def test_scan_cl_float32_and_gradcheck():
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anticausal"])
 @pytest.mark.parametrize("K", [4, 2])
-def test_conv_cl_matches_conv1d(reverse, K):
+def test_conv_cl_matches_conv1d(isa, reverse, K):
     _needs("cpu")
     g = torch.Generator().manual_seed(0)
     batch, L, E = 3, 7, 200  # full channel blocks and a partial one
@@ -372,15 +380,18 @@ def test_scan_cl_out_scale_matches_the_scaled_scan():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("L, d_state", [(6, 3), (300, 7)], ids=["short", "long"])
-def test_mixer_fused_combine_matches_reference_directions(dtype, L, d_state):
-    """The fused mixer (second direction summed in place into the first's halved output) gives the
-    reference ``_direction`` path's output and the gradients of the input and every parameter.
-    At L 300 the scan backward runs its recurrences in groups of states (mixer_cl.c's
-    sm_state_group; with a 2 MB L2, 7 states as 3 + 3 + 1 in float32 and one at a time in float64),
-    the per-step sums over the states adding up across the groups."""
+@pytest.mark.parametrize("threads", [1, 8], ids=["conv-in-scan-kernel", "conv-kernel-first"])
+def test_mixer_fused_combine_matches_reference_directions(isa, dtype, L, d_state, threads, monkeypatch):
+    """The mixer core operator gives the reference ``_direction`` path's output and the gradients of
+    the input and every parameter, on each vector ISA, with the forward's conv and x_proj in the scan
+    kernel (batch 3 >= threads) and before it (batch 3 < 8 threads). At L 300 the scan backward runs
+    its recurrences in groups of states (mixer_cl.c's sm_state_group; with a 2 MB L2, 7 states as
+    3 + 3 + 1 in float32 and one at a time in float64), the per-step sums over the states adding up
+    across the groups."""
     _needs("cpu")
     from shufflemamba.models import BiMambaMixer
 
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(1)
     mixer = BiMambaMixer(8, d_state=d_state, dt_rank=2).to(dtype)  # E = 16: float64 conv1d stays fast
     hidden = torch.randn(3, L, 8, dtype=dtype, requires_grad=True)

@@ -21,13 +21,19 @@ import platform
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["KernelConfigError", "VectorWidth", "cache_dir", "compiler", "compile_disabled", "cpu_model",
+__all__ = ["PARALLEL_MIN_WORK", "TORCH_SCAN_CHUNK_ELEMENTS", "KernelConfigError", "VectorWidth", "cache_dir", "compiler", "compile_disabled", "cpu_model",
            "cpu_signature", "has_avx512", "is_x86", "vector_width"]
 
 CACHE_ENV = "SHUFFLEMAMBA_CACHE"
 NO_COMPILE_ENV = "SHUFFLEMAMBA_NO_COMPILE"
 VECTOR_WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
 CC_ENV = "CC"
+
+# Tuning constants (no environment variable: they follow from the kernels, not from the user's machine)
+PARALLEL_MIN_WORK = 1 << 15  # a kernel call over fewer elements runs on one thread: a parallel region's
+# start and barrier (milliseconds when a core is busy elsewhere) cost more than such a call's work
+TORCH_SCAN_CHUNK_ELEMENTS = 1 << 21  # the pure-PyTorch scan's (chunk, batch, E, N) work tensors: large
+# enough to amortise Python's per-step overhead, small enough (tens of MB) to stay cache- and RAM-friendly
 
 VectorWidth = Literal["auto", "256", "512"]
 _WIDTHS: tuple[VectorWidth, ...] = ("auto", "256", "512")

@@ -111,12 +111,14 @@ def _base_key(cc: str) -> str:
     return key.hexdigest()
 
 
-def load_variant(cc: str, width: str | None) -> ctypes.CDLL:
-    """Build (if needed) and load the library of one vector width (None: no width flag)."""
-    tag = hashlib.sha256(f"{_base_key(cc)} {' '.join(compile_flags(width))}".encode()).hexdigest()[:16]
+def load_variant(cc: str, width: str | None, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (if needed) and load the library of one vector width (None: no width flag), with
+    ``extra_flags`` added to the compiler's (``-mno-avx512f`` builds the AVX2 code on an AVX-512 CPU)."""
+    flags = " ".join((*compile_flags(width), *extra_flags))
+    tag = hashlib.sha256(f"{_base_key(cc)} {flags}".encode()).hexdigest()[:16]
     path = config.cache_dir() / f"selective_scan_{tag}.so"
     if not path.exists():
-        build(cc, path, width)
+        build(cc, path, width, extra_flags=extra_flags)
     lib = ctypes.CDLL(str(path))
     declare(lib)
     if lib.ss_abi_version() != ABI_VERSION:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from ._checks import check_mixer_core_inputs, check_rms_inputs
 from .cpu_library import library
 from .cpu_scan import (XPROJ_FUSED_MAX, FusedConv, _contig, _empty, _ptr, _rowmajor, _sfx, _threads, conv_silu_fwd_cl,
                        scan_bwd_cl, scan_flops, scan_fwd_cl)
@@ -202,27 +203,6 @@ def _core_autograd(ctx, gy, *_acts):
 _core.register_autograd(_core_autograd, setup_context=_core_setup)
 
 
-def _check_core(xz: Tensor, dt_rank: int, dirs: tuple[DirectionParams, DirectionParams]) -> None:
-    """One-line TypeError / ValueError naming the first argument the kernels cannot take."""
-    if xz.dim() != 3 or xz.shape[-1] % 2:
-        raise ValueError(f"bimamba_core_cl: xz must be (batch, L, 2E), got {tuple(xz.shape)}")
-    if xz.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"bimamba_core_cl: float32 or float64 expected, got {xz.dtype}")
-    E = xz.shape[-1] // 2
-    for side, p in zip(("forward", "backward"), dirs):
-        for name, t in zip(p._fields, p):
-            if t is not None and t.dtype != xz.dtype and not (name == "A_log" and t.dtype == torch.float32):
-                raise TypeError(f"bimamba_core_cl: parameters must be {xz.dtype}, got {t.dtype} for {side} {name}")
-        N = p.A_log.shape[-1]
-        expected = dict(conv_weight=(E, 1, p.conv_weight.shape[-1]), conv_bias=(E,),
-                        x_proj_weight=(dt_rank + 2 * N, E), dt_proj_weight=(E, dt_rank), dt_proj_bias=(E,),
-                        A_log=(E, N), D=(E,))
-        for name, shape in expected.items():
-            t = getattr(p, name)
-            if t is not None and tuple(t.shape) != shape and not (name == "conv_weight" and t.shape == shape[::2]):
-                raise ValueError(f"bimamba_core_cl: {side} {name} must be {shape}, got {tuple(t.shape)}")
-
-
 def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward: DirectionParams) -> Tensor:
     """``(y_f + y_b) / 2`` of Vim's bidirectional mixer from ``in_proj``'s output, channel-last, CPU.
 
@@ -235,7 +215,7 @@ def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward
     Returns:
         (batch, L, E) contiguous: the input of ``out_proj``.
     """
-    _check_core(xz, dt_rank, (forward, backward))
+    check_mixer_core_inputs("bimamba_core_cl", xz, dt_rank, dict(forward=forward, backward=backward))
     save = torch.is_grad_enabled() and (xz.requires_grad or any(t is not None and t.requires_grad
                                                                 for t in (*forward, *backward)))
     return torch.ops.shufflemamba.bimamba_core(xz, int(dt_rank), *forward, *backward, save)[0]
@@ -371,12 +351,6 @@ def _(x, *args, out_shape=None, **kwargs) -> int:
     return 4 * n  # square, sum, scale, weight per element
 
 
-def _check_rms(x: Tensor, weight: Tensor, name: str) -> None:
-    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
-        raise TypeError(f"{name}: x (..., D) and weight (D,) of one float32/float64 dtype expected, got "
-                        f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
-
-
 def _needs_save(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -389,7 +363,7 @@ def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         weight: (D,) of x's dtype.
         eps: added to the mean square.
     """
-    _check_rms(x, weight, "rms_norm_cpu")
+    check_rms_inputs("rms_norm_cpu", x, weight)
     return torch.ops.shufflemamba.rms_norm(x, weight, float(eps), _needs_save(x, weight))[0]
 
 
@@ -405,10 +379,7 @@ def add_rms_norm_cpu(x: Tensor, res: Tensor, weight: Tensor, eps: float) -> tupl
     Returns:
         The normalised sum and the sum itself (the new residual), both (..., D) contiguous.
     """
-    _check_rms(x, weight, "add_rms_norm_cpu")
-    if res.shape != x.shape or res.dtype != x.dtype:
-        raise TypeError(f"add_rms_norm_cpu: res must match x, got {tuple(res.shape)} {res.dtype} and "
-                        f"{tuple(x.shape)} {x.dtype}")
+    check_rms_inputs("add_rms_norm_cpu", x, weight, res)
     y, xsum, _ = torch.ops.shufflemamba.add_rms_norm(x, res, weight, float(eps), _needs_save(x, res, weight))
     return y, xsum
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import config
-from ._checks import check_scan_inputs
+from ._checks import check_conv_inputs, check_kernel_dtypes, check_scan_inputs
 from .cpu_library import (choice_path, cpu_scan_available, describe_vector_width, library, load_variant,
                           swap_library, vector_width_info, write_choice)
 
@@ -32,8 +32,6 @@ __all__ = ["causal_conv1d_silu_cl", "cpu_scan_available", "describe_vector_width
            "selective_scan_cpu", "vector_width_info"]
 
 XPROJ_FUSED_MAX = 256  # the widest x_proj output (R + 2N) sl_fwd runs x_proj for (SM_XPROJ_MAX in scan_steps.h)
-_PARALLEL_MIN_WORK = 1 << 15  # below this many elements a call runs on one thread: a parallel region's
-# start and barrier (milliseconds when a core is busy elsewhere) cost more than the work
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -56,7 +54,7 @@ def _rowmajor(t: Tensor) -> Tensor:
 def _threads(work: int) -> int:
     """OpenMP threads for a call over ``work`` elements (called inside the operators only: a
     ``torch.get_num_threads()`` in traced code would break ``torch.compile``'s graph)."""
-    return 1 if work < _PARALLEL_MIN_WORK else torch.get_num_threads()
+    return 1 if work < config.PARALLEL_MIN_WORK else torch.get_num_threads()
 
 
 def _strides(t: Tensor | None) -> tuple[int, int]:
@@ -401,11 +399,7 @@ def selective_scan_cl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         (batch, L, E) contiguous.
     """
     check_scan_inputs("selective_scan_cl", u, delta, A, B, C, D, z, delta_bias, channel_last=True)
-    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias)):
-        if t is not None and t.dtype != u.dtype:
-            raise TypeError(f"selective_scan_cl: {name} is {t.dtype} but u is {u.dtype}")
-    if u.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"selective_scan_cl: float32 or float64 inputs expected, got {u.dtype}")
+    check_kernel_dtypes("selective_scan_cl", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A, B, C, D, z, delta_bias))
     out, _, _ = torch.ops.shufflemamba.selective_scan_cl(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
@@ -474,11 +468,7 @@ def causal_conv1d_silu_cl(x: Tensor, weight: Tensor, bias: Tensor | None, revers
     Returns:
         (batch, L, E) contiguous.
     """
-    if x.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.numel() % x.shape[-1]:
-        raise ValueError(f"causal_conv1d_silu_cl: x (batch, L, E) and weight (E, 1, K) expected, got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
-        raise TypeError(f"causal_conv1d_silu_cl: float32/float64 of one dtype expected, got {x.dtype}, {weight.dtype}")
+    check_conv_inputs("causal_conv1d_silu_cl", x, weight, bias)
     return torch.ops.shufflemamba.conv1d_silu_cl(x, weight, bias, bool(reverse))
 
 
