@@ -8,7 +8,7 @@ import torch
 import shufflemamba  # noqa: F401  (before timm / torchvision)
 from shufflemamba.models import mamba_mixer
 from shufflemamba.models.mamba_mixer import BiMambaMixer, RMSNorm
-from shufflemamba.ops import cpu_library, cpu_mixer, cpu_scan
+from shufflemamba.ops import cpu_kernels, cpu_library, cpu_mixer, cpu_scan
 
 from kernel_isas import isa  # noqa: F401  (fixture: each vector ISA's kernels)
 
@@ -124,7 +124,7 @@ def test_scan_backward_runs_x_proj_backward(dtype, tol):
 
     def grads(x_proj_weight):
         du, dz = torch.empty_like(u), torch.empty_like(u)
-        res = cpu_scan.scan_bwd_cl(u, dsave, None, At, B, C, D, z, gout, du, None, dz, x_proj_weight=x_proj_weight,
+        res = cpu_kernels.scan_bwd_cl(u, dsave, None, At, B, C, D, z, gout, du, None, dz, x_proj_weight=x_proj_weight,
                                    **kw)
         return res, du, dz
 
@@ -223,8 +223,8 @@ def _core_results(lib, monkeypatch, dtype, threads=None, R=3):
 
     monkeypatch.setattr(cpu_library, "_lib", lib)
     if threads is not None:
-        for module in (cpu_scan, cpu_mixer):
-            monkeypatch.setattr(module, "_threads", lambda work: threads)
+        for module in (cpu_kernels, cpu_mixer):
+            monkeypatch.setattr(module, "omp_threads", lambda work: threads)
     xz, R, dirs = _core_inputs(E=200, L=9, N=5, R=R, batch=3, seed=3)
     gy = torch.randn(3, 9, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     leaves = [t.detach().to(dtype).requires_grad_() for t in (xz, *dirs[0], *dirs[1])]

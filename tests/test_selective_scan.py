@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401  (before timm / torchvision)
 from shufflemamba.ops import selective_scan, selective_scan_ref
-from shufflemamba.ops import config, cpu_library, cpu_scan, torch_scan
+from shufflemamba.ops import config, cpu_kernels, cpu_library, cpu_scan, torch_scan
 from shufflemamba.ops.selective_scan import IMPLS
 
 from kernel_isas import isa  # noqa: F401  (fixture: each vector ISA's kernels)
@@ -581,7 +581,7 @@ def test_scan_cl_fused_dt_proj_matches_a_given_delta(softplus):
     outs = []
     for kw in (dict(dt=dt, dtw=dtw), {}):
         out, dsave = torch.empty(batch, L, E, dtype=torch.float64), torch.empty(batch, L, E, dtype=torch.float64)
-        cpu_scan.scan_fwd_cl(u, None if kw else delta, At, B, C, D, z, bias, out, dsave, None, softplus=softplus,
+        cpu_kernels.scan_fwd_cl(u, None if kw else delta, At, B, C, D, z, bias, out, dsave, None, softplus=softplus,
                              reverse=False, out_scale=1.0, **kw)
         outs.append((out, dsave))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-10)

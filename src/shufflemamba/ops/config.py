@@ -21,8 +21,8 @@ import platform
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["PARALLEL_MIN_WORK", "TORCH_SCAN_CHUNK_ELEMENTS", "KernelConfigError", "VectorWidth", "cache_dir", "compiler", "compile_disabled", "cpu_model",
-           "cpu_signature", "has_avx512", "is_x86", "vector_width"]
+__all__ = ["PARALLEL_MIN_WORK", "TORCH_SCAN_CHUNK_ELEMENTS", "KernelConfigError", "VectorWidth", "cache_dir",
+           "compile_disabled", "compiler", "cpu_model", "cpu_signature", "has_avx512", "is_x86", "vector_width"]
 
 CACHE_ENV = "SHUFFLEMAMBA_CACHE"
 NO_COMPILE_ENV = "SHUFFLEMAMBA_NO_COMPILE"

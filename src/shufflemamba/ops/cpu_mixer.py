@@ -25,9 +25,10 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_mixer_core_inputs, check_rms_inputs
+from .cpu_kernels import (XPROJ_FUSED_MAX, FusedConv, contig, conv_silu_fwd_cl, dtype_suffix, omp_threads,
+                          placeholder, ptr, scan_bwd_cl, scan_fwd_cl, unit_stride_rows)
 from .cpu_library import library
-from .cpu_scan import (XPROJ_FUSED_MAX, FusedConv, _contig, _empty, _ptr, _rowmajor, _sfx, _threads, conv_silu_fwd_cl,
-                       scan_bwd_cl, scan_flops, scan_fwd_cl)
+from .cpu_scan import scan_flops
 
 __all__ = ["DirectionParams", "add_rms_norm_cpu", "bimamba_core_cl", "rms_norm_cpu"]
 
@@ -54,7 +55,7 @@ def _decay(A_log: Tensor) -> Tensor:
 
 def _rowmajor_xz(xz: Tensor) -> Tensor:
     """xz with unit stride along channels and rows of equal stride (slices of a wider tensor pass)."""
-    xz = _rowmajor(xz)
+    xz = unit_stride_rows(xz)
     return xz if xz.stride(0) == xz.shape[1] * xz.stride(1) else xz.contiguous()
 
 
@@ -70,12 +71,12 @@ def _core_forward(xz: Tensor, R: int, dirs: tuple[DirectionParams, DirectionPara
     acts: list[Tensor] = []
     for k, p in enumerate(dirs):
         wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
-        bias = _contig(p.conv_bias)
+        bias = contig(p.conv_bias)
         N = p.A_log.shape[1]
         fused = {}
         if fuse:  # the kernel writes xc = silu(conv(x)) and x_dbl = xc x_proj^T itself, per sample
             xc, x_dbl = xz.new_empty(batch, L, E), xz.new_empty(batch, L, R + 2 * N)
-            fused = dict(conv=FusedConv(x, wt, bias), x_proj_weight=_contig(p.x_proj_weight), x_dbl=x_dbl)
+            fused = dict(conv=FusedConv(x, wt, bias), x_proj_weight=contig(p.x_proj_weight), x_dbl=x_dbl)
         else:
             xc = conv_silu_fwd_cl(x, wt, bias, k == 1)
             x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
@@ -84,10 +85,10 @@ def _core_forward(xz: Tensor, R: int, dirs: tuple[DirectionParams, DirectionPara
         dsave = torch.empty_like(xc) if save else None
         # y = silu(z) (y_f + y_b) / 2 with no extra pass: the first direction's y_f + D u goes into y
         # ungated, the second adds its own and gates the sum (one sigmoid and one read of z per element)
-        scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), z if k == 1 else None, _contig(p.dt_proj_bias), y, dsave,
+        scan_fwd_cl(xc, None, At, bm, cm, contig(p.D), z if k == 1 else None, contig(p.dt_proj_bias), y, dsave,
                     None, softplus=True, reverse=k == 1, out_scale=0.5 if k == 1 else 1.0, gate_sum=k == 1, dt=dt,
                     dtw=p.dt_proj_weight.t().contiguous(), **fused)
-        acts += [xc, x_dbl, dsave if save else _empty(xz)]
+        acts += [xc, x_dbl, dsave if save else placeholder(xz)]
     return [y, *acts]
 
 
@@ -106,16 +107,16 @@ def _core_backward(gy: Tensor, xz: Tensor, R: int, dirs: tuple[DirectionParams, 
         N = p.A_log.shape[1]
         A = _decay(p.A_log)
         wt = p.conv_weight.reshape(E, -1).t().contiguous()
-        bias = _contig(p.conv_bias)
+        bias = contig(p.conv_bias)
         # x_proj's backward runs in the kernel (its input gradient added into the scan's du, its weight
         # gradient reduced with the others), then the conv's (du stays in the kernel, dx gets x's)
         g = scan_bwd_cl(xc, dsave, None, A.to(xz.dtype).t().contiguous(), x_dbl[..., R:R + N], x_dbl[..., R + N:],
-                        _contig(p.D), z, gy, None, None, dz, dz_accumulate=k == 1, softplus=True, reverse=k == 1,
+                        contig(p.D), z, gy, None, None, dz, dz_accumulate=k == 1, softplus=True, reverse=k == 1,
                         out_scale=0.5, dt=x_dbl[..., :R], dtw=p.dt_proj_weight.t().contiguous(),
-                        x_proj_weight=_contig(p.x_proj_weight), conv=FusedConv(x, wt, bias, dx, k == 1))
+                        x_proj_weight=contig(p.x_proj_weight), conv=FusedConv(x, wt, bias, dx, k == 1))
         grads += [
             g.dconv_wt.t().reshape(p.conv_weight.shape).contiguous(),
-            g.dconv_bias.clone() if bias is not None else _empty(xz),
+            g.dconv_bias.clone() if bias is not None else placeholder(xz),
             g.dxw.clone(), g.ddtw.t().contiguous(), g.dbias.clone(),
             (g.dA.to(A.dtype) * A).contiguous(), g.dD.clone(),
         ]
@@ -127,7 +128,7 @@ def _fake_acts(xz: Tensor, R: int, A_logs: tuple[Tensor, Tensor], save: bool) ->
     out = []
     for A_log in A_logs:
         out += [xz.new_empty(batch, L, E2 // 2), xz.new_empty(batch, L, R + 2 * A_log.shape[1]),
-                xz.new_empty(batch, L, E2 // 2) if save else _empty(xz)]
+                xz.new_empty(batch, L, E2 // 2) if save else placeholder(xz)]
     return out
 
 
@@ -177,7 +178,7 @@ def _(gy, xz, dt_rank, *rest):
     for p in params:
         p = DirectionParams(*p)
         out += [xz.new_empty(p.conv_weight.shape), xz.new_empty(p.conv_bias.shape) if p.conv_bias is not None
-                else _empty(xz), xz.new_empty(p.x_proj_weight.shape), xz.new_empty(p.dt_proj_weight.shape),
+                else placeholder(xz), xz.new_empty(p.x_proj_weight.shape), xz.new_empty(p.dt_proj_weight.shape),
                 xz.new_empty(p.dt_proj_bias.shape), p.A_log.new_empty(p.A_log.shape), xz.new_empty(p.D.shape)]
     return tuple(out)
 
@@ -256,10 +257,10 @@ def _rms_forward(x: Tensor, res: Tensor | None, weight: Tensor, eps: float, save
     y = torch.empty_like(x2)
     xsum = None if res is None else torch.empty_like(x2)
     rstd = x2.new_empty(rows) if save else None
-    getattr(library(), f"rms_fwd_{_sfx(x2)}")(_ptr(x2), _ptr(None if res is None else res.contiguous()), _ptr(xsum),
-                                              _ptr(weight), _ptr(y), _ptr(rstd), rows, D, float(eps),
-                                              _threads(rows * D))
-    rstd = rstd if rstd is not None else _empty(x)
+    res = None if res is None else res.contiguous()
+    getattr(library(), f"rms_fwd_{dtype_suffix(x2)}")(ptr(x2), ptr(res), ptr(xsum), ptr(weight), ptr(y), ptr(rstd),
+                                                      rows, D, float(eps), omp_threads(rows * D))
+    rstd = rstd if rstd is not None else placeholder(x)
     return (y.view(x.shape), rstd) if xsum is None else (y.view(x.shape), xsum.view(x.shape), rstd)
 
 
@@ -275,7 +276,7 @@ def _rms(x: Tensor, weight: Tensor, eps: float, save: bool) -> tuple[Tensor, Ten
 
 @_rms.register_fake
 def _(x, weight, eps, save):
-    return x.new_empty(x.shape), (x.new_empty(_rows(x)) if save else _empty(x))
+    return x.new_empty(x.shape), (x.new_empty(_rows(x)) if save else placeholder(x))
 
 
 @torch.library.custom_op("shufflemamba::add_rms_norm", mutates_args=(), device_types="cpu")
@@ -286,7 +287,7 @@ def _add_rms(x: Tensor, res: Tensor, weight: Tensor, eps: float, save: bool) -> 
 
 @_add_rms.register_fake
 def _(x, res, weight, eps, save):
-    return x.new_empty(x.shape), x.new_empty(x.shape), (x.new_empty(_rows(x)) if save else _empty(x))
+    return x.new_empty(x.shape), x.new_empty(x.shape), (x.new_empty(_rows(x)) if save else placeholder(x))
 
 
 @torch.library.custom_op("shufflemamba::rms_norm_backward", mutates_args=(), device_types="cpu")
@@ -298,10 +299,10 @@ def _rms_bwd(gy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, gsum: Optional
     gy2 = gy.reshape(rows, D).contiguous()
     gadd = None if gsum is None else gsum.reshape(rows, D).contiguous()
     gx, gw = torch.empty_like(x2), torch.empty_like(weight)
-    nthreads = _threads(rows * D)
+    nthreads = omp_threads(rows * D)
     nchunk = max(1, min(rows, 4 * nthreads))  # a few chunks per thread; their partial sums added in the kernel
-    rc = getattr(library(), f"rms_bwd_{_sfx(x2)}")(_ptr(x2), _ptr(weight), _ptr(rstd), _ptr(gy2), _ptr(gadd),
-                                                   _ptr(gx), _ptr(gw), rows, D, nchunk, nthreads)
+    rc = getattr(library(), f"rms_bwd_{dtype_suffix(x2)}")(ptr(x2), ptr(weight), ptr(rstd), ptr(gy2), ptr(gadd),
+                                                   ptr(gx), ptr(gw), rows, D, nchunk, nthreads)
     if rc != 0:
         raise MemoryError("rms_norm kernel: out of memory")
     return gx.view(x.shape), gw
