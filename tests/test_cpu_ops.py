@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import shufflemamba  # noqa: F401  (before timm / torchvision)
 from shufflemamba.models.vim import VisionMamba
-from shufflemamba.ops import cpu_mixer, cpu_scan  # noqa: F401  (registers the operators)
+from shufflemamba.ops import cpu_mixer, cpu_scan, selective_scan
 
 pytestmark = pytest.mark.skipif(not cpu_scan.cpu_scan_available(), reason="compiled CPU kernels unavailable")
 ops = torch.ops.shufflemamba
@@ -65,6 +65,24 @@ def test_scan_and_conv_operators_pass_opcheck(optional):
                           (t(u), t(delta), A, t(B), t(C), D, None if z is None else t(z), bias, True))
     w = torch.randn(u.shape[-1], 1, 4, generator=_g(4), dtype=u.dtype, requires_grad=True)
     torch.library.opcheck(ops.conv1d_silu_cl.default, (u, w, D, True))
+
+
+def test_compiled_dispatcher_scan_matches_eager():
+    """selective_scan(impl="cpu", reverse=True) (the flips around the (batch, E, L) operator) in one
+    graph, its output and gradients as in eager mode."""
+    u, delta, A, B, C, D, z, bias = _scan_cl_args()
+    args = [t.transpose(1, 2).detach().contiguous().requires_grad_() if t.dim() == 3 else t for t in
+            (u, delta, A, B, C, D, z, bias)]
+
+    def f(*a):
+        return selective_scan(*a, delta_softplus=True, impl="cpu", reverse=True)
+
+    results = []
+    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        out = fn(*args)
+        results.append([out.detach(), *torch.autograd.grad(out.square().sum(), args)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def _small_vim() -> VisionMamba:
@@ -137,6 +155,16 @@ def test_flop_counter_sees_the_scan_and_the_mixer_core():
     assert counts["shufflemamba.bimamba_core"] == 2 * per_direction
     assert counts["shufflemamba.bimamba_core_backward"] == 4 * per_direction
 
+    t = lambda x: x.detach().transpose(1, 2).contiguous()  # noqa: E731  (batch, E, L)
+    with FlopCounterMode(display=False) as counter:
+        selective_scan(t(args[0]), t(args[1]), args[2].detach(), t(args[3]), t(args[4]), impl="cpu")
+    assert counter.get_flop_counts()["Global"][ops.selective_scan_cpu] == 9 * batch * L * E * N  # no D, no gate
+
     with FlopCounterMode(display=False) as counter:
         _small_vim().eval()(torch.randn(1, 3, 32, 32))
     assert counter.get_flop_counts()["Global"][ops.bimamba_core] > 0
+
+
+def test_cpu_scan_command_prints_the_width(capsys):
+    assert cpu_scan.main([]) == 0
+    assert capsys.readouterr().out.startswith("cpu kernels: ")
