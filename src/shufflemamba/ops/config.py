@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["PARALLEL_MIN_WORK", "TORCH_SCAN_CHUNK_ELEMENTS", "KernelConfigError", "VectorWidth", "cache_dir",
-           "compile_disabled", "compiler", "cpu_model", "cpu_signature", "has_avx512", "is_x86", "vector_width"]
+           "compile_disabled", "compiler", "cpu_model", "cpu_signature", "has_avx512", "is_x86", "vector_isa",
+           "vector_width"]
 
 CACHE_ENV = "SHUFFLEMAMBA_CACHE"
 NO_COMPILE_ENV = "SHUFFLEMAMBA_NO_COMPILE"
@@ -101,5 +102,22 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def _cpu_flags() -> set[str]:
+    return {f for ln in _cpuinfo_lines() if ln.startswith(("flags", "Features")) for f in ln.split(":", 1)[-1].split()}
+
+
 def has_avx512() -> bool:
-    return any(ln.startswith("flags") and "avx512f" in ln.split() for ln in _cpuinfo_lines())
+    return "avx512f" in _cpu_flags()
+
+
+def vector_isa() -> str:
+    """The widest vector instruction set the CPU has, for figures to name: "AVX-512", "AVX2",
+    "NEON", else the architecture (speed figures differ between them on the same model of machine)."""
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    if "asimd" in flags:
+        return "NEON"
+    return platform.machine()

@@ -240,7 +240,7 @@ def describe_vector_width() -> str:
     width = f"{info['width']}-bit" if info["width"] else "compiler default"
     bits = state_loop_bits(_lib) if _lib is not None else 0
     loops = f", explicit {bits}-bit state loops" if bits else ""
-    line = f"cpu kernels: {width} vectors{loops} ({info['source']}"
+    line = f"cpu kernels: {width} vectors{loops} on {config.vector_isa()} ({info['source']}"
     if "ms" in info:
         ms = info["ms"]
         line += f"; fwd+bwd {ms['512']:.3f} ms at 512-bit, {ms['256']:.3f} ms at 256-bit; {info['file']}"

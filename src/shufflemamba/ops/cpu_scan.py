@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from typing import Optional
 
@@ -372,12 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", action="store_true", help="time both widths on this CPU (AVX-512 only) and "
                         "record the faster for later processes (a quiet machine gives a meaningful record)")
     args = parser.parse_args(argv)
-    if args.measure:
-        if not (config.is_x86() and config.has_avx512()):
+    try:
+        if args.measure and not (config.is_x86() and config.has_avx512()):
             print("one vector width on this CPU (no AVX-512): nothing to measure")
-        else:
+        elif args.measure:
             print(measure_vector_width())
-    print(describe_vector_width())
+        print(describe_vector_width())
+    except config.KernelConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
