@@ -18,7 +18,7 @@ as another operator (not differentiable: a second derivative raises) and a FLOP 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -46,6 +46,23 @@ class DirectionParams(NamedTuple):
     D: Tensor  # (E,)
 
 
+class DirectionActs(NamedTuple):
+    """What one direction's forward keeps for its backward."""
+
+    xc: Tensor  # (batch, L, E): silu(conv(x)), the scan's u and x_proj's input
+    x_dbl: Tensor  # (batch, L, R + 2N): x_proj's output [dt | B | C]
+    dsave: Tensor  # (batch, L, E): softplus(delta + bias), so the backward skips the softplus; empty unless saved
+
+
+Directions = tuple[DirectionParams, DirectionParams]  # (forward in time, backward in time)
+
+
+def _directions(flat: Sequence[Tensor | None]) -> Directions:
+    """The operators' flat parameter arguments (the forward direction's seven, then the backward's) by name."""
+    n = len(DirectionParams._fields)
+    return DirectionParams(*flat[:n]), DirectionParams(*flat[n:2 * n])
+
+
 # --- the mixer core: shufflemamba::bimamba_core --------------------------------------------------
 
 
@@ -59,8 +76,8 @@ def _rowmajor_xz(xz: Tensor) -> Tensor:
     return xz if xz.stride(0) == xz.shape[1] * xz.stride(1) else xz.contiguous()
 
 
-def _core_forward(xz: Tensor, R: int, dirs: tuple[DirectionParams, DirectionParams], save: bool) -> list[Tensor]:
-    """[y, then per direction: silu(conv(x)), x_proj's output, softplus(delta + bias) (empty unless save)]."""
+def _core_forward(xz: Tensor, R: int, dirs: Directions, save: bool) -> tuple[Tensor, tuple[DirectionActs, ...]]:
+    """y = (y_f + y_b) / 2 and each direction's activations for the backward."""
     xz = _rowmajor_xz(xz)
     batch, L, E2 = xz.shape
     E = E2 // 2
@@ -68,7 +85,7 @@ def _core_forward(xz: Tensor, R: int, dirs: tuple[DirectionParams, DirectionPara
     y = xz.new_empty(batch, L, E)
     # the conv and x_proj inside the scan kernel run a sample on one thread: only with a sample per thread
     fuse = batch >= torch.get_num_threads() and max(p.x_proj_weight.shape[0] for p in dirs) <= XPROJ_FUSED_MAX
-    acts: list[Tensor] = []
+    acts = []
     for k, p in enumerate(dirs):
         wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
         bias = contig(p.conv_bias)
@@ -82,54 +99,44 @@ def _core_forward(xz: Tensor, R: int, dirs: tuple[DirectionParams, DirectionPara
             x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
         dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
         At = _decay(p.A_log).to(xz.dtype).t().contiguous()  # (N, E)
-        dsave = torch.empty_like(xc) if save else None
+        dsave = torch.empty_like(xc) if save else placeholder(xz)
         # y = silu(z) (y_f + y_b) / 2 with no extra pass: the first direction's y_f + D u goes into y
         # ungated, the second adds its own and gates the sum (one sigmoid and one read of z per element)
-        scan_fwd_cl(xc, None, At, bm, cm, contig(p.D), z if k == 1 else None, contig(p.dt_proj_bias), y, dsave,
-                    None, softplus=True, reverse=k == 1, out_scale=0.5 if k == 1 else 1.0, gate_sum=k == 1, dt=dt,
-                    dtw=p.dt_proj_weight.t().contiguous(), **fused)
-        acts += [xc, x_dbl, dsave if save else placeholder(xz)]
-    return [y, *acts]
+        scan_fwd_cl(xc, None, At, bm, cm, contig(p.D), z if k == 1 else None, contig(p.dt_proj_bias), y,
+                    dsave if save else None, None, softplus=True, reverse=k == 1, out_scale=0.5 if k == 1 else 1.0,
+                    gate_sum=k == 1, dt=dt, dtw=p.dt_proj_weight.t().contiguous(), **fused)
+        acts.append(DirectionActs(xc, x_dbl, dsave))
+    return y, tuple(acts)
 
 
-def _core_backward(gy: Tensor, xz: Tensor, R: int, dirs: tuple[DirectionParams, DirectionParams],
-                   acts: list[Tensor]) -> list[Tensor]:
-    """[dxz, then per direction the gradients of DirectionParams' fields (conv bias: empty without one)]."""
+def _core_backward(gy: Tensor, xz: Tensor, R: int, dirs: Directions,
+                   acts: tuple[DirectionActs, DirectionActs]) -> tuple[Tensor, Directions]:
+    """dxz and each direction's parameter gradients (a conv bias's: empty without one)."""
     xz = _rowmajor_xz(xz)
     E = xz.shape[-1] // 2
     x, z = xz[..., :E], xz[..., E:]
     gy = gy.contiguous()  # read by both directions' kernels
     dxz = xz.new_empty(xz.shape)  # dx in [..., :E], dz in [..., E:]: the first direction writes, the second adds
     dx, dz = dxz[..., :E], dxz[..., E:]
-    grads: list[Tensor] = []
-    for k, p in enumerate(dirs):
-        xc, x_dbl, dsave = acts[3 * k: 3 * k + 3]
+    grads = []
+    for k, (p, a) in enumerate(zip(dirs, acts)):
         N = p.A_log.shape[1]
         A = _decay(p.A_log)
         wt = p.conv_weight.reshape(E, -1).t().contiguous()
         bias = contig(p.conv_bias)
         # x_proj's backward runs in the kernel (its input gradient added into the scan's du, its weight
         # gradient reduced with the others), then the conv's (du stays in the kernel, dx gets x's)
-        g = scan_bwd_cl(xc, dsave, None, A.to(xz.dtype).t().contiguous(), x_dbl[..., R:R + N], x_dbl[..., R + N:],
-                        contig(p.D), z, gy, None, None, dz, dz_accumulate=k == 1, softplus=True, reverse=k == 1,
-                        out_scale=0.5, dt=x_dbl[..., :R], dtw=p.dt_proj_weight.t().contiguous(),
+        g = scan_bwd_cl(a.xc, a.dsave, None, A.to(xz.dtype).t().contiguous(), a.x_dbl[..., R:R + N],
+                        a.x_dbl[..., R + N:], contig(p.D), z, gy, None, None, dz, dz_accumulate=k == 1, softplus=True,
+                        reverse=k == 1, out_scale=0.5, dt=a.x_dbl[..., :R], dtw=p.dt_proj_weight.t().contiguous(),
                         x_proj_weight=contig(p.x_proj_weight), conv=FusedConv(x, wt, bias, dx, k == 1))
-        grads += [
-            g.dconv_wt.t().reshape(p.conv_weight.shape).contiguous(),
-            g.dconv_bias.clone() if bias is not None else placeholder(xz),
-            g.dxw.clone(), g.ddtw.t().contiguous(), g.dbias.clone(),
-            (g.dA.to(A.dtype) * A).contiguous(), g.dD.clone(),
-        ]
-    return [dxz, *grads]
-
-
-def _fake_acts(xz: Tensor, R: int, A_logs: tuple[Tensor, Tensor], save: bool) -> list[Tensor]:
-    batch, L, E2 = xz.shape
-    out = []
-    for A_log in A_logs:
-        out += [xz.new_empty(batch, L, E2 // 2), xz.new_empty(batch, L, R + 2 * A_log.shape[1]),
-                xz.new_empty(batch, L, E2 // 2) if save else placeholder(xz)]
-    return out
+        grads.append(DirectionParams(
+            conv_weight=g.dconv_wt.t().reshape(p.conv_weight.shape).contiguous(),
+            conv_bias=g.dconv_bias.clone() if bias is not None else placeholder(xz),
+            x_proj_weight=g.dxw.clone(), dt_proj_weight=g.ddtw.t().contiguous(), dt_proj_bias=g.dbias.clone(),
+            A_log=(g.dA.to(A.dtype) * A).contiguous(), D=g.dD.clone(),
+        ))
+    return dxz, (grads[0], grads[1])
 
 
 _T7 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # a schema needs each return spelled out
@@ -143,17 +150,23 @@ def _core(xz: Tensor, dt_rank: int,
           dt_proj_bias: Tensor, A_log: Tensor, D: Tensor,
           conv_weight_b: Tensor, conv_bias_b: Optional[Tensor], x_proj_weight_b: Tensor, dt_proj_weight_b: Tensor,
           dt_proj_bias_b: Tensor, A_log_b: Tensor, D_b: Tensor, save: bool) -> _T7:
-    """(y, xc, x_dbl, dsave, xc_b, x_dbl_b, dsave_b): the output, and what the backward reads."""
+    """(y, then DirectionActs of the forward direction and of the backward direction)."""
     fwd = DirectionParams(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
     bwd = DirectionParams(conv_weight_b, conv_bias_b, x_proj_weight_b, dt_proj_weight_b, dt_proj_bias_b, A_log_b, D_b)
-    return tuple(_core_forward(xz, dt_rank, (fwd, bwd), save))
+    y, (acts_f, acts_b) = _core_forward(xz, dt_rank, (fwd, bwd), save)
+    return y, *acts_f, *acts_b
 
 
 @_core.register_fake
-def _(xz, dt_rank, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-      conv_weight_b, conv_bias_b, x_proj_weight_b, dt_proj_weight_b, dt_proj_bias_b, A_log_b, D_b, save):
+def _(xz, dt_rank, *params_and_save):
+    *params, save = params_and_save
     batch, L, E2 = xz.shape
-    return (xz.new_empty(batch, L, E2 // 2), *_fake_acts(xz, dt_rank, (A_log, A_log_b), save))
+    out = [xz.new_empty(batch, L, E2 // 2)]
+    for p in _directions(params):
+        x_dbl = xz.new_empty(batch, L, dt_rank + 2 * p.A_log.shape[1])
+        out += DirectionActs(out[0].new_empty(out[0].shape), x_dbl,
+                             out[0].new_empty(out[0].shape) if save else placeholder(xz))
+    return tuple(out)
 
 
 @torch.library.custom_op("shufflemamba::bimamba_core_backward", mutates_args=(), device_types="cpu")
@@ -164,41 +177,38 @@ def _core_bwd(gy: Tensor, xz: Tensor, dt_rank: int,
               dt_proj_bias_b: Tensor, A_log_b: Tensor, D_b: Tensor,
               xc: Tensor, x_dbl: Tensor, dsave: Tensor, xc_b: Tensor, x_dbl_b: Tensor, dsave_b: Tensor
               ) -> _T15:
-    """(dxz, the forward direction's 7 parameter gradients, the backward direction's)."""
+    """(dxz, then the gradients of the forward direction's DirectionParams fields, then the backward's)."""
     fwd = DirectionParams(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
     bwd = DirectionParams(conv_weight_b, conv_bias_b, x_proj_weight_b, dt_proj_weight_b, dt_proj_bias_b, A_log_b, D_b)
-    grads = _core_backward(gy, xz, dt_rank, (fwd, bwd), [xc, x_dbl, dsave, xc_b, x_dbl_b, dsave_b])
-    return tuple(grads)
+    acts = (DirectionActs(xc, x_dbl, dsave), DirectionActs(xc_b, x_dbl_b, dsave_b))
+    dxz, (grads_f, grads_b) = _core_backward(gy, xz, dt_rank, (fwd, bwd), acts)
+    return dxz, *grads_f, *grads_b
 
 
 @_core_bwd.register_fake
-def _(gy, xz, dt_rank, *rest):
-    params = (rest[:7], rest[7:14])
+def _(gy, xz, dt_rank, *params_and_acts):
     out = [xz.new_empty(xz.shape)]
-    for p in params:
-        p = DirectionParams(*p)
-        out += [xz.new_empty(p.conv_weight.shape), xz.new_empty(p.conv_bias.shape) if p.conv_bias is not None
-                else placeholder(xz), xz.new_empty(p.x_proj_weight.shape), xz.new_empty(p.dt_proj_weight.shape),
-                xz.new_empty(p.dt_proj_bias.shape), p.A_log.new_empty(p.A_log.shape), xz.new_empty(p.D.shape)]
+    for p in _directions(params_and_acts):
+        out += DirectionParams(*(placeholder(xz) if t is None else t.new_empty(t.shape) for t in p))
     return tuple(out)
 
 
 def _core_setup(ctx, inputs, output):
     xz, dt_rank, *params, _save = inputs
     ctx.dt_rank = dt_rank
-    ctx.has_conv_bias = (params[1] is not None, params[8] is not None)
-    ctx.save_for_backward(xz, *params, *output[1:])
+    ctx.has_conv_bias = tuple(p.conv_bias is not None for p in _directions(params))
+    ctx.save_for_backward(xz, *params, *output[1:])  # the activations: both directions' DirectionActs
     ctx.set_materialize_grads(False)
 
 
 def _core_autograd(ctx, gy, *_acts):
     if gy is None:  # the output was not used
         return (None,) * 17
-    xz, *rest = ctx.saved_tensors
-    grads = list(torch.ops.shufflemamba.bimamba_core_backward(gy, xz, ctx.dt_rank, *rest))
-    for i, has in zip((2, 9), ctx.has_conv_bias):  # the conv biases' places after dxz
-        grads[i] = grads[i] if has else None
-    return grads[0], None, *grads[1:], None
+    xz, *params_and_acts = ctx.saved_tensors
+    dxz, *flat = torch.ops.shufflemamba.bimamba_core_backward(gy, xz, ctx.dt_rank, *params_and_acts)
+    grads = [g._replace(conv_bias=g.conv_bias if has else None)
+             for g, has in zip(_directions(flat), ctx.has_conv_bias)]
+    return dxz, None, *grads[0], *grads[1], None
 
 
 _core.register_autograd(_core_autograd, setup_context=_core_setup)
