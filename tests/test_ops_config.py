@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shufflemamba.ops import config, cpu_scan
+from shufflemamba.ops import config, cpu_library, cpu_scan
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -29,7 +29,10 @@ def test_vector_width_values(monkeypatch, value, expected):
     assert config.vector_width() == expected
 
 
-def test_bad_vector_width_is_one_error_line_from_the_command(monkeypatch, capsys):
+def test_bad_vector_width_is_one_error_line_from_the_command(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cpu_library, "_lib", None)  # a fresh process: the setting is read at the first load
+    monkeypatch.setattr(cpu_library, "_load_error", None)
+    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(tmp_path))
     monkeypatch.setenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", "128")
     with pytest.raises(config.KernelConfigError, match="must be 256, 512 or auto, got '128'"):
         config.vector_width()
