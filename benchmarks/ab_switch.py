@@ -1,12 +1,12 @@
 """A/B of one of the CPU path's switches: whole training steps with the switch on and off, interleaved
 step by step in one process (a machine's drift hits both alike), timm's ViT of the same size alongside.
 
-    python benchmarks/ab_switch.py CONV_IN_KERNEL                      # cpu_mixer's switches
     python benchmarks/ab_switch.py PatchEmbed.MATMUL_MAX --off 0       # a class attribute, its off value
-    python benchmarks/ab_switch.py FWD_IN_KERNEL --setup "D 192" --pairs 20
+    python benchmarks/ab_switch.py PatchEmbed.MATMUL_MAX --off 0 --setup "D 192" --pairs 20
 
-Switches: ``cpu_mixer``'s SAVE_Y, GATE_ONCE, XPROJ_IN_KERNEL, CONV_IN_KERNEL, FWD_IN_KERNEL (on: True,
-off: False unless ``--off`` says otherwise) and ``PatchEmbed.MATMUL_MAX`` (on: its value). Setups: the
+Switches: ``PatchEmbed.MATMUL_MAX`` (on: its value; off: False unless ``--off`` says otherwise). The
+kernels have no switches: A/B them with build defines, ``benchmarks/profile_train_step.py
+--kernels-flags``. Setups: the
 ones of ``shufflemamba bench``'s Vim / ViT comparison (``shufflemamba.bench.vit.SETUPS``), by name prefix. Prints the
 medians and the median of the pairs' ratios (off time / on time: above 1, the switch pays). Run it as
 the ``shufflemamba`` command runs (its malloc settings; set ``GOMP_SPINCOUNT=30000`` on an idle machine
@@ -27,16 +27,14 @@ from shufflemamba.bench import vit as bench_vit
 from shufflemamba.process import tune_malloc
 from shufflemamba.bench.timing import train_step_fn
 from shufflemamba.models import PatchEmbed
-from shufflemamba.ops import cpu_mixer
 
-SWITCHES = ("SAVE_Y", "GATE_ONCE", "XPROJ_IN_KERNEL", "CONV_IN_KERNEL", "FWD_IN_KERNEL", "PatchEmbed.MATMUL_MAX")
+SWITCHES = ("PatchEmbed.MATMUL_MAX",)
 
 
 def _target(name: str) -> tuple[object, str]:
     if name not in SWITCHES:
         raise SystemExit(f"error: unknown switch {name!r}; switches: {', '.join(SWITCHES)}")
-    owner, _, attr = name.rpartition(".")
-    return (PatchEmbed if owner else cpu_mixer), attr
+    return PatchEmbed, name.rpartition(".")[2]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,9 +188,9 @@ def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = ()):
     import subprocess
     import tempfile
 
-    from shufflemamba.ops import cpu_scan
+    from shufflemamba.ops import cpu_library
 
-    current = cpu_scan._lib_or_raise()
+    current = cpu_library.library()
     root = Path(__file__).resolve().parent.parent
     csrc = "src/shufflemamba/ops/csrc"
 
@@ -209,9 +209,9 @@ def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = ()):
         names = git("ls-tree", "--name-only", f"{rev}:{csrc}").split()
         for name in names:
             (tmp / name).write_text(git("show", f"{rev}:{csrc}/{name}"))
-    width = (cpu_scan.vector_width_info() or {}).get("width")
+    width = (cpu_library.vector_width_info() or {}).get("width")
     try:  # the package's own build, with the flags and width the current kernels have
-        cpu_scan._build(os.environ.get("CC", "cc"), tmp / "lib.so", str(width) if width else None, csrc=tmp,
+        cpu_library.build(os.environ.get("CC", "cc"), tmp / "lib.so", str(width) if width else None, csrc=tmp,
                         sources=tuple(tmp / n for n in names if n.endswith(".c")), extra_flags=extra_flags)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         raise SystemExit(f"error: building the kernels of {rev or 'the working tree'} {' '.join(extra_flags)} "
@@ -221,7 +221,7 @@ def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = ()):
     if lib.ss_abi_version() != current.ss_abi_version():
         raise SystemExit(f"error: {rev}'s kernels have ABI {lib.ss_abi_version()}, the current ones "
                          f"{current.ss_abi_version()}: their Python sides differ, compare with an older checkout")
-    cpu_scan._declare(lib)
+    cpu_library.declare(lib)
     return lib
 
 
@@ -231,10 +231,10 @@ def compare_kernels(name: str, rev: str | None, steps: int, warmup: int, extra_f
     apart) with the kernels of ``rev`` (None: the working tree's) built with ``extra_flags``, and with the
     current ones; medians of each and the median of the pairs' ratios (other / current time: > 1 means
     the current kernels are faster)."""
-    from shufflemamba.ops import cpu_scan
+    from shufflemamba.ops import cpu_library
 
     label = " ".join([rev or "working tree", *extra_flags])
-    libs = {label: kernels_at(rev, extra_flags), "current": cpu_scan._lib_or_raise()}
+    libs = {label: kernels_at(rev, extra_flags), "current": cpu_library.library()}
     if core:
         run, parts = make_core(name), ("forward", "backward")
     else:
@@ -251,13 +251,13 @@ def compare_kernels(name: str, rev: str | None, steps: int, warmup: int, extra_f
     try:
         for i in range(warmup + steps):
             for k in order if i % 2 == 0 else order[::-1]:
-                cpu_scan._lib = libs[k]
+                cpu_library.swap_library(libs[k])
                 ms = run()
                 if i >= warmup:
                     for part, v in zip(parts, ms):
                         times[k][part].append(v)
     finally:
-        cpu_scan._lib = libs["current"]
+        cpu_library.swap_library(libs["current"])
     res = {}
     for part in parts:
         med = {k: statistics.median(times[k][part]) for k in libs}

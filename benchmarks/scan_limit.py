@@ -45,7 +45,8 @@ import torch
 import shufflemamba  # noqa: F401  (torchvision shim)
 from docs_section import write_marked_section
 from shufflemamba.bench.report import cpu_model, machine_tag
-from shufflemamba.ops import cpu_scan
+from shufflemamba.ops import config as ops_config
+from shufflemamba.ops import cpu_library, cpu_scan
 
 HERE = Path(__file__).resolve().parent
 KERNEL_SRC = HERE.parent / "src" / "shufflemamba" / "ops" / "csrc"
@@ -72,7 +73,7 @@ def build_peak(vector_width: int | None) -> ctypes.CDLL:
         raise SystemExit("error: no C compiler (cc/gcc) found")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     # the kernels' own flags (with the width: -mprefer-vector-width and SM_VECTOR_BITS)
-    flags = cpu_scan._flags(str(vector_width) if vector_width and x86 else None)
+    flags = cpu_library.compile_flags(str(vector_width) if vector_width and x86 else None)
     out = Path(tempfile.mkdtemp()) / "cpu_peak.so"
     cmd = [cc, *flags, f"-I{KERNEL_SRC}", "-o", str(out), str(HERE / "csrc" / "cpu_peak.c"), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -151,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.isa:  # before the kernels load: they and the peak build read it
-        os.environ[cpu_scan._ISA_ENV] = args.isa
+        os.environ[ops_config.ISA_ENV] = args.isa
     try:
-        capped = bool(cpu_scan._isa_flags())
+        capped = bool(ops_config.isa_flags())
     except ValueError as exc:  # a bad SHUFFLEMAMBA_CPU_ISA
         raise SystemExit(f"error: {exc}") from None
     if args.vector_width is None:

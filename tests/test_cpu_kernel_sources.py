@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shufflemamba.ops import cpu_scan
+from shufflemamba.ops import config as ops_config
+from shufflemamba.ops import cpu_library
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "csrc" / "rows_probe.c"
@@ -54,7 +55,7 @@ def probes(tmp_path_factory):
     libs = {}
     for width, extra in _builds():
         path = tmp_path_factory.mktemp("probe") / "probe.so"
-        cpu_scan._build(cc, path, width, sources=(PROBE,), extra_flags=extra)
+        cpu_library.build(cc, path, width, sources=(PROBE,), extra_flags=extra)
         lib = ctypes.CDLL(str(path))
         for name in ("softplus", "sigmoid", "dsoftplus", "gate", "silu", "dsilu"):
             fn = getattr(lib, f"probe_{name}")
@@ -111,7 +112,7 @@ def test_pointwise_functions_against_float64(probes, name):
 def test_production_library_exports_no_test_helpers(tmp_path):
     cc = _cc()
     path = tmp_path / "lib.so"
-    cpu_scan._build(cc, path)
+    cpu_library.build(cc, path)
     lib = ctypes.CDLL(str(path))
     assert hasattr(lib, "sl_fwd_f32") and not hasattr(lib, "sl_rows_f32")
 
@@ -120,12 +121,12 @@ def test_a_bad_channel_block_is_a_compile_error_on_every_build(tmp_path):
     """EB (knobs.h) must be a multiple of 16 for the generic body too, not only for the AVX-512 path."""
     cc = _cc()
     with pytest.raises(RuntimeError, match="EB must be"):
-        cpu_scan._build(cc, tmp_path / "lib.so", extra_flags=("-DEB=40",))
+        cpu_library.build(cc, tmp_path / "lib.so", extra_flags=("-DEB=40",))
 
 
 def _cross_flags() -> list[str]:
     # a cross compiler cannot detect the target CPU: the baseline ARMv8-A (NEON) instead of -march=native
-    return [f if f != "-march=native" else "-march=armv8-a" for f in cpu_scan._FLAGS]
+    return [f if f != "-march=native" else "-march=armv8-a" for f in cpu_library.compile_flags(None)]
 
 
 def _aarch64_elf(path: Path) -> bool:
@@ -174,12 +175,12 @@ def test_silu_derivative_without_avx512(probes):
 def test_isa_setting_builds_without_avx512(monkeypatch):
     """SHUFFLEMAMBA_CPU_ISA=avx2: the kernels' flags switch AVX-512 off (x86) and the auto width rule
     sees no AVX-512, so the AVX2-only code paths build and load as one variant; a bad value is a UserError."""
-    monkeypatch.setenv(cpu_scan._ISA_ENV, "avx2")
+    monkeypatch.setenv(ops_config.ISA_ENV, "avx2")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    assert ("-mno-avx512f" in cpu_scan._flags(None)) == x86
-    assert not cpu_scan._has_avx512()
-    monkeypatch.setenv(cpu_scan._ISA_ENV, "native")
-    assert "-mno-avx512f" not in cpu_scan._flags("512")
-    monkeypatch.setenv(cpu_scan._ISA_ENV, "avx9")
-    with pytest.raises(cpu_scan.VectorWidthError, match="SHUFFLEMAMBA_CPU_ISA must be native or avx2"):
-        cpu_scan._flags(None)
+    assert ("-mno-avx512f" in cpu_library.compile_flags(None)) == x86
+    assert not ops_config.has_avx512()
+    monkeypatch.setenv(ops_config.ISA_ENV, "native")
+    assert "-mno-avx512f" not in cpu_library.compile_flags("512")
+    monkeypatch.setenv(ops_config.ISA_ENV, "avx9")
+    with pytest.raises(ops_config.KernelConfigError, match="SHUFFLEMAMBA_CPU_ISA must be native or avx2"):
+        cpu_library.compile_flags(None)

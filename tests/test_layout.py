@@ -12,11 +12,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "shufflemamba"
 # Known exceptions, each in a file another branch rewrites; remove an entry once its file no longer
 # needs it (the tests below fail on a stale entry, so the list cannot outlive its reason).
 PRIVATE_IMPORTS_PENDING = {
-    ("shufflemamba.ops.cpu_mixer", "shufflemamba.ops.cpu_scan"),  # the CPU kernels' helpers
     ("shufflemamba.bench.gpu_check", "shufflemamba.ops.selective_scan"),  # _resolve_impl: "auto"'s choice
     ("shufflemamba.bench.triton_compile", "shufflemamba.ops.triton_scan"),  # the launch internals it compiles
 }
-LIBRARY_TO_BENCH_PENDING = {("shufflemamba.ops.cpu_scan", "shufflemamba.bench.report")}  # cpu_model
+LIBRARY_TO_BENCH_PENDING: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

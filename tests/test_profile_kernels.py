@@ -31,12 +31,12 @@ def _needs_checkout_and_kernels():
 
 def test_kernels_from_head_run_and_the_current_library_is_restored():
     _needs_checkout_and_kernels()
-    from shufflemamba.ops import cpu_scan
+    from shufflemamba.ops import cpu_library
 
     mod = _module()
-    current = cpu_scan._lib_or_raise()
+    current = cpu_library.library()
     res = mod.compare_kernels("demo16", "HEAD", steps=1, warmup=0)
-    assert cpu_scan._lib is current  # the A/B must not leave the other revision's library loaded
+    assert cpu_library._lib is current  # the A/B must not leave the other revision's library loaded
     assert set(res["median"]) == {"HEAD", "current"} and all(v > 0 for v in res["median"].values())
     assert res["speedup_paired"] > 0
 
@@ -51,12 +51,12 @@ def test_kernels_flags_core_ab_times_forward_and_backward_apart():
     """--kernels-flags --core: the working tree's kernels built with a define against the loaded ones,
     the first mixer core's forward and backward timed apart, and the loaded library restored."""
     _needs_checkout_and_kernels()
-    from shufflemamba.ops import cpu_scan
+    from shufflemamba.ops import cpu_library
 
     mod = _module()
-    current = cpu_scan._lib_or_raise()
+    current = cpu_library.library()
     res = mod.compare_kernels("demo16", None, steps=1, warmup=0, extra_flags=("-DCL_PF=2",), core=True)
-    assert cpu_scan._lib is current
+    assert cpu_library._lib is current
     assert set(res) == {"forward", "backward"}
     for part in res.values():
         assert set(part["median"]) == {"working tree -DCL_PF=2", "current"}

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shufflemamba.ops import cpu_scan
+from shufflemamba.ops import config as ops_config
+from shufflemamba.ops import cpu_library
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def _x86() -> bool:
 
 
 def test_peak_build_uses_the_widest_vectors_of_this_cpu(monkeypatch):
-    monkeypatch.delenv(cpu_scan._ISA_ENV, raising=False)
+    monkeypatch.delenv(ops_config.ISA_ENV, raising=False)
     mod = _module()
     lib = mod.build_peak(None)
     flags = _cpu_flags()
@@ -67,7 +68,7 @@ def test_peak_build_with_avx512_off(monkeypatch):
     mod = _module()
     native = mod.build_peak(512)
     assert (native.fma_bits(), native.fma_isa(), native.exp_path()) == (512, b"AVX-512", 512)
-    monkeypatch.setenv(cpu_scan._ISA_ENV, "avx2")
+    monkeypatch.setenv(ops_config.ISA_ENV, "avx2")
     capped = mod.build_peak(512)
     assert (capped.fma_bits(), capped.fma_isa()) == (256, b"AVX2+FMA")
     assert capped.exp_path() == 0
@@ -75,7 +76,7 @@ def test_peak_build_with_avx512_off(monkeypatch):
 
 
 def test_bad_isa_setting_is_one_error_line(monkeypatch, capsys):
-    monkeypatch.setenv(cpu_scan._ISA_ENV, "sse9")
+    monkeypatch.setenv(ops_config.ISA_ENV, "sse9")
     with pytest.raises(SystemExit) as exc:
         _module().main(["--threads", "1"])
     assert str(exc.value).startswith("error: SHUFFLEMAMBA_CPU_ISA must be native or avx2")

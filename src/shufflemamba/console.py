@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from .errors import UserError
+from .ops.config import KernelConfigError
 
 
 def guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
@@ -20,7 +21,7 @@ def guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """
     try:
         return int(fn(argv) or 0)
-    except UserError as err:
+    except (UserError, KernelConfigError) as err:  # the kernels' settings live below the CLI's errors
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,18 +10,7 @@ import platform
 import re
 from typing import Any
 
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), e.g. "AMD EPYC": CPU figures must name it,
-    since machines of one kind differ (platform.processor() is often empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ..ops.config import cpu_model  # noqa: F401  (re-exported: every tool names the CPU with it)
 
 
 def machine_tag(name: str, cpu_kernels: str | None = None) -> str:

@@ -1,61 +1,36 @@
-"""The core of the bidirectional Vim mixer as one autograd function on the CPU (channel-last).
+"""The Vim block's fused CPU operators: the bidirectional mixer core and RMSNorm (channel-last).
 
 Between ``in_proj`` and ``out_proj`` the mixer runs, per direction, a depthwise conv + SiLU, the
 ``x_proj`` and ``dt_proj`` linears and the selective scan, then averages the two directions. Left
 to autograd, the backward of that graph spends a measurable share of a small model's step on
-bookkeeping passes over (batch, L, E) tensors: the gradients of x and z from the two directions
-are added (``add_``), concatenated back into the gradient of ``in_proj``'s output (``cat`` of a
-(batch, L, 2E) tensor per layer), ``x_proj``'s split output is concatenated back the same way, and
-the conv output's two gradient paths (the scan's u and ``x_proj``'s input) are added.
+bookkeeping passes over (batch, L, E) tensors (adding the two directions' gradients of x and z,
+concatenating them back into ``in_proj``'s output gradient, the same for ``x_proj``'s split output).
+``shufflemamba::bimamba_core`` runs it as one kernel call per direction each way (``sl_fwd`` /
+``sl_bwd`` in csrc/mixer_cl.c): forward, the conv + SiLU and ``x_proj`` (per sample, when there are
+at least as many samples as threads) then the scan with ``dt_proj`` fused, the first direction's
+y + D u written ungated and the second's added before one gate; backward, the scan's, ``x_proj``'s
+and the conv's gradients, written straight into one (batch, L, 2E) gradient buffer.
+``tests/test_cpu_mixer.py`` and ``tests/test_selective_scan.py`` hold both against the reference.
 
-:func:`bimamba_core_cl` runs the same computation as one kernel call per direction each way
-(``sl_fwd`` / ``sl_bwd`` in ``mixer_cl.c``, per sample): forward, the conv + SiLU, ``x_proj`` and the
-scan with ``dt_proj`` fused; backward, the scan's gradients, ``x_proj``'s (its input gradient added
-into du, its weight gradient reduced with the others) and the conv's, written straight into one
-(batch, L, 2E) gradient buffer (dx in its first half, dz in its second, the second direction adding
-to the first). Each fused part has a switch below for A/B timing. Same numbers as the per-op path up
-to float summation order; ``tests/test_selective_scan.py`` holds both against the (batch, E, L)
-reference.
+Each operator has a schema, a fake implementation (``torch.compile`` / ``torch.export``), its backward
+as another operator (not differentiable: a second derivative raises) and a FLOP formula.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
-from .cpu_scan import (XPROJ_FUSED_MAX, FusedConv, _contig, _lib_or_raise, _ptr, _rowmajor, _sfx, _threads,
-                       conv_silu_bwd_cl, conv_silu_fwd_cl, scan_bwd_cl, scan_fwd_cl)
+from ._checks import check_mixer_core_inputs, check_rms_inputs
+from .cpu_kernels import (XPROJ_FUSED_MAX, FusedConv, contig, conv_silu_fwd_cl, dtype_suffix, omp_threads,
+                          placeholder, ptr, scan_bwd_cl, scan_fwd_cl, unit_stride_rows)
+from .cpu_library import library
+from .cpu_scan import scan_flops
 
 __all__ = ["DirectionParams", "add_rms_norm_cpu", "bimamba_core_cl", "rms_norm_cpu"]
-
-# Whether the forward saves y + D u (the gate's input) for dz. Off: the backward's replay of the states,
-# which it runs anyway, sums C_t h_t again instead (N FMAs per channel and step), so the forward writes
-# and the backward reads one (batch, L, E) tensor less per direction; the mixer core is mostly bound by
-# memory traffic at the demo's size (docs/benchmarks.md). A switch for A/B comparisons.
-SAVE_Y = False
-
-# Whether the first direction writes its y + D u ungated and the second gates the sum (one sigmoid of z
-# and one read of z per element, not one per direction). Off: each direction gates its own half, the
-# mixer's forward before 927acb1. A switch for A/B comparisons, as SAVE_Y.
-GATE_ONCE = True
-
-# Whether x_proj's backward runs inside the scan's backward kernel (sl_bwd given x_proj's weight: its
-# input gradient added into du, its weight gradient reduced with the others). Off: the kernel returns
-# [ddt | dB | dC] and two matmuls follow, the backward before this switch. A switch for A/B comparisons.
-XPROJ_IN_KERNEL = True
-
-# Whether the conv's backward runs inside the scan's backward kernel as well (per sample, du kept in the
-# kernel's buffer: no (batch, L, E) du written and read back, one kernel call a direction). Needs
-# XPROJ_IN_KERNEL. Off: cv_bwd's own call after it. A switch for A/B comparisons.
-CONV_IN_KERNEL = True
-
-# Whether the forward's conv and x_proj run inside the scan's forward kernel (per sample, before its
-# scan: one kernel call a direction, no x_proj matmul). Only with at least as many samples as threads:
-# a sample's work then runs on one thread. Off: cv_fwd's call and a matmul first. For A/B comparisons.
-FWD_IN_KERNEL = True
 
 
 class DirectionParams(NamedTuple):
@@ -66,98 +41,177 @@ class DirectionParams(NamedTuple):
     x_proj_weight: Tensor  # (R + 2N, E)
     dt_proj_weight: Tensor  # (E, R)
     dt_proj_bias: Tensor  # (E,)
-    A_log: Tensor  # (E, N): A = -exp(A_log) is formed inside the function, in A_log's dtype (which may be
-    # float32 for a float64 call: the mixer's reference path forms A in float32), so autograd records no
-    # exp / neg ops of its own per direction and step
+    A_log: Tensor  # (E, N): A = -exp(A_log) is formed inside, in A_log's dtype (float32 for a float64 call
+    # is allowed: the mixer's reference path forms A in float32)
     D: Tensor  # (E,)
 
 
-class _BiMambaCoreCL(torch.autograd.Function):
-    """xz (batch, L, 2E) and both directions' parameters -> (y_f + y_b) / 2 (batch, L, E)."""
+class DirectionActs(NamedTuple):
+    """What one direction's forward keeps for its backward."""
 
-    @staticmethod
-    def forward(ctx, xz, dt_rank: int, *flat):
-        batch, L, E2 = xz.shape
-        E = E2 // 2
-        x, z = xz[..., :E], xz[..., E:]  # (batch, L, E) strided views, unit stride along E
-        train = any(ctx.needs_input_grad)
-        y = xz.new_empty(batch, L, E)
-        saved: list[Tensor | None] = []
-        dirs = (DirectionParams(*flat[:7]), DirectionParams(*flat[7:]))
-        fuse = (FWD_IN_KERNEL and batch >= torch.get_num_threads()
-                and max(p.x_proj_weight.shape[0] for p in dirs) <= XPROJ_FUSED_MAX)
-        for k, p in enumerate(dirs):
-            reverse = k == 1
-            wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
-            bias = _contig(p.conv_bias)
-            N = p.A_log.shape[1]
-            fused = {}
-            if fuse:  # the kernel writes xc = silu(conv(x)) and x_dbl = xc x_proj^T itself, per sample
-                xc, x_dbl = xz.new_empty(batch, L, E), xz.new_empty(batch, L, dt_rank + 2 * N)
-                fused = dict(conv=FusedConv(x, wt, bias), x_proj_weight=_contig(p.x_proj_weight), x_dbl=x_dbl)
-            else:
-                xc = conv_silu_fwd_cl(x, wt, bias, reverse)  # (batch, L, E) = silu(conv(x))
-                x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
-            dt, bm, cm = x_dbl[..., :dt_rank], x_dbl[..., dt_rank:dt_rank + N], x_dbl[..., dt_rank + N:]
-            dtw = p.dt_proj_weight.t().contiguous()  # (R, E): the scan forms delta = dt dtw itself
-            A = torch.exp(p.A_log).neg_()  # (E, N) in A_log's dtype, kept for dA_log = dA A
-            At = A.to(xz.dtype).t().contiguous()  # (N, E)
-            dsave = torch.empty_like(xc) if train else None  # softplus(delta + bias), for the backward
-            # y + D u before the gate, for dz: recomputed by the backward's replay unless SAVE_Y (one
-            # (batch, L, E) tensor less to write, keep and read back; see SAVE_Y)
-            ysave = torch.empty_like(xc) if train and SAVE_Y else None
-            # y = silu(z) (y_f + y_b) / 2 with no extra pass: the first direction's y_f (+ D u) goes into y
-            # ungated, the second adds y_b and gates the sum (GATE_ONCE; else each gates and halves its own)
-            first_raw = GATE_ONCE and k == 0
-            scan_fwd_cl(xc, None, At, bm, cm, _contig(p.D), None if first_raw else z, _contig(p.dt_proj_bias), y,
-                        dsave, ysave, softplus=True, reverse=reverse, out_scale=1.0 if first_raw else 0.5,
-                        accumulate=k == 1 and not GATE_ONCE, gate_sum=k == 1 and GATE_ONCE, dt=dt, dtw=dtw, **fused)
-            saved += [wt, bias, xc, x_dbl, At, dtw, dsave, ysave, A]
-        if train:
-            ctx.save_for_backward(xz, *flat, *saved)
-        ctx.dt_rank = dt_rank
-        return y
+    xc: Tensor  # (batch, L, E): silu(conv(x)), the scan's u and x_proj's input
+    x_dbl: Tensor  # (batch, L, R + 2N): x_proj's output [dt | B | C]
+    dsave: Tensor  # (batch, L, E): softplus(delta + bias), so the backward skips the softplus; empty unless saved
 
-    @staticmethod
-    @once_differentiable  # a hand-written backward: a second derivative through it raises instead of being wrong
-    def backward(ctx, gy):
-        xz, *rest = ctx.saved_tensors
-        flat, saved = rest[:14], rest[14:]
-        nsaved = len(saved) // 2
-        batch, L, E2 = xz.shape
-        E, R = E2 // 2, ctx.dt_rank
-        x, z = xz[..., :E], xz[..., E:]
-        gy = gy.contiguous()  # read by both directions' kernels
-        dxz = torch.empty_like(xz)  # dx in [..., :E], dz in [..., E:]: both directions write, then add
-        dx, dz = dxz[..., :E], dxz[..., E:]
-        grads: list[Tensor | None] = []
-        for k in range(2):
-            p = DirectionParams(*flat[7 * k: 7 * k + 7])
-            wt, bias, xc, x_dbl, At, dtw, dsave, ysave, A = saved[nsaved * k: nsaved * (k + 1)]
-            N = At.shape[0]
-            dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
-            # the kernel runs x_proj's backward too (XPROJ_IN_KERNEL: du gets its input gradient added, g.dxw
-            # is its weight's), and then the conv's (CONV_IN_KERNEL: du stays in the kernel, dx gets x's)
-            xw = _contig(p.x_proj_weight) if XPROJ_IN_KERNEL else None
-            conv = FusedConv(x, wt, bias, dx, k == 1) if XPROJ_IN_KERNEL and CONV_IN_KERNEL else None
-            du = None if conv is not None else torch.empty_like(xc)
-            g = scan_bwd_cl(xc, dsave, ysave, At, bm, cm, _contig(p.D), z, gy, du, None, dz, dz_accumulate=k == 1,
-                            softplus=True, reverse=k == 1, out_scale=0.5, dt=dt, dtw=dtw, x_proj_weight=xw, conv=conv)
-            if xw is not None:
-                d_xproj_w = g.dxw
-            else:
-                dx_dbl = torch.cat((g.ddt, g.dB, g.dC), -1).view(-1, R + 2 * N)  # x_proj's output gradient
-                d_xproj_w = torch.mm(dx_dbl.t(), xc.view(-1, E))  # (R + 2N, E)
-                du.view(-1, E).addmm_(dx_dbl, p.x_proj_weight)  # the conv output's two gradient paths summed
-            if conv is not None:
-                dwt, db = g.dconv_wt, g.dconv_bias
-            else:
-                dwt, db = conv_silu_bwd_cl(x, wt, bias, du, dx, k == 1, k == 1)
-            grads += [
-                dwt.t().reshape(p.conv_weight.shape), db if p.conv_bias is not None else None,
-                d_xproj_w, g.ddtw.t(), g.dbias, g.dA.to(A.dtype) * A, g.dD,  # dA_log = dA A
-            ]
-        return (dxz, None, *grads)
+
+Directions = tuple[DirectionParams, DirectionParams]  # (forward in time, backward in time)
+
+
+def _directions(flat: Sequence[Tensor | None]) -> Directions:
+    """The operators' flat parameter arguments (the forward direction's seven, then the backward's) by name."""
+    n = len(DirectionParams._fields)
+    return DirectionParams(*flat[:n]), DirectionParams(*flat[n:2 * n])
+
+
+# --- the mixer core: shufflemamba::bimamba_core --------------------------------------------------
+
+
+def _decay(A_log: Tensor) -> Tensor:
+    return torch.exp(A_log).neg_()  # A (E, N) in A_log's dtype: dA_log = dA A
+
+
+def _rowmajor_xz(xz: Tensor) -> Tensor:
+    """xz with unit stride along channels and rows of equal stride (slices of a wider tensor pass)."""
+    xz = unit_stride_rows(xz)
+    return xz if xz.stride(0) == xz.shape[1] * xz.stride(1) else xz.contiguous()
+
+
+def _core_forward(xz: Tensor, R: int, dirs: Directions, save: bool) -> tuple[Tensor, tuple[DirectionActs, ...]]:
+    """y = (y_f + y_b) / 2 and each direction's activations for the backward."""
+    xz = _rowmajor_xz(xz)
+    batch, L, E2 = xz.shape
+    E = E2 // 2
+    x, z = xz[..., :E], xz[..., E:]  # (batch, L, E) strided views, unit stride along E
+    y = xz.new_empty(batch, L, E)
+    # the conv and x_proj inside the scan kernel run a sample on one thread: only with a sample per thread
+    fuse = batch >= torch.get_num_threads() and max(p.x_proj_weight.shape[0] for p in dirs) <= XPROJ_FUSED_MAX
+    acts = []
+    for k, p in enumerate(dirs):
+        wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
+        bias = contig(p.conv_bias)
+        N = p.A_log.shape[1]
+        fused = {}
+        if fuse:  # the kernel writes xc = silu(conv(x)) and x_dbl = xc x_proj^T itself, per sample
+            xc, x_dbl = xz.new_empty(batch, L, E), xz.new_empty(batch, L, R + 2 * N)
+            fused = dict(conv=FusedConv(x, wt, bias), x_proj_weight=contig(p.x_proj_weight), x_dbl=x_dbl)
+        else:
+            xc = conv_silu_fwd_cl(x, wt, bias, k == 1)
+            x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
+        dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
+        At = _decay(p.A_log).to(xz.dtype).t().contiguous()  # (N, E)
+        dsave = torch.empty_like(xc) if save else placeholder(xz)
+        # y = silu(z) (y_f + y_b) / 2 with no extra pass: the first direction's y_f + D u goes into y
+        # ungated, the second adds its own and gates the sum (one sigmoid and one read of z per element)
+        scan_fwd_cl(xc, None, At, bm, cm, contig(p.D), z if k == 1 else None, contig(p.dt_proj_bias), y,
+                    dsave if save else None, None, softplus=True, reverse=k == 1, out_scale=0.5 if k == 1 else 1.0,
+                    gate_sum=k == 1, dt=dt, dtw=p.dt_proj_weight.t().contiguous(), **fused)
+        acts.append(DirectionActs(xc, x_dbl, dsave))
+    return y, tuple(acts)
+
+
+def _core_backward(gy: Tensor, xz: Tensor, R: int, dirs: Directions,
+                   acts: tuple[DirectionActs, DirectionActs]) -> tuple[Tensor, Directions]:
+    """dxz and each direction's parameter gradients (a conv bias's: empty without one)."""
+    xz = _rowmajor_xz(xz)
+    E = xz.shape[-1] // 2
+    x, z = xz[..., :E], xz[..., E:]
+    gy = gy.contiguous()  # read by both directions' kernels
+    dxz = xz.new_empty(xz.shape)  # dx in [..., :E], dz in [..., E:]: the first direction writes, the second adds
+    dx, dz = dxz[..., :E], dxz[..., E:]
+    grads = []
+    for k, (p, a) in enumerate(zip(dirs, acts)):
+        N = p.A_log.shape[1]
+        A = _decay(p.A_log)
+        wt = p.conv_weight.reshape(E, -1).t().contiguous()
+        bias = contig(p.conv_bias)
+        # x_proj's backward runs in the kernel (its input gradient added into the scan's du, its weight
+        # gradient reduced with the others), then the conv's (du stays in the kernel, dx gets x's)
+        g = scan_bwd_cl(a.xc, a.dsave, None, A.to(xz.dtype).t().contiguous(), a.x_dbl[..., R:R + N],
+                        a.x_dbl[..., R + N:], contig(p.D), z, gy, None, None, dz, dz_accumulate=k == 1, softplus=True,
+                        reverse=k == 1, out_scale=0.5, dt=a.x_dbl[..., :R], dtw=p.dt_proj_weight.t().contiguous(),
+                        x_proj_weight=contig(p.x_proj_weight), conv=FusedConv(x, wt, bias, dx, k == 1))
+        grads.append(DirectionParams(
+            conv_weight=g.dconv_wt.t().reshape(p.conv_weight.shape).contiguous(),
+            conv_bias=g.dconv_bias.clone() if bias is not None else placeholder(xz),
+            x_proj_weight=g.dxw.clone(), dt_proj_weight=g.ddtw.t().contiguous(), dt_proj_bias=g.dbias.clone(),
+            A_log=(g.dA.to(A.dtype) * A).contiguous(), D=g.dD.clone(),
+        ))
+    return dxz, (grads[0], grads[1])
+
+
+_T7 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # a schema needs each return spelled out
+_T15 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+             Tensor, Tensor]
+
+
+@torch.library.custom_op("shufflemamba::bimamba_core", mutates_args=(), device_types="cpu")
+def _core(xz: Tensor, dt_rank: int,
+          conv_weight: Tensor, conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor,
+          dt_proj_bias: Tensor, A_log: Tensor, D: Tensor,
+          conv_weight_b: Tensor, conv_bias_b: Optional[Tensor], x_proj_weight_b: Tensor, dt_proj_weight_b: Tensor,
+          dt_proj_bias_b: Tensor, A_log_b: Tensor, D_b: Tensor, save: bool) -> _T7:
+    """(y, then DirectionActs of the forward direction and of the backward direction)."""
+    fwd = DirectionParams(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
+    bwd = DirectionParams(conv_weight_b, conv_bias_b, x_proj_weight_b, dt_proj_weight_b, dt_proj_bias_b, A_log_b, D_b)
+    y, (acts_f, acts_b) = _core_forward(xz, dt_rank, (fwd, bwd), save)
+    return y, *acts_f, *acts_b
+
+
+@_core.register_fake
+def _(xz, dt_rank, *params_and_save):
+    *params, save = params_and_save
+    batch, L, E2 = xz.shape
+    out = [xz.new_empty(batch, L, E2 // 2)]
+    for p in _directions(params):
+        x_dbl = xz.new_empty(batch, L, dt_rank + 2 * p.A_log.shape[1])
+        out += DirectionActs(out[0].new_empty(out[0].shape), x_dbl,
+                             out[0].new_empty(out[0].shape) if save else placeholder(xz))
+    return tuple(out)
+
+
+@torch.library.custom_op("shufflemamba::bimamba_core_backward", mutates_args=(), device_types="cpu")
+def _core_bwd(gy: Tensor, xz: Tensor, dt_rank: int,
+              conv_weight: Tensor, conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor,
+              dt_proj_bias: Tensor, A_log: Tensor, D: Tensor,
+              conv_weight_b: Tensor, conv_bias_b: Optional[Tensor], x_proj_weight_b: Tensor, dt_proj_weight_b: Tensor,
+              dt_proj_bias_b: Tensor, A_log_b: Tensor, D_b: Tensor,
+              xc: Tensor, x_dbl: Tensor, dsave: Tensor, xc_b: Tensor, x_dbl_b: Tensor, dsave_b: Tensor
+              ) -> _T15:
+    """(dxz, then the gradients of the forward direction's DirectionParams fields, then the backward's)."""
+    fwd = DirectionParams(conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
+    bwd = DirectionParams(conv_weight_b, conv_bias_b, x_proj_weight_b, dt_proj_weight_b, dt_proj_bias_b, A_log_b, D_b)
+    acts = (DirectionActs(xc, x_dbl, dsave), DirectionActs(xc_b, x_dbl_b, dsave_b))
+    dxz, (grads_f, grads_b) = _core_backward(gy, xz, dt_rank, (fwd, bwd), acts)
+    return dxz, *grads_f, *grads_b
+
+
+@_core_bwd.register_fake
+def _(gy, xz, dt_rank, *params_and_acts):
+    out = [xz.new_empty(xz.shape)]
+    for p in _directions(params_and_acts):
+        out += DirectionParams(*(placeholder(xz) if t is None else t.new_empty(t.shape) for t in p))
+    return tuple(out)
+
+
+def _core_setup(ctx, inputs, output):
+    xz, dt_rank, *params, _save = inputs
+    ctx.dt_rank = dt_rank
+    ctx.has_conv_bias = tuple(p.conv_bias is not None for p in _directions(params))
+    ctx.save_for_backward(xz, *params, *output[1:])  # the activations: both directions' DirectionActs
+    ctx.set_materialize_grads(False)
+
+
+def _core_autograd(ctx, gy, *_acts):
+    if gy is None:  # the output was not used
+        return (None,) * 17
+    xz, *params_and_acts = ctx.saved_tensors
+    dxz, *flat = torch.ops.shufflemamba.bimamba_core_backward(gy, xz, ctx.dt_rank, *params_and_acts)
+    grads = [g._replace(conv_bias=g.conv_bias if has else None)
+             for g, has in zip(_directions(flat), ctx.has_conv_bias)]
+    return dxz, None, *grads[0], *grads[1], None
+
+
+_core.register_autograd(_core_autograd, setup_context=_core_setup)
 
 
 def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward: DirectionParams) -> Tensor:
@@ -172,86 +226,156 @@ def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward
     Returns:
         (batch, L, E) contiguous: the input of ``out_proj``.
     """
-    xz = _rowmajor(xz)
-    if xz.dim() != 3 or xz.shape[-1] % 2:
-        raise ValueError(f"bimamba_core_cl: xz must be (batch, L, 2E), got {tuple(xz.shape)}")
-    if xz.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"bimamba_core_cl: float32 or float64 expected, got {xz.dtype}")
-    if xz.stride(0) != xz.shape[1] * xz.stride(1):
-        xz = xz.contiguous()
-    flat = []
-    for p in (forward, backward):
-        for name, t in zip(p._fields, p):
-            if t is not None and t.dtype != xz.dtype and not (name == "A_log" and t.dtype == torch.float32):
-                raise TypeError(f"bimamba_core_cl: parameters must be {xz.dtype}, got {t.dtype} for {name}")
-        flat += list(p)
-    return _BiMambaCoreCL.apply(xz, int(dt_rank), *flat)
+    check_mixer_core_inputs("bimamba_core_cl", xz, dt_rank, dict(forward=forward, backward=backward))
+    save = torch.is_grad_enabled() and (xz.requires_grad or any(t is not None and t.requires_grad
+                                                                for t in (*forward, *backward)))
+    return torch.ops.shufflemamba.bimamba_core(xz, int(dt_rank), *forward, *backward, save)[0]
 
 
-class _RMSNormCPU(torch.autograd.Function):
-    """RMSNorm over the last dim in one kernel pass each way, instead of autograd's ~12 elementwise and
-    reduction ops, several of them broadcasts over the (rows, 1) scale. With ``res`` the block's
-    residual add comes first, in the same pass: returns ``(norm(x + res), x + res)``, and the backward
-    adds the gradient reaching ``x + res`` from the next block to the norm's own (autograd would
-    add the two in a pass of its own, and the add in another)."""
-
-    @staticmethod
-    def forward(ctx, x, res, weight, eps: float):
-        lib = _lib_or_raise()
-        D = x.shape[-1]
-        x2 = x.reshape(-1, D)
-        rows = x2.shape[0]
-        y = torch.empty_like(x2)
-        xsum = None if res is None else torch.empty_like(x2)
-        train = any(ctx.needs_input_grad)
-        rstd = x2.new_empty(rows) if train else None
-        getattr(lib, f"rms_fwd_{_sfx(x2)}")(_ptr(x2), _ptr(res), _ptr(xsum), _ptr(weight), _ptr(y), _ptr(rstd),
-                                            rows, D, float(eps), _threads(rows * D))
-        if train:
-            ctx.save_for_backward(x2 if xsum is None else xsum, weight, rstd)
-        ctx.has_res = res is not None
-        ctx.set_materialize_grads(False)  # an output nobody used gets None, not a tensor of zeros to add
-        if xsum is None:
-            return y.view(x.shape)
-        return y.view(x.shape), xsum.view(x.shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, gsum=None):
-        x2, weight, rstd = ctx.saved_tensors
-        rows, D = x2.shape
-        if gy is None:  # only x + res was used: its gradient passes to both inputs
-            return gsum, gsum, None, None
-        gy2 = gy.reshape(rows, D).contiguous()
-        gadd = None if gsum is None else gsum.reshape(rows, D).contiguous()
-        gx = torch.empty_like(x2)
-        gw = torch.empty_like(weight)
-        nthreads = _threads(rows * D)
-        nchunk = max(1, min(rows, 4 * nthreads))  # a few chunks per thread; their partial sums added in the kernel
-        rc = getattr(_lib_or_raise(), f"rms_bwd_{_sfx(x2)}")(_ptr(x2), _ptr(weight), _ptr(rstd), _ptr(gy2), _ptr(gadd),
-                                                            _ptr(gx), _ptr(gw), rows, D, nchunk, nthreads)
-        if rc != 0:
-            raise MemoryError("rms_norm kernel: out of memory")
-        gx = gx.view(gy.shape)
-        return gx, (gx if ctx.has_res else None), gw, None
+def _core_flops(xz, dt_rank, params) -> int:
+    batch, L, E2 = xz
+    E = E2 // 2
+    total = 0
+    for conv_weight, A_log in ((params[0], params[5]), (params[7], params[12])):
+        N, K = A_log[1], conv_weight[-1]
+        # conv, x_proj and dt_proj as multiply-adds (2 FLOPs), then the scan with D and the gate
+        total += 2 * batch * L * E * (K + dt_rank + 2 * N + dt_rank) + scan_flops(batch, L, E, N)
+    return total
 
 
-def _check_rms(x: Tensor, weight: Tensor, name: str) -> None:
-    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
-        raise TypeError(f"{name}: x (..., D) and weight (D,) of one float32/float64 dtype expected, got "
-                        f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+@register_flop_formula(torch.ops.shufflemamba.bimamba_core)
+def _(xz, dt_rank, *params, out_shape=None, **kwargs) -> int:
+    return _core_flops(xz, dt_rank, params)
+
+
+@register_flop_formula(torch.ops.shufflemamba.bimamba_core_backward)
+def _(gy, xz, dt_rank, *params, out_shape=None, **kwargs) -> int:
+    return 2 * _core_flops(xz, dt_rank, params)  # the convention of the matmul formulas: backward = 2 forward
+
+
+# --- RMSNorm: shufflemamba::rms_norm, shufflemamba::add_rms_norm ---------------------------------
+# One kernel pass each way instead of autograd's ~12 elementwise and reduction ops. With a residual
+# the block's add comes first, in the same pass: (norm(x + res), x + res), and the backward adds the
+# gradient reaching x + res from the next block to the norm's own in that pass too.
+
+
+def _rms_forward(x: Tensor, res: Tensor | None, weight: Tensor, eps: float, save: bool) -> tuple[Tensor, ...]:
+    x, weight = x.contiguous(), weight.contiguous()
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    xsum = None if res is None else torch.empty_like(x2)
+    rstd = x2.new_empty(rows) if save else None
+    res = None if res is None else res.contiguous()
+    getattr(library(), f"rms_fwd_{dtype_suffix(x2)}")(ptr(x2), ptr(res), ptr(xsum), ptr(weight), ptr(y), ptr(rstd),
+                                                      rows, D, float(eps), omp_threads(rows * D))
+    rstd = rstd if rstd is not None else placeholder(x)
+    return (y.view(x.shape), rstd) if xsum is None else (y.view(x.shape), xsum.view(x.shape), rstd)
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+@torch.library.custom_op("shufflemamba::rms_norm", mutates_args=(), device_types="cpu")
+def _rms(x: Tensor, weight: Tensor, eps: float, save: bool) -> tuple[Tensor, Tensor]:
+    """(norm(x), 1 / rms per row for the backward; empty unless save)."""
+    return _rms_forward(x, None, weight, eps, save)
+
+
+@_rms.register_fake
+def _(x, weight, eps, save):
+    return x.new_empty(x.shape), (x.new_empty(_rows(x)) if save else placeholder(x))
+
+
+@torch.library.custom_op("shufflemamba::add_rms_norm", mutates_args=(), device_types="cpu")
+def _add_rms(x: Tensor, res: Tensor, weight: Tensor, eps: float, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(norm(x + res), x + res, 1 / rms per row for the backward; empty unless save)."""
+    return _rms_forward(x, res, weight, eps, save)
+
+
+@_add_rms.register_fake
+def _(x, res, weight, eps, save):
+    return x.new_empty(x.shape), x.new_empty(x.shape), (x.new_empty(_rows(x)) if save else placeholder(x))
+
+
+@torch.library.custom_op("shufflemamba::rms_norm_backward", mutates_args=(), device_types="cpu")
+def _rms_bwd(gy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, gsum: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(gx, gweight) of norm(x); ``gsum``, the gradient reaching x from elsewhere, is added to gx."""
+    D = x.shape[-1]
+    x2, weight = x.reshape(-1, D).contiguous(), weight.contiguous()
+    rows = x2.shape[0]
+    gy2 = gy.reshape(rows, D).contiguous()
+    gadd = None if gsum is None else gsum.reshape(rows, D).contiguous()
+    gx, gw = torch.empty_like(x2), torch.empty_like(weight)
+    nthreads = omp_threads(rows * D)
+    nchunk = max(1, min(rows, 4 * nthreads))  # a few chunks per thread; their partial sums added in the kernel
+    rc = getattr(library(), f"rms_bwd_{dtype_suffix(x2)}")(ptr(x2), ptr(weight), ptr(rstd), ptr(gy2), ptr(gadd),
+                                                   ptr(gx), ptr(gw), rows, D, nchunk, nthreads)
+    if rc != 0:
+        raise MemoryError("rms_norm kernel: out of memory")
+    return gx.view(x.shape), gw
+
+
+@_rms_bwd.register_fake
+def _(gy, x, weight, rstd, gsum):
+    return x.new_empty(x.shape), x.new_empty(weight.shape)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight = inputs[0], inputs[1]
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _rms_autograd(ctx, gy, _grstd):
+    if gy is None:  # the output was not used
+        return None, None, None, None
+    x, weight, rstd = ctx.saved_tensors
+    gx, gw = torch.ops.shufflemamba.rms_norm_backward(gy, x, weight, rstd, None)
+    return gx, gw, None, None
+
+
+def _add_rms_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[2], output[2])  # x + res, weight, rstd
+    ctx.set_materialize_grads(False)
+
+
+def _add_rms_autograd(ctx, gy, gsum, _grstd):
+    xsum, weight, rstd = ctx.saved_tensors
+    if gy is None:  # only x + res was used (or neither): its gradient passes to both inputs
+        return gsum, gsum, None, None, None
+    gx, gw = torch.ops.shufflemamba.rms_norm_backward(gy, xsum, weight, rstd, gsum)
+    return gx, gx, gw, None, None
+
+
+_rms.register_autograd(_rms_autograd, setup_context=_rms_setup)
+_add_rms.register_autograd(_add_rms_autograd, setup_context=_add_rms_setup)
+
+
+@register_flop_formula([torch.ops.shufflemamba.rms_norm, torch.ops.shufflemamba.add_rms_norm])
+def _(x, *args, out_shape=None, **kwargs) -> int:
+    n = 1
+    for s in x:
+        n *= s
+    return 4 * n  # square, sum, scale, weight per element
+
+
+def _needs_save(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``x / sqrt(mean(x^2, -1) + eps) * weight`` with the compiled CPU kernels.
 
     Args:
-        x: (..., D) float32 / float64 on the CPU (made contiguous if it is not).
+        x: (..., D) float32 / float64 on the CPU.
         weight: (D,) of x's dtype.
         eps: added to the mean square.
     """
-    _check_rms(x, weight, "rms_norm_cpu")
-    return _RMSNormCPU.apply(x.contiguous(), None, weight.contiguous(), float(eps))
+    check_rms_inputs("rms_norm_cpu", x, weight)
+    return torch.ops.shufflemamba.rms_norm(x, weight, float(eps), _needs_save(x, weight))[0]
 
 
 def add_rms_norm_cpu(x: Tensor, res: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -266,8 +390,7 @@ def add_rms_norm_cpu(x: Tensor, res: Tensor, weight: Tensor, eps: float) -> tupl
     Returns:
         The normalised sum and the sum itself (the new residual), both (..., D) contiguous.
     """
-    _check_rms(x, weight, "add_rms_norm_cpu")
-    if res.shape != x.shape or res.dtype != x.dtype:
-        raise TypeError(f"add_rms_norm_cpu: res must match x, got {tuple(res.shape)} {res.dtype} and "
-                        f"{tuple(x.shape)} {x.dtype}")
-    return _RMSNormCPU.apply(x.contiguous(), res.contiguous(), weight.contiguous(), float(eps))
+    check_rms_inputs("add_rms_norm_cpu", x, weight, res)
+    y, xsum, _ = torch.ops.shufflemamba.add_rms_norm(x, res, weight, float(eps), _needs_save(x, res, weight))
+    return y, xsum
+

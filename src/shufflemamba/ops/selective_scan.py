@@ -10,6 +10,8 @@ Shapes: u, delta, z: (batch, E, L); A: (E, N); B, C: (batch, N, L); D, delta_bia
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,7 +53,8 @@ def selective_scan_ref(
     return y.to(dtype_in)
 
 
-IMPLS = ("auto", "ref", "cpu", "torch", "triton", "mamba_ssm")
+ScanImpl = Literal["auto", "ref", "cpu", "torch", "triton", "mamba_ssm"]
+IMPLS: tuple[str, ...] = get_args(ScanImpl)
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -59,7 +62,7 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def _resolve_impl(impl: ScanImpl, device: torch.device, dtype: torch.dtype = torch.float32) -> ScanImpl:
     """The implementation ``impl="auto"`` means for tensors of ``dtype`` on ``device``.
 
     The rule on CUDA: mamba_ssm's kernel when it imports (and the dtype is one it has: not float64),
@@ -101,7 +104,7 @@ def selective_scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-    impl: str = "auto",
+    impl: ScanImpl = "auto",
     reverse: bool = False,
 ) -> Tensor:
     """Selective scan with mamba_ssm ``selective_scan_fn`` semantics, differentiable in every tensor.

@@ -14,15 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["selective_scan_torch"]
+from .config import TORCH_SCAN_CHUNK_ELEMENTS
 
-# Elements of one (chunk, batch, E, N) work tensor: large enough that Python overhead per
-# step is amortised, small enough (a few tens of MB in total) to stay cache- and RAM-friendly.
-_CHUNK_ELEMENTS = 1 << 21
+__all__ = ["selective_scan_torch"]
 
 
 def _chunk_len(batch: int, E: int, L: int, N: int) -> int:
-    return max(1, min(L, _CHUNK_ELEMENTS // max(1, batch * E * N)))
+    return max(1, min(L, TORCH_SCAN_CHUNK_ELEMENTS // max(1, batch * E * N)))
 
 
 def _time_major(x: Tensor) -> Tensor:

@@ -1,0 +1,138 @@
+"""The CPU kernels' settings in one place: each reads one environment variable, documented here.
+
+    SHUFFLEMAMBA_CACHE: where built kernels and the recorded vector-width choice live (default
+        ``$XDG_CACHE_HOME/shufflemamba`` or ``~/.cache/shufflemamba``): per user, so a read-only
+        install or a shared home still works.
+    SHUFFLEMAMBA_NO_COMPILE: ``1`` skips the compiled kernels (the pure-PyTorch path runs), for
+        machines where building or loading them is not wanted.
+    SHUFFLEMAMBA_CPU_VECTOR_WIDTH: ``256``, ``512`` or ``auto`` (default). x86 with AVX-512 only:
+        gcc keeps 256-bit vectors unless asked, and which width is faster depends on the CPU. auto
+        loads the width recorded by ``python -m shufflemamba.ops.cpu_scan --measure`` when there is
+        a record, else 512 (the widest the CPU has); a number forces that width. Ignored elsewhere.
+    CC: the C compiler that builds the kernels (default ``cc``).
+
+A bad value raises :class:`KernelConfigError` (the CLI prints it as one ``error:`` line).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["PARALLEL_MIN_WORK", "TORCH_SCAN_CHUNK_ELEMENTS", "KernelConfigError", "VectorWidth", "cache_dir",
+           "compile_disabled", "compiler", "cpu_model", "cpu_signature", "has_avx512", "is_x86", "isa_flags", "vector_isa",
+           "vector_width"]
+
+CACHE_ENV = "SHUFFLEMAMBA_CACHE"
+NO_COMPILE_ENV = "SHUFFLEMAMBA_NO_COMPILE"
+VECTOR_WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
+ISA_ENV = "SHUFFLEMAMBA_CPU_ISA"  # avx2: build without AVX-512, to run an AVX2-only CPU's code on an AVX-512 one
+CC_ENV = "CC"
+
+# Tuning constants (no environment variable: they follow from the kernels, not from the user's machine)
+PARALLEL_MIN_WORK = 1 << 15  # a kernel call over fewer elements runs on one thread: a parallel region's
+# start and barrier (milliseconds when a core is busy elsewhere) cost more than such a call's work
+TORCH_SCAN_CHUNK_ELEMENTS = 1 << 21  # the pure-PyTorch scan's (chunk, batch, E, N) work tensors: large
+# enough to amortise Python's per-step overhead, small enough (tens of MB) to stay cache- and RAM-friendly
+
+VectorWidth = Literal["auto", "256", "512"]
+_WIDTHS: tuple[VectorWidth, ...] = ("auto", "256", "512")
+
+
+class KernelConfigError(ValueError):
+    """A kernel setting (environment variable) has a value the kernels cannot use: the user's to fix."""
+
+
+def cache_dir() -> Path:
+    """Directory of the built kernels and the recorded width choice (SHUFFLEMAMBA_CACHE)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shufflemamba"
+
+
+def compile_disabled() -> bool:
+    """SHUFFLEMAMBA_NO_COMPILE set to anything but empty or 0."""
+    return os.environ.get(NO_COMPILE_ENV, "0") not in ("", "0")
+
+
+def compiler() -> str:
+    """The C compiler's name or path (CC, default ``cc``)."""
+    return os.environ.get(CC_ENV, "cc")
+
+
+def vector_width() -> VectorWidth:
+    """SHUFFLEMAMBA_CPU_VECTOR_WIDTH: "256", "512" or "auto" (unset or empty).
+
+    Raises:
+        KernelConfigError: any other value.
+    """
+    value = os.environ.get(VECTOR_WIDTH_ENV, "").strip().lower() or "auto"
+    if value not in _WIDTHS:
+        raise KernelConfigError(f"{VECTOR_WIDTH_ENV} must be 256, 512 or auto, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; platform.processor() is often empty there)."""
+    for line in _cpuinfo_lines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_signature() -> str:
+    """Architecture, model name and flags: part of the kernels' cache key, since ``-march=native``
+    binaries must not travel between machines."""
+    lines = sorted({ln for ln in _cpuinfo_lines() if ln.startswith(("model name", "flags", "Features"))})
+    return platform.machine() + ("".join(lines) if lines else platform.processor())
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cpu_flags() -> set[str]:
+    return {f for ln in _cpuinfo_lines() if ln.startswith(("flags", "Features")) for f in ln.split(":", 1)[-1].split()}
+
+
+def isa_setting() -> str:
+    """SHUFFLEMAMBA_CPU_ISA: ``native`` (default: what -march=native gives) or ``avx2``."""
+    isa = os.environ.get(ISA_ENV, "").strip().lower() or "native"
+    if isa not in ("native", "avx2"):
+        raise KernelConfigError(f"{ISA_ENV} must be native or avx2, got {isa!r}")
+    return isa
+
+
+def isa_flags() -> tuple[str, ...]:
+    """Compiler flags of the ISA setting: x86 with ``avx2`` switches the AVX-512 features off."""
+    return ("-mno-avx512f",) if isa_setting() == "avx2" and is_x86() else ()
+
+
+def has_avx512() -> bool:
+    """Whether the kernels may use AVX-512: the CPU has it and SHUFFLEMAMBA_CPU_ISA does not cap it."""
+    return "avx512f" in _cpu_flags() and not isa_flags()
+
+
+def vector_isa() -> str:
+    """The widest vector instruction set the CPU has, for figures to name: "AVX-512", "AVX2",
+    "NEON", else the architecture (speed figures differ between them on the same model of machine)."""
+    flags = _cpu_flags()
+    if "avx512f" in flags and not isa_flags():
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    if "asimd" in flags:
+        return "NEON"
+    return platform.machine()
