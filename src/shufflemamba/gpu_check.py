@@ -654,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="the whole check's time budget: each section gets a share of what is left as its time box")
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS[1:], help="sections to leave out")
+    p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                   help="run each section in a child process killed at the end of its time box "
+                        "(auto: on CUDA; 'yes' tries it on the CPU)")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "gpu-check.json"))
     p.add_argument("--markdown", default=str(REPO / "docs" / "benchmarks.md"))
     return p
@@ -677,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
               "nothing to check")
         return 0
     device = torch.device(args.device)
-    rep = run_check(device, quick=args.quick, budget_s=args.budget_s, skip=tuple(args.skip))
+    rep = run_check(device, quick=args.quick, budget_s=args.budget_s, skip=tuple(args.skip),
+                    isolate={"auto": None, "yes": True, "no": False}[args.isolate])
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rep, indent=1, default=str) + "\n")
