@@ -322,3 +322,18 @@ def test_gpu_reverse_and_deterministic():
         torch.use_deterministic_algorithms(was)
     for k in g1:
         assert torch.equal(g1[k], g2[k]), k
+
+
+def test_kernels_rely_on_no_reduction_order():
+    """Triton promises no order for tl.reduce's combines (triton#4962): the kernels pick a tile's first or
+    last row with a one-hot sum, never with a reduce whose combine keeps one operand."""
+    import ast
+    import inspect
+
+    from shufflemamba.ops import triton_scan
+
+    tree = ast.parse(inspect.getsource(triton_scan))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "reduce"
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl"]
+    assert calls == [], [ast.unparse(c) for c in calls]
