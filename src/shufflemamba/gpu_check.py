@@ -497,6 +497,8 @@ def _in_child(name: str, device: torch.device, impls: list[str], quick: bool, bo
                                                        result_path=paths["result"])))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                          os.environ.get("PYTHONPATH")])))
+        if device.type == "cuda":  # nothing on a GPU needs the CPU kernels: never build them here
+            env["SHUFFLEMAMBA_NO_COMPILE"] = "1"
         code = "import sys; from shufflemamba.gpu_check import _child_main; _child_main(sys.argv[1])"
         rc, _, stderr = _run_group([sys.executable, "-c", code, paths["spec"]], box_s, env=env)
         if Path(paths["result"]).exists():

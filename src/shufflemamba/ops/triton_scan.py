@@ -15,14 +15,20 @@ Design: one program per (batch row, block of ``BLOCK_E`` channels), looping over
   fused; only the output is written, plus, when gradients are needed, the state at every chunk's
   start: (batch, L/BLOCK_T, E, N).
 * Backward, chunks in reverse: recompute the chunk's states from its saved start (the same parallel
-  scan), then get dh_t = gy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a reverse parallel scan whose
-  carry is dh at the next chunk's first step. dA_t h_{t-1} is taken as h_t - delta_t B_t u_t, so no
+  scan), then get dh_t = gy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a parallel scan from the chunk's
+  end (a forward scan over the tiles flipped along time) whose carry is dh at the next chunk's
+  first step. dA_t h_{t-1} is taken as h_t - delta_t B_t u_t, so no
   shifted copy is needed. Nothing of size (batch, E, L, N) is ever written to memory. dB and dC
   (sums over E) are added into one fp32 buffer with float atomics, or, under
   ``torch.use_deterministic_algorithms(True)``, written as one slice per E block and summed after.
   The sums over batch (dA, dD, ddelta_bias) are per-row partials summed with torch.
 * ``reverse=True`` scans from the end (the mixer's backward direction) by reading time L-1-p at scan
   position p: no flipped copies.
+
+Activation tiles are widened to fp32 in inline PTX on the GPU (see ``_load_f32_opaque``), and no
+reduction relies on an order of combines that Triton does not promise. ``python -m
+shufflemamba.ops.triton_compile --check`` holds every variant to a SASS instruction budget under the
+installed Triton (3.6 and 3.9 both pass).
 
 Triton is optional: this module imports without it, and :func:`triton_available` says whether the
 kernels can run. With ``TRITON_INTERPRET=1`` set before triton is first imported, the same kernel
@@ -165,8 +171,8 @@ if _HAS_TRITON:
 
     # device functions: wrapped now (triton, imported above, has fixed its mode), so that they
     # exist under these names when the kernels that call them are compiled
-    # the interpreter has no PTX: it widens with .to (the same values)
-    _load_f32 = _jit(_load_f32_plain if _interpreter_mode() else _load_f32_opaque)
+    # PTX is NVIDIA's: the interpreter and ROCm builds widen with .to (the same values)
+    _load_f32 = _jit(_load_f32_plain if _interpreter_mode() or torch.version.hip else _load_f32_opaque)
     _load_delta = _jit(_load_delta)
     _affine_combine = _jit(_affine_combine)
     _time_index = _jit(_time_index)
