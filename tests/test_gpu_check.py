@@ -236,7 +236,24 @@ def test_isolated_sections_run_in_a_child_process():
     rep = gpu_check.run_check(torch.device("cpu"), quick=True, isolate=True, budget_s=600,
                               skip=("pytest", "scan_timing", "train_step", "slws", "short_train"))
     assert rep["meta"]["isolated"] is True
+    assert rep["environment"]["scan_impls"] == gpu_check._scan_impls(torch.device("cpu"))  # from its child
     assert rep["parity"]["status"] == "ok" and {r["status"] for r in rep["parity"]["rows"]} == {"ok"}
     killed = gpu_check._in_child("parity", torch.device("cpu"), ["torch"], True, 0.3)
     assert killed["status"] == "error" and "killed at the end of its 0 s time box" in killed["error"]
     assert killed["rows"] == []
+
+
+def test_environment_killed_in_its_child_still_lets_the_check_run(monkeypatch):
+    """Isolated, the environment (importing mamba_ssm, its trial call) has a box too: if it is killed,
+    the report says so and the sections go on with the impls that need no foreign code to find."""
+    real = gpu_check._in_child
+
+    def in_child(name, device, impls, quick, box_s):
+        return real(name, device, impls, quick, 0.2 if name == "environment" else box_s)
+
+    monkeypatch.setattr(gpu_check, "_in_child", in_child)
+    rep = gpu_check.run_check(torch.device("cpu"), quick=True, isolate=True, budget_s=600,
+                              skip=("pytest", "scan_timing", "train_step", "slws", "short_train"))
+    assert rep["environment"]["status"] == "error" and "killed" in rep["environment"]["error"]
+    assert {r["impl"] for r in rep["parity"]["rows"]} == set(gpu_check._scan_impls(torch.device("cpu"), False))
+    assert rep["parity"]["status"] == "ok" and "**environment**: error: killed" in gpu_check.to_markdown(rep)

@@ -71,8 +71,9 @@ def _error(exc: BaseException) -> dict[str, str]:
             "traceback": traceback.format_exc(limit=6)[-3000:]}
 
 
-def _scan_impls(device: torch.device) -> list[str]:
-    """The fast selective-scan implementations that can run on ``device`` here."""
+def _scan_impls(device: torch.device, with_mamba_ssm: bool = True) -> list[str]:
+    """The fast selective-scan implementations that can run on ``device`` here (mamba_ssm only if
+    ``with_mamba_ssm``: finding out runs its kernel)."""
     from .ops.mamba_ssm_glue import mamba_ssm_scan
 
     impls = ["torch"]
@@ -86,7 +87,7 @@ def _scan_impls(device: torch.device) -> list[str]:
                 impls.append("triton")
     elif device.type == "cpu":
         impls.insert(0, "cpu")
-    if mamba_ssm_scan(device) is not None:  # it imports and a trial call ran on this device
+    if with_mamba_ssm and mamba_ssm_scan(device) is not None:  # it imports and a trial call ran here
         impls.append("mamba_ssm")
     return impls
 
@@ -442,8 +443,9 @@ class _Rows(list):
         super().__init__()
         self.path = path
 
-    def _flush(self) -> None:
-        Path(self.path).write_text(json.dumps(list(self), default=str))
+    def _flush(self) -> None:  # write and rename: a kill mid-write leaves the previous file whole
+        Path(self.path + ".tmp").write_text(json.dumps(list(self), default=str))
+        os.replace(self.path + ".tmp", self.path)
 
     def append(self, item: Any) -> None:
         super().append(item)
@@ -459,6 +461,8 @@ def _section_call(name: str, device: torch.device, impls: list[str], quick: bool
     """Run section ``name`` with the sizes the check uses."""
     shapes = QUICK_SHAPES if quick else SHAPES
     repeats = 3 if quick else 10
+    if name == "environment":
+        return environment(device)
     if name == "parity":
         return {"status": "ok", "rows": parity(device, impls, shapes, 2 if quick else 8, deadline, rows)}
     if name == "scan_timing":
@@ -525,7 +529,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
              f"{env.get('cuda')}, triton {env.get('triton')}, timm {env.get('timm')}, mamba_ssm {env.get('mamba_ssm')}, "
              f"causal-conv1d {env.get('causal_conv1d')}; scan impls {', '.join(env.get('scan_impls', []))}; "
              f"\"auto\" picks {env.get('auto_impl')}. {m['seconds']:.0f} s in all.", ""]
-    for name in SECTIONS[1:]:
+    for name in SECTIONS:
         sec = rep.get(name, {})
         if sec.get("status") not in ("ok", "fail", None):
             lines += [f"**{name}**: {sec.get('status')}: {sec.get('error') or sec.get('reason', '')}", ""]
@@ -616,11 +620,14 @@ def run_check(device: torch.device, *, quick: bool = False, budget_s: float = 42
     rep: dict[str, Any] = {"meta": {"date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
                                     "device": str(device), "budget_s": budget_s, "isolated": isolate}}
     print("[gpu-check] environment (0 s)", file=sys.stderr, flush=True)
-    try:  # the report's header: always runs
-        rep["environment"] = environment(device)
+    try:  # the report's header: always runs; in a child too when isolated (importing mamba_ssm and
+        # its trial call are code we do not control), with a box of its own
+        rep["environment"] = (_in_child("environment", device, [], quick, min(90.0, 0.15 * budget_s)) if isolate
+                              else environment(device))
         impls = rep["environment"]["scan_impls"]
     except Exception as exc:
-        rep["environment"], impls = _error(exc), ["torch"]
+        rep["environment"] = rep.get("environment") or _error(exc)
+        impls = _scan_impls(device, with_mamba_ssm=False)  # what needs no code of others to decide
     todo = [name for name in SECTIONS[1:] if name not in skip]
     for name in SECTIONS[1:]:
         if name in skip:
