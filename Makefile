@@ -60,7 +60,7 @@ cpu-figures: $(STAMP)
 
 # the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix
 triton-report: $(STAMP)
-	$(BIN)/python -m shufflemamba.bench.triton_compile --json benchmarks/results/triton-sm90.json
+	$(BIN)/python -m shufflemamba.bench.triton_compile --check --json benchmarks/results/triton-sm90.json
 
 # Install this checkout into another environment that has its own torch, torchvision and timm
 # (nothing else is installed or fetched), then import it and train one epoch of a tiny model there.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 from shufflemamba.ops import mamba_ssm_glue, selective_scan, selective_scan_ref
-from shufflemamba.ops.selective_scan import _resolve_impl
+from shufflemamba.ops.selective_scan import resolve_impl
 
 HALF_OK = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,7 +97,21 @@ def fakes(monkeypatch):
     for mod in (pkg, ops, iface, cc):
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
     mamba_ssm_glue.reset()
+    # the glue's one trial call (it only trusts a kernel that ran); the tests count the calls after it
+    assert mamba_ssm_glue.mamba_ssm_scan("cpu") is not None
+    k.scan_calls.clear()
     yield k
+    mamba_ssm_glue.reset()
+
+
+def _install_scan(monkeypatch, selective_scan_fn):
+    """Put a ``mamba_ssm.ops.selective_scan_interface`` with this ``selective_scan_fn`` in sys.modules."""
+    pkg, ops, iface = (types.ModuleType(n) for n in
+                       ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface"))
+    iface.selective_scan_fn = selective_scan_fn
+    pkg.ops, ops.selective_scan_interface = ops, iface
+    for mod in (pkg, ops, iface):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
     mamba_ssm_glue.reset()
 
 
@@ -181,16 +195,66 @@ def test_float64_and_missing_package_raise(fakes, monkeypatch):
 
 
 def test_auto_prefers_mamba_ssm_on_cuda_only(fakes):
-    """The rule in _resolve_impl: CUDA -> mamba_ssm when it imports (not for float64); CPU never."""
+    """The rule in resolve_impl: CUDA -> mamba_ssm when it imports (not for float64); CPU never."""
     cuda = torch.device("cuda")
-    assert _resolve_impl("auto", cuda, torch.bfloat16) == "mamba_ssm"
-    assert _resolve_impl("auto", cuda, torch.float32) == "mamba_ssm"
-    assert _resolve_impl("auto", cuda, torch.float64) in ("triton", "torch")
-    assert _resolve_impl("auto", torch.device("cpu")) in ("cpu", "torch")
+    assert resolve_impl("auto", cuda, torch.bfloat16) == "mamba_ssm"
+    assert resolve_impl("auto", cuda, torch.float32) == "mamba_ssm"
+    assert resolve_impl("auto", cuda, torch.float64) == "torch"  # neither GPU kernel takes float64
+    assert resolve_impl("auto", torch.device("cpu")) in ("cpu", "torch")
+
+
+def test_mamba_ssm_that_imports_but_cannot_run_is_unavailable(monkeypatch):
+    """A mamba_ssm built without its CUDA extension (state-spaces/mamba#977): the module imports and
+    has selective_scan_fn, but calling it raises. It must not count as available: "auto" keeps our
+    kernels, impl='mamba_ssm' raises with the reason, and the trial call runs once, not per query."""
+    calls = []
+
+    def no_kernel(u, *args, **kwargs):
+        calls.append(u.device)
+        raise NameError("name 'selective_scan_cuda' is not defined")
+
+    _install_scan(monkeypatch, no_kernel)
+    try:
+        assert mamba_ssm_glue.mamba_ssm_scan() is None
+        why = mamba_ssm_glue.status()["mamba_ssm"]
+        assert "raised" in why and "selective_scan_cuda" in why
+        assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16) in ("triton", "torch")
+        with pytest.raises(RuntimeError, match="impl='mamba_ssm' unavailable.*selective_scan_cuda"):
+            selective_scan(**make_inputs(), impl="mamba_ssm")
+        assert len(calls) == 1  # cached: four queries, one trial
+    finally:
+        mamba_ssm_glue.reset()
+
+
+def test_mamba_ssm_that_runs_wrong_is_unavailable(monkeypatch):
+    _install_scan(monkeypatch, lambda u, *args, **kwargs: torch.zeros_like(u))
+    try:
+        assert mamba_ssm_glue.mamba_ssm_scan("cpu") is None
+        assert "disagrees with the reference" in mamba_ssm_glue.status("cpu")["mamba_ssm"]
+    finally:
+        mamba_ssm_glue.reset()
+
+
+def test_mamba_ssm_that_runs_is_available_after_one_trial_per_device(monkeypatch):
+    """A working selective_scan_fn (the stand-in) counts once its trial call matched the reference;
+    the trial is cached per device, and reset() forgets it."""
+    k = FakeKernels()
+    _install_scan(monkeypatch, k.selective_scan_fn)
+    try:
+        assert mamba_ssm_glue.mamba_ssm_scan("cpu") == k.selective_scan_fn
+        assert mamba_ssm_glue.mamba_ssm_scan() == k.selective_scan_fn  # default device here: the CPU
+        assert mamba_ssm_glue.status("cpu")["mamba_ssm"] == "ok"
+        assert len(k.scan_calls) == 1
+        assert k.scan_calls[0]["dtypes"]["u"] == torch.float32 and k.scan_calls[0]["delta_softplus"]
+        mamba_ssm_glue.reset()
+        assert mamba_ssm_glue.mamba_ssm_scan("cpu") == k.selective_scan_fn
+        assert len(k.scan_calls) == 2
+    finally:
+        mamba_ssm_glue.reset()
 
 
 def test_auto_without_kernels_keeps_triton_or_torch(no_kernels):
-    assert _resolve_impl("auto", torch.device("cuda"), torch.bfloat16) in ("triton", "torch")
+    assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16) in ("triton", "torch")
     assert mamba_ssm_glue.mamba_ssm_scan() is None and mamba_ssm_glue.causal_conv1d() is None
 
 

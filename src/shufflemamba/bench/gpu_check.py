@@ -2,11 +2,15 @@
 
 Uses only what the machine already has (its torch, timm, triton, and mamba_ssm / causal-conv1d if
 installed); nothing is fetched. Without a CUDA device it prints one line and exits 0. With one it
-runs, each section guarded so that a failure is recorded and the rest still runs, within a time
-budget (default 420 s, under the 8 minutes promised):
+runs the sections below within a time budget (default 420 s, under the 8 minutes promised). Each
+section gets its own time box, a share of what is left; on CUDA every section after the first runs
+in a child process killed at the end of its box (Triton compiles each kernel variant on first use,
+for as long as it takes), and inside a section every shape, impl and model is guarded and checks
+the box, so a failure or an overrun costs that item, not the section or the run:
 
-1. ``environment``: device, torch / CUDA / triton / timm versions, which scan kernels import.
-2. ``pytest``: the GPU tests, ``pytest -m gpu`` on the repository's tests/ (a subprocess).
+1. ``environment``: device, torch / CUDA / triton / timm versions, which scan kernels can run.
+2. ``pytest``: the GPU tests, ``pytest -m gpu`` on the repository's tests/ (a subprocess, with the
+   CPU kernels' build switched off: SHUFFLEMAMBA_NO_COMPILE=1).
 3. ``parity``: forward output and all eight gradients of every scan implementation present
    (torch, triton, mamba_ssm) against the float64 reference, on Vim-Ti and Vim-S mixer shapes, fp32
    and bf16, both scan directions.
@@ -14,7 +18,9 @@ budget (default 420 s, under the 8 minutes promised):
    implies (minimum-traffic byte count, as ``shufflemamba bench``), vs a measured copy peak.
 5. ``train_step``: a Vim-S training step at batch 64 under bf16 autocast (img/s, peak memory) with
    each fast scan present, and timm's deit_small_patch16_224 at the same settings.
-6. ``slws``: SLWS overhead at rate 0.5 on Vim-Ti and Vim-S steps (:func:`~shufflemamba.bench.suite.bench_train`).
+6. ``slws``: SLWS overhead at rate 0.5 on Vim-Ti and Vim-S steps, one model at a time.
+7. ``short_train``: Vim-S trained for 200 bf16 steps on a fixed synthetic set with each scan
+   implementation present, from the same initial weights: the losses must agree.
 
 It writes one JSON report and prints it as markdown (``benchmarks/docs_section.py gpu-check PATH`` puts
 that section into docs/benchmarks.md; ``make gpu-check`` does both). ``shufflemamba doctor`` without ``--gpu`` prints
@@ -29,29 +35,36 @@ import datetime as _dt
 import importlib.metadata
 import json
 import math
+import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..errors import UserError
-from ..ops.selective_scan import selective_scan
+from ..ops.mamba_ssm_glue import mamba_ssm_scan, status
+from ..ops.selective_scan import resolve_impl, selective_scan
+from .boxes import TIME_BOX, error_row, expired
 from .report import cpu_model, gpu_check_markdown
 from .scan import min_scan_bytes, mixer_like_inputs
-from .suite import bench_train
+from .short_train import short_train
+from .suite import slws_ops_ms
 from .timing import make_model, time_interleaved, train_step_fn
 
+BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 REPO = Path(__file__).resolve().parents[3]  # src/shufflemamba/bench/gpu_check.py -> repository root
 SHAPES = {"vim_ti": dict(E=384, L=197, N=16), "vim_s": dict(E=768, L=197, N=16)}
 QUICK_SHAPES = {"vim_ti": dict(E=16, L=9, N=4), "vim_s": dict(E=24, L=9, N=4)}
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}  # max |err| / max |reference|, per tensor
-SECTIONS = ("environment", "pytest", "parity", "scan_timing", "train_step", "slws")
+SECTIONS = ("environment", "pytest", "parity", "scan_timing", "train_step", "slws", "short_train")
+# each section's share of the budget left when it starts (relative to the sections after it)
+SHARES = {"pytest": 0.22, "parity": 0.12, "scan_timing": 0.14, "train_step": 0.16, "slws": 0.12, "short_train": 0.24}
 
 
 def _version(mod: str) -> str | None:
@@ -61,19 +74,14 @@ def _version(mod: str) -> str | None:
         return None
 
 
-def _error(exc: BaseException) -> dict[str, str]:
-    return {"status": "error", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-            "traceback": traceback.format_exc(limit=6)[-3000:]}
-
-
-def _scan_impls(device: torch.device) -> list[str]:
-    """The fast selective-scan implementations that can run on ``device`` here."""
-    from ..ops.mamba_ssm_glue import mamba_ssm_scan
+def _scan_impls(device: torch.device, with_mamba_ssm: bool = True) -> list[str]:
+    """The fast selective-scan implementations that can run on ``device`` here (mamba_ssm only if
+    ``with_mamba_ssm``: finding out runs its kernel)."""
 
     impls = ["torch"]
     if device.type == "cuda":
         try:
-            from ..ops.triton_scan import triton_available
+            from ..ops.triton_scan import triton_available  # optional: Triton may be absent
         except ImportError:
             pass
         else:
@@ -81,7 +89,7 @@ def _scan_impls(device: torch.device) -> list[str]:
                 impls.append("triton")
     elif device.type == "cpu":
         impls.insert(0, "cpu")
-    if mamba_ssm_scan() is not None:
+    if with_mamba_ssm and mamba_ssm_scan(device) is not None:  # it imports and a trial call ran here
         impls.append("mamba_ssm")
     return impls
 
@@ -89,13 +97,12 @@ def _scan_impls(device: torch.device) -> list[str]:
 # -- sections -------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, the device, and which scan kernels import (with the reason when one does not)."""
-    from ..ops.mamba_ssm_glue import status
 
     out: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "timm": _version("timm"), "triton": _version("triton"), "mamba_ssm": _version("mamba_ssm"),
         "causal_conv1d": _version("causal_conv1d") or _version("causal-conv1d"),
-        "kernels": status(), "scan_impls": _scan_impls(device), "device": str(device),
+        "kernels": status(device), "scan_impls": _scan_impls(device), "device": str(device),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -103,14 +110,33 @@ def environment(device: torch.device) -> dict[str, Any]:
                    memory_gib=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported())
     else:
         out.update(device_name=cpu_model())
-    from ..ops.selective_scan import _resolve_impl
 
-    out["auto_impl"] = {dt: _resolve_impl("auto", device, getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+    out["auto_impl"] = {dt: resolve_impl("auto", device, getattr(torch, dt)) for dt in ("float32", "bfloat16")}
     return out
 
 
+def _run_group(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> tuple[int | None, str, str]:
+    """Run ``cmd`` in its own process group; at ``timeout_s`` kill the whole group (a compiler it
+    started included). Returns (exit code or None on timeout, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=max(timeout_s, 0.1))
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        return None, out, err
+
+
 def run_pytest(timeout_s: float) -> dict[str, Any]:
-    """``pytest -m gpu`` on the repository's tests, in a subprocess; the summary line and exit code."""
+    """``pytest -m gpu`` on the repository's tests, in a subprocess killed after ``timeout_s``; the
+    summary line and exit code. The CPU kernels are not built for it (SHUFFLEMAMBA_NO_COMPILE=1):
+    collection would otherwise compile them, and no GPU test needs them."""
     import importlib.util
 
     tests = REPO / "tests"
@@ -119,35 +145,49 @@ def run_pytest(timeout_s: float) -> dict[str, Any]:
     if importlib.util.find_spec("pytest") is None:
         return {"status": "skipped", "reason": "pytest is not installed in this environment"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(tests)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["SHUFFLEMAMBA_NO_COMPILE"] = "1"
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(timeout_s, 10))
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "error": f"pytest -m gpu did not finish in {timeout_s:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    summary = lines[-1] if lines else (proc.stderr.strip().splitlines() or [""])[-1]
+    rc, stdout, stderr = _run_group(cmd, timeout_s, env=env, cwd=REPO)
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    if rc is None:
+        return {"status": "error", "error": f"pytest -m gpu did not finish in its {timeout_s:.0f} s time box",
+                "output_tail": "\n".join(lines[-30:])}
+    summary = lines[-1] if lines else (stderr.strip().splitlines() or [""])[-1]
     # exit code 5: no test selected (all deselected), which pytest counts as a failure
-    ok = proc.returncode == 0
-    return {"status": "ok" if ok else "fail", "returncode": proc.returncode, "summary": summary,
+    ok = rc == 0
+    return {"status": "ok" if ok else "fail", "returncode": rc, "summary": summary,
             "seconds": round(time.perf_counter() - t0, 1), "output_tail": "\n".join(lines[-30:]) if not ok else ""}
 
 
-def parity(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int) -> list[dict]:
+def parity(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int,
+           deadline: float | None = None, rows: list | None = None) -> list[dict]:
     """Every impl vs the float64 reference on the same (rounded) inputs: worst scaled error per tensor."""
+
     torch.manual_seed(0)
-    rows = []
+    rows = [] if rows is None else rows
     for shape, s in shapes.items():
         for dtype in (torch.float32, torch.bfloat16):
             dname = str(dtype).split(".")[-1]
             for reverse in (False, True):
-                inputs = mixer_like_inputs(batch, s["E"], s["L"], s["N"], device, dtype)
-                gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
-                ref_leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-                ref = selective_scan(**ref_leaves, delta_softplus=True, impl="ref", reverse=reverse)
-                ref.backward(gout.double())
+                rec = dict(shape=shape, dtype=dname, reverse=reverse, batch=batch, **s)
+                if expired(deadline):
+                    rows.extend(dict(rec, impl=impl, **TIME_BOX) for impl in impls)
+                    continue
+                try:
+                    inputs = mixer_like_inputs(batch, s["E"], s["L"], s["N"], device, dtype)
+                    gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
+                    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+                    ref = selective_scan(**ref_leaves, delta_softplus=True, impl="ref", reverse=reverse)
+                    ref.backward(gout.double())
+                except Exception as exc:  # e.g. out of memory: this shape's rows say so
+                    rows.extend(dict(rec, impl=impl, **error_row(exc)) for impl in impls)
+                    continue
                 for impl in impls:
-                    row: dict[str, Any] = dict(shape=shape, dtype=dname, reverse=reverse, impl=impl, batch=batch, **s)
-                    rows.append(row)
+                    row: dict[str, Any] = dict(rec, impl=impl)
+                    if expired(deadline):
+                        rows.append(dict(row, **TIME_BOX))
+                        continue
                     try:
                         leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
                         out = selective_scan(**leaves, delta_softplus=True, impl=impl, reverse=reverse)
@@ -155,11 +195,12 @@ def parity(device: torch.device, impls: list[str], shapes: dict[str, dict[str, i
                         errs = {"out": _scaled_err(out, ref)}
                         errs.update({f"d{k}": _scaled_err(leaves[k].grad, ref_leaves[k].grad) for k in leaves})
                     except Exception as exc:
-                        row.update(_error(exc))
+                        rows.append(dict(row, **error_row(exc)))
                         continue
                     worst = max(errs, key=errs.get)
                     ok = all(math.isfinite(e) for e in errs.values()) and errs[worst] <= TOLERANCE[dname]
-                    row.update(status="ok" if ok else "FAIL", worst=worst, worst_err=errs[worst], errors=errs)
+                    rows.append(dict(row, status="ok" if ok else "FAIL", worst=worst, worst_err=errs[worst],
+                                     errors=errs))
     return rows
 
 
@@ -169,6 +210,7 @@ def _scaled_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _copy_peak(device: torch.device, nbytes: int, repeats: int) -> float:
+
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=repeats, warmup=2, device=device)["copy"]
@@ -176,15 +218,23 @@ def _copy_peak(device: torch.device, nbytes: int, repeats: int) -> float:
 
 
 def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[str, int]], batch: int,
-                repeats: int, quick: bool) -> dict[str, Any]:
+                repeats: int, quick: bool, deadline: float | None = None, rows: list | None = None) -> dict[str, Any]:
     """Forward+backward ms of the reference and each impl (interleaved medians), GB/s and % of copy peak."""
+
     peak = _copy_peak(device, (16 if quick else 1024) * 2**20, max(repeats, 5))
-    rows = []
+    rows = [] if rows is None else rows
     for shape, s in shapes.items():
         for dtype in (torch.float32, torch.bfloat16):
-            inputs = mixer_like_inputs(batch, s["E"], s["L"], s["N"], device, dtype)
-            gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
             rec = dict(shape=shape, dtype=str(dtype).split(".")[-1], batch=batch, **s)
+            if expired(deadline):
+                rows.extend(dict(rec, impl=impl, **TIME_BOX) for impl in ["ref", *impls])
+                continue
+            try:
+                inputs = mixer_like_inputs(batch, s["E"], s["L"], s["N"], device, dtype)
+                gout = torch.randn(batch, s["E"], s["L"], device=device).to(dtype)
+            except Exception as exc:
+                rows.extend(dict(rec, impl=impl, **error_row(exc)) for impl in ["ref", *impls])
+                continue
             fns: dict[str, Callable[[], None]] = {}
             for impl in ["ref", *impls]:
                 def step(impl: str = impl) -> None:
@@ -192,13 +242,20 @@ def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[s
                         t.grad = None
                     selective_scan(**inputs, delta_softplus=True, impl=impl).backward(gout)
 
-                try:  # one untimed call first: an impl that fails is recorded and left out of the timing
+                if expired(deadline):
+                    rows.append(dict(rec, impl=impl, **TIME_BOX))
+                    continue
+                try:  # one untimed call first (Triton compiles here): a failing impl is left out
                     step()
                 except Exception as exc:
-                    rows.append(dict(rec, impl=impl, **_error(exc)))
+                    rows.append(dict(rec, impl=impl, **error_row(exc)))
                     continue
                 fns[impl] = step
-            times = time_interleaved(fns, repeats, warmup=1, device=device)
+            try:
+                times = time_interleaved(fns, repeats, warmup=1, device=device)
+            except Exception as exc:
+                rows.extend(dict(rec, impl=impl, **error_row(exc)) for impl in fns)
+                continue
             nbytes = min_scan_bytes(batch, s["E"], s["L"], s["N"], torch.finfo(dtype).bits // 8)
             ref_ms = statistics.median(times["ref"]) * 1e3 if "ref" in times else None
             for name, ts in times.items():
@@ -211,6 +268,7 @@ def scan_timing(device: torch.device, impls: list[str], shapes: dict[str, dict[s
 
 def _step_record(name: str, device: torch.device, batch: int, img: int, repeats: int, quick: bool,
                  **kwargs: Any) -> dict[str, Any]:
+
     rec: dict[str, Any] = dict(model=name, batch=batch, img_size=img, amp="bfloat16", **kwargs)
     try:
         if device.type == "cuda":
@@ -223,60 +281,192 @@ def _step_record(name: str, device: torch.device, batch: int, img: int, repeats:
                    peak_memory_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
         del model, step
     except Exception as exc:
-        rec.update(_error(exc))
+        rec.update(error_row(exc))
     return rec
 
 
-def train_step(device: torch.device, impls: list[str], batch: int, repeats: int, quick: bool) -> dict[str, Any]:
+def train_step(device: torch.device, impls: list[str], batch: int, repeats: int, quick: bool,
+               deadline: float | None = None, rows: list | None = None) -> dict[str, Any]:
     """Vim-S with each fast scan present (auto's choice first) and DeiT-S: one bf16 AdamW step each."""
     img = 32 if quick else 224
     fast = [i for i in impls if i in ("mamba_ssm", "triton")] or impls[:1]
-    rows = [_step_record("vim_small_patch16_224", device, batch, img, repeats, quick, scan_impl=i) for i in fast]
-    rows.append(_step_record("deit_small_patch16_224", device, batch, img, repeats, quick))
-    deit = rows[-1].get("images_per_s")
-    for r in rows[:-1]:
+    rows = [] if rows is None else rows
+    plan = [("deit_small_patch16_224", {}), *(("vim_small_patch16_224", {"scan_impl": i}) for i in fast)]
+    for name, kw in plan:  # DeiT-S first: the comparison every Vim-S row needs
+        if expired(deadline):
+            rows.append(dict(model=name, batch=batch, **kw, **TIME_BOX))
+            continue
+        rows.append(_step_record(name, device, batch, img, repeats, quick, **kw))
+    deit = rows[0].get("images_per_s")
+    for r in rows[1:]:
         if deit and r.get("images_per_s"):
             r["vs_deit_s"] = r["images_per_s"] / deit
     return {"status": "ok", "rows": rows}
 
 
-def slws(device: torch.device, batch: int, repeats: int, quick: bool) -> dict[str, Any]:
-    return {"status": "ok", **bench_train(device, quick, repeats, batch, torch.bfloat16)}
+def slws(device: torch.device, batch: int, repeats: int, quick: bool, deadline: float | None = None,
+         rows: list | None = None) -> dict[str, Any]:
+    """SLWS overhead at rate 0.5, as ``shufflemamba bench`` measures it, one model at a time: a model
+    that fails or meets the end of the time box is recorded as such, and the others still count."""
+
+    img = 32 if quick else 224
+    rows = [] if rows is None else rows
+    for name in ("vim_tiny_patch16_224", "vim_small_patch16_224"):
+        rec: dict[str, Any] = {"model": name}
+        if expired(deadline):
+            rows.append(dict(rec, **TIME_BOX))
+            continue
+        try:
+            model = make_model(name, quick, device)
+            step = train_step_fn(model, batch, img, device, torch.bfloat16)
+
+            def run(rate: float) -> None:
+                model.set_slws(rate)
+                step()
+
+            times = time_interleaved({"off": lambda: run(0.0), "slws_0.5": lambda: run(0.5)}, repeats, 1, device)
+            off, on = statistics.median(times["off"]), statistics.median(times["slws_0.5"])
+            # the ratio of each interleaved pair is steadier than the ratio of medians on a busy machine
+            paired = statistics.median(b / a for a, b in zip(times["off"], times["slws_0.5"]))
+            rec.update(status="ok", ms_off=off * 1e3, ms_slws=on * 1e3, images_per_s_off=batch / off,
+                       images_per_s_slws=batch / on, slws_overhead=on / off - 1, slws_overhead_paired=paired - 1,
+                       slws_ops_ms=slws_ops_ms(model, batch, img, device, repeats), repeats=repeats)
+            del model, step
+        except Exception as exc:
+            rec.update(error_row(exc))
+        rows.append(rec)
+    return {"status": "ok", "batch": batch, "img_size": img, "amp": "bfloat16",
+            "models": {r["model"]: r for r in rows}}
 
 
-# -- report ---------------------------------------------------------------------------------------------
-def run_check(device: torch.device, *, quick: bool = False, budget_s: float = 420.0,
-              skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run the sections in order, each guarded; a section that would start past the budget is skipped."""
-    t0 = time.perf_counter()
-    rep: dict[str, Any] = {"meta": {"date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
-                                    "device": str(device), "budget_s": budget_s}}
+# -- child processes: a section in its own process, killed at the end of its time box ----------------------
+class _Rows(list):
+    """A section's rows, written to ``path`` as each arrives: what a killed child got done survives."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def _flush(self) -> None:  # write and rename: a kill mid-write leaves the previous file whole
+        Path(self.path + ".tmp").write_text(json.dumps(list(self), default=str))
+        os.replace(self.path + ".tmp", self.path)
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self._flush()
+
+    def extend(self, items: Any) -> None:
+        super().extend(items)
+        self._flush()
+
+
+def _section_call(name: str, device: torch.device, impls: list[str], quick: bool, deadline: float | None,
+                  rows: list | None) -> dict[str, Any]:
+    """Run section ``name`` with the sizes the check uses."""
     shapes = QUICK_SHAPES if quick else SHAPES
     repeats = 3 if quick else 10
-    impls = _scan_impls(device)
-    plan: dict[str, Callable[[], Any]] = {
-        "environment": lambda: environment(device),
-        "pytest": lambda: run_pytest(min(240.0, budget_s - (time.perf_counter() - t0))),
-        "parity": lambda: {"status": "ok", "rows": parity(device, impls, shapes, 2 if quick else 8)},
-        "scan_timing": lambda: scan_timing(device, impls, shapes, 2 if quick else 32, repeats, quick),
-        "train_step": lambda: train_step(device, impls, 2 if quick else 64, repeats, quick),
-        "slws": lambda: slws(device, 2 if quick else 64, repeats, quick),
-    }
-    for name, fn in plan.items():
-        elapsed = time.perf_counter() - t0
+    if name == "environment":
+        return environment(device)
+    if name == "parity":
+        return {"status": "ok", "rows": parity(device, impls, shapes, 2 if quick else 8, deadline, rows)}
+    if name == "scan_timing":
+        return scan_timing(device, impls, shapes, 2 if quick else 32, repeats, quick, deadline, rows)
+    if name == "train_step":
+        return train_step(device, impls, 2 if quick else 64, repeats, quick, deadline, rows)
+    if name == "slws":
+        return slws(device, 2 if quick else 64, repeats, quick, deadline, rows)
+    if name == "short_train":
+        return short_train(device, impls, 6 if quick else 200, 2 if quick else 32, quick, deadline, rows)
+    raise ValueError(f"unknown section {name!r}")
+
+
+def _child_main(spec_path: str) -> None:
+    """Entry point of a section's child process: the spec says which section, where to write."""
+    spec = json.loads(Path(spec_path).read_text())
+    deadline = time.monotonic() + spec["box_s"]
+    rows = _Rows(spec["rows_path"])
+    try:
+        res = _section_call(spec["section"], torch.device(spec["device"]), spec["impls"], spec["quick"], deadline, rows)
+    except Exception as exc:
+        res = dict(error_row(exc), rows=list(rows))
+    Path(spec["result_path"]).write_text(json.dumps(res, default=str))
+
+
+def _in_child(name: str, device: torch.device, impls: list[str], quick: bool, box_s: float) -> dict[str, Any]:
+    """Section ``name`` in a child process: it stops starting work when its box is spent and is killed
+    a little later (a compile or a kernel that does not return); its rows so far are kept."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        paths = {k: str(Path(tmp) / f"{k}.json") for k in ("spec", "rows", "result")}
+        grace = min(30.0, 0.15 * box_s)  # the child's own deadline comes first; the kill is the backstop
+        Path(paths["spec"]).write_text(json.dumps(dict(section=name, device=str(device), impls=impls, quick=quick,
+                                                       box_s=box_s - grace, rows_path=paths["rows"],
+                                                       result_path=paths["result"])))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                         os.environ.get("PYTHONPATH")])))
+        if device.type == "cuda":  # nothing on a GPU needs the CPU kernels: never build them here
+            env["SHUFFLEMAMBA_NO_COMPILE"] = "1"
+        code = "import sys; from shufflemamba.bench.gpu_check import _child_main; _child_main(sys.argv[1])"
+        rc, _, stderr = _run_group([sys.executable, "-c", code, paths["spec"]], box_s, env=env)
+        if Path(paths["result"]).exists():
+            return json.loads(Path(paths["result"]).read_text())
+        rows = json.loads(Path(paths["rows"]).read_text()) if Path(paths["rows"]).exists() else []
+        why = (f"killed at the end of its {box_s:.0f} s time box" if rc is None
+               else f"child process exited {rc}: {(stderr.strip().splitlines() or [''])[-1][:300]}")
+        return {"status": "error", "error": why, "rows": rows}
+
+
+def time_boxes(left_s: float, sections: list[str]) -> float:
+    """The first of ``sections``' box: its share of ``left_s`` among the shares of all of them, so time a
+    section leaves unused goes to the ones after it."""
+    return left_s * SHARES[sections[0]] / sum(SHARES[s] for s in sections)
+
+
+def run_check(device: torch.device, *, quick: bool = False, budget_s: float = 420.0,
+              skip: tuple[str, ...] = (), isolate: bool | None = None) -> dict[str, Any]:
+    """Run the sections in order, each guarded and in its own time box (see :func:`time_boxes`).
+
+    ``isolate`` (default: on CUDA) runs each section after ``environment`` and ``pytest`` in a child
+    process killed at the end of its box; otherwise the sections run here and only stop starting new
+    work when their box is spent.
+    """
+    t0 = time.perf_counter()
+    isolate = device.type == "cuda" if isolate is None else isolate
+    rep: dict[str, Any] = {"meta": {"date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": quick,
+                                    "device": str(device), "budget_s": budget_s, "isolated": isolate}}
+    print("[gpu-check] environment (0 s)", file=sys.stderr, flush=True)
+    try:  # the report's header: always runs; in a child too when isolated (importing mamba_ssm and
+        # its trial call are code we do not control), with a box of its own
+        rep["environment"] = (_in_child("environment", device, [], quick, min(90.0, 0.15 * budget_s)) if isolate
+                              else environment(device))
+        impls = rep["environment"]["scan_impls"]
+    except Exception as exc:
+        rep["environment"] = rep.get("environment") or error_row(exc)
+        impls = _scan_impls(device, with_mamba_ssm=False)  # what needs no code of others to decide
+    todo = [name for name in SECTIONS[1:] if name not in skip]
+    for name in SECTIONS[1:]:
         if name in skip:
             rep[name] = {"status": "skipped", "reason": "--skip"}
             continue
-        if elapsed > budget_s and name != "environment":  # the header of the report always runs
+        left = budget_s - (time.perf_counter() - t0)
+        box = time_boxes(left, todo)
+        todo.remove(name)
+        if box < 1.0:
             rep[name] = {"status": "skipped", "reason": f"time budget ({budget_s:.0f} s) spent"}
             continue
-        print(f"[gpu-check] {name} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
         s0 = time.perf_counter()
+        print(f"[gpu-check] {name} ({s0 - t0:.0f} s; box {box:.0f} s)", file=sys.stderr, flush=True)
         try:
-            rep[name] = fn()
+            if name == "pytest":
+                rep[name] = run_pytest(box)
+            elif isolate:
+                rep[name] = _in_child(name, device, impls, quick, box)
+            else:
+                rep[name] = _section_call(name, device, impls, quick, time.monotonic() + box, None)
         except Exception as exc:  # recorded; the next section still runs
-            rep[name] = _error(exc)
-        rep[name]["seconds"] = round(time.perf_counter() - s0, 1)
+            rep[name] = error_row(exc)
+        rep[name].update(started_s=round(s0 - t0, 1), seconds=round(time.perf_counter() - s0, 1), box_s=round(box, 1))
     rep["meta"]["seconds"] = time.perf_counter() - t0
     return rep
 
@@ -286,8 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="run the GPU check and write its report")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny smoke run, with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the check itself")
-    p.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start after this")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="the whole check's time budget: each section gets a share of what is left as its time box")
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS[1:], help="sections to leave out")
+    p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                   help="run each section in a child process killed at the end of its time box "
+                        "(auto: on CUDA; 'yes' tries it on the CPU)")
     p.add_argument("--json", default="runs/gpu-check.json", help="where to write the report as JSON")
     return p
 
@@ -326,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
               "nothing to check")
         return 0
     device = torch.device(args.device)
-    rep = run_check(device, quick=args.quick, budget_s=args.budget_s, skip=tuple(args.skip))
+    rep = run_check(device, quick=args.quick, budget_s=args.budget_s, skip=tuple(args.skip),
+                    isolate={"auto": None, "yes": True, "no": False}[args.isolate])
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rep, indent=1, default=str) + "\n")

@@ -134,7 +134,7 @@ def gpu_check_markdown(rep: dict[str, Any]) -> str:
              f"causal-conv1d {env.get('causal_conv1d')}; scan impls {', '.join(env.get('scan_impls', []))}; "
              f"\"auto\" picks {env.get('auto_impl')}. {m['seconds']:.0f} s in all.", ""]
     for name, sec in rep.items():
-        if name in ("meta", "environment"):
+        if name == "meta":
             continue
         if sec.get("status") not in ("ok", "fail", None):
             lines += [f"**{name}**: {sec.get('status')}: {sec.get('error') or sec.get('reason', '')}", ""]
@@ -172,17 +172,35 @@ def gpu_check_markdown(rep: dict[str, Any]) -> str:
                          f"| {r['status']}{': ' + r['error'] if 'error' in r else ''} |")
         lines.append("")
     sl = rep.get("slws", {})
-    if sl.get("models"):
+    sl_models = sl.get("models") or {r["model"]: r for r in sl.get("rows", []) if "model" in r}  # a killed child: rows
+    if sl_models:
         lines += [f"### SLWS overhead at rate 0.5 (batch {sl.get('batch')}, bf16)", "",
                   "| model | img/s off | img/s 0.5 | overhead (median of pairs) | shuffle ops alone | status |",
                   "|---|---|---|---|---|---|"]
-        for name, r in sl["models"].items():
+        for name, r in sl_models.items():
             ov = r.get("slws_overhead_paired")
             lines.append(f"| {name} | {_f(r.get('images_per_s_off'))} | {_f(r.get('images_per_s_slws'))} "
                          f"| {_f(100 * ov if ov is not None else None, '+.2f')}% | {_f(r.get('slws_ops_ms'), '.2f')} ms "
                          f"| {r.get('status')} |")
         lines.append("")
+    lines += _short_train_markdown(rep.get("short_train", {}))
     return "\n".join(lines)
+
+
+def _short_train_markdown(tr: dict[str, Any]) -> list[str]:
+    if not tr.get("rows"):
+        return []
+    verdict = "agree" if tr.get("agree") else "do not agree" if "agree" in tr else "not compared"
+    lines = [f"### Short bf16 training run (Vim-S, batch {tr.get('batch')}, {tr.get('steps')} steps, synthetic data)",
+             "", f"Losses per impl, mean of each {tr.get('window')}-step window; the impls agree when every window "
+             f"is within {100 * tr.get('tolerance', 0.1):.0f}% of the first window's loss: **{verdict}**.", "",
+             "| impl | steps | first window | last window | max gap | s | status |", "|---|---|---|---|---|---|---|"]
+    for r in tr["rows"]:
+        m = tr.get("window_means", {}).get(r["impl"], [])
+        lines.append(f"| {r['impl']} | {r.get('steps')} | {_f(m[0] if m else None, '.3f')} "
+                     f"| {_f(m[-1] if m else None, '.3f')} | {_f(tr.get('max_gap', {}).get(r['impl']), '.3f')} "
+                     f"| {_f(r.get('seconds'))} | {r.get('status')}{': ' + r['error'] if 'error' in r else ''} |")
+    return lines + [""]
 
 
 # -- benchmarks/bench_scan.py ----------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def bench_scan(device: torch.device, quick: bool, repeats: int, batch: int,
     return records
 
 
-def _slws_ops_ms(model: torch.nn.Module, batch: int, img: int, device: torch.device, repeats: int) -> float:
+def slws_ops_ms(model: torch.nn.Module, batch: int, img: int, device: torch.device, repeats: int) -> float:
     """Milliseconds of the work SLWS adds to one step if every block shuffled: per block a randperm, an
     argsort and gathers of hidden and residual, forward and back (4 gathers + their 4 backward scatters
     counted as 8). Timed in isolation: a steadier upper bound than subtracting two noisy step times."""
@@ -184,7 +184,7 @@ def bench_train(device: torch.device, quick: bool, repeats: int, batch: int,
         off, on = statistics.median(times["off"]), statistics.median(times["slws_0.5"])
         # the ratio of each interleaved pair is steadier than the ratio of medians on a busy machine
         paired = statistics.median(b / a for a, b in zip(times["off"], times["slws_0.5"]))
-        shuffle_ms = _slws_ops_ms(model, batch, img, device, repeats)
+        shuffle_ms = slws_ops_ms(model, batch, img, device, repeats)
         rec.update(status="ok", ms_off=off * 1e3, slws_ops_ms=shuffle_ms, slws_ops_fraction=shuffle_ms / (off * 1e3), ms_slws=on * 1e3, images_per_s_off=batch / off,
                    images_per_s_slws=batch / on, slws_overhead=on / off - 1, slws_overhead_paired=paired - 1,
                    repeats=repeats)

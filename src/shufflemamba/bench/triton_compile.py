@@ -32,6 +32,13 @@ import torch
 
 from ..ops import triton_scan as ts
 
+# The most SASS instructions per element-step (loop body / elements per thread) a shipped variant may
+# compile to: what the pinned Triton and Triton 3.6 both reach today with a few to spare, so a change
+# to the kernels (or a Triton release) that makes them instruction-bound again fails the compile test
+LIMITS = {"fwd": 30.0, "bwd": 95.0}
+# the mixer shapes the model zoo ships at batch 32: (batch, E, L, N) of Vim-Ti, Vim-S and Vim-B
+MIXER_SHAPES = {"vim_ti": (32, 384, 197, 16), "vim_s": (32, 768, 197, 16), "vim_b": (32, 1536, 197, 16)}
+
 # SASS opcodes worth counting: the exp2 unit, global loads / stores, warp shuffles (the parallel
 # scan and the reductions), local-memory traffic (spills)
 _OPS_OF_INTEREST = ("MUFU", "LDG", "STG", "SHFL", "LDL", "STL", "FFMA", "FMUL", "FADD", "BAR", "LDS", "STS")
@@ -176,44 +183,78 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
     return reports
 
 
+def shipped_variants(shapes: list[tuple[int, int, int, int]] | None = None,
+                     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+                     directions: tuple[bool, ...] = (False, True)) -> list[dict]:
+    """``compile_report`` keyword sets for every kernel variant the mixer launches: each shape (default
+    Vim-Ti and Vim-B) x activation dtype x scan direction (forward and backward kernels come in each)."""
+    shapes = shapes or [MIXER_SHAPES["vim_ti"], MIXER_SHAPES["vim_b"]]
+    return [dict(batch=b, E=E, L=L, N=N, dtype=getattr(torch, d), reverse=r)
+            for (b, E, L, N) in shapes for d in dtypes for r in directions]
+
+
+def over_limits(reports: list[KernelReport]) -> list[str]:
+    """What breaks :data:`LIMITS` or spills, one line per offending kernel ([] when all is well)."""
+    bad = []
+    for r in reports:
+        what = (f"{r.kernel} {r.dtype} {'reverse' if r.reverse else 'forward'} shape={tuple(r.shape)} "
+                f"(triton {r.triton})")
+        if r.instructions_per_element > LIMITS[r.kernel]:
+            bad.append(f"{what}: {r.instructions_per_element} SASS instructions per element-step > {LIMITS[r.kernel]}")
+        if r.local_bytes or r.stack_bytes:
+            bad.append(f"{what}: spills ({r.local_bytes} B local, {r.stack_bytes} B stack per thread)")
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shufflemamba.bench.triton_compile",
         description="Compile the Triton scan kernels for a GPU architecture (no GPU needed) and report "
-                    "registers, spills and the SASS instruction mix.")
+                    "registers, spills and the SASS instruction mix. Default: every variant the mixer "
+                    "launches (Vim-Ti and Vim-B at batch 32, fp32 and bf16, both scan directions).")
     parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("BATCH", "E", "L", "N"),
-                        help="repeatable; default: the Vim-Ti and Vim-S mixers at batch 32")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+                        help="repeatable; default: the Vim-Ti and Vim-B mixers at batch 32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), action="append",
+                        help="repeatable; default: float32 and bfloat16")
+    parser.add_argument("--direction", choices=("forward", "reverse", "both"), default="both",
+                        help="scan direction(s): the mixer runs both")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
-    parser.add_argument("--reverse", action="store_true", help="the mixer's backward direction")
     parser.add_argument("--tiles", type=int, nargs=3, metavar=("BLOCK_E", "BLOCK_T", "WARPS"),
                         help="tile sizes to try instead of launch_config's (powers of two)")
+    parser.add_argument("--check", action="store_true",
+                        help=f"exit 1 if a kernel spills or exceeds {LIMITS['fwd']:g} (forward) / "
+                             f"{LIMITS['bwd']:g} (backward) SASS instructions per element-step")
     parser.add_argument("--json", type=Path, help="also write the reports here")
     args = parser.parse_args(argv)
-    shapes = args.shape or [[32, 384, 197, 16], [32, 768, 197, 16]]
-    if any(v <= 0 for shape in shapes for v in shape):
+    shapes = [tuple(s) for s in args.shape] if args.shape else None
+    if shapes and any(v <= 0 for shape in shapes for v in shape):
         print("error: --shape values must be positive", file=sys.stderr)
         return 2
     if args.tiles and any(v <= 0 or v & (v - 1) for v in args.tiles):
         print(f"error: --tiles values must be powers of two, got {args.tiles}", file=sys.stderr)
         return 2
+    directions = {"forward": (False,), "reverse": (True,), "both": (False, True)}[args.direction]
+    variants = shipped_variants(shapes, tuple(args.dtype or ("float32", "bfloat16")), directions)
     try:
-        reports = [r for shape in shapes
-                   for r in compile_report(*shape, dtype=getattr(torch, args.dtype), arch=args.arch,
-                                           reverse=args.reverse, tiles=tuple(args.tiles or ()))]
+        reports = [r for v in variants
+                   for r in compile_report(**v, arch=args.arch, tiles=tuple(args.tiles or ()) or None)]
     except (ImportError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for r in reports:
         ops = " ".join(f"{k}={v}" for k, v in r.loop_ops.items())
-        print(f"{r.kernel}: triton {r.triton} {r.arch} {r.dtype} shape={r.shape} block_e={r.block_e} block_t={r.block_t} "
+        print(f"{r.kernel}: triton {r.triton} {r.arch} {r.dtype} {'reverse' if r.reverse else 'forward'} "
+              f"shape={r.shape} block_e={r.block_e} block_t={r.block_t} "
               f"warps={r.num_warps} | regs={r.registers} local={r.local_bytes}B stack={r.stack_bytes}B "
               f"shared={r.shared_bytes}B | loop body {r.loop_instructions} SASS instrs "
               f"({r.instructions_per_element} per element-step) of {r.sass_instructions}; in the loop: {ops}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1) + "\n")
-    return 0
+    bad = over_limits(reports)
+    for line in bad:
+        print(f"over the limit: {line}", file=sys.stderr)
+    return 1 if args.check and bad else 0
 
 
 if __name__ == "__main__":

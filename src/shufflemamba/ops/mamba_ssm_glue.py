@@ -5,6 +5,11 @@ could use one tries ``import`` once and remembers the answer (:func:`reset` forg
 Any failure to import (not installed, a build for another torch or CUDA, no GPU driver) just
 means "not available", with the reason kept for ``shufflemamba doctor``-style reports.
 
+Importing is not enough for mamba_ssm: since state-spaces/mamba#977 its CUDA extension is optional,
+so a build without kernels imports and has ``selective_scan_fn``, and only calling it raises. It
+counts as available on a device only after a tiny call there has run and matched the reference
+(once per device; the answer is cached like the import's).
+
 Published signatures this targets (state-spaces/mamba, Dao-AILab/causal-conv1d)::
 
     mamba_ssm.ops.selective_scan_interface.selective_scan_fn(
@@ -33,6 +38,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .scan_reference import selective_scan_ref
+
 __all__ = ["causal_conv1d", "mamba_ssm_scan", "reset", "selective_scan_mamba", "status"]
 
 _SCAN_MODULE = "mamba_ssm.ops.selective_scan_interface"
@@ -41,6 +48,8 @@ _HALF_OK = (torch.float32, torch.float16, torch.bfloat16)
 
 # module name -> (function or None, reason it is unavailable or "")
 _cache: dict[str, tuple[Callable[..., Any] | None, str]] = {}
+# device -> "" when mamba_ssm's selective_scan_fn ran there, else why not
+_runs: dict[str, str] = {}
 
 
 def _load(module: str, attr: str) -> tuple[Callable[..., Any] | None, str]:
@@ -56,13 +65,59 @@ def _load(module: str, attr: str) -> tuple[Callable[..., Any] | None, str]:
 
 
 def reset() -> None:
-    """Forget what earlier import attempts found (tests put stand-in modules in ``sys.modules``)."""
+    """Forget what earlier import attempts and trial calls found (tests put stand-in modules in
+    ``sys.modules``)."""
     _cache.clear()
+    _runs.clear()
 
 
-def mamba_ssm_scan() -> Callable[..., Tensor] | None:
-    """mamba_ssm's ``selective_scan_fn`` if it imports here, else None."""
-    return _load(_SCAN_MODULE, "selective_scan_fn")[0]
+def _default_device() -> torch.device:
+    """Where a kernel would run when the caller does not say: the current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _trial_call(fn: Callable[..., Tensor], device: torch.device) -> str:
+    """Run ``fn`` once on a tiny fp32 scan on ``device``: "" if it matches the reference, else why not."""
+    g = torch.Generator().manual_seed(0)
+    batch, E, L, N = 1, 4, 8, 2
+    cpu = dict(u=torch.randn(batch, E, L, generator=g), delta=0.1 * torch.randn(batch, E, L, generator=g),
+               A=-torch.rand(E, N, generator=g) - 0.5, B=torch.randn(batch, N, L, generator=g),
+               C=torch.randn(batch, N, L, generator=g), D=torch.randn(E, generator=g),
+               z=torch.randn(batch, E, L, generator=g), delta_bias=torch.full((E,), -2.0))
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            args = {k: v.to(device) for k, v in cpu.items()}
+            out = fn(args.pop("u"), args.pop("delta"), args.pop("A"), args.pop("B"), args.pop("C"), **args,
+                     delta_softplus=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # a kernel that fails asynchronously fails here
+            ref = selective_scan_ref(**cpu, delta_softplus=True)
+            err = (out.detach().float().cpu() - ref).abs().max().item() / ref.abs().max().item()
+    except Exception as exc:  # RuntimeError / AttributeError / NameError from a build without kernels
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        return f"selective_scan_fn imports but raised on {device.type} ({type(exc).__name__}: {first})"
+    if not err <= 1e-3:  # also catches NaN
+        return f"selective_scan_fn ran on {device.type} but disagrees with the reference (max error {err:.2g})"
+    return ""
+
+
+def _scan_on(device: torch.device | str | None) -> tuple[Callable[..., Tensor] | None, str]:
+    fn, why = _load(_SCAN_MODULE, "selective_scan_fn")
+    if fn is None:
+        return None, why
+    dev = torch.device(device) if device is not None else _default_device()
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = str(dev)
+    if key not in _runs:
+        _runs[key] = _trial_call(fn, dev)
+    return (fn, "") if not _runs[key] else (None, _runs[key])
+
+
+def mamba_ssm_scan(device: torch.device | str | None = None) -> Callable[..., Tensor] | None:
+    """mamba_ssm's ``selective_scan_fn`` if it imports here and a tiny call on ``device`` (default: the
+    current CUDA device, else the CPU) ran and matched the reference; else None."""
+    return _scan_on(device)[0]
 
 
 def causal_conv1d() -> Callable[..., Tensor] | None:
@@ -70,14 +125,13 @@ def causal_conv1d() -> Callable[..., Tensor] | None:
     return _load(_CONV_MODULE, "causal_conv1d_fn")[0]
 
 
-def status() -> dict[str, str]:
-    """``{"mamba_ssm": "ok" | reason, "causal_conv1d": "ok" | reason}``: for reports."""
-    out = {}
-    for name, (module, attr) in {"mamba_ssm": (_SCAN_MODULE, "selective_scan_fn"),
-                                 "causal_conv1d": (_CONV_MODULE, "causal_conv1d_fn")}.items():
-        fn, why = _load(module, attr)
-        out[name] = "ok" if fn is not None else why
-    return out
+def status(device: torch.device | str | None = None) -> dict[str, str]:
+    """``{"mamba_ssm": "ok" | reason, "causal_conv1d": "ok" | reason}``: for reports. mamba_ssm is "ok"
+    only if its kernel ran on ``device`` (default as :func:`mamba_ssm_scan`)."""
+    conv, conv_why = _load(_CONV_MODULE, "causal_conv1d_fn")
+    scan, scan_why = _scan_on(device)
+    return {"mamba_ssm": "ok" if scan is not None else scan_why,
+            "causal_conv1d": "ok" if conv is not None else conv_why}
 
 
 def selective_scan_mamba(
@@ -98,12 +152,12 @@ def selective_scan_mamba(
     direction only: :func:`~shufflemamba.ops.selective_scan` flips for ``reverse=True``.
 
     Raises:
-        RuntimeError: mamba_ssm does not import here.
+        RuntimeError: mamba_ssm does not import here, or its kernel does not run on u's device.
         TypeError: u is float64 (the kernel has no double build).
     """
-    fn = mamba_ssm_scan()
+    fn, why = _scan_on(u.device)
     if fn is None:
-        raise RuntimeError(f"selective_scan: impl='mamba_ssm' unavailable ({status()['mamba_ssm']})")
+        raise RuntimeError(f"selective_scan: impl='mamba_ssm' unavailable ({why})")
     if u.dtype not in _HALF_OK:
         raise TypeError(f"selective_scan: impl='mamba_ssm' takes float32/float16/bfloat16 u, got {u.dtype}")
     act = u.dtype

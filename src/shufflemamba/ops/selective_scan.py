@@ -13,44 +13,10 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_scan_inputs
-
-
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """Plain PyTorch reference: a loop over time with autograd. Slow, simple, the ground truth."""
-    dtype_in = u.dtype
-    u, delta, A, B, C = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None].to(delta.dtype)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    # (batch, E, L, N): the per-step decay and input; fine for a reference, too big for a fast path
-    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])
-    dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (batch, E, N)
-    ys = []
-    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), C.unbind(2)):
-        h = dA_t * h + dBu_t
-        ys.append(torch.einsum("ben,bn->be", h, C_t))
-    y = torch.stack(ys, dim=2)  # (batch, E, L)
-    if D is not None:
-        y = y + u * D[:, None].to(y.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y.to(dtype_in)
+from .scan_reference import selective_scan_ref  # noqa: F401  (the reference beside the dispatcher)
 
 
 ScanImpl = Literal["auto", "ref", "cpu", "torch", "triton", "mamba_ssm"]
@@ -62,16 +28,15 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _resolve_impl(impl: ScanImpl, device: torch.device, dtype: torch.dtype = torch.float32) -> ScanImpl:
+def resolve_impl(impl: ScanImpl, device: torch.device, dtype: torch.dtype = torch.float32) -> ScanImpl:
     """The implementation ``impl="auto"`` means for tensors of ``dtype`` on ``device``.
 
     The rule on CUDA: mamba_ssm's kernel when it imports (and the dtype is one it has: not float64),
     else our Triton kernel, else the pure-PyTorch path. mamba_ssm comes first because it is the
     kernel official Vim trains with, tuned and used for years, while our Triton kernel has so far
-    only been compiled and checked for correctness, never timed on a GPU (docs/benchmarks.md: by
-    its instruction count it is issue-bound well below the bandwidth target, and Triton 3.6 compiles
-    it to about 3x more instructions than 3.9). Swap the order once ``make gpu-check`` measures
-    Triton faster on the GPUs we care about.
+    only been compiled and checked for correctness, never timed on a GPU. Swap the order once
+    ``make gpu-check`` measures Triton faster on the GPUs we care about. float64 goes to the
+    pure-PyTorch path: neither GPU kernel takes it.
     """
     if impl not in IMPLS:
         raise ValueError(f"selective_scan: unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -80,7 +45,9 @@ def _resolve_impl(impl: ScanImpl, device: torch.device, dtype: torch.dtype = tor
     if device.type == "cuda":
         from .mamba_ssm_glue import mamba_ssm_scan
 
-        if dtype != torch.float64 and mamba_ssm_scan() is not None:
+        if dtype == torch.float64:
+            return "torch"
+        if mamba_ssm_scan() is not None:  # the current CUDA device's trial call
             return "mamba_ssm"
         try:
             from .triton_scan import triton_available
@@ -132,7 +99,7 @@ def selective_scan(
         Output, (batch, E, L), in u's dtype. float16 / bfloat16 inputs are computed in float32.
     """
     check_scan_inputs("selective_scan", u, delta, A, B, C, D, z, delta_bias)
-    impl = _resolve_impl(impl, u.device, u.dtype)
+    impl = resolve_impl(impl, u.device, u.dtype)
     if reverse and impl != "triton":
         flip = lambda t: t if t is None else t.flip(-1)  # noqa: E731
         out = selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,

@@ -67,6 +67,12 @@ class _TorchScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
+        # in the inputs' dtype whatever autocast is on where backward runs, as the forward (below)
+        with torch.autocast(gout.device.type, enabled=False):
+            return _TorchScan._backward(ctx, gout)
+
+    @staticmethod
+    def _backward(ctx, gout):
         u, delta, A, B, C, D, z, delta_bias, boundaries = ctx.saved_tensors
         batch, E, L = u.shape
         T = ctx.T
@@ -134,5 +140,8 @@ def selective_scan_torch(
     delta_softplus: bool = False,
 ) -> Tensor:
     """Pure-PyTorch scan with a hand-written backward; inputs share one float dtype (the
-    dispatcher casts), any device. Shapes as in :func:`shufflemamba.ops.selective_scan`."""
-    return _TorchScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    dispatcher casts), any device. Shapes as in :func:`shufflemamba.ops.selective_scan`.
+
+    Autocast is off inside: its matmuls would otherwise run in bf16 and round the states' sums."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _TorchScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))

@@ -15,14 +15,20 @@ Design: one program per (batch row, block of ``BLOCK_E`` channels), looping over
   fused; only the output is written, plus, when gradients are needed, the state at every chunk's
   start: (batch, L/BLOCK_T, E, N).
 * Backward, chunks in reverse: recompute the chunk's states from its saved start (the same parallel
-  scan), then get dh_t = gy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a reverse parallel scan whose
-  carry is dh at the next chunk's first step. dA_t h_{t-1} is taken as h_t - delta_t B_t u_t, so no
+  scan), then get dh_t = gy_t C_t + exp(delta_{t+1} A) dh_{t+1} as a parallel scan from the chunk's
+  end (a forward scan over the tiles flipped along time) whose carry is dh at the next chunk's
+  first step. dA_t h_{t-1} is taken as h_t - delta_t B_t u_t, so no
   shifted copy is needed. Nothing of size (batch, E, L, N) is ever written to memory. dB and dC
   (sums over E) are added into one fp32 buffer with float atomics, or, under
   ``torch.use_deterministic_algorithms(True)``, written as one slice per E block and summed after.
   The sums over batch (dA, dD, ddelta_bias) are per-row partials summed with torch.
 * ``reverse=True`` scans from the end (the mixer's backward direction) by reading time L-1-p at scan
   position p: no flipped copies.
+
+Activation tiles are widened to fp32 in inline PTX on the GPU (see ``_load_f32_opaque``), and no
+reduction relies on an order of combines that Triton does not promise. ``python -m
+shufflemamba.bench.triton_compile --check`` holds every variant to a SASS instruction budget under the
+installed Triton (3.6 and 3.9 both pass).
 
 Triton is optional: this module imports without it, and :func:`triton_available` says whether the
 kernels can run. With ``TRITON_INTERPRET=1`` set before triton is first imported, the same kernel
@@ -105,11 +111,30 @@ def _jit(fn):
 
 if _HAS_TRITON:
 
+    def _load_f32_plain(ptrs, mask):
+        """A masked tile load (zero where ``mask`` is off) widened to fp32."""
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    def _load_f32_opaque(ptrs, mask):
+        """:func:`_load_f32_plain` with the bf16 / fp16 widening in inline PTX, which Triton's layout
+        pass cannot move. Triton 3.6 hoists a layout conversion above a plain widening whenever its cost
+        model calls it a tie, and then recomputes everything between the load and the conversion in the
+        broadcast (BLOCK_T, BLOCK_E) layout that the 3D tiles need: the softplus 16 times per value,
+        2.8x the forward's SASS instructions (``python -m shufflemamba.bench.triton_compile``)."""
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if x.dtype == tl.bfloat16:  # bf16 is fp32's upper half: place the bits above 16 zero bits
+            return tl.inline_asm_elementwise("{ .reg .b16 lo; mov.b16 lo, 0; mov.b32 $0, {lo, $1}; }",
+                                             "=r,h", [x], dtype=tl.float32, is_pure=True, pack=1)
+        if x.dtype == tl.float16:
+            return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return x.to(tl.float32)
+
     def _load_delta(d_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
         """A tile of delta in fp32: returns (x, dlt) with x = delta (+ bias) and dlt = softplus(x)
         (or x without SOFTPLUS), zero where ``mask`` is off. The backward needs x for softplus'
         derivative. ``bias`` broadcasts against the tile (a row of per-channel values)."""
-        x = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = _load_f32(d_ptrs, mask)
         if HAS_BIAS:
             x = x + bias
         if SOFTPLUS:
@@ -137,26 +162,26 @@ if _HAS_TRITON:
             t = p
         return p, t, p < L
 
-    def _take_second(a, b):
-        """Reduction that keeps its right operand: reducing with it yields an axis' last element."""
-        return b
-
-    def _take_first(a, b):
-        """Reduction that keeps its left operand: reducing with it yields an axis' first element."""
-        return a
+    def _row(tile, i, BLOCK_T: tl.constexpr):
+        """Row ``i`` of a (BLOCK_T, BLOCK_E, BLOCK_N) tile, as (BLOCK_E, BLOCK_N). A masked sum rather
+        than a reduce that keeps one operand: Triton promises no order for a reduction's combines
+        (triton#4962), and a sum over a one-hot mask is exact whatever the order."""
+        pick = (tl.arange(0, BLOCK_T) == i)[:, None, None]
+        return tl.sum(tl.where(pick, tile, 0.0), axis=0)
 
     # device functions: wrapped now (triton, imported above, has fixed its mode), so that they
     # exist under these names when the kernels that call them are compiled
+    # PTX is NVIDIA's: the interpreter and ROCm builds widen with .to (the same values)
+    _load_f32 = _jit(_load_f32_plain if _interpreter_mode() or torch.version.hip else _load_f32_opaque)
     _load_delta = _jit(_load_delta)
     _affine_combine = _jit(_affine_combine)
     _time_index = _jit(_time_index)
-    _take_second = _jit(_take_second)
-    _take_first = _jit(_take_first)
+    _row = _jit(_row)
 
     # Tiles are (time, channel, state) = (BLOCK_T, BLOCK_E, BLOCK_N), time first: Triton then lays the
     # scan axis out along each thread's registers rather than across lanes, so most of the parallel
     # scan is sequential in-thread FMAs instead of warp shuffles (sm_90 forward: 37 instead of 53 SASS
-    # instructions per element and step at equal tiles; `python -m shufflemamba.ops.triton_compile`).
+    # instructions per element and step at equal tiles; `python -m shufflemamba.bench.triton_compile`).
 
     def _scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
@@ -205,10 +230,10 @@ if _HAS_TRITON:
             m_te = mask_t[:, None] & mask_e[None, :]  # (BLOCK_T, BLOCK_E)
             m_tn = mask_t[:, None] & mask_n[None, :]  # (BLOCK_T, BLOCK_N)
             # whole tiles of the chunk, contiguous along time in memory: coalesced loads
-            u = tl.load(u_cols + tt * s_u_l, mask=m_te, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_E)
+            u = _load_f32(u_cols + tt * s_u_l, m_te)  # (BLOCK_T, BLOCK_E)
             x, dlt = _load_delta(d_cols + tt * s_d_l, m_te, bias, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_cols + tt * s_B_l, mask=m_tn, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_N)
-            Ct = tl.load(C_cols + tt * s_C_l, mask=m_tn, other=0.0).to(tl.float32)
+            Bt = _load_f32(B_cols + tt * s_B_l, m_tn)  # (BLOCK_T, BLOCK_N)
+            Ct = _load_f32(C_cols + tt * s_C_l, m_tn)
             # h_t = dA_t * h_{t-1} + dBu_t for every step at once: a parallel scan over the chunk
             dA = tl.exp2(dlt[:, :, None] * A2)  # (BLOCK_T, BLOCK_E, BLOCK_N)
             dBu = (dlt * u)[:, :, None] * Bt[:, None, :]  # (BLOCK_T, BLOCK_E, BLOCK_N)
@@ -218,12 +243,12 @@ if _HAS_TRITON:
             if HAS_D:
                 y = y + Dv * u
             if HAS_Z:
-                zt = tl.load(z_cols + tt * s_z_l, mask=m_te, other=0.0).to(tl.float32)
+                zt = _load_f32(z_cols + tt * s_z_l, m_te)
                 y = y * zt * tl.sigmoid(zt)
             tl.store(out_cols + tt, y.to(out_ptr.dtype.element_ty), mask=m_te)
             # the chunk's last state (padded steps passed it through unchanged); the time axis is
             # in-thread, so this costs no shuffles
-            h = tl.reduce(hs, 0, _take_second)
+            h = _row(hs, BLOCK_T - 1, BLOCK_T)
 
     def _scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, ckpt_ptr,
@@ -278,11 +303,11 @@ if _HAS_TRITON:
             tt = t[:, None]
             m_te = mask_t[:, None] & mask_e[None, :]
             m_tn = mask_t[:, None] & mask_n[None, :]
-            u = tl.load(u_cols + tt * s_u_l, mask=m_te, other=0.0).to(tl.float32)
+            u = _load_f32(u_cols + tt * s_u_l, m_te)
             x, dlt = _load_delta(d_cols + tt * s_d_l, m_te, bias, HAS_BIAS, SOFTPLUS)
-            Bt = tl.load(B_cols + tt * s_B_l, mask=m_tn, other=0.0).to(tl.float32)
-            Ct = tl.load(C_cols + tt * s_C_l, mask=m_tn, other=0.0).to(tl.float32)
-            go = tl.load(gout_ptr + el_cols + tt, mask=m_te, other=0.0).to(tl.float32)
+            Bt = _load_f32(B_cols + tt * s_B_l, m_tn)
+            Ct = _load_f32(C_cols + tt * s_C_l, m_tn)
+            go = _load_f32(gout_ptr + el_cols + tt, m_te)
 
             # recompute the chunk's states from the one saved at its start
             dA = tl.exp2(dlt[:, :, None] * A2)  # (BLOCK_T, BLOCK_E, BLOCK_N)
@@ -291,7 +316,7 @@ if _HAS_TRITON:
             hs = hs + cum_a * tl.load(ck_tile + c * E * N, mask=mask_en, other=0.0)[None, :, :]
 
             if HAS_Z:
-                zt = tl.load(z_cols + tt * s_z_l, mask=m_te, other=0.0).to(tl.float32)
+                zt = _load_f32(z_cols + tt * s_z_l, m_te)
                 sz = tl.sigmoid(zt)
                 y = tl.sum(hs * Ct[:, None, :], axis=2)  # (BLOCK_T, BLOCK_E)
                 if HAS_D:
@@ -310,10 +335,14 @@ if _HAS_TRITON:
             m_next = (p + 1 < L)[:, None] & mask_e[None, :]
             _, dlt_next = _load_delta(d_cols + t_next * s_d_l, m_next, bias, HAS_BIAS, SOFTPLUS)
             dA_next = tl.exp2(dlt_next[:, :, None] * A2)
-            cum_an, dhs = tl.associative_scan((dA_next, gy[:, :, None] * Ct[:, None, :]), axis=0,
-                                              combine_fn=_affine_combine, reverse=True)
-            dhs = dhs + cum_an * dh_next[None, :, :]  # (BLOCK_T, BLOCK_E, BLOCK_N)
-            dh_next = tl.reduce(dhs, 0, _take_first)  # dh at the chunk's first step
+            # run as a forward scan over the tiles flipped along time: the time axis is in-thread, so a
+            # flip is only a renaming of registers, while Triton lowers reverse=True scans with lane
+            # shuffles (Triton 3.6: 20 extra SASS instructions per element-step)
+            cum_an, dhs = tl.associative_scan((tl.flip(dA_next, 0), tl.flip(gy[:, :, None] * Ct[:, None, :], 0)),
+                                              axis=0, combine_fn=_affine_combine)
+            dhs = dhs + cum_an * dh_next[None, :, :]  # time-flipped (BLOCK_T, BLOCK_E, BLOCK_N)
+            dh_next = _row(dhs, BLOCK_T - 1, BLOCK_T)  # dh at the chunk's first step
+            dhs = tl.flip(dhs, 0)
 
             # dC_t = sum_e gy h_t; dB_t = sum_e dh_t delta_t u_t (partials over this E block)
             dC_t = tl.sum(gy[:, :, None] * hs, axis=1)  # (BLOCK_T, BLOCK_N)
@@ -369,7 +398,7 @@ def launch_config(E: int, batch: int, N: int, interpret: bool) -> LaunchConfig:
 
     On a GPU a program keeps a few (block_t, block_e, N) fp32 tiles live, so their size is held at
     2048 elements (16 per thread at 4 warps). Among the shapes of that size, 16 steps x 8 channels
-    compiled best for sm_90 (``python -m shufflemamba.ops.triton_compile``, see docs/benchmarks.md):
+    compiled best for sm_90 (``python -m shufflemamba.bench.triton_compile``, see docs/benchmarks.md):
     no register spills, and the fewest SASS instructions per element and step in both kernels.
     A Vim-Ti layer at batch 32 then runs 1536 programs. The interpreter runs programs one after
     another, in numpy: few wide programs are fastest there.
