@@ -135,9 +135,9 @@ def test_auto_on_cpu_uses_fast_path():
     out = selective_scan(*inputs, delta_softplus=True)
     torch.testing.assert_close(out, selective_scan_ref(*inputs, delta_softplus=True), atol=1e-10, rtol=1e-10)
     expected = "cpu" if cpu_scan.cpu_scan_available() else "torch"
-    from shufflemamba.ops.selective_scan import _resolve_impl
+    from shufflemamba.ops.selective_scan import resolve_impl
 
-    assert _resolve_impl("auto", torch.device("cpu")) == expected
+    assert resolve_impl("auto", torch.device("cpu")) == expected
 
 
 def test_no_large_state_saved_for_backward():
