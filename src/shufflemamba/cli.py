@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import UserError, format_config, list_presets, parse_kv_list, resolve_config
 from .console import guarded
+from .segmentation.cli import add_segmentation_flags, refuse_segmentation_flags, wants_segmentation
 
 TRUST_HELP = "load checkpoints that need Python's unpickler (only for files you trust; default: weights_only)"
 
@@ -57,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shufflemamba", description="Train and evaluate Vision Mamba models with Stochastic Layer-Wise Shuffle.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model", description=f"Presets: {', '.join(list_presets())}")
+    from .segmentation.config import list_seg_presets
+
+    t = sub.add_parser("train", help="train a model",
+                       description=f"Presets: {', '.join(list_presets())}; segmentation: {', '.join(list_seg_presets())}")
     t.add_argument("--config", help="YAML file or preset name; explicit flags override it")
     t.add_argument("--model")
     t.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", help="extra model keyword arguments")
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, metavar="K", help="step checkpoints kept on disk (default 2)")
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--log-interval", type=int)
+    add_segmentation_flags(t, train=True)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the val / test split")
     e.add_argument("--checkpoint", required=True)
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE")
     e.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     _add_data_flags(e)
+    add_segmentation_flags(e, train=False)
 
     sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench)", add_help=False)
     sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.gpu_check)",
@@ -145,6 +151,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import load_checkpoint, train
 
     _trust(args)
+    if wants_segmentation(args):
+        from .segmentation.cli import cmd_train_segmentation
+
+        return cmd_train_segmentation(args)
+    refuse_segmentation_flags(args)
     overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint"})
     resume_ckpt = None
     if args.resume:
@@ -178,6 +189,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
     _trust(args)
+    if wants_segmentation(args):
+        from .segmentation.cli import cmd_eval_segmentation
+
+        return cmd_eval_segmentation(args)
+    refuse_segmentation_flags(args)
     overrides = _overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint"})
     m = evaluate_checkpoint(args.checkpoint, overrides, use_ema=args.ema)
     skipped = f" ({m['skipped']} unreadable skipped)" if m["skipped"] else ""
