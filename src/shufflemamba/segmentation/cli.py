@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Any
 
@@ -128,10 +129,15 @@ def cmd_eval_segmentation(args: argparse.Namespace) -> int:
 
     if args.ema:
         raise UserError("--ema: segmentation runs keep no EMA weights")
+    if args.img_size is not None:
+        raise UserError("--img-size: a segmentation model keeps its training crop; see --test-mode / --test-stride")
     overrides = _seg_overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint", "model", "model_kwargs"})
     m = evaluate_seg_checkpoint(args.checkpoint, overrides)
     print(f"mIoU {m['mIoU']:.2f}  mAcc {m['mAcc']:.2f}  aAcc {m['aAcc']:.2f}  val_loss {m['val_loss']:.4f}  "
           f"{m['images']} images")
-    if args.json:
-        print(json.dumps({k: m[k] for k in ("mIoU", "mAcc", "aAcc", "val_loss", "images", "IoU", "Acc", "classes")}))
+    if args.json:  # NaN (a class neither true nor predicted) as null: strict JSON
+        clean = {k: m[k] for k in ("mIoU", "mAcc", "aAcc", "val_loss", "images", "IoU", "Acc", "classes")}
+        for k in ("IoU", "Acc"):
+            clean[k] = [None if math.isnan(v) else v for v in clean[k]]
+        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in clean.items()}))
     return 0

@@ -352,7 +352,9 @@ def build_seg_data(cfg: dict[str, Any], rank: int = 0, world: int = 1, *, train:
             raise UserError(f"{len(train_set)} training images are fewer than one batch ({cfg['batch_size']} x {world} processes)")
         sampler = PassSampler(len(train_set), cfg["seed"], rank, world)
         out["train_sampler"] = sampler
+        # its own generator: a new iterator's base seed would otherwise be drawn from the global RNG,
+        # and a resumed run (which starts a new iterator mid-pass) would see other dropout draws
         out["train_loader"] = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, drop_last=True,
-                                         num_workers=cfg["workers"], persistent_workers=False)
+                                         num_workers=cfg["workers"], generator=torch.Generator().manual_seed(cfg["seed"]))
         out["batches_per_pass"] = sampler.per_rank // cfg["batch_size"]
     return out

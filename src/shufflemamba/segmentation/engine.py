@@ -292,7 +292,7 @@ class SegTrainer:
         st.images += images.shape[0] * self.world
         st.seconds += time.perf_counter() - t0 + load_seconds
         if st.iteration % cfg["log_interval"] == 0:
-            self.log(f"iter {st.iteration}/{cfg['iters']} loss {float(loss):.4f} lr {lr:.3e} "
+            self.log(f"iter {st.iteration}/{cfg['iters']} loss {loss.item():.4f} lr {lr:.3e} "
                      f"{st.images / max(st.seconds, 1e-9):.1f} img/s")
         if st.iteration % cfg["val_interval"] == 0 or st.iteration == cfg["iters"]:
             self.evaluate_and_save()
