@@ -313,6 +313,9 @@ class SegTrainer:
     def evaluate_and_save(self) -> None:
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
+        if self.world > 1:  # BatchNorm running stats as rank 0 (the checkpoint's) has them; without SyncBN they drift apart
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
         ev = evaluate_seg(self.model, self.data["val_loader"], cfg, self.num_classes, self.device)
         row = {"iter": st.iteration, "train_loss": st.loss_sum / max(st.loss_steps, 1), "val_loss": ev["val_loss"],
                "mIoU": ev["mIoU"], "mAcc": ev["mAcc"], "aAcc": ev["aAcc"], "lr": self.optimizer.param_groups[0]["lr"],
