@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(e)
     add_segmentation_flags(e, train=False)
 
+    from .predict import add_predict_parser
+
+    add_predict_parser(sub, _Parser)
     sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench)", add_help=False)
     sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.gpu_check)",
                    add_help=False)
@@ -235,6 +238,10 @@ def _dispatch(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "predict":
+        from .predict import cmd_predict
+
+        return cmd_predict(args)
     return cmd_eval(args)
 
 
