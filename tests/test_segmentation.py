@@ -366,3 +366,21 @@ def test_demo_scenes_are_deterministic(tmp_path, make_fashion_idx):
     assert info.num_classes == 11 and info.classes[0] == "background"
     with pytest.raises(UserError, match="not empty"):
         generate(str(tmp_path / "a"), n_train=4, n_val=2, size=48, seed=1, fmnist_dir=str(fm))
+
+
+def test_init_from_a_classification_checkpoint_resizes_pos_embed(tmp_path):
+    import timm
+
+    kw = {"embed_dim": 32, "depth": 4, "img_size": 16, "num_classes": 7}
+    cls_model = timm.create_model("vim_tiny_patch16_224", **kw)
+    path = tmp_path / "cls.pt"
+    torch.save({"model": cls_model.state_dict(), "model_name": "vim_tiny_patch16_224", "model_kwargs": kw}, path)
+    logs = []
+    seg = build_segmentor(resolve_seg_config(None, {**TINY, "crop_size": 64, "init_from": str(path)}), 3, log=logs.append)
+    bb = seg.backbone
+    assert bb.pos_embed.shape == (1, 17, 32)  # 4 x 4 patches + class token, resized from 1 x 1 + 1
+    assert torch.equal(bb.layers[2].mixer.in_proj.weight, cls_model.layers[2].mixer.in_proj.weight)
+    assert torch.equal(bb.patch_embed.proj.weight, cls_model.patch_embed.proj.weight)
+    with pytest.raises(UserError, match="does not fit"):
+        build_segmentor(resolve_seg_config(None, {**TINY, "model_kwargs": {"embed_dim": 48, "depth": 4},
+                                                  "crop_size": 64, "init_from": str(path)}), 3, log=logs.append)

@@ -31,10 +31,10 @@ from torch import nn
 
 from ..checkpointing import (
     latest_checkpoint, load_checkpoint, prepare_output, remove_step_checkpoints, rng_state, save_checkpoint,
-    save_step_checkpoint, set_rng_state, step_checkpoints, write_metrics,
+    save_step_checkpoint, set_rng_state, step_checkpoints, step_number, write_metrics,
 )
 from ..config import UserError, resolve_amp
-from ..distributed import SignalCatcher, setup_distributed, teardown_distributed
+from ..distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
 from .config import dump_seg_config, validate_seg_config
 from .data import SegDataError, build_seg_data
 from .figures import plot_predictions, plot_seg_curves
@@ -207,15 +207,22 @@ class SegTrainer:
                      "continues, dropout / drop-path draws do not repeat the original run")
 
     def prepare_output(self, resuming: bool) -> None:
+        """Rank 0 writes config.yaml and metrics.jsonl; every rank learns whether that worked."""
+        err: UserError | None = None
         if self.rank == 0:
-            prepare_output(self.output)
-            dump_seg_config(self.cfg, os.path.join(self.output, "config.yaml"))
-            write_metrics(os.path.join(self.output, "metrics.jsonl"), self.state.history)
-            for path in step_checkpoints(self.output):  # files past this start belong to an abandoned run
-                if not resuming or int(os.path.basename(path)[5:-3]) > self.state.iteration:
-                    os.remove(path)
-        if self.world > 1:
-            dist.barrier()
+            try:
+                prepare_output(self.output)
+                dump_seg_config(self.cfg, os.path.join(self.output, "config.yaml"))
+                write_metrics(os.path.join(self.output, "metrics.jsonl"), self.state.history)
+                for path in step_checkpoints(self.output):  # files past this start belong to an abandoned run
+                    if not resuming or step_number(path) > self.state.iteration:
+                        os.remove(path)
+            except UserError as e:
+                err = e
+            except OSError as e:
+                err = UserError(f"cannot write to output folder '{self.output}': {e.strerror or type(e).__name__}")
+        if not all_ranks_agree(err is None, self.device):
+            raise err or UserError(f"rank 0 could not prepare output folder '{self.output}'")
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
