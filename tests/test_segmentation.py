@@ -334,15 +334,18 @@ def test_train_eval_and_exact_resume_through_cli(tmp_path, capsys):
     (["--mixup", "0.5"], "--mixup does not apply"),
     (["--layout", "voc"], "invalid choice"),
     (["--ignore-index", "1", "--num-classes", "3"], "ignore_index 1 is a class label"),
+    (["--output", "{tmp}/data/classes.txt"], "cannot write to output folder"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     data = make_plain(tmp_path / "data")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    before = (tmp_path / "data" / "classes.txt").read_text()
     code = _run("train", "--task", "segmentation", "--config", _seg_cfg_file(tmp_path), "--data-dir", data,
                 "--output", tmp_path / "out", *argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (tmp_path / "out" / "last.pt").exists()
+    assert (tmp_path / "data" / "classes.txt").read_text() == before
 
 
 def test_segmentation_flags_refused_for_classification(capsys):
