@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +26,8 @@ from shufflemamba.segmentation.engine import lr_factor, param_groups
 from shufflemamba.segmentation.inference import predict_logits, window_starts
 from shufflemamba.segmentation.metrics import confusion_matrix, seg_metrics
 from shufflemamba.segmentation.model import PlainPyramid, build_segmentor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_pair(img_dir, mask_dir, stem, mask, ext=".png"):
@@ -315,9 +320,14 @@ def test_train_eval_and_exact_resume_through_cli(tmp_path, capsys):
     assert all(0 <= r[k] <= 100 for r in rows for k in ("mIoU", "mAcc", "aAcc"))
     for name in ("curves.png", "predictions.png", "last.pt", "config.yaml"):
         assert (tmp_path / "a" / name).is_file()
-    # stop at 2, resume to 4: the same weights as the uninterrupted run
-    assert _run(*common, "--iters", 2, "--val-interval", 2, "--output", tmp_path / "b") == 0
-    assert _run("train", "--resume", tmp_path / "b", "--iters", 4) == 0
+    # SIGTERM after iteration 2: a step checkpoint at 3 and exit 143; the resumed run ends with the same
+    # weights as the uninterrupted one (data order, crops, dropout draws, lr all continue)
+    env = {**os.environ, "SHUFFLEMAMBA_TEST_FAULTS": "sigterm=2", "PYTHONPATH": os.path.join(ROOT, "src")}
+    proc = subprocess.run([sys.executable, "-m", "shufflemamba", *[str(a) for a in common], "--iters", "4",
+                           "--val-interval", "2", "--output", str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert (tmp_path / "b" / "step_00000003.pt").is_file() and "stopped by SIGTERM" in proc.stdout
+    assert _run("train", "--resume", tmp_path / "b") == 0
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert a["state"]["iteration"] == b["state"]["iteration"] == 4

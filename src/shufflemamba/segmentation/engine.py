@@ -33,6 +33,7 @@ from ..checkpointing import (
     latest_checkpoint, load_checkpoint, prepare_output, remove_step_checkpoints, rng_state, save_checkpoint,
     save_step_checkpoint, set_rng_state, step_checkpoints, step_number, write_metrics,
 )
+from .. import faults
 from ..config import UserError, resolve_amp
 from ..distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
 from .config import dump_seg_config, validate_seg_config
@@ -275,6 +276,8 @@ class SegTrainer:
         loss = seg_loss(logits, masks, cfg["ignore_index"])
         if aux is not None:
             loss = loss + cfg["aux_weight"] * seg_loss(aux, masks, cfg["ignore_index"])
+        if st.iteration in faults.FAULTS.nan:  # tests only (SHUFFLEMAMBA_TEST_FAULTS)
+            loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         due = cfg["checkpoint_every"] > 0 and time.monotonic() - self.last_save >= cfg["checkpoint_every"] * 60
@@ -296,6 +299,7 @@ class SegTrainer:
             st.loss_sum += float(loss.detach())
             st.loss_steps += 1
         st.iteration += 1
+        faults.FAULTS.after_update(st.iteration, self.rank)  # tests only: a signal after this update
         st.images += images.shape[0] * self.world
         st.seconds += time.perf_counter() - t0 + load_seconds
         if st.iteration % cfg["log_interval"] == 0:
