@@ -47,7 +47,7 @@ def plot_seg_curves(rows: list[dict[str, Any]], path: str) -> str | None:
 
     its = [r["iter"] for r in rows]
     fig, (ax_loss, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(its, [r["train_loss"] for r in rows], "o-", label="train")
+    ax_loss.plot(its, [r["train_loss"] for r in rows], "o-", label="train (with aux. head)")
     ax_loss.plot(its, [r["val_loss"] for r in rows], "s-", label="val")
     ax_loss.set_xlabel("iteration")
     ax_loss.set_ylabel("loss")
