@@ -397,3 +397,13 @@ def test_init_from_a_classification_checkpoint_resizes_pos_embed(tmp_path):
     with pytest.raises(UserError, match="does not fit"):
         build_segmentor(resolve_seg_config(None, {**TINY, "model_kwargs": {"embed_dim": 48, "depth": 4},
                                                   "crop_size": 64, "init_from": str(path)}), 3, log=logs.append)
+
+
+def test_mask_of_another_size_is_one_error_line_from_a_loader_worker(tmp_path, capsys):
+    data = make_plain(tmp_path / "data", n_train=2, size=(32, 32))
+    for i in range(2):
+        Image.fromarray(np.zeros((30, 32), np.uint8), mode="L").save(tmp_path / "data" / "masks" / "train" / f"train{i}.png")
+    code = _run("train", "--task", "segmentation", "--config", _seg_cfg_file(tmp_path), "--data-dir", data,
+                "--workers", 1, "--iters", 1, "--output", tmp_path / "out")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is 32x30 but its image is 32x32" in err[0], err

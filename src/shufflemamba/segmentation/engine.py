@@ -125,8 +125,8 @@ def evaluate_seg(model: nn.Module, loader: Any, cfg: dict[str, Any], num_classes
             sums[1] += labelled
             sums[2] += 1
             conf += confusion_matrix(logits.argmax(1)[0], mask, num_classes, cfg["ignore_index"])
-    except SegDataError as err:
-        raise UserError(str(err)) from None
+    except SegDataError as err:  # raised here, or re-raised from a worker with its traceback in the text
+        raise _data_error(err) from None
     except RuntimeError as err:
         if "SegDataError" in str(err):
             raise _data_error(err) from None
@@ -253,8 +253,8 @@ class SegTrainer:
                         t0 = time.perf_counter()
                         if st.iteration >= cfg["iters"]:
                             break
-                except SegDataError as err:
-                    raise UserError(str(err)) from None
+                except SegDataError as err:  # raised here, or re-raised from a worker with its traceback in the text
+                    raise _data_error(err) from None
                 except RuntimeError as err:
                     if "SegDataError" in str(err):
                         raise _data_error(err) from None
