@@ -1,4 +1,4 @@
-"""The ``shufflemamba`` command: ``train``, ``eval``, ``bench`` and ``doctor`` subcommands.
+"""The ``shufflemamba`` command: ``train``, ``eval``, ``predict``, ``bench`` and ``doctor`` subcommands.
 
 Mistakes in what the user asked for raise :class:`~shufflemamba.config.UserError`; ``main`` prints
 them as one ``error: ...`` line on stderr and returns 2 (no traceback).
