@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import UserError

@@ -29,11 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import faults
 from ..checkpointing import (
     latest_checkpoint, load_checkpoint, prepare_output, remove_step_checkpoints, rng_state, save_checkpoint,
     save_step_checkpoint, set_rng_state, step_checkpoints, step_number, write_metrics,
 )
-from .. import faults
 from ..config import UserError, resolve_amp
 from ..distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
 from .config import dump_seg_config, validate_seg_config
