@@ -407,3 +407,19 @@ def test_mask_of_another_size_is_one_error_line_from_a_loader_worker(tmp_path, c
                 "--workers", 1, "--iters", 1, "--output", tmp_path / "out")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "is 32x30 but its image is 32x32" in err[0], err
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_a_step_checkpoint(tmp_path, capsys, monkeypatch):
+    from shufflemamba import faults
+
+    monkeypatch.setattr(faults, "FAULTS", faults.Faults(nan=frozenset({0, 1})))
+    data = make_plain(tmp_path / "data", n_train=4, size=(32, 32))
+    conf = _seg_cfg_file(tmp_path, max_nonfinite=2)
+    code = _run("train", "--task", "segmentation", "--config", conf, "--data-dir", data, "--iters", 5,
+                "--output", tmp_path / "out")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "2 non-finite losses in a row" in err[0], err
+    ckpt = torch.load(tmp_path / "out" / "step_00000002.pt", weights_only=True)
+    assert ckpt["state"]["nonfinite_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not ckpt["optimizer"]["state"]  # no step was taken
