@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 PINS   := constraints-cpu.txt
 
-.PHONY: install test demo study study-depth bench cpu-figures triton-report gpu-check check-install dataset clean
+.PHONY: install test demo seg-demo study study-depth bench cpu-figures triton-report gpu-check check-install dataset clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ test: $(STAMP)
 
 demo: $(STAMP) dataset
 	$(BIN)/shufflemamba train --config demo
+
+# semantic segmentation on Fashion-MNIST scenes (src/shufflemamba/segmentation/demo.py): the scenes,
+# then a small Vim + UperNet; runs/seg_demo holds metrics.jsonl, curves.png and predictions.png
+seg-demo: $(STAMP) dataset
+	$(BIN)/python -m shufflemamba.segmentation.demo --output runs/seg_demo_data
+	$(BIN)/shufflemamba train --config seg_demo --data-dir runs/seg_demo_data --output runs/seg_demo
 
 study: $(STAMP) dataset
 	$(BIN)/python benchmarks/study.py --output runs/study --background

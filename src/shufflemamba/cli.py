@@ -1,4 +1,4 @@
-"""The ``shufflemamba`` command: ``train``, ``eval``, ``export``, ``bench`` and ``doctor`` subcommands.
+"""The ``shufflemamba`` command: ``train``, ``eval``, ``predict``, ``export``, ``bench`` and ``doctor`` subcommands.
 
 Mistakes in what the user asked for raise :class:`~shufflemamba.errors.UserError`; ``main`` prints
 them as one ``error: ...`` line on stderr and returns 2 (no traceback).
@@ -16,6 +16,7 @@ from typing import Any
 from .console import guarded
 from .errors import UserError
 from .process import tune_malloc
+from .segmentation.cli import add_segmentation_flags, refuse_segmentation_flags, wants_segmentation
 from .training.config import format_config, list_presets, parse_kv_list, resolve_config
 
 TRUST_HELP = "load checkpoints that need Python's unpickler (only for files you trust; default: weights_only)"
@@ -61,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shufflemamba", description="Train and evaluate Vision Mamba models with Stochastic Layer-Wise Shuffle.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model", description=f"Presets: {', '.join(list_presets())}")
+    from .segmentation.config import list_seg_presets
+
+    t = sub.add_parser("train", help="train a model",
+                       description=f"Presets: {', '.join(list_presets())}; segmentation: {', '.join(list_seg_presets())}")
     t.add_argument("--config", help="YAML file or preset name; explicit flags override it")
     t.add_argument("--model")
     t.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", help="extra model keyword arguments")
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, metavar="K", help="step checkpoints kept on disk (default 2)")
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--log-interval", type=int)
+    add_segmentation_flags(t, train=True)
 
     _show_defaults(t)
 
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE")
     e.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     _add_data_flags(e)
+    add_segmentation_flags(e, train=False)
 
     x = sub.add_parser("export", help="write a run's model as a timm / Hugging Face folder (config.json, model.safetensors, card)",
                        description='Load it back with timm.create_model("local-dir:OUTPUT_DIR", pretrained=True) after import shufflemamba.')
@@ -135,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--push-to-hub", metavar="REPO_ID", help="also publish the folder to this Hugging Face Hub repo (needs a login)")
     x.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
+    from .predict import add_predict_parser
+
+    add_predict_parser(sub, _Parser)
     sub.add_parser("bench", help="benchmark the selective scan and models (shufflemamba.bench.suite)", add_help=False)
     sub.add_parser("doctor", help="what this machine has; --gpu: the GPU check (shufflemamba.bench.gpu_check)",
                    add_help=False)
@@ -180,6 +189,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import train
 
     _trust(args)
+    if wants_segmentation(args):
+        from .segmentation.cli import cmd_train_segmentation
+
+        return cmd_train_segmentation(args)
+    refuse_segmentation_flags(args)
     overrides = _overrides(args, {"command", "config", "print_config", "trust_checkpoint", "overwrite"})
     resume_ckpt = None
     if args.resume:
@@ -229,6 +243,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .training.trainer import evaluate_checkpoint
 
     _trust(args)
+    if wants_segmentation(args):
+        from .segmentation.cli import cmd_eval_segmentation
+
+        return cmd_eval_segmentation(args)
+    refuse_segmentation_flags(args)
     overrides = _overrides(args, {"command", "checkpoint", "ema", "json", "trust_checkpoint"})
     from .hub import evaluate_exported, is_exported
 
@@ -283,6 +302,10 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_train(args)
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "predict":
+        from .predict import cmd_predict
+
+        return cmd_predict(args)
     return cmd_eval(args)
 
 
