@@ -36,10 +36,10 @@ demo: $(STAMP) dataset
 	$(BIN)/shufflemamba train --config demo
 
 # semantic segmentation on Fashion-MNIST scenes (src/shufflemamba/segmentation/demo.py): the scenes,
-# then a small Vim + UperNet; runs/seg_demo holds metrics.jsonl, curves.png and predictions.png
+# then a small Vim + UperNet in a new run folder under runs/ (metrics.jsonl, curves.png, predictions.png)
 seg-demo: $(STAMP) dataset
 	$(BIN)/python -m shufflemamba.segmentation.demo --output runs/seg_demo_data
-	$(BIN)/shufflemamba train --config seg_demo --data-dir runs/seg_demo_data --output runs/seg_demo
+	$(BIN)/shufflemamba train --config seg_demo --data-dir runs/seg_demo_data
 
 study: $(STAMP) dataset
 	$(BIN)/python benchmarks/study.py --output runs/study --background

@@ -9,11 +9,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "shufflemamba"
 
-# Known exceptions, each in a file another branch rewrites; remove an entry once its file no longer
-# needs it (the tests below fail on a stale entry, so the list cannot outlive its reason).
-PRIVATE_IMPORTS_PENDING = {
-    ("shufflemamba.bench.triton_compile", "shufflemamba.ops.triton_scan"),  # the launch internals it compiles
-}
+# Known exceptions (none today); the tests below fail on a stale entry, so the list cannot outlive its reason.
+PRIVATE_IMPORTS_PENDING: set[tuple[str, str]] = set()
 LIBRARY_TO_BENCH_PENDING: set[tuple[str, str]] = set()
 
 

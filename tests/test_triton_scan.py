@@ -16,14 +16,14 @@ pytest.importorskip("triton")
 import shufflemamba  # noqa: E402,F401  (before anything that imports torchvision)
 from shufflemamba.ops.selective_scan import selective_scan_ref  # noqa: E402
 from shufflemamba.ops.triton_scan import (  # noqa: E402
-    _interpreter_mode,
+    interpreter_mode,
     selective_scan_triton,
     triton_available,
 )
 
 CUDA = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(
-    not _interpreter_mode(),
+    not interpreter_mode(),
     reason="triton was imported without TRITON_INTERPRET=1, so its CPU interpreter is off",
 )
 
@@ -104,7 +104,7 @@ GOUT = _Gout()
 
 def test_triton_available_is_bool():
     assert isinstance(triton_available(), bool)
-    assert triton_available("cpu") == _interpreter_mode()
+    assert triton_available("cpu") == interpreter_mode()
 
 
 @needs_interpreter

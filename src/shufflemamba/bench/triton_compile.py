@@ -109,9 +109,9 @@ def _compile(launch, arch: int):
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    if ts._interpreter_mode():
+    if ts.interpreter_mode():
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: run this in a fresh process without it")
-    fn = ts._kernel(launch.name)
+    fn = ts.kernel(launch.name)
     assert isinstance(fn, JITFunction)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -158,7 +158,7 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
     launch would use; ``tiles=(block_e, block_t, num_warps)`` tries others (the sweep behind
     :func:`~shufflemamba.ops.triton_scan.launch_config`'s choice).
     """
-    if not ts._HAS_TRITON:
+    if not ts.HAS_TRITON:
         raise ImportError("compile_report needs triton: pip install 'shufflemamba[triton]'")
     x = _example_inputs(batch, E, L, N, dtype)
     cfg = ts.LaunchConfig(*tiles) if tiles else ts.launch_config(E, batch, N, interpret=False)
@@ -166,8 +166,8 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
     ckpt = torch.empty(batch, nchunk, E, N)
     gout = torch.empty(batch, E, L, dtype=dtype)
     launches = [
-        ts._fwd_launch(*x.values(), True, reverse, True, interpret=False, cfg=cfg),
-        ts._bwd_launch(*x.values(), True, reverse, ckpt, gout, interpret=False, cfg=cfg),
+        ts.fwd_launch(*x.values(), True, reverse, True, interpret=False, cfg=cfg),
+        ts.bwd_launch(*x.values(), True, reverse, ckpt, gout, interpret=False, cfg=cfg),
     ]
     reports = []
     for launch in launches:

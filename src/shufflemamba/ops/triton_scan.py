@@ -50,11 +50,11 @@ try:  # optional dependency
     import triton
     import triton.language as tl
 
-    _HAS_TRITON = True
+    HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
-    _HAS_TRITON = False
+    HAS_TRITON = False
 
 __all__ = ["LaunchConfig", "launch_config", "selective_scan_triton", "triton_available"]
 
@@ -70,21 +70,21 @@ def triton_available(device: torch.device | str | None = None) -> bool:
             asks for the interpreter (correct but slow: meant for tests), which triton only offers when
             ``TRITON_INTERPRET=1`` was set before triton was first imported.
     """
-    if not _HAS_TRITON:
+    if not HAS_TRITON:
         return False
     if device is None:
-        return torch.cuda.is_available() or _interpreter_mode()
+        return torch.cuda.is_available() or interpreter_mode()
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available()
     if dev.type == "cpu":
-        return _interpreter_mode()
+        return interpreter_mode()
     return False
 
 
-def _interpreter_mode() -> bool:
+def interpreter_mode() -> bool:
     """Whether triton's language library was imported for the interpreter (TRITON_INTERPRET=1)."""
-    if not _HAS_TRITON:
+    if not HAS_TRITON:
         return False
     try:
         from triton.runtime.interpreter import InterpretedFunction
@@ -100,7 +100,7 @@ def _jit(fn):
     Triton fixes interpreter-or-compiler when its own library is imported (``TRITON_INTERPRET``), and
     a kernel and the device functions it calls must be wrapped alike: both go through here.
     """
-    if _interpreter_mode():
+    if interpreter_mode():
         from triton.runtime.interpreter import InterpretedFunction
 
         return InterpretedFunction(fn)
@@ -109,7 +109,7 @@ def _jit(fn):
     return JITFunction(fn)
 
 
-if _HAS_TRITON:
+if HAS_TRITON:
 
     def _load_f32_plain(ptrs, mask):
         """A masked tile load (zero where ``mask`` is off) widened to fp32."""
@@ -172,7 +172,7 @@ if _HAS_TRITON:
     # device functions: wrapped now (triton, imported above, has fixed its mode), so that they
     # exist under these names when the kernels that call them are compiled
     # PTX is NVIDIA's: the interpreter and ROCm builds widen with .to (the same values)
-    _load_f32 = _jit(_load_f32_plain if _interpreter_mode() or torch.version.hip else _load_f32_opaque)
+    _load_f32 = _jit(_load_f32_plain if interpreter_mode() or torch.version.hip else _load_f32_opaque)
     _load_delta = _jit(_load_delta)
     _affine_combine = _jit(_affine_combine)
     _time_index = _jit(_time_index)
@@ -377,7 +377,7 @@ if _HAS_TRITON:
 
     _KERNELS: dict[str, object] = {}
 
-    def _kernel(name: str):
+    def kernel(name: str):
         """The kernel ``name``, wrapped once (by :func:`_jit`) on first use."""
         if name not in _KERNELS:
             _KERNELS[name] = _jit({"fwd": _scan_fwd_kernel, "bwd": _scan_bwd_kernel}[name])
@@ -416,7 +416,7 @@ def _strides3(t: Tensor | None, like: Tensor) -> tuple[int, int, int]:
 
 
 class _Launch(NamedTuple):
-    """One kernel launch: ``_kernel(name)[grid](*args, **meta)``; ``outputs`` are what it writes."""
+    """One kernel launch: ``kernel(name)[grid](*args, **meta)``; ``outputs`` are what it writes."""
 
     name: str
     grid: tuple[int, int]
@@ -441,7 +441,7 @@ def _meta(cfg: LaunchConfig, N: int, D, z, delta_bias, softplus: bool, reverse: 
                 BLOCK_T=cfg.block_t, num_warps=cfg.num_warps, enable_fp_fusion=True)
 
 
-def _fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, save_ckpt: bool,
+def fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, save_ckpt: bool,
                 interpret: bool, cfg: LaunchConfig | None = None) -> _Launch:
     batch, E, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
     cfg = cfg or launch_config(E, batch, N, interpret)
@@ -457,7 +457,7 @@ def _fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bo
                    (out, ckpt if save_ckpt else None))
 
 
-def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, ckpt: Tensor,
+def bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, ckpt: Tensor,
                 gout: Tensor, interpret: bool, cfg: LaunchConfig | None = None) -> _Launch:
     batch, E, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
     cfg = cfg or launch_config(E, batch, N, interpret)
@@ -490,17 +490,17 @@ def _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bo
 
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, save_ckpt: bool):
-    launch = _fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, save_ckpt,
-                         _interpreter_mode())
-    _kernel("fwd")[launch.grid](*launch.args, **launch.meta)
+    launch = fwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, save_ckpt,
+                         interpreter_mode())
+    kernel("fwd")[launch.grid](*launch.args, **launch.meta)
     return launch.outputs
 
 
 def _backward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, reverse: bool, ckpt: Tensor,
               gout: Tensor):
-    launch = _bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, ckpt, gout,
-                         _interpreter_mode())
-    _kernel("bwd")[launch.grid](*launch.args, **launch.meta)
+    launch = bwd_launch(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, ckpt, gout,
+                         interpreter_mode())
+    kernel("bwd")[launch.grid](*launch.args, **launch.meta)
     du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, dbias_part = launch.outputs
     # the partial sums of the E blocks (dB, dC) and of the batch rows (dA, dD, dbias)
     dB = dB_part.sum(0).to(B.dtype)
@@ -563,12 +563,12 @@ def selective_scan_triton(
     CUDA tensors run the compiled kernels; CPU tensors run in Triton's interpreter when TRITON_INTERPRET=1
     was set before triton was imported (slow; for tests).
     """
-    if not _HAS_TRITON:
+    if not HAS_TRITON:
         raise ImportError("selective_scan_triton needs triton: pip install 'shufflemamba[triton]'")
     check_scan_inputs("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias)
     if u.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"selective_scan_triton: unsupported dtype {u.dtype} (use fp32, fp16 or bf16)")
-    if u.device.type != "cuda" and not _interpreter_mode():
+    if u.device.type != "cuda" and not interpreter_mode():
         raise ValueError(
             f"selective_scan_triton: tensors on {u.device} need a CUDA device, or TRITON_INTERPRET=1 set "
             "before triton is first imported (Triton's CPU interpreter, for tests)"
