@@ -75,7 +75,7 @@ class FakeKernels:
         assert x.dim() == 3 and weight.dim() == 2 and weight.shape[0] == x.shape[1], "CHECK_SHAPE(weight, dim, width)"
         assert 2 <= weight.shape[1] <= 4, "causal_conv1d only supports width between 2 and 4"
         assert x.stride(2) == 1 or x.stride(1) == 1
-        self.conv_calls.append(dict(x=x.detach().clone(), x_contiguous=x.is_contiguous(), weight_shape=tuple(weight.shape),
+        self.conv_calls.append(dict(x=x.detach().clone(), x_stride_l=x.stride(-1), weight_shape=tuple(weight.shape),
                                     x_dtype=x.dtype, weight_dtype=weight.dtype, activation=activation))
         with torch.autocast(x.device.type, enabled=False):
             width = weight.shape[1]
@@ -277,7 +277,7 @@ def test_mixer_through_both_kernels_matches_reference(fakes):
     out, grads = _mixer_grads(mixer, hidden, gout)
     assert len(fakes.conv_calls) == 2 and len(fakes.scan_calls) == 2
     for call in fakes.conv_calls:
-        assert call["activation"] == "silu" and call["weight_shape"] == (32, 4) and call["x_contiguous"]
+        assert call["activation"] == "silu" and call["weight_shape"] == (32, 4) and call["x_stride_l"] == 1
     # the second direction's conv saw the sequence reversed
     x_fwd, x_bwd = (c["x"] for c in fakes.conv_calls)
     torch.testing.assert_close(x_bwd, x_fwd.flip(-1))
@@ -287,6 +287,23 @@ def test_mixer_through_both_kernels_matches_reference(fakes):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for (name, _), g, rg in zip([("hidden", None), *mixer.named_parameters()], grads, ref_grads):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_mixer_lays_out_xz_as_official_vim_for_mamba_ssm(fakes, monkeypatch):
+    """On mamba_ssm's stack xz is built (B, 2E, L) with L contiguous: the forward direction's conv
+    input is a view of it, not a copy of a transposed channel-last tensor."""
+    from shufflemamba.models import BiMambaMixer
+
+    mixer = BiMambaMixer(16, d_state=4, scan_impl="mamba_ssm")
+    seen = []
+    real = fakes.causal_conv1d_fn
+    monkeypatch.setattr(fakes, "causal_conv1d_fn", lambda x, *a, **k: (seen.append(x), real(x, *a, **k))[1])
+    import causal_conv1d
+
+    monkeypatch.setattr(causal_conv1d, "causal_conv1d_fn", fakes.causal_conv1d_fn)
+    mamba_ssm_glue.reset()
+    mixer(torch.randn(2, 9, 16))
+    assert seen and seen[0]._base is not None and seen[0].stride() == (2 * 32 * 9, 9, 1)
 
 
 def test_auto_mixer_on_cpu_ignores_kernels(fakes):

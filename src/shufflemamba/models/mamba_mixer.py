@@ -209,9 +209,9 @@ class BiMambaMixer(nn.Module):
             return self._direction(x.flip(-1), z.flip(-1), conv, x_proj, dt_proj, a_log, d, False).flip(-1)
         seqlen = x.shape[-1]
         if conv_fn is not None:
-            # (dim, width) weight as causal-conv1d takes it; x made (B, E, L)-contiguous, the layout
-            # official Vim passes, rather than the channel-last view of in_proj's output
-            x = conv_fn(x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
+            # (dim, width) weight as causal-conv1d takes it; x is L-contiguous already when forward()
+            # built xz as official Vim does (a copy only for a flipped or channel-last view)
+            x = conv_fn(x if x.stride(-1) == 1 else x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
         elif reverse:
             x = F.silu(F.conv1d(F.pad(x, (0, conv.kernel_size[0] - 1)), conv.weight.flip(-1), conv.bias,
                                 groups=conv.groups))
@@ -273,7 +273,12 @@ class BiMambaMixer(nn.Module):
             bwd = self._params_cl(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, xz.dtype)
             y = bimamba_core_cl(xz, self.dt_rank, fwd, bwd)  # (B, L, E) = (y_f + y_b) / 2
             return self.out_proj(y)
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
+        if self._causal_conv1d(hidden, self.conv1d) is not None:
+            # mamba_ssm's stack, laid out as official Vim: W @ hidden^T is (B, 2E, L) with L contiguous,
+            # so the conv and the scan take x and z as they are instead of copying transposed views
+            xz = torch.matmul(self.in_proj.weight, hidden.transpose(1, 2))
+        else:
+            xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)  # (B, E, L) each
         y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False)
         y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True)
