@@ -69,3 +69,20 @@ def test_missing_image_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "none.png" in err[0]
     assert not os.path.exists(tmp_path / "predict")
+
+
+def test_exported_folder_predicts_as_its_run(tmp_path, image, capsys):
+    """`predict` on a `shufflemamba export` folder prints the same top-5 as on the checkpoint it came from."""
+    kw = {"patch_size": 4, "embed_dim": 16, "depth": 1, "d_state": 4, "img_size": 16, "num_classes": 6}
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", **kw).eval()
+    path = str(tmp_path / "c.pt")
+    torch.save({"model": model.state_dict(), "model_name": "vim_tiny_patch16_224", "model_kwargs": kw,
+                "classes": [f"k{i}" for i in range(6)], "config": {"img_size": 16, "crop_pct": 1.0}}, path)
+    assert main(["export", path, str(tmp_path / "exp")]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", path, image]) == 0
+    from_run = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["predict", "--checkpoint", str(tmp_path / "exp"), image]) == 0
+    from_export = capsys.readouterr().out.strip().splitlines()[-1]
+    assert from_export == from_run and from_run.count("%") == 5

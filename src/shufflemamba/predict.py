@@ -87,6 +87,25 @@ def predict_classification(ckpt: dict[str, Any], images: list[str], device: torc
     in_chans = model_in_chans(kwargs)
     transform = build_transform(cfg, in_chans, is_training=False)
     classes = ckpt.get("classes") or [str(i) for i in range(model.num_classes)]
+    return _top5(model, transform, classes, in_chans, images, device)
+
+
+def predict_exported(source: str, images: list[str], device: torch.device) -> list[list[tuple[str, float]]]:
+    """Top-5 classes from an exported folder, ``local-dir:`` or ``hf-hub:`` name: the preprocessing
+    is the export's own (its pretrained_cfg), as timm would run it."""
+    import timm
+
+    from .hub import load_exported
+
+    model = load_exported(source).to(device).eval()
+    data_cfg = timm.data.resolve_data_config(model=model)
+    transform = timm.data.create_transform(**data_cfg, is_training=False)
+    classes = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
+    return _top5(model, transform, classes, data_cfg["input_size"][0], images, device)
+
+
+def _top5(model: torch.nn.Module, transform: Any, classes: list[str], in_chans: int, images: list[str],
+          device: torch.device) -> list[list[tuple[str, float]]]:
     results = []
     for path in images:
         image = _open(path)
@@ -109,6 +128,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         raise UserError(f"image '{missing[0]}' not found")
+    from .hub import is_exported
+
+    if is_exported(args.checkpoint):  # `shufflemamba export`'s folders, local-dir: / hf-hub: names
+        if args.output:
+            raise UserError("--output is for segmentation runs; a classifier prints its top-5 classes")
+        predict_exported(args.checkpoint, args.images, _device(args.device))
+        return 0
     path = latest_checkpoint(args.checkpoint) if os.path.isdir(args.checkpoint) else args.checkpoint
     ckpt = load_training_checkpoint(path)
     device = _device(args.device)
