@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shufflemamba.bench.paper_pair import bench_paper_pair, peak_rss_mb, vim_macs, vit_macs
+from shufflemamba.bench.paper_pair import bench_paper_pair, child_peak_mb, peak_rss_mb, vim_macs, vit_macs
 from shufflemamba.bench.report import pair_markdown
 
 
@@ -26,3 +26,10 @@ def test_quick_run_times_both_models_and_reports_peak_memory():
     rows = pair_markdown(records)
     assert len(rows) == 2 + len(records) and "MAC parity" in rows[0]
     assert 50 < peak_rss_mb("vim_tiny_patch16_224", "inference", 32, 2, True) < 20000
+
+
+def test_peak_memory_is_the_childs_own():
+    """A child that holds 256 MB more peaks about 256 MB higher (not at this process's inherited peak)."""
+    base = child_peak_mb("import torch")
+    big = child_peak_mb("import torch; x = torch.ones(64 * 2**20); x += 1")
+    assert 200 < big - base < 400, (base, big)

@@ -5,7 +5,7 @@ cost) and training at 224 px, fp32, both models timed round-robin in one process
 (:func:`~shufflemamba.bench.timing.time_interleaved`). Each row carries the multiply-adds per image
 of both models, so a ratio can be held against its arithmetic parity (DeiT MACs / Vim MACs), and the
 peak resident memory of each model's step, measured in a fresh process each (the only way to read a
-CPU peak per model: the allocator keeps what a process once used).
+CPU peak per model: the allocator keeps what a process once used; Linux's /proc, VmHWM).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -81,19 +80,25 @@ def _step(model: torch.nn.Module, mode: str, img: int, batch: int, device: torch
 
 def peak_rss_mb(name: str, mode: str, img: int, batch: int, quick: bool) -> float:
     """Peak resident memory (MB) of a fresh process that builds ``name`` and runs two steps."""
-    code = ("import sys; from shufflemamba.bench.paper_pair import _child_peak; "
-            f"_child_peak({name!r}, {mode!r}, {img}, {batch}, {quick})")
+    return child_peak_mb("from shufflemamba.bench.paper_pair import _child_steps; "
+                         f"_child_steps({name!r}, {mode!r}, {img}, {batch}, {quick})")
+
+
+def child_peak_mb(code: str) -> float:
+    """Run ``code`` in a fresh Python and return its peak resident memory in MB: the kernel's VmHWM of
+    the new address space (getrusage's ru_maxrss would carry over this process's own peak through
+    fork and exec)."""
+    code += "\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "peak child failed")
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(out.stdout.strip().splitlines()[-1]) / 1024  # kB
 
 
-def _child_peak(name: str, mode: str, img: int, batch: int, quick: bool) -> None:
+def _child_steps(name: str, mode: str, img: int, batch: int, quick: bool) -> None:
     step = _step(_build(name, img, quick), mode, img, batch, torch.device("cpu"))
     for _ in range(2):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KB on Linux
 
 
 def bench_paper_pair(device: torch.device, quick: bool, repeats: int, peak_memory: bool | None = None) -> list[dict[str, Any]]:
