@@ -13,22 +13,13 @@ import os
 import sys
 from typing import Any
 
-from .console import guarded
+from .console import guarded, parse_bool
 from .errors import UserError
 from .process import tune_malloc
 from .segmentation.cli import add_segmentation_flags, refuse_segmentation_flags, wants_segmentation
 from .training.config import format_config, list_presets, parse_kv_list, resolve_config
 
 TRUST_HELP = "load checkpoints that need Python's unpickler (only for files you trust; default: weights_only)"
-
-
-def _bool(value: str) -> bool:
-    v = value.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
 def _positive_int(value: str) -> int:
@@ -55,7 +46,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="data loader worker processes")
     g.add_argument("--val-subset", type=int, help="evaluate on a fixed random subset of this many images")
     g.add_argument("--device", choices=["cpu", "cuda"])
-    g.add_argument("--amp", type=_bool, nargs="?", const=True, help="autocast in --amp-dtype (true/false; default: auto, on for a bf16-capable GPU)")
+    g.add_argument("--amp", type=parse_bool, nargs="?", const=True, help="autocast in --amp-dtype (true/false; default: auto, on for a bf16-capable GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float, help="base lr at total batch 512 (scaled), or absolute with --scale-lr false")
-    g.add_argument("--scale-lr", type=_bool, help="scale lr by total batch / 512")
+    g.add_argument("--scale-lr", type=parse_bool, help="scale lr by total batch / 512")
     g.add_argument("--min-lr", type=float)
     g.add_argument("--warmup-lr", type=float)
     g.add_argument("--warmup-epochs", type=float)
@@ -102,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 ('none' to disable)")
     g.add_argument("--color-jitter", type=float)
     g.add_argument("--reprob", type=float, help="random erasing probability")
-    g.add_argument("--repeated-aug", type=_bool)
-    g.add_argument("--model-ema", type=_bool, nargs="?", const=True)
+    g.add_argument("--repeated-aug", type=parse_bool)
+    g.add_argument("--model-ema", type=parse_bool, nargs="?", const=True)
     g.add_argument("--model-ema-decay", type=float)
     g = t.add_argument_group("run")
     g.add_argument("--seed", type=int)

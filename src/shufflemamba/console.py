@@ -6,6 +6,7 @@ neither needs to import the other (cli.py imports the tools lazily; they never i
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -27,3 +28,13 @@ def guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def parse_bool(value: str) -> bool:
+    """An argparse type for true / false flags (1, yes, on / 0, no, off)."""
+    v = value.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")

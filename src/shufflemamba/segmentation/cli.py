@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any
 
+from ..console import parse_bool
 from ..errors import UserError
 
 # flags only segmentation reads (dest names); classification refuses them when given
@@ -23,22 +24,13 @@ SEG_ONLY = ("task", "num_classes", "ignore_index", "reduce_zero_label", "layout"
 RENAMED = {"img_size": "crop_size"}
 
 
-def _bool(value: str) -> bool:
-    v = value.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-
-
 def add_segmentation_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
     g = p.add_argument_group("segmentation (--task segmentation)")
     g.add_argument("--task", choices=["classification", "segmentation"],
                    help="default: classification, or segmentation for a segmentation preset / run folder")
     g.add_argument("--num-classes", type=int, help="classes of the plain layout (default: classes.txt, ADE20K: 150)")
     g.add_argument("--ignore-index", type=int, help="mask value that is not scored (default 255)")
-    g.add_argument("--reduce-zero-label", type=_bool, nargs="?", const=True,
+    g.add_argument("--reduce-zero-label", type=parse_bool, nargs="?", const=True,
                    help="label 0 is ignored and the others shift down by one (default: on for ADE20K's layout)")
     g.add_argument("--layout", choices=["auto", "ade20k", "plain"], help="folder layout (default: auto)")
     g.add_argument("--test-mode", choices=["slide", "whole"], help="inference: sliding windows (default) or whole image")
@@ -50,7 +42,7 @@ def add_segmentation_flags(p: argparse.ArgumentParser, *, train: bool) -> None:
         g.add_argument("--warmup-iters", type=int, help="linear warmup iterations (default 1500)")
         g.add_argument("--aux-weight", type=float, help="auxiliary FCN head loss weight (default 0.4; 0: no aux head)")
         g.add_argument("--out-indices", type=int, nargs=4, metavar="I", help="the four backbone blocks tapped")
-        g.add_argument("--pretrained", type=_bool, nargs="?", const=True, help="start the backbone from its released weights")
+        g.add_argument("--pretrained", type=parse_bool, nargs="?", const=True, help="start the backbone from its released weights")
 
 
 def wants_segmentation(args: argparse.Namespace) -> bool:
