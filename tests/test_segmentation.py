@@ -356,6 +356,20 @@ def test_train_eval_and_exact_resume_through_cli(tmp_path, capsys):
     assert _run("eval", "--checkpoint", tmp_path / "a", "--json") == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["mIoU"] == pytest.approx(rows[-1]["mIoU"]) and out["images"] == 2
+    # exported, the run evaluates and predicts the same (its own folder: timm builds classifiers only)
+    assert _run("export", tmp_path / "a" / "last.pt", tmp_path / "exp") == 0  # the checkpoint eval read
+    meta = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert meta["task"] == "segmentation" and meta["num_classes"] == 3 and (tmp_path / "exp" / "README.md").is_file()
+    capsys.readouterr()
+    assert _run("eval", "--checkpoint", tmp_path / "exp", "--data-dir", data, "--json") == 0
+    exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert exported["mIoU"] == pytest.approx(out["mIoU"]) and exported["aAcc"] == pytest.approx(out["aAcc"])
+    image = str(next((tmp_path / "data" / "images" / "val").iterdir()))
+    assert _run("predict", "--checkpoint", tmp_path / "exp", image, "--output", tmp_path / "p1") == 0
+    assert _run("predict", "--checkpoint", tmp_path / "a", image, "--output", tmp_path / "p2") == 0
+    stem = os.path.splitext(os.path.basename(image))[0]
+    a_mask, b_mask = (np.asarray(Image.open(tmp_path / d / f"{stem}_labels.png")) for d in ("p1", "p2"))
+    assert np.array_equal(a_mask, b_mask)
 
 
 @pytest.mark.parametrize("argv, message", [

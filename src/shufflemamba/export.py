@@ -1,4 +1,5 @@
-"""``shufflemamba export``: a training run as the folder timm users share and load.
+"""``shufflemamba export``: a training run as the folder timm users share and load (a segmentation
+run: its own folder, :mod:`shufflemamba.segmentation.export`).
 
 The folder is what timm's ``save_for_hf`` writes (``config.json``: architecture, num_classes, label
 names, the model's arguments and its ``pretrained_cfg`` with input size, mean / std, crop_pct and
@@ -298,6 +299,11 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
     src = read_run(source, use_ema=ema)
     _check_output(output, src.path, overwrite)
     api = _hub_api(push_to_hub) if push_to_hub else None
+    if src.ckpt.get("task") == "segmentation":
+        out = _export_segmentation(src, output, push_to_hub)
+        if api is not None:
+            _upload(api, push_to_hub, out)
+        return out
     model = build_model(src)
     data = data_config(src, model)
     hist = src.history
@@ -331,6 +337,44 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
     if api is not None:
         _upload(api, push_to_hub, out)
+    return out
+
+
+def _export_segmentation(src: ExportSource, output: str, push_to_hub: str | None) -> str:
+    """A segmentation run's folder (:mod:`shufflemamba.segmentation.export`), built beside ``output``,
+    read back and compared with the checkpoint, then renamed into place."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .segmentation.export import CONFIG, WEIGHTS, export_config, load_seg_export, model_card
+
+    out = os.path.abspath(output)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    except OSError as err:
+        raise UserError(f"cannot write to '{os.path.dirname(out)}': {err.strerror or type(err).__name__}") from None
+    try:
+        with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
+            json.dump(export_config(src.ckpt), f, indent=2, default=str)
+        state = {k: v.contiguous() for k, v in src.ckpt["model"].items()}
+        save_file(state, os.path.join(tmp, WEIGHTS))
+        run_png = os.path.join(src.run_dir, "curves.png")
+        if os.path.isfile(run_png):
+            shutil.copyfile(run_png, os.path.join(tmp, "curves.png"))
+        name = push_to_hub.split("/")[-1] if push_to_hub else os.path.basename(out)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(src.ckpt, name, os.path.isfile(run_png)))
+        back = load_seg_export(tmp)["model"]
+        if set(back) != set(state) or any(not torch.equal(back[k], state[k]) for k in state):
+            raise RuntimeError("the exported segmentation folder does not read back into the same weights")
+        _publishable(tmp)
+        _replace(tmp, out)
+    except OSError as err:
+        raise UserError(f"could not write the export to '{output}': {err.strerror or type(err).__name__}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

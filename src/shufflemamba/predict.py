@@ -129,7 +129,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"image '{missing[0]}' not found")
     from .hub import is_exported
+    from .segmentation.export import is_seg_export, load_seg_export
 
+    if is_seg_export(args.checkpoint):
+        predict_segmentation(load_seg_export(args.checkpoint), args.checkpoint, args.images, args.output,
+                             _device(args.device))
+        return 0
     if is_exported(args.checkpoint):  # `shufflemamba export`'s folders, local-dir: / hf-hub: names
         if args.output:
             raise UserError("--output is for segmentation runs; a classifier prints its top-5 classes")

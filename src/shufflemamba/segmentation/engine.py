@@ -38,6 +38,7 @@ from ..training.config import resolve_amp
 from ..training.distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
 from .config import dump_seg_config, validate_seg_config
 from .data import SegDataError, build_seg_data
+from .export import is_seg_export, load_seg_export
 from .figures import plot_predictions, plot_seg_curves
 from .inference import predict_logits
 from .metrics import confusion_matrix, seg_metrics
@@ -399,7 +400,10 @@ def train_segmentation(cfg: dict[str, Any], resume_ckpt: dict[str, Any] | None =
 
 
 def load_seg_checkpoint(path: str) -> dict[str, Any]:
-    """A segmentation checkpoint (a run folder: its newest); a classification one is refused."""
+    """A segmentation checkpoint (a run folder: its newest; an exported folder: its weights and config);
+    a classification one is refused."""
+    if is_seg_export(path):
+        return load_seg_export(path)
     ckpt = load_training_checkpoint(latest_checkpoint(path) if os.path.isdir(path) else path)
     if ckpt.get("task") != "segmentation":
         raise UserError(f"checkpoint '{path}' is not a segmentation run (drop --task segmentation for classification)")
@@ -438,6 +442,8 @@ def is_seg_run(path: str | None) -> bool:
     """True when ``path`` (a run folder or a checkpoint file in one) has a config.yaml of task segmentation."""
     if not path:
         return False
+    if is_seg_export(path):
+        return True
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     cfg_path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(cfg_path):
