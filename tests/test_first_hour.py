@@ -104,8 +104,9 @@ def test_help_shows_every_default():
 def test_a_finished_run_is_not_overwritten(run, folder, capsys):
     before = {f: os.path.getmtime(os.path.join(run, f)) for f in ("last.pt", "metrics.jsonl", "config.yaml")}
     code = main(["train", "--data-dir", folder, "--epochs", "1", "--output", run, *TINY])
-    err = _err(capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and captured.out == ""
     assert f"--resume {run}" in err and f"--output {run}-2" in err and "--overwrite" in err
     assert before == {f: os.path.getmtime(os.path.join(run, f)) for f in before}
 

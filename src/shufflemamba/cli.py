@@ -175,7 +175,7 @@ def _trust(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import validate_config
-    from .training.checkpointing import load_training_checkpoint
+    from .training.checkpointing import claim_output, load_training_checkpoint
     from .training.defaults import fill_auto_defaults
     from .training.trainer import train
 
@@ -203,6 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         init = load_training_checkpoint(cfg["init_from"]) if cfg["init_from"] else None
         notes = fill_auto_defaults(cfg, init_ckpt=init, init_source=cfg["init_from"])
         cfg = validate_config(cfg)
+        if cfg["output"] and args.print_config is None:  # a folder in the way: its one line, before anything else
+            claim_output(cfg["output"], resume=None, overwrite=args.overwrite)
         if notes and _is_rank0():
             lead = "# " if args.print_config is not None else ""  # keep --print-config's output valid YAML
             print(f"{lead}derived from the data (set any of these to override):\n"

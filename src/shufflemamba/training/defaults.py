@@ -135,7 +135,8 @@ def fill_auto_defaults(cfg: dict[str, Any], *, init_ckpt: dict[str, Any] | None 
         cfg["batch_size"] = _auto_batch(cfg, folder, notes)
     if cfg["warmup_epochs"] is None:
         cfg["warmup_epochs"] = round(min(5.0, WARMUP_FRACTION * cfg["epochs"]), 3)
-        notes.append(f"warmup_epochs {cfg['warmup_epochs']:g} ({WARMUP_FRACTION:.0%} of {cfg['epochs']} epochs, at most 5)")
+        epochs = f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''}"
+        notes.append(f"warmup_epochs {cfg['warmup_epochs']:g} ({WARMUP_FRACTION:.0%} of {epochs}, at most 5)")
     elif cfg["warmup_epochs"] >= cfg["epochs"] > 0:
         notes.append(f"warning: warmup_epochs {cfg['warmup_epochs']:g} is not shorter than the run's {cfg['epochs']} "
                      "epochs: the lr never reaches its peak")
