@@ -65,7 +65,7 @@ def test_quick_run_writes_json_and_prints_markdown(tmp_path, capsys):
     assert docs.main(["bench", str(js), "--docs", str(md)]) == 0
     text = md.read_text()
     assert "Hand-written section that must survive." in text
-    begin, end = docs.bench_markers(machine_tag(res["meta"]["device_name"]))
+    begin, end = docs.bench_markers(machine_tag(res["meta"]["device_name"], res["meta"].get("cpu_kernels")))
     assert text.count(begin) == 1 and text.count(end) == 1
     assert "Selective scan, forward + backward" in text
     assert "Vim vs timm's ViT of the same width, depth and tokens" in text

@@ -40,11 +40,16 @@ def _has_avx512() -> bool:
         return False
 
 
+def _without_avx512(key: tuple[str | None, tuple[str, ...]]) -> bool:
+    """Whether a probe build runs without AVX-512: built with it off, or on a CPU (or setting) without it."""
+    return bool(key[1]) or not _has_avx512() or bool(ops_config.isa_flags())
+
+
 def _builds() -> list[tuple[str | None, tuple[str, ...]]]:
     """(width, extra flags) of every build this CPU runs: the generic one, and with AVX-512 both
     explicit widths and the generic one with AVX-512 off (an AVX2-only CPU's code)."""
     builds: list[tuple[str | None, tuple[str, ...]]] = [(None, ())]
-    if platform.machine().lower() in ("x86_64", "amd64") and _has_avx512():
+    if platform.machine().lower() in ("x86_64", "amd64") and _has_avx512() and not ops_config.isa_flags():
         builds += [("512", ()), ("256", ()), ("512", ("-mno-avx512f",))]
     return builds
 
@@ -97,14 +102,20 @@ def test_pointwise_functions_against_float64(probes, name):
     ref = {"softplus": torch.nn.functional.softplus(xd), "sigmoid": sig, "dsoftplus": -torch.expm1(-xd),
            "gate": xd * sig, "silu": xd * sig, "dsilu": sig * (1 + xd * (1 - sig))}[name]
     for key, lib in probes.items():
-        if name == "dsilu" and key[1]:
-            continue  # AVX-512 off: test_silu_derivative_without_avx512 below
+        rel = 1e-6
+        if name == "dsilu" and _without_avx512(key):
+            # the known limit of AVX2 builds (test_silu_derivative_without_avx512 below): 1e-5 relative,
+            # for |p| <= 100 (the error grows with p: 6e-4 at 1e4; conv outputs in training stay far below)
+            rel, keep = 1e-5, xd.abs() <= 100
+        else:
+            keep = torch.ones_like(xd, dtype=torch.bool)
         out = torch.empty_like(x)
         assert getattr(lib, f"probe_{name}")(x.data_ptr(), out.data_ptr(), x.numel()) == 0
         # relative 1e-6; absolute 1e-30 for results near float32's smallest normal (1.2e-38), which the
         # generic build's division (a reciprocal under -ffast-math) flushes to zero, and 1e-7 for silu',
         # whose 1 + p (1 - s) cancels near its zero at p = -1.28 in any float32 evaluation
-        excess = (out.double() - ref).abs() - (1e-6 * ref.abs() + (1e-7 if name == "dsilu" else 1e-30))
+        excess = (out.double() - ref).abs() - (rel * ref.abs() + (1e-7 if name == "dsilu" else 1e-30))
+        excess = torch.where(keep, excess, torch.full_like(excess, -1.0))
         worst = int(excess.argmax())
         assert excess.max() <= 0, (name, key, x[worst].item(), out[worst].item(), ref[worst].item())
 
@@ -126,7 +137,7 @@ def test_a_bad_channel_block_is_a_compile_error_on_every_build(tmp_path):
 
 def _cross_flags() -> list[str]:
     # a cross compiler cannot detect the target CPU: the baseline ARMv8-A (NEON) instead of -march=native
-    return [f if f != "-march=native" else "-march=armv8-a" for f in cpu_library.compile_flags(None)]
+    return [f if f != "-march=native" else "-march=armv8-a" for f in cpu_library.compile_flags(None) if f != "-mno-avx512f"]
 
 
 def _aarch64_elf(path: Path) -> bool:

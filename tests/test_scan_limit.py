@@ -65,6 +65,7 @@ def test_peak_build_with_avx512_off(monkeypatch):
     flags = _cpu_flags()
     if not _x86() or "avx512f" not in flags:
         pytest.skip("needs an x86 CPU with AVX-512")
+    monkeypatch.delenv(ops_config.ISA_ENV, raising=False)
     mod = _module()
     native = mod.build_peak(512)
     assert (native.fma_bits(), native.fma_isa(), native.exp_path()) == (512, b"AVX-512", 512)
