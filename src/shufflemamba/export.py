@@ -311,13 +311,7 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
     what = f"top-1 {top1:.2f}% on its evaluation split" if isinstance(top1, float) else "no recorded evaluation"
     _clean_pretrained_cfg(model, data, licence, f"trained with shufflemamba ({what})")
 
-    out = os.path.abspath(output)
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    except OSError as err:
-        raise UserError(f"cannot write to '{parent}': {err.strerror or type(err).__name__}") from None
+    out, tmp = _staging(output)
     try:
         labels = list(src.ckpt.get("classes") or [])
         save_for_hf(model, tmp, model_config={"label_names": labels} if labels else None, model_args=model_args(model),
@@ -340,6 +334,17 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
     return out
 
 
+def _staging(output: str) -> tuple[str, str]:
+    """(the absolute OUTPUT_DIR, a new temporary folder beside it to build the export in)."""
+    out = os.path.abspath(output)
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return out, tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    except OSError as err:
+        raise UserError(f"cannot write to '{parent}': {err.strerror or type(err).__name__}") from None
+
+
 def _export_segmentation(src: ExportSource, output: str, push_to_hub: str | None) -> str:
     """A segmentation run's folder (:mod:`shufflemamba.segmentation.export`), built beside ``output``,
     read back and compared with the checkpoint, then renamed into place."""
@@ -349,12 +354,7 @@ def _export_segmentation(src: ExportSource, output: str, push_to_hub: str | None
 
     from .segmentation.export import CONFIG, WEIGHTS, export_config, load_seg_export, model_card
 
-    out = os.path.abspath(output)
-    try:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
-    except OSError as err:
-        raise UserError(f"cannot write to '{os.path.dirname(out)}': {err.strerror or type(err).__name__}") from None
+    out, tmp = _staging(output)
     try:
         with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
             json.dump(export_config(src.ckpt), f, indent=2, default=str)

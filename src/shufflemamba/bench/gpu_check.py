@@ -54,7 +54,7 @@ from .boxes import TIME_BOX, error_row, expired
 from .report import cpu_model, gpu_check_markdown
 from .scan import min_scan_bytes, mixer_like_inputs
 from .short_train import short_train
-from .suite import slws_ops_ms
+from .suite import slws_record
 from .timing import make_model, time_interleaved, train_step_fn
 
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
@@ -318,20 +318,8 @@ def slws(device: torch.device, batch: int, repeats: int, quick: bool, deadline: 
             continue
         try:
             model = make_model(name, quick, device)
-            step = train_step_fn(model, batch, img, device, torch.bfloat16)
-
-            def run(rate: float) -> None:
-                model.set_slws(rate)
-                step()
-
-            times = time_interleaved({"off": lambda: run(0.0), "slws_0.5": lambda: run(0.5)}, repeats, 1, device)
-            off, on = statistics.median(times["off"]), statistics.median(times["slws_0.5"])
-            # the ratio of each interleaved pair is steadier than the ratio of medians on a busy machine
-            paired = statistics.median(b / a for a, b in zip(times["off"], times["slws_0.5"]))
-            rec.update(status="ok", ms_off=off * 1e3, ms_slws=on * 1e3, images_per_s_off=batch / off,
-                       images_per_s_slws=batch / on, slws_overhead=on / off - 1, slws_overhead_paired=paired - 1,
-                       slws_ops_ms=slws_ops_ms(model, batch, img, device, repeats), repeats=repeats)
-            del model, step
+            rec.update(slws_record(model, batch, img, device, torch.bfloat16, repeats))
+            del model
         except Exception as exc:
             rec.update(error_row(exc))
         rows.append(rec)

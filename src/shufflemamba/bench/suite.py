@@ -174,22 +174,29 @@ def bench_train(device: torch.device, quick: bool, repeats: int, batch: int,
         except Exception as e:
             rec["status"] = f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             continue
-        step = train_step_fn(model, batch, img, device, amp)
-
-        def run(rate: float) -> None:
-            model.set_slws(rate)
-            step()
-
-        times = time_interleaved({"off": lambda: run(0.0), "slws_0.5": lambda: run(0.5)}, repeats, 1, device)
-        off, on = statistics.median(times["off"]), statistics.median(times["slws_0.5"])
-        # the ratio of each interleaved pair is steadier than the ratio of medians on a busy machine
-        paired = statistics.median(b / a for a, b in zip(times["off"], times["slws_0.5"]))
-        shuffle_ms = slws_ops_ms(model, batch, img, device, repeats)
-        rec.update(status="ok", ms_off=off * 1e3, slws_ops_ms=shuffle_ms, slws_ops_fraction=shuffle_ms / (off * 1e3), ms_slws=on * 1e3, images_per_s_off=batch / off,
-                   images_per_s_slws=batch / on, slws_overhead=on / off - 1, slws_overhead_paired=paired - 1,
-                   repeats=repeats)
-        del model, step
+        rec.update(slws_record(model, batch, img, device, amp, repeats))
+        del model
     return out
+
+
+def slws_record(model: torch.nn.Module, batch: int, img: int, device: torch.device, amp: torch.dtype | None,
+                repeats: int) -> dict[str, Any]:
+    """One model's training steps with SLWS off and at rate 0.5, interleaved: times, images/s, the
+    overhead (as a ratio of medians and as the median of the pairs' ratios) and SLWS's own ops alone."""
+    step = train_step_fn(model, batch, img, device, amp)
+
+    def run(rate: float) -> None:
+        model.set_slws(rate)
+        step()
+
+    times = time_interleaved({"off": lambda: run(0.0), "slws_0.5": lambda: run(0.5)}, repeats, 1, device)
+    off, on = statistics.median(times["off"]), statistics.median(times["slws_0.5"])
+    # the ratio of each interleaved pair is steadier than the ratio of medians on a busy machine
+    paired = statistics.median(b / a for a, b in zip(times["off"], times["slws_0.5"]))
+    shuffle_ms = slws_ops_ms(model, batch, img, device, repeats)
+    return dict(status="ok", ms_off=off * 1e3, slws_ops_ms=shuffle_ms, slws_ops_fraction=shuffle_ms / (off * 1e3),
+                ms_slws=on * 1e3, images_per_s_off=batch / off, images_per_s_slws=batch / on,
+                slws_overhead=on / off - 1, slws_overhead_paired=paired - 1, repeats=repeats)
 
 
 def bench_gpu(device: torch.device, quick: bool, repeats: int, scan_records: list[dict[str, Any]],

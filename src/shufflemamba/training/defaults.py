@@ -117,8 +117,12 @@ def fill_auto_defaults(cfg: dict[str, Any], *, init_ckpt: dict[str, Any] | None 
     if cfg["model"] is None:
         cfg["model"] = DEFAULT_MODEL
     folder = _train_folder(cfg)
-    if folder is not None and cfg["data_dir"] and data_layout(cfg["data_dir"]) == "flat" and cfg["holdout"] is None:
-        n = _count_images(folder)
+    flat_without_holdout = folder is not None and folder == cfg["data_dir"] and cfg["holdout"] is None
+    # one walk of the folder, and only when a derived value needs the count (a preset run needs none)
+    counted = (flat_without_holdout or cfg["batch_size"] is None) and folder is not None and os.path.isdir(folder)
+    n_images = _count_images(folder) if counted else None
+    if flat_without_holdout:
+        n = n_images
         cfg["holdout"] = max(1, round(n * HOLDOUT_FRACTION))
         notes.append(f"holdout {cfg['holdout']} ({cfg['data_dir']} has class folders but no train/ and val/: "
                      f"{HOLDOUT_FRACTION:.0%} of its {n} images validate)")
@@ -132,7 +136,7 @@ def fill_auto_defaults(cfg: dict[str, Any], *, init_ckpt: dict[str, Any] | None 
             notes.append(f"model_kwargs patch_size={patch} ({cfg['img_size']} px: {side} x {side} patches; "
                          f"patch 16 would leave {max(cfg['img_size'] // 16, 0)} a side)")
     if cfg["batch_size"] is None:
-        cfg["batch_size"] = _auto_batch(cfg, folder, notes)
+        cfg["batch_size"] = _auto_batch(cfg, n_images, notes)
     if cfg["warmup_epochs"] is None:
         cfg["warmup_epochs"] = round(min(5.0, WARMUP_FRACTION * cfg["epochs"]), 3)
         epochs = f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''}"
@@ -174,10 +178,10 @@ def _auto_img_size(cfg: dict[str, Any], folder: str | None, notes: list[str]) ->
     return size
 
 
-def _auto_batch(cfg: dict[str, Any], folder: str | None, notes: list[str]) -> int:
-    if folder is None or not os.path.isdir(folder):
+def _auto_batch(cfg: dict[str, Any], n_images: int | None, notes: list[str]) -> int:
+    if n_images is None:
         return MAX_AUTO_BATCH
-    n = _count_images(folder) - (cfg["holdout"] or 0)
+    n = n_images - (cfg["holdout"] or 0)
     if cfg["train_subset"]:
         n = min(n, cfg["train_subset"])
     batch = MAX_AUTO_BATCH
