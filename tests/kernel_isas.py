@@ -1,9 +1,10 @@
 """The compiled kernels built for each vector ISA this CPU runs, for tests parametrized over them.
 
 On an AVX-512 CPU: the 512-bit build (the default there), the 256-bit build
-(SHUFFLEMAMBA_CPU_VECTOR_WIDTH=256) and the AVX2 build (``-mno-avx512f`` and no width flag: the code an
-AVX2-only x86 such as AMD Zen 3 runs). Elsewhere on x86, the AVX2 build is the loaded one; other
-architectures have the loaded build only. Builds are cached like the package's own (SHUFFLEMAMBA_CACHE).
+(SHUFFLEMAMBA_CPU_VECTOR_WIDTH=256) and the AVX2 build (``-mno-avx512f``, 256 bits: the explicit loops an
+AVX2-only x86 such as AMD Zen 3 runs); on any x86 the AVX2 build and the generic body (no width flag: the
+``omp simd`` loops that CPUs without an explicit path, aarch64 among them, run). Other architectures have
+the loaded build only. Builds are cached like the package's own (SHUFFLEMAMBA_CACHE).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import pytest
 
 from shufflemamba.ops import config, cpu_library
 
-ISAS = {"avx512": ("512", ()), "avx512-256bit": ("256", ()), "avx2": (None, ("-mno-avx512f",))}
+ISAS = {"avx512": ("512", ()), "avx512-256bit": ("256", ()), "avx2": ("256", ("-mno-avx512f",)),
+        "generic": (None, ("-mno-avx512f",))}
 
 
 def isa_library(name: str):
@@ -23,6 +25,8 @@ def isa_library(name: str):
         pytest.skip("x86 vector ISAs")
     if name.startswith("avx512") and not config.has_avx512():
         pytest.skip("no AVX-512 on this CPU")
+    if name == "avx2" and not config.has_avx2_fma():
+        pytest.skip("no AVX2 + FMA on this CPU")
     cc = shutil.which(config.compiler())
     if cc is None:
         pytest.skip("no C compiler")

@@ -241,44 +241,48 @@ def _worst(results, ref):
 
 @pytest.fixture(scope="module")
 def width_libs(tmp_path_factory):
-    """The kernels built without a width flag (generic omp simd loops, as on CPUs without AVX-512)
-    and at both explicit widths; skipped where the loaded kernels are the generic ones."""
+    """The kernels built without a width flag (the generic omp simd loops every CPU can run) and at each
+    explicit width this CPU has (AVX-512: 512 and 256 bits; AVX2 + FMA, also with AVX-512 switched off);
+    skipped where there is no explicit path."""
     import ctypes
     import os
     import shutil
 
-    if not cpu_library.state_loop_bits(cpu_library.library()):
-        pytest.skip("the loaded kernels run the generic state loops (no AVX-512 here)")
+    from shufflemamba.ops import config
+
+    if not config.is_x86() or not config.has_avx2_fma():
+        pytest.skip("no explicit x86 state loops here")
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         pytest.skip("no C compiler")
+    builds = {"generic": (None, ()), "avx2": ("256", ("-mno-avx512f",))}
+    if config.has_avx512():
+        builds.update({"avx512": ("512", ()), "avx512-256bit": ("256", ())})
     libs = {}
-    for width in (None, "512", "256"):
-        path = tmp_path_factory.mktemp("kernels") / f"lib{width}.so"
-        cpu_library.build(cc, path, width)
-        libs[width] = ctypes.CDLL(str(path))
-        cpu_library.declare(libs[width])
-        if hasattr(libs[width], "sl_rows_f32"):  # the pointwise rows' test entry point, declared here
-            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            libs[width].sl_rows_f32.argtypes, libs[width].sl_rows_f32.restype = [p, p, i64, i32], i32
+    for name, (width, extra) in builds.items():
+        path = tmp_path_factory.mktemp("kernels") / f"lib-{name}.so"
+        cpu_library.build(cc, path, width, extra_flags=extra)
+        libs[name] = ctypes.CDLL(str(path))
+        cpu_library.declare(libs[name])
     return libs
 
 
 def test_explicit_vector_state_loops_match_the_generic_ones(width_libs, monkeypatch):
-    """On AVX-512 CPUs the float32 state loops and the softplus / sigmoid rows are hand-vectorised
-    (csrc/scan_steps.h: exp through vreduceps / vscalefps, accumulators in registers). Both explicit
-    widths (512 and 256 bits) give the generic build's outputs and gradients up to float32 rounding,
-    and all are as close to float64."""
+    """On x86 the float32 state loops and the softplus / sigmoid rows are hand-vectorised
+    (csrc/scan_steps_x86.h: AVX-512's exp through vreduceps / vscalefps, AVX2's through vroundps and the
+    exponent bits, accumulators in registers). Every explicit build gives the generic build's outputs and
+    gradients up to float32 rounding, and all are as close to float64."""
     libs = width_libs
-    assert [cpu_library.state_loop_bits(lib) for lib in libs.values()] == [0, 512, 256]
+    expected = {"generic": 0, "avx2": 256, "avx512": 512, "avx512-256bit": 256}
+    assert {name: cpu_library.state_loop_bits(lib) for name, lib in libs.items()} == {n: expected[n] for n in libs}
 
     for R in (3, 17):
-        ref = _core_results(libs[None], monkeypatch, torch.float64, R=R)  # float64 runs the generic loops
-        plain = _core_results(libs[None], monkeypatch, torch.float32, R=R)
+        ref = _core_results(libs["generic"], monkeypatch, torch.float64, R=R)  # float64 runs the generic loops
+        plain = _core_results(libs["generic"], monkeypatch, torch.float32, R=R)
         assert _worst(plain, ref) < 1e-5  # measured on the Intel Xeon: ~1e-6 for each build
-        for width in ("512", "256"):
-            fast = _core_results(libs[width], monkeypatch, torch.float32, R=R)
-            assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, (width, R)
+        for name in libs.keys() - {"generic"}:
+            fast = _core_results(libs[name], monkeypatch, torch.float32, R=R)
+            assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, (name, R)
 
 
 def test_mixer_core_per_thread_partial_sums(monkeypatch):

@@ -504,10 +504,19 @@ def test_vector_width_auto_is_one_build_the_record_or_512(monkeypatch, width_cac
     assert torch.isfinite(_scan_cl_fp32()[0]).all()
 
 
-def test_vector_width_compiler_default_without_avx512(monkeypatch, width_cache):
+@pytest.mark.parametrize("avx2", [True, False])
+def test_vector_width_without_avx512(monkeypatch, width_cache, avx2):
+    """Without AVX-512: the explicit 256-bit loops where there are AVX2 and FMA, else the compiler's default
+    vectors (the generic loops)."""
+    if not config.is_x86():
+        pytest.skip("the width flag is x86-only")
     monkeypatch.setattr(config, "has_avx512", lambda: False)
+    monkeypatch.setattr(config, "has_avx2_fma", lambda: avx2)
     info = _fresh_load(monkeypatch, width_cache)
-    assert info["width"] is None and "compiler default" in info["source"]
+    if avx2:
+        assert info["width"] == 256 and "AVX2 + FMA" in info["source"]
+    else:
+        assert info["width"] is None and "compiler default" in info["source"]
 
 
 def test_measure_vector_width_records_a_choice_that_auto_loads(monkeypatch, width_cache):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["PARALLEL_MIN_WORK", "TORCH_SCAN_CHUNK_ELEMENTS", "KernelConfigError", "VectorWidth", "cache_dir",
-           "compile_disabled", "compiler", "cpu_model", "cpu_signature", "has_avx512", "is_x86", "isa_flags", "vector_isa",
+           "compile_disabled", "compiler", "cpu_model", "cpu_signature", "has_avx2_fma", "has_avx512", "is_x86", "isa_flags", "vector_isa",
            "vector_width"]
 
 CACHE_ENV = "SHUFFLEMAMBA_CACHE"
@@ -123,6 +123,12 @@ def isa_flags() -> tuple[str, ...]:
 def has_avx512() -> bool:
     """Whether the kernels may use AVX-512: the CPU has it and SHUFFLEMAMBA_CPU_ISA does not cap it."""
     return "avx512f" in _cpu_flags() and not isa_flags()
+
+
+def has_avx2_fma() -> bool:
+    """Whether the CPU has AVX2 and FMA (every x86 CPU with AVX-512 has them too): the explicit 256-bit
+    loops' build where there is no AVX-512."""
+    return {"avx2", "fma"} <= _cpu_flags()
 
 
 def vector_isa() -> str:

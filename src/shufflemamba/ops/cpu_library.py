@@ -96,7 +96,7 @@ def declare(lib: ctypes.CDLL) -> None:
 
 
 def state_loop_bits(lib: ctypes.CDLL) -> int:
-    """Vector width of a library's explicit AVX-512 state loops (csrc/scan_steps.h); 0: the generic ones."""
+    """Vector width of a library's explicit x86 state loops (csrc/scan_steps.h); 0: the generic ones."""
     return int(lib.sl_vector_path())
 
 
@@ -165,6 +165,8 @@ def _choose_width(cc: str) -> tuple[str | None, dict[str, Any]]:
         return setting, {"width": int(setting), "source": config.VECTOR_WIDTH_ENV}
     if not config.has_avx512():
         capped = f" ({config.ISA_ENV}=avx2)" if config.isa_flags() else ""
+        if config.has_avx2_fma():  # the explicit loops' AVX2 build (csrc/vec_x86.h)
+            return "256", {"width": 256, "source": f"no AVX-512{capped}: AVX2 + FMA"}
         return None, {"width": None, "source": f"no AVX-512{capped}: compiler default"}
     path = choice_path(cc)
     rec = read_choice(path)

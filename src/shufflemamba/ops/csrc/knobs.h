@@ -6,7 +6,7 @@
  *                  vector chains per state than 64, and it divides every Vim's E (2 D, D a multiple of 48).
  *   CL_PF          steps ahead that the channel-last kernels prefetch their rows (default 2): a step's
  *                  rows lie 1.5-3 KB apart, which the hardware stride prefetchers lose at 4 KB pages.
- *   CL_VPF         steps ahead that the conv backward's explicit AVX-512 pass prefetches (default 4).
+ *   CL_VPF         steps ahead that the conv backward's explicit x86 pass prefetches (default 4).
  *   CL_HIST_BYTES  bytes of state history the scan backward keeps per group of states (default 3/8 of
  *                  the L2 cache, read at run time): the history must stay in L2 at long L.
  *

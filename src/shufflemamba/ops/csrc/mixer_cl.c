@@ -43,7 +43,7 @@
 #include "knobs.h" /* EB, CL_PF, CL_HIST_BYTES: the build knobs, documented there */
 /* every channel loop carries "omp simd": without it gcc leaves several of them scalar
  * ("no vectype" after folding the row copies), which measured 2-3x slower */
-#include "scan_steps.h" /* the per-state loops of one time step (explicit AVX-512 vectors where available) */
+#include "scan_steps.h" /* the per-state loops of one time step (explicit x86 vectors where available) */
 
 /* copy ne (<= EB) values into an EB-long local row, zero the rest; full rows (the common case)
  * take an inlined fixed-length copy: a memcpy call per row and step measured as a visible cost */

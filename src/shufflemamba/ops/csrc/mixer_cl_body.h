@@ -29,8 +29,9 @@ static inline void CL_FN(cv_fwd_row)(const T *xb, int64_t sx_t, const T *CL_REST
         if (src < L) CL_PREFETCH(xb + src * sx_t, E, 0);
         CL_PREFETCH(o + CL_PF * E, E, 1);
     }
+    if (CL_FN(cl_conv_fwd_row)(xb, sx_t, wt, bias, o, E, L, K, t, reverse)) return; /* scan_steps.h */
     CL_FN(cv_pre_row)(xb, sx_t, wt, bias, o, E, L, K, t, reverse);
-    CL_FN(cl_silu_n)(o, E); /* scan_steps.h */
+    CL_FN(cl_silu_n)(o, E);
 }
 int CL_FN(cv_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,
                  const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,

@@ -14,8 +14,9 @@
  * Two versions:
  *   scan_steps_generic.h  one body every ISA builds (double always, float where there is no
  *                         explicit path): plain `omp simd` loops with the inlined sm_exp2f;
- *   scan_steps_avx512.h   float on x86 with AVX-512 and a width flag (SM_VECTOR_BITS): explicit
- *                         vectors, where they measured faster (the file says how).
+ *   scan_steps_x86.h      float on x86 with a width flag (SM_VECTOR_BITS): explicit vectors, where they
+ *                         measured faster (the file says how), over vec_x86.h's primitives of one of
+ *                         AVX-512 (512 or 256 bits) or AVX2 + FMA (256 bits).
  * Included (after common.h and CL_RESTRICT) by mixer_cl.c and benchmarks/csrc/cpu_peak.c.
  */
 #ifndef SHUFFLEMAMBA_SCAN_STEPS_H
@@ -41,7 +42,11 @@
 #undef EXPM1
 
 #if defined(SM_VECTOR_BITS) && defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#include "scan_steps_avx512.h" /* defines SM_SCAN_VECTOR_PATH and SM_STATE_LOOP_BITS */
+#define SM_VEC_AVX512 1
+#include "scan_steps_x86.h" /* defines SM_SCAN_VECTOR_PATH and SM_STATE_LOOP_BITS */
+#elif defined(SM_VECTOR_BITS) && SM_VECTOR_BITS == 256 && defined(__AVX2__) && defined(__FMA__)
+#define SM_VEC_AVX2 1
+#include "scan_steps_x86.h"
 #else
 #define T float
 #define SFX f32

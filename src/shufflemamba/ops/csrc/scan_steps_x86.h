@@ -1,102 +1,19 @@
 /*
- * The state loops and row functions of the channel-last scans explicit in AVX-512 vectors of the
- * build's width (SM_VECTOR_BITS, passed by cpu_scan.py with -mprefer-vector-width: 512 or 256 bits),
- * the float32 versions of scan_steps_generic.h's functions on x86 CPUs with AVX-512 (F, DQ, VL):
- *   - 2^t as p(t - floor t) * 2^floor(t) with vreduceps (t - floor t in one instruction) and
- *     vscalefps (the 2^floor(t) scaling, which also handles under- and overflow): 7 vector ops
- *     where the portable version needs 12 (clamp, magic-number rounding, integer shift, convert);
+ * The state loops and row functions of the channel-last scans in explicit x86 vectors, the float32
+ * versions of scan_steps_generic.h's functions, written once over the primitives of vec_x86.h and built
+ * at the build's width: AVX-512 at 512 or 256 bits (SM_VECTOR_BITS), or AVX2 + FMA at 256 bits.
+ *   - 2^t as p(t - floor t) * 2^floor(t): with AVX-512 vreduceps and vscalefps (7 vector ops where the
+ *     portable version needs 12: clamp, magic-number rounding, integer shift, convert), with AVX2
+ *     vroundps and an integer add to the exponent bits (10);
  *   - y (and the backward's sums over the states) stay in registers across the N states instead of
  *     a load and a store per state.
- * No clamp: t > 127 gives inf (sm_exp2f: 2^127) and t < -126 gives 0 (sm_exp2f: 2^-126); the
- * decays' t = d A log2(e) is <= 0 for A < 0 <= d, and below -126 both are 0 to float precision.
+ * The decays' t = d A log2(e) is <= 0 for A < 0 <= d; below -126 every build gives 0 (to float precision).
  * Included by scan_steps.h only.
  */
-#ifndef SHUFFLEMAMBA_SCAN_STEPS_AVX512_H
-#define SHUFFLEMAMBA_SCAN_STEPS_AVX512_H
-#include <immintrin.h>
+#ifndef SHUFFLEMAMBA_SCAN_STEPS_X86_H
+#define SHUFFLEMAMBA_SCAN_STEPS_X86_H
+#include "vec_x86.h" /* sm_vf, SM_VL and the sm_v* primitives of this build */
 #define SM_SCAN_VECTOR_PATH 1
-#if SM_VECTOR_BITS == 512
-typedef __m512 sm_vf;
-#define SM_VL 16
-#define sm_vload _mm512_loadu_ps
-#define sm_vstore _mm512_storeu_ps
-#define sm_vset1 _mm512_set1_ps
-#define sm_vzero _mm512_setzero_ps
-#define sm_vmul _mm512_mul_ps
-#define sm_vadd _mm512_add_ps
-#define sm_vfma _mm512_fmadd_ps
-#define sm_vfrac(x) _mm512_reduce_ps((x), 0x09) /* x - floor(x): round down (01), no precision exception (8) */
-#define sm_vscalef _mm512_scalef_ps              /* a * 2^floor(b) */
-#define sm_vsub _mm512_sub_ps
-#define sm_vmax _mm512_max_ps
-#define sm_vmin _mm512_min_ps
-#define sm_vabs _mm512_abs_ps
-#define sm_vfmsub _mm512_fmsub_ps   /* a b - c */
-#define sm_vfnmadd _mm512_fnmadd_ps /* c - a b */
-#define sm_vrcp14 _mm512_rcp14_ps   /* 1 / x to 2^-14 relative */
-#define sm_vsel_gt(x, c, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a)) /* x > c ? a : b */
-#define sm_vmask(m) ((__mmask16)((1u << (m)) - 1u)) /* the first m lanes */
-#define sm_vload_n(p, m) _mm512_maskz_loadu_ps(sm_vmask(m), (p))           /* zeros past them */
-#define sm_vstore_n(p, v, m) _mm512_mask_storeu_ps((p), sm_vmask(m), (v))
-static inline float sm_vhsum(sm_vf v) { return _mm512_reduce_add_ps(v); }
-/* the sums of SM_VL vectors at once: lane i of the result is the sum of v[i] (a tree of 128-bit-block
- * and in-lane shuffles, 45 ops and a permutation where 16 separate horizontal sums take ~130) */
-static inline sm_vf sm_vhsum_all(const sm_vf *v) {
-    sm_vf a[8], b[4], c[2];
-    for (int i = 0; i < 8; ++i)
-        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; ++i)
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; ++i)
-        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-    const sm_vf d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
-    /* lane 4 b + a of d holds the sum of v[4 a + b]: transpose the 4 x 4 lane grid */
-    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), d);
-}
-#else
-typedef __m256 sm_vf;
-#define SM_VL 8
-#define sm_vload _mm256_loadu_ps
-#define sm_vstore _mm256_storeu_ps
-#define sm_vset1 _mm256_set1_ps
-#define sm_vzero _mm256_setzero_ps
-#define sm_vmul _mm256_mul_ps
-#define sm_vadd _mm256_add_ps
-#define sm_vfma _mm256_fmadd_ps
-#define sm_vfrac(x) _mm256_reduce_ps((x), 0x09)
-#define sm_vscalef _mm256_scalef_ps
-#define sm_vsub _mm256_sub_ps
-#define sm_vmax _mm256_max_ps
-#define sm_vmin _mm256_min_ps
-#define sm_vabs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (x))
-#define sm_vfmsub _mm256_fmsub_ps
-#define sm_vfnmadd _mm256_fnmadd_ps
-#define sm_vrcp14 _mm256_rcp14_ps
-#define sm_vsel_gt(x, c, a, b) _mm256_mask_blend_ps(_mm256_cmp_ps_mask((x), (c), _CMP_GT_OQ), (b), (a))
-#define sm_vmask(m) ((__mmask8)((1u << (m)) - 1u))
-#define sm_vload_n(p, m) _mm256_maskz_loadu_ps(sm_vmask(m), (p))
-#define sm_vstore_n(p, v, m) _mm256_mask_storeu_ps((p), sm_vmask(m), (v))
-static inline float sm_vhsum(sm_vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-static inline sm_vf sm_vhsum_all(const sm_vf *v) { /* as the 512-bit one: 8 sums */
-    sm_vf a[4], b[2];
-    for (int i = 0; i < 4; ++i)
-        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
-                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
-    for (int i = 0; i < 2; ++i)
-        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
-                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
-    const sm_vf d = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
-    /* lane 4 b + a of d holds the sum of v[2 a + b] */
-    return _mm256_permutevar8x32_ps(d, _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0));
-}
-#endif
 /* p[0..m) += v's first m lanes */
 static inline void sm_vadd_first(float *p, sm_vf v, int m) {
     sm_vstore_n(p, sm_vadd(sm_vload_n(p, m), v), m);
@@ -108,8 +25,8 @@ static inline void sm_vadd_first(float *p, sm_vf v, int m) {
 
 /* 2^t: p(f) 2^floor(t), f = t - floor(t) in [0, 1); p a degree-5 polynomial with p(0) = 1 (so 2^k is
  * exact), coefficients fitted for relative error on [0, 1] (1.6e-7 evaluated in float, against
- * sm_exp2f's 1.9e-7). vscalefps gives 0 below the normal range (FTZ is on in the kernels) and
- * propagates NaN; no clamp needed. */
+ * sm_exp2f's 1.9e-7). With AVX-512, vscalefps gives 0 below the normal range (FTZ is on in the kernels)
+ * and propagates NaN: no clamp; with AVX2, t is clamped to SM_EXP2_MIN (vec_x86.h). */
 static inline sm_vf sm_vpow2_frac(sm_vf f) { /* p(f) ~ 2^f */
     sm_vf p = sm_vfma(sm_vset1(1.8671332e-3f), f, sm_vset1(9.0170223e-3f));
     p = sm_vfma(p, f, sm_vset1(5.5799920e-2f));
@@ -117,24 +34,29 @@ static inline sm_vf sm_vpow2_frac(sm_vf f) { /* p(f) ~ 2^f */
     p = sm_vfma(p, f, sm_vset1(6.9315130e-1f));
     return sm_vfma(p, f, sm_vset1(1.0f));
 }
-static inline sm_vf sm_vexp2(sm_vf t) { return sm_vscalef(sm_vpow2_frac(sm_vfrac(t)), t); }
+static inline sm_vf sm_vexp2(sm_vf t) { /* t <= 0: the decays */
+#ifdef SM_EXP2_MIN
+    t = sm_vmax(t, sm_vset1(SM_EXP2_MIN));
+#endif
+    return sm_vldexp_floor(sm_vpow2_frac(sm_vfrac(t)), t);
+}
 
 /* e^x to a few ulp: x log2(e) as hi + lo (the FMA gives the product's rounding error exactly, plus
  * the part of log2(e) that float drops), so that |x| up to ~88 costs no relative accuracy (2^(x
  * log2(e)) with the product rounded would: ~1e-6 at |x| = 20); then 2^hi 2^lo as sm_vexp2 does.
  * 12 vector ops where sm_expf, vectorised by the compiler, takes ~19 (clamps, magic-number
- * rounding, integer shift and convert). x is clamped to [-104, 89]: inf above ~88.7, 0 (FTZ) below
- * ~-87.3, as e^x in float32 */
+ * rounding, integer shift and convert). x is clamped to [SM_EXP_MIN, SM_EXP_MAX] (vec_x86.h): inf or
+ * 1.65e38 above ~88, 0 below ~-87.3, as e^x in float32 */
 static inline sm_vf sm_vexp(sm_vf x) {
     const sm_vf l2e = sm_vset1(1.44269502162933349609375f); /* float(log2 e) */
-    x = sm_vmax(sm_vmin(x, sm_vset1(89.0f)), sm_vset1(-104.0f)); /* |x| ~1e30 would turn lo into nonsense */
+    x = sm_vmax(sm_vmin(x, sm_vset1(SM_EXP_MAX)), sm_vset1(SM_EXP_MIN)); /* |x| ~1e30 would turn lo into nonsense */
     const sm_vf hi = sm_vmul(x, l2e);
     const sm_vf lo = sm_vfma(x, sm_vset1(1.925963033500011e-8f), sm_vfmsub(x, l2e, hi)); /* x log2 e - hi */
-    return sm_vscalef(sm_vpow2_frac(sm_vadd(sm_vfrac(hi), lo)), hi);
+    return sm_vldexp_floor(sm_vpow2_frac(sm_vadd(sm_vfrac(hi), lo)), hi);
 }
-/* 1 / d: vrcp14ps and one Newton step (2^-28 relative) */
+/* 1 / d: the approximate reciprocal and one Newton step (2^-28 relative with AVX-512's, ~2^-23 with AVX2's) */
 static inline sm_vf sm_vrecip(sm_vf d) {
-    const sm_vf r = sm_vrcp14(d);
+    const sm_vf r = sm_vrcp(d);
     return sm_vmul(r, sm_vfnmadd(d, r, sm_vset1(2.0f)));
 }
 /* softplus as sm_softplusf computes it (max(x, 0) + 2 atanh(t / (2 + t)), t = e^-|x|; x > 20 -> x,
@@ -233,9 +155,36 @@ static inline void cl_silu_n_f32(float *CL_RESTRICT o, int64_t n) {
         sm_vstore_n(o + e, sm_vmul(p, sm_vsigmoid(p)), m);
     }
 }
-static inline sm_vf sm_vdsilu(sm_vf p, sm_vf go) { /* go silu'(p) = go s (1 + p (1 - s)) */
-    const sm_vf s = sm_vsigmoid(p), one = sm_vset1(1.0f);
-    return sm_vmul(sm_vmul(go, s), sm_vfma(p, sm_vsub(one, s), one));
+/* the conv kernels' explicit paths take up to CL_VK taps (Vim: 4) */
+#define CL_VK 4
+/* one output row of the conv + SiLU (mixer_cl_body.h's cv_fwd_row) for K <= CL_VK taps: each vector of
+ * channels summed over the taps in a register, then SiLU, one store; the generic loops pass over the
+ * row once per tap and once more for the SiLU. Returns 0 for K > CL_VK (the caller's loops run) */
+static inline int cl_conv_fwd_row_f32(const float *xb, int64_t sx_t, const float *CL_RESTRICT wt,
+                                      const float *CL_RESTRICT bias, float *CL_RESTRICT o, int64_t E, int64_t L,
+                                      int64_t K, int64_t t, int reverse) {
+    if (K > CL_VK) return 0;
+    const float *xr[CL_VK]; /* the input row of each tap; NULL outside the sequence */
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
+        xr[k] = src >= 0 && src < L ? xb + src * sx_t : NULL;
+    }
+    for (int64_t e = 0; e < E; e += SM_VL) {
+        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
+        sm_vf pre = bias ? sm_vload_n(bias + e, m) : sm_vzero();
+        for (int64_t k = 0; k < K; ++k)
+            if (xr[k]) pre = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(xr[k] + e, m), pre);
+        sm_vstore_n(o + e, sm_vmul(pre, sm_vsigmoid(pre)), m);
+    }
+    return 1;
+}
+/* go silu'(p) = go s (1 + p (1 - s)), with 1 - s = e^-p s for p > 0: no cancellation where s ~ 1 (an approximate
+ * reciprocal's last bits, multiplied by p, made 1 - s wrong for large p) */
+static inline sm_vf sm_vdsilu(sm_vf p, sm_vf go) {
+    const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), p), sm_vset1(88.0f)));
+    const sm_vf s = sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
+    const sm_vf oms = sm_vsel_gt(p, sm_vzero(), sm_vmul(e, s), sm_vsub(sm_vset1(1.0f), s)); /* 1 - s */
+    return sm_vmul(sm_vmul(go, s), sm_vfma(p, oms, sm_vset1(1.0f)));
 }
 static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRICT go, float *CL_RESTRICT db,
                                   int64_t n) {
@@ -260,7 +209,6 @@ static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRIC
  * loops). Measured on the Intel Xeon
  * (scratch interleaved A/B of the conv backward alone): 1.3-1.5x at the demo16 shape (128, 17, 192),
  * 1.4-1.55x at D 192 (64, 65, 384); without the prefetch, 1.24x and 0.98x. */
-#define CL_VK 4
 /* CL_VPF (knobs.h): steps ahead that the first pass prefetches its rows */
 static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const float *wt, const float *bias,
                                          const float *go, float *dw, float *db, float *gpre, int64_t E,
@@ -420,53 +368,62 @@ static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, con
         sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
     }
 }
-/* as the generic one, a pass over NV vectors of columns (from j0) with the four rows' 4 NV accumulators
- * in registers across E: per channel 4 broadcasts, NV loads of W^T and 4 NV FMAs */
-#define SM_XPROJ_PASS(NV)                                                                          \
-    static inline void sm_xproj_pass##NV(const float *CL_RESTRICT u, int64_t L, int64_t E,         \
-                                         const float *CL_RESTRICT wt, int64_t J, int64_t JP,       \
-                                         int64_t j0, float *CL_RESTRICT out) {                     \
-        for (int64_t t0 = 0; t0 < L; t0 += 4) {                                                    \
-            const int64_t nt = L - t0 < 4 ? L - t0 : 4;                                            \
-            /* rows past L repeat the last one: computed, not stored */                            \
-            const float *u0 = u + t0 * E, *u1 = u + (t0 + (nt > 1)) * E;                           \
-            const float *u2 = u + (t0 + (nt > 2 ? 2 : nt - 1)) * E, *u3 = u + (t0 + nt - 1) * E;   \
-            sm_vf a0[NV], a1[NV], a2[NV], a3[NV];                                                  \
-            _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) a0[k] = a1[k] = a2[k] = a3[k] = sm_vzero(); \
+/* as the generic one, a pass over NV vectors of columns (from j0) with RW rows' RW NV accumulators in
+ * registers across E: per channel RW broadcasts, NV loads of W^T and RW NV FMAs. AVX-512's 32 registers
+ * hold 8 rows of up to 3 vectors (x_proj's whole output at Vim-Ti's 44 columns in one pass over W^T, which
+ * at 73 KB does not stay in L1), AVX2's 16 hold 4 rows of 2 */
+#define SM_XPROJ_PASS(RW, NV)                                                                      \
+    static inline void sm_xproj_pass##RW##_##NV(const float *CL_RESTRICT u, int64_t L, int64_t E,  \
+                                                const float *CL_RESTRICT wt, int64_t J, int64_t JP, \
+                                                int64_t j0, float *CL_RESTRICT out) {              \
+        for (int64_t t0 = 0; t0 < L; t0 += RW) {                                                   \
+            const int64_t nt = L - t0 < RW ? L - t0 : RW;                                          \
+            const float *ur[RW]; /* rows past L repeat the last one: computed, not stored */       \
+            _Pragma("GCC unroll 8") for (int r = 0; r < RW; ++r) ur[r] = u + (t0 + (r < nt ? r : nt - 1)) * E; \
+            sm_vf acc[RW][NV];                                                                     \
+            _Pragma("GCC unroll 8") for (int r = 0; r < RW; ++r)                                   \
+                _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) acc[r][k] = sm_vzero();       \
             for (int64_t e = 0; e < E; ++e) {                                                      \
                 const float *w = wt + e * JP + j0;                                                 \
-                const sm_vf v0 = sm_vset1(u0[e]), v1 = sm_vset1(u1[e]), v2 = sm_vset1(u2[e]), v3 = sm_vset1(u3[e]); \
-                _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) {                             \
-                    const sm_vf wv = sm_vload(w + k * SM_VL);                                      \
-                    a0[k] = sm_vfma(v0, wv, a0[k]);                                                \
-                    a1[k] = sm_vfma(v1, wv, a1[k]);                                                \
-                    a2[k] = sm_vfma(v2, wv, a2[k]);                                                \
-                    a3[k] = sm_vfma(v3, wv, a3[k]);                                                \
+                sm_vf wv[NV];                                                                      \
+                _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) wv[k] = sm_vload(w + k * SM_VL); \
+                _Pragma("GCC unroll 8") for (int r = 0; r < RW; ++r) {                             \
+                    const sm_vf v = sm_vset1(ur[r][e]);                                            \
+                    _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) acc[r][k] = sm_vfma(v, wv[k], acc[r][k]); \
                 }                                                                                  \
             }                                                                                      \
             _Pragma("GCC unroll 4") for (int k = 0; k < NV; ++k) {                                 \
                 const int64_t j = j0 + k * SM_VL;                                                  \
                 if (j >= J) break;                                                                 \
                 const int m = J - j < SM_VL ? (int)(J - j) : SM_VL;                                \
-                sm_vstore_n(out + t0 * J + j, a0[k], m);                                           \
-                if (nt > 1) sm_vstore_n(out + (t0 + 1) * J + j, a1[k], m);                         \
-                if (nt > 2) sm_vstore_n(out + (t0 + 2) * J + j, a2[k], m);                         \
-                if (nt > 3) sm_vstore_n(out + (t0 + 3) * J + j, a3[k], m);                         \
+                for (int64_t r = 0; r < nt; ++r) sm_vstore_n(out + (t0 + r) * J + j, acc[r][k], m); \
             }                                                                                      \
         }                                                                                          \
     }
-SM_XPROJ_PASS(1)
-SM_XPROJ_PASS(2)
-SM_XPROJ_PASS(3)
-SM_XPROJ_PASS(4)
+#if SM_VL == 16
+#define SM_XPROJ_ROWS 8
+#define SM_XPROJ_VECS 3
+SM_XPROJ_PASS(8, 1)
+SM_XPROJ_PASS(8, 2)
+SM_XPROJ_PASS(8, 3)
+#else
+#define SM_XPROJ_ROWS 4
+#define SM_XPROJ_VECS 2
+SM_XPROJ_PASS(4, 1)
+SM_XPROJ_PASS(4, 2)
+#endif
+#define SM_XPROJ_CALL(RW, NV) sm_xproj_pass##RW##_##NV
+#define SM_XPROJ_FN(RW, NV) SM_XPROJ_CALL(RW, NV)
 static inline void sl_xproj_rows_f32(const float *CL_RESTRICT u, int64_t L, int64_t E, const float *CL_RESTRICT wt,
                                      int64_t J, int64_t JP, float *CL_RESTRICT out) {
-    for (int64_t j0 = 0; j0 < JP; j0 += 4 * SM_VL) {
+    for (int64_t j0 = 0; j0 < JP; j0 += SM_XPROJ_VECS * SM_VL) {
         const int64_t nv = (JP - j0) / SM_VL;
-        if (nv >= 4) sm_xproj_pass4(u, L, E, wt, J, JP, j0, out);
-        else if (nv == 3) sm_xproj_pass3(u, L, E, wt, J, JP, j0, out);
-        else if (nv == 2) sm_xproj_pass2(u, L, E, wt, J, JP, j0, out);
-        else sm_xproj_pass1(u, L, E, wt, J, JP, j0, out);
+#if SM_XPROJ_VECS == 3
+        if (nv >= 3) SM_XPROJ_FN(SM_XPROJ_ROWS, 3)(u, L, E, wt, J, JP, j0, out);
+        else
+#endif
+        if (nv >= 2) SM_XPROJ_FN(SM_XPROJ_ROWS, 2)(u, L, E, wt, J, JP, j0, out);
+        else SM_XPROJ_FN(SM_XPROJ_ROWS, 1)(u, L, E, wt, J, JP, j0, out);
     }
 }
 /* as the generic one, the row in registers across the J products */
@@ -512,4 +469,4 @@ static inline void sl_dtproj_dw_f32(const float *CL_RESTRICT dd, const float *dt
 }
 #define SM_STATE_LOOP_BITS (SM_VL * 32) /* the explicit loops' vector width, for the libraries' reports */
 
-#endif /* SHUFFLEMAMBA_SCAN_STEPS_AVX512_H */
+#endif /* SHUFFLEMAMBA_SCAN_STEPS_X86_H */
