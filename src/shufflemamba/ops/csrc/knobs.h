@@ -7,8 +7,8 @@
  *   CL_PF          steps ahead that the channel-last kernels prefetch their rows (default 2): a step's
  *                  rows lie 1.5-3 KB apart, which the hardware stride prefetchers lose at 4 KB pages.
  *   CL_VPF         steps ahead that the conv backward's explicit x86 pass prefetches (default 4).
- *   CL_HIST_BYTES  bytes of state history the scan backward keeps per group of states (default 3/8 of
- *                  the L2 cache, read at run time): the history must stay in L2 at long L.
+ *   CL_HIST_BYTES  bytes of state history the scan backward keeps per group of states (default 768 KB,
+ *                  at most 3/4 of the L2 cache read at run time): the history must stay in L2 at long L.
  *
  * Included by mixer_cl.c (through scan_steps.h) and benchmarks/csrc/cpu_peak.c (which sets EB first).
  */

@@ -94,11 +94,13 @@
  * 2 (L + 1) EB values a state) is kept near sm_hist_bytes() by running the recurrences over groups of
  * states, one after the other. With all N at once the history outgrew the L2
  * cache at long L: at Vim-Ti's (L 197, N 16) 2.4 MB a block, and the backward's time per
- * element-step grew with L (377 ps at L 33, 548 ps at L 197; Intel Xeon, 2 MB L2 a core). 3/8 of
- * the L2 size was the best of 1/8, 1/4, 3/8, 1/2 and 3/4 of it there (768 KB: scan backward at
- * Vim-Ti's shape 1.08x over 512 KB and 1.04x over 1 MB); other CPUs get the same share of theirs
- * (unmeasured: AMD EPYC's 1 MB L2 gives 384 KB), 768 KB where the size is unknown. Groups of
- * equal size: ceil(N / ngroups) */
+ * element-step grew with L (377 ps at L 33, 548 ps at L 197; Intel Xeon, 2 MB L2 a core). 768 KB was
+ * the best there of 1/8, 1/4, 3/8, 1/2 and 3/4 of the L2 (scan backward at Vim-Ti's shape 1.08x over
+ * 512 KB and 1.04x over 1 MB), and the best on the AMD EPYC Zen 4 (1 MB L2) too, where it is 3/4 of the
+ * L2: Vim-Ti's mixer core backward 1.06x over 384 KB (3/8 of it), 1.07x at 1.5 MB, 1.04x at all 16 states
+ * (benchmarks/profile_train_step.py --kernels-flags=-DCL_HIST_BYTES=.. --core --models tiny224, one
+ * thread). So 768 KB, at most 3/4 of a smaller L2; 768 KB where the size is unknown. Groups of equal
+ * size: ceil(N / ngroups) */
 static int64_t sm_hist_bytes(void) {
 #ifdef CL_HIST_BYTES
     return CL_HIST_BYTES;
@@ -109,7 +111,7 @@ static int64_t sm_hist_bytes(void) {
 #ifdef _SC_LEVEL2_CACHE_SIZE
         l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-        bytes = l2 >= 256 * 1024 ? (int64_t)l2 * 3 / 8 : 768 * 1024;
+        bytes = l2 >= 256 * 1024 && l2 * 3 / 4 < 768 * 1024 ? (int64_t)l2 * 3 / 4 : 768 * 1024;
     }
     return bytes;
 #endif
