@@ -215,6 +215,28 @@ def test_mixer_core_without_grad_matches_training_forward():
     torch.testing.assert_close(out_eval, out.detach(), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_mixer_core_with_fewer_samples_than_threads(monkeypatch, dtype, tol):
+    """Fewer samples than threads: the conv and x_proj run over chunks of 64 steps on all threads (cx_fwd)
+    instead of a sample a thread inside the scan kernel. Each sample alone (L 150: chunks of 64, 64 and 22)
+    gives the batch's rows of the output and x's gradient."""
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    xz, R, dirs = _core_inputs(E=200, L=150, N=5, R=3, batch=5, seed=5)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (xz, *dirs[0], *dirs[1])]
+    fwd, bwd = type(dirs[0])(*leaves[1:8]), type(dirs[0])(*leaves[8:])
+    gy = torch.randn(5, 150, 200, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    out = bimamba_core_cl(leaves[0], R, fwd, bwd)  # 5 samples >= 4 threads: the fused path
+    (gx,) = torch.autograd.grad(out, leaves[0], gy)
+    for b in range(5):
+        x1 = leaves[0][b:b + 1].detach().requires_grad_()
+        out1 = bimamba_core_cl(x1, R, fwd, bwd)
+        (gx1,) = torch.autograd.grad(out1, x1, gy[b:b + 1])
+        torch.testing.assert_close(out1, out[b:b + 1].detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(gx1, gx[b:b + 1], rtol=tol, atol=tol)
+
+
 def _core_results(lib, monkeypatch, dtype, threads=None, R=3):
     """Output and every gradient of the mixer core on fixed inputs (odd N: the generic backward's
     unpaired state; E = 200: two full channel blocks and a partial one), run with ``lib``. R = 17:

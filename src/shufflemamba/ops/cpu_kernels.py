@@ -71,6 +71,23 @@ def conv_silu_fwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, reverse: bool) 
     return out
 
 
+def conv_xproj_fwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, reverse: bool,
+                      x_proj_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``cx_fwd`` kernel: ``u = silu(conv(x) + bias)`` (batch, L, E) and ``u @ x_proj_weight^T``
+    (batch, L, J), both contiguous, over chunks of steps on all threads (for batches smaller than the
+    thread count). x: (batch, L, E) with unit stride along E; wt: (K, E); x_proj_weight: (J, E), J <= 256."""
+    batch, L, E = x.shape
+    J = x_proj_weight.shape[0]
+    u, x_dbl = x.new_empty(batch, L, E), x.new_empty(batch, L, J)
+    rc = getattr(library(), f"cx_fwd_{dtype_suffix(x)}")(
+        ptr(x), *_strides(x), ptr(wt), ptr(bias), ptr(u), ptr(x_proj_weight), ptr(x_dbl), batch, E, L,
+        wt.shape[0], J, int(reverse), omp_threads(batch * L * E),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("conv + x_proj kernel: out of memory") if rc == 1 else ValueError(f"x_proj too wide: {J}")
+    return u, x_dbl
+
+
 def conv_silu_bwd_cl(x: Tensor, wt: Tensor, bias: Tensor | None, gout: Tensor, dx: Tensor, accumulate: bool,
                      reverse: bool) -> tuple[Tensor, Tensor]:
     """The ``cv_bwd`` kernel: writes dx (batch, L, E, unit stride along E), or adds to it with

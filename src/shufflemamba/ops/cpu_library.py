@@ -81,6 +81,7 @@ def declare(lib: ctypes.CDLL) -> None:
         "ss_bwd": [p] * 16 + [i64] * 4 + [i32, i64, i32],
         "cv_fwd": [p, i64, i64, p, p, p] + [i64] * 4 + [i32, i32],
         "cv_bwd": [p, i64, i64, p, p, p, p, i64, i64, i32, p] + [i64] * 4 + [i32, i32],
+        "cx_fwd": [p, i64, i64, p, p, p, p, p] + [i64] * 5 + [i32, i32],
         "sl_fwd": head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj] + [p, i64, i64, p, p, i64, p, p, i32],
         "sl_bwd": ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 3 + [i64] * 4 + [i32, i32, f64, *dtproj]
                    + [p, p] + [p, i64, i64, p, p, i64, p, i64, i64, i32, i32]),

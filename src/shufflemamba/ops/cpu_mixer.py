@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_mixer_core_inputs, check_rms_inputs
-from .cpu_kernels import (XPROJ_FUSED_MAX, FusedConv, contig, conv_silu_fwd_cl, dtype_suffix, omp_threads,
-                          placeholder, ptr, scan_bwd_cl, scan_fwd_cl, unit_stride_rows)
+from .cpu_kernels import (XPROJ_FUSED_MAX, FusedConv, contig, conv_silu_fwd_cl, conv_xproj_fwd_cl, dtype_suffix,
+                          omp_threads, placeholder, ptr, scan_bwd_cl, scan_fwd_cl, unit_stride_rows)
 from .cpu_library import library
 from .cpu_scan import scan_flops
 
@@ -94,6 +94,8 @@ def _core_forward(xz: Tensor, R: int, dirs: Directions, save: bool) -> tuple[Ten
         if fuse:  # the kernel writes xc = silu(conv(x)) and x_dbl = xc x_proj^T itself, per sample
             xc, x_dbl = xz.new_empty(batch, L, E), xz.new_empty(batch, L, R + 2 * N)
             fused = dict(conv=FusedConv(x, wt, bias), x_proj_weight=contig(p.x_proj_weight), x_dbl=x_dbl)
+        elif p.x_proj_weight.shape[0] <= XPROJ_FUSED_MAX:  # the conv and x_proj over chunks of steps, all threads
+            xc, x_dbl = conv_xproj_fwd_cl(x, wt, bias, k == 1, contig(p.x_proj_weight))
         else:
             xc = conv_silu_fwd_cl(x, wt, bias, k == 1)
             x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)

@@ -42,6 +42,33 @@ int CL_FN(cv_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT w
     return 0;
 }
 
+/* the conv + SiLU and x_proj of the mixer's forward over chunks of CX_ROWS steps, the chunks of all samples
+ * spread over the threads: u = silu(conv(x)) (batch, L, E) contiguous, xdbl = u xw^T (batch, L, J)
+ * contiguous, xw (J, E). For fewer samples than threads, where sl_fwd's fused mode (a whole sample on one
+ * thread) would leave threads idle: the separate conv pass and a (batch L, E) x (E, J) torch.mm it
+ * replaces read u once more and ran x_proj's narrow product (J 44 at Vim-Ti) at ~45 G multiply-adds/s
+ * (AMD EPYC Zen 4, 2 threads). 2: J too wide, 1: out of memory */
+#define CX_ROWS 64 /* 64 rows of E 384: 96 KB of u, in L2 for its x_proj right after */
+int CL_FN(cx_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT cwt, const T *CL_RESTRICT cbias,
+                 T *CL_RESTRICT u, const T *CL_RESTRICT xw, T *CL_RESTRICT xdbl, int64_t batch, int64_t E,
+                 int64_t L, int64_t K, int64_t J, int reverse, int nthreads) {
+    if (J > SM_XPROJ_MAX) return 2;
+    const int64_t JP = (J + 15) / 16 * 16, nch = (L + CX_ROWS - 1) / CX_ROWS;
+    T *xwt = (T *)calloc((size_t)(E * JP), sizeof(T)); /* xw transposed, (E, JP), zero-padded */
+    if (!xwt) return 1;
+    for (int64_t j = 0; j < J; ++j)
+        for (int64_t e = 0; e < E; ++e) xwt[e * JP + j] = xw[j * E + e];
+    #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
+    for (int64_t it = 0; it < batch * nch; ++it) {
+        const int64_t b = it / nch, t0 = (it % nch) * CX_ROWS, t1 = t0 + CX_ROWS < L ? t0 + CX_ROWS : L;
+        T *ub = u + b * L * E;
+        for (int64_t t = t0; t < t1; ++t) CL_FN(cv_fwd_row)(x + b * sx_b, sx_t, cwt, cbias, ub + t * E, E, L, K, t, reverse);
+        CL_FN(sl_xproj_rows)(ub + t0 * E, t1 - t0, E, xwt, J, JP, xdbl + (b * L + t0) * J); /* scan_steps.h */
+    }
+    free(xwt);
+    return 0;
+}
+
 /* the conv backward of one sample (go: its (L, E) output gradient rows; dxb: its dx rows, stride
  * sdx_t; dw, db: added to; gpre: L x E scratch): cv_bwd's loop body, and sl_bwd's with the conv fused */
 static void CL_FN(cv_bwd_sample)(const T *xb, int64_t sx_t, const T *CL_RESTRICT wt, const T *CL_RESTRICT bias,
