@@ -221,7 +221,7 @@ def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = ()):
     if lib.ss_abi_version() != current.ss_abi_version():
         raise SystemExit(f"error: {rev}'s kernels have ABI {lib.ss_abi_version()}, the current ones "
                          f"{current.ss_abi_version()}: their Python sides differ, compare with an older checkout")
-    cpu_library.declare(lib)
+    cpu_library.declare(lib, missing_ok=rev is not None)
     return lib
 
 

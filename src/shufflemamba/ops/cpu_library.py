@@ -70,8 +70,9 @@ def build(cc: str, out: Path, width: str | None = None, csrc: Path = CSRC, sourc
             os.unlink(tmp)
 
 
-def declare(lib: ctypes.CDLL) -> None:
-    """The kernels' C signatures (csrc/*.c), so ctypes converts every argument."""
+def declare(lib: ctypes.CDLL, missing_ok: bool = False) -> None:
+    """The kernels' C signatures (csrc/*.c), so ctypes converts every argument; ``missing_ok`` skips the
+    kernels an older revision's build lacks (a benchmark's A/B against it)."""
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     strided = [p, i64, i64]  # pointer, batch stride, time stride
     head = [p, p, p, *strided, *strided, p, *strided, p]  # u, delta, At, B, C, D, z, delta_bias
@@ -90,6 +91,8 @@ def declare(lib: ctypes.CDLL) -> None:
     }
     for name, argtypes in signatures.items():
         for sfx in ("f32", "f64"):
+            if missing_ok and not hasattr(lib, f"{name}_{sfx}"):
+                continue
             fn = getattr(lib, f"{name}_{sfx}")
             fn.argtypes, fn.restype = argtypes, i32
     lib.ss_abi_version.restype = i32
