@@ -39,6 +39,13 @@
 
 #include "common.h"
 
+/* GCC turns the kernels' row copies (CL_LOAD / CL_STORE below, EB floats) into memcpy calls where its own
+ * expansion of a 384-byte copy takes more moves than it inlines (AVX2's 32-byte ones): perf had
+ * memmove at ~5% of an AVX2 build's training step that the AVX-512 build does not spend. Kept as loops */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+
 #define CL_RESTRICT __restrict__
 #include "knobs.h" /* EB, CL_PF, CL_HIST_BYTES: the build knobs, documented there */
 /* every channel loop carries "omp simd": without it gcc leaves several of them scalar

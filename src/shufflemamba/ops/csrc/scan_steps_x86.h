@@ -22,6 +22,17 @@ static inline void sm_vadd_first(float *p, sm_vf v, int m) {
 #if EB % SM_VL != 0
 #error "EB must be a multiple of the vector length"
 #endif
+/* Accumulators a pass over a block keeps in registers: at 512 bits all SM_NV of the block (6 at EB 96, of
+ * 32 registers); AVX2's 16 registers hold 6 of its 12 (SM_CV; the adjoint keeps two arrays: SM_ACV), the
+ * block then taken in passes (all 12 at once were spilled: 68 stack moves in the forward's state loop, 673
+ * in the backward kernel, objdump of the AVX2 build) */
+#if SM_VL == 16
+#define SM_CV SM_NV
+#define SM_ACV SM_NV
+#else
+#define SM_CV 6
+#define SM_ACV 3
+#endif
 
 /* 2^t: p(f) 2^floor(t), f = t - floor(t) in [0, 1); p a degree-5 polynomial with p(0) = 1 (so 2^k is
  * exact), coefficients fitted for relative error on [0, 1] (1.6e-7 evaluated in float, against
@@ -78,30 +89,29 @@ static inline sm_vf sm_vsigmoid(sm_vf z) {
     const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), z), sm_vset1(88.0f)));
     return sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
 }
-/* acc (a block's SM_NV vectors) += sum_j g_j W_j (W: J x EB rows), acc in registers across the J rows:
- * dt_proj's delta in the forward, x_proj's input gradient in the backward (sl_rowmat_add_f32) */
-static inline void sm_rowmat_acc(sm_vf *acc, const float *g, int64_t J, const float *CL_RESTRICT wb) {
-    for (int64_t j = 0; j < J; ++j) {
-        const sm_vf v = sm_vset1(g[j]);
-#pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + k * SM_VL), acc[k]);
-    }
-}
 /* as the generic one, delta in registers across the R rows of dt_proj: a load and an FMA per row
  * and vector, where the generic loop also loads and stores delta's row for each */
 static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL_RESTRICT wb,
                                     const float *CL_RESTRICT bs, const float *CL_RESTRICT uu,
                                     float *CL_RESTRICT d, float *CL_RESTRICT du, int softplus) {
-    sm_vf acc[SM_NV];
+    for (int c0 = 0; c0 < SM_NV; c0 += SM_CV) {
+        sm_vf acc[SM_CV];
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
-    sm_rowmat_acc(acc, dtr, R, wb);
+        for (int k = 0; k < SM_CV; ++k) acc[k] = sm_vzero();
+        for (int64_t r = 0; r < R; ++r) {
+            const sm_vf v = sm_vset1(dtr[r]);
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) {
-        const int j = k * SM_VL;
-        const sm_vf x = sm_vadd(acc[k], sm_vload(bs + j)), dv = softplus ? sm_vsoftplus(x) : x;
-        sm_vstore(d + j, dv);
-        sm_vstore(du + j, sm_vmul(dv, sm_vload(uu + j)));
+            for (int k = 0; k < SM_CV; ++k)
+                if (c0 + k < SM_NV) acc[k] = sm_vfma(v, sm_vload(wb + r * EB + (c0 + k) * SM_VL), acc[k]);
+        }
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_CV; ++k) {
+            if (c0 + k >= SM_NV) break;
+            const int j = (c0 + k) * SM_VL;
+            const sm_vf x = sm_vadd(acc[k], sm_vload(bs + j)), dv = softplus ? sm_vsoftplus(x) : x;
+            sm_vstore(d + j, dv);
+            sm_vstore(du + j, sm_vmul(dv, sm_vload(uu + j)));
+        }
     }
 }
 static inline void sl_softplus_row_f32(const float *CL_RESTRICT x, const float *CL_RESTRICT bs,
@@ -216,13 +226,18 @@ static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const fl
     if (K > CL_VK) return 0;
     for (int64_t e = 0; e < E; e += SM_VL) {
         const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
-        sm_vf w[CL_VK], aw[CL_VK], ab = sm_vzero();
+        sm_vf aw[CL_VK], ab = sm_vzero();
         const sm_vf vb = bias ? sm_vload_n(bias + e, m) : sm_vzero();
+#if SM_VL == 16 /* the taps' weights in registers; with AVX2's 16 they are read from L1 each step */
+        sm_vf w[CL_VK];
 #pragma GCC unroll 4
-        for (int k = 0; k < CL_VK; ++k) {
-            w[k] = k < K ? sm_vload_n(wt + k * E + e, m) : sm_vzero();
-            aw[k] = sm_vzero();
-        }
+        for (int k = 0; k < CL_VK; ++k) w[k] = k < K ? sm_vload_n(wt + k * E + e, m) : sm_vzero();
+#define SM_CONV_W(k) w[k]
+#else
+#define SM_CONV_W(k) ((k) < K ? sm_vload_n(wt + (k) * E + e, m) : sm_vzero())
+#endif
+#pragma GCC unroll 4
+        for (int k = 0; k < CL_VK; ++k) aw[k] = sm_vzero();
         for (int64_t t = 0; t < L; ++t) {
             sm_vf xs[CL_VK], pre = vb;
             if (t + CL_VPF < L) { /* a step's rows are 1.5-3 KB apart: the stride prefetchers lose them */
@@ -234,7 +249,7 @@ static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const fl
             for (int k = 0; k < CL_VK; ++k) {
                 const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
                 xs[k] = k < K && src >= 0 && src < L ? sm_vload_n(xb + src * sx_t + e, m) : sm_vzero();
-                pre = sm_vfma(w[k], xs[k], pre);
+                pre = sm_vfma(SM_CONV_W(k), xs[k], pre);
             }
             const sm_vf g = sm_vdsilu(pre, sm_vload_n(go + t * E + e, m));
             sm_vstore_n(gpre + t * E + e, g, m);
@@ -244,30 +259,35 @@ static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const fl
         }
         sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), ab), m);
         for (int k = 0; k < K; ++k) sm_vstore_n(dw + k * E + e, sm_vadd(sm_vload_n(dw + k * E + e, m), aw[k]), m);
+#undef SM_CONV_W
     }
     return 1;
 }
 static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTRICT Ab,
                                      const float *CL_RESTRICT d, const float *CL_RESTRICT du,
                                      float *CL_RESTRICT y, const float *Bn, const float *Cn, int64_t N) {
-    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
+    for (int c0 = 0; c0 < SM_NV; c0 += SM_CV) {
+        sm_vf acc[SM_CV]; /* y of the pass's channels, in registers across the states */
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vzero();
-    for (int64_t n = 0; n < N; ++n) {
-        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
-        float *CL_RESTRICT hn = h + n * EB;
-        const float *CL_RESTRICT an = Ab + n * EB;
+        for (int k = 0; k < SM_CV; ++k) acc[k] = sm_vzero();
+        for (int64_t n = 0; n < N; ++n) {
+            const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
+            float *CL_RESTRICT hn = h + n * EB;
+            const float *CL_RESTRICT an = Ab + n * EB;
 #pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) {
-            const int j = k * SM_VL;
-            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + j), sm_vload(an + j)));
-            const sm_vf hv = sm_vfma(a, sm_vload(hn + j), sm_vmul(sm_vload(du + j), vb));
-            sm_vstore(hn + j, hv);
-            acc[k] = sm_vfma(vc, hv, acc[k]);
+            for (int k = 0; k < SM_CV; ++k) {
+                if (c0 + k >= SM_NV) break;
+                const int j = (c0 + k) * SM_VL;
+                const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + j), sm_vload(an + j)));
+                const sm_vf hv = sm_vfma(a, sm_vload(hn + j), sm_vmul(sm_vload(du + j), vb));
+                sm_vstore(hn + j, hv);
+                acc[k] = sm_vfma(vc, hv, acc[k]);
+            }
         }
-    }
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
+        for (int k = 0; k < SM_CV; ++k)
+            if (c0 + k < SM_NV) sm_vstore(y + (c0 + k) * SM_VL, acc[k]);
+    }
 }
 
 /* the replay, with y = sum_n C_n h_n too when with_y (a constant at both call sites below, so each
@@ -277,28 +297,33 @@ static inline void sm_replay_states(const float *CL_RESTRICT hp, float *CL_RESTR
                                     const float *CL_RESTRICT du, const float *CL_RESTRICT gy, const float *Bn,
                                     const float *Cn, float *dC, float *CL_RESTRICT y, int64_t N, const int with_y,
                                     int add_y) {
-    sm_vf acc[SM_NV]; /* y of the block, in registers across the states */
+    for (int c0 = 0; c0 < SM_NV; c0 += SM_CV) {
+        sm_vf acc[SM_CV]; /* y of the pass's channels, in registers across the states */
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) acc[k] = with_y && add_y ? sm_vload(y + k * SM_VL) : sm_vzero();
-    for (int64_t n = 0; n < N; ++n) {
-        const sm_vf vb = sm_vset1(Bn[n]), vc = with_y ? sm_vset1(Cn[n]) : sm_vzero();
-        const int64_t o = n * EB;
-        sm_vf dc = sm_vzero();
+        for (int k = 0; k < SM_CV; ++k)
+            acc[k] = with_y && add_y && c0 + k < SM_NV ? sm_vload(y + (c0 + k) * SM_VL) : sm_vzero();
+        for (int64_t n = 0; n < N; ++n) {
+            const sm_vf vb = sm_vset1(Bn[n]), vc = with_y ? sm_vset1(Cn[n]) : sm_vzero();
+            const int64_t o = n * EB;
+            sm_vf dc = sm_vzero();
 #pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) {
-            const int64_t j = o + k * SM_VL;
-            const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + k * SM_VL), sm_vload(Ab + j)));
-            const sm_vf hv = sm_vfma(a, sm_vload(hp + j), sm_vmul(sm_vload(du + k * SM_VL), vb));
-            sm_vstore(ac + j, a);
-            sm_vstore(hc + j, hv);
-            dc = sm_vfma(sm_vload(gy + k * SM_VL), hv, dc);
-            if (with_y) acc[k] = sm_vfma(vc, hv, acc[k]);
+            for (int k = 0; k < SM_CV; ++k) {
+                if (c0 + k >= SM_NV) break;
+                const int64_t r = (c0 + k) * SM_VL, j = o + r;
+                const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + r), sm_vload(Ab + j)));
+                const sm_vf hv = sm_vfma(a, sm_vload(hp + j), sm_vmul(sm_vload(du + r), vb));
+                sm_vstore(ac + j, a);
+                sm_vstore(hc + j, hv);
+                dc = sm_vfma(sm_vload(gy + r), hv, dc);
+                if (with_y) acc[k] = sm_vfma(vc, hv, acc[k]);
+            }
+            dC[n] += sm_vhsum(dc);
         }
-        dC[n] += sm_vhsum(dc);
-    }
-    if (with_y)
+        if (with_y)
 #pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) sm_vstore(y + k * SM_VL, acc[k]);
+            for (int k = 0; k < SM_CV; ++k)
+                if (c0 + k < SM_NV) sm_vstore(y + (c0 + k) * SM_VL, acc[k]);
+    }
 }
 static inline void sl_replay_states_f32(const float *CL_RESTRICT hp, float *CL_RESTRICT hc,
                                         float *CL_RESTRICT ac, const float *CL_RESTRICT Ab,
@@ -319,54 +344,66 @@ static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const floa
                                          const float *CL_RESTRICT gy, const float *Bn, const float *Cn,
                                          float *CL_RESTRICT g, float *CL_RESTRICT dA, float *CL_RESTRICT dd,
                                          float *CL_RESTRICT sgB, float *dB, int64_t N, int add) {
-    sm_vf vdd[SM_NV], vsg[SM_NV]; /* dd and sgB of the block, in registers across the states */
+    for (int c0 = 0; c0 < SM_NV; c0 += SM_ACV) {
+        sm_vf vdd[SM_ACV], vsg[SM_ACV]; /* dd and sgB of the pass's channels, in registers across the states */
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) {
-        vdd[k] = add ? sm_vload(dd + k * SM_VL) : sm_vzero();
-        vsg[k] = add ? sm_vload(sgB + k * SM_VL) : sm_vzero();
-    }
-    for (int64_t n = 0; n < N; ++n) {
-        const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
-        const int64_t o = n * EB;
-        sm_vf db = sm_vzero();
-#pragma GCC unroll 16
-        for (int k = 0; k < SM_NV; ++k) {
-            const int64_t j = o + k * SM_VL, r = k * SM_VL;
-            const sm_vf gv = sm_vfma(sm_vload(gy + r), vc, sm_vmul(sm_vload(ax + j), sm_vload(g + j)));
-            sm_vstore(g + j, gv);
-            const sm_vf ga = sm_vmul(sm_vmul(gv, sm_vload(hp + j)), sm_vload(ac + j));
-            vdd[k] = sm_vfma(ga, sm_vload(Ab + j), vdd[k]);
-            sm_vstore(dA + j, sm_vfma(ga, sm_vload(d + r), sm_vload(dA + j)));
-            vsg[k] = sm_vfma(gv, vb, vsg[k]);
-            db = sm_vfma(gv, sm_vload(du + r), db);
+        for (int k = 0; k < SM_ACV; ++k) {
+            const int live = add && c0 + k < SM_NV;
+            vdd[k] = live ? sm_vload(dd + (c0 + k) * SM_VL) : sm_vzero();
+            vsg[k] = live ? sm_vload(sgB + (c0 + k) * SM_VL) : sm_vzero();
         }
-        dB[n] += sm_vhsum(db);
-    }
+        for (int64_t n = 0; n < N; ++n) {
+            const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
+            const int64_t o = n * EB;
+            sm_vf db = sm_vzero();
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) {
-        sm_vstore(dd + k * SM_VL, vdd[k]);
-        sm_vstore(sgB + k * SM_VL, vsg[k]);
+            for (int k = 0; k < SM_ACV; ++k) {
+                if (c0 + k >= SM_NV) break;
+                const int64_t r = (c0 + k) * SM_VL, j = o + r;
+                const sm_vf gv = sm_vfma(sm_vload(gy + r), vc, sm_vmul(sm_vload(ax + j), sm_vload(g + j)));
+                sm_vstore(g + j, gv);
+                const sm_vf ga = sm_vmul(sm_vmul(gv, sm_vload(hp + j)), sm_vload(ac + j));
+                vdd[k] = sm_vfma(ga, sm_vload(Ab + j), vdd[k]);
+                sm_vstore(dA + j, sm_vfma(ga, sm_vload(d + r), sm_vload(dA + j)));
+                vsg[k] = sm_vfma(gv, vb, vsg[k]);
+                db = sm_vfma(gv, sm_vload(du + r), db);
+            }
+            dB[n] += sm_vhsum(db);
+        }
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_ACV; ++k) {
+            if (c0 + k >= SM_NV) break;
+            sm_vstore(dd + (c0 + k) * SM_VL, vdd[k]);
+            sm_vstore(sgB + (c0 + k) * SM_VL, vsg[k]);
+        }
     }
 }
-/* as the generic one, with dd in registers and the R lane sums of a group of SM_VL taken together */
+/* as the generic one, the R lane sums of a group of SM_VL rows taken together; at 512 bits with dd in
+ * registers across the rows, with AVX2 (whose 16 registers hold the SM_VL sums) dd read from L1 */
 static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, const float *CL_RESTRICT wb,
                                      float *ddt) {
+#if SM_VL == 16
     sm_vf vdd[SM_NV];
 #pragma GCC unroll 16
     for (int k = 0; k < SM_NV; ++k) vdd[k] = sm_vload(dd + k * SM_VL);
+#define SM_DDV(k) vdd[k]
+#else
+#define SM_DDV(k) sm_vload(dd + (k) * SM_VL)
+#endif
     for (int64_t r0 = 0; r0 < R; r0 += SM_VL) {
         const int m = R - r0 < SM_VL ? (int)(R - r0) : SM_VL;
         sm_vf acc[SM_VL];
         for (int i = 0; i < SM_VL; ++i) acc[i] = sm_vzero();
         for (int i = 0; i < m; ++i) {
             const float *CL_RESTRICT w = wb + (r0 + i) * EB;
-            sm_vf a = sm_vmul(vdd[0], sm_vload(w));
+            sm_vf a = sm_vmul(SM_DDV(0), sm_vload(w));
 #pragma GCC unroll 16
-            for (int k = 1; k < SM_NV; ++k) a = sm_vfma(vdd[k], sm_vload(w + k * SM_VL), a);
+            for (int k = 1; k < SM_NV; ++k) a = sm_vfma(SM_DDV(k), sm_vload(w + k * SM_VL), a);
             acc[i] = a;
         }
         sm_vadd_first(ddt + r0, sm_vhsum_all(acc), m);
     }
+#undef SM_DDV
 }
 /* as the generic one, a pass over NV vectors of columns (from j0) with RW rows' RW NV accumulators in
  * registers across E: per channel RW broadcasts, NV loads of W^T and RW NV FMAs. AVX-512's 32 registers
@@ -426,46 +463,64 @@ static inline void sl_xproj_rows_f32(const float *CL_RESTRICT u, int64_t L, int6
         else SM_XPROJ_FN(SM_XPROJ_ROWS, 1)(u, L, E, wt, J, JP, j0, out);
     }
 }
-/* as the generic one, the row in registers across the J products */
+/* as the generic one, the row in registers across the J products (SM_CV vectors a pass) */
 static inline void sl_rowmat_add_f32(const float *g, int64_t J, const float *CL_RESTRICT wb, float *CL_RESTRICT row) {
-    sm_vf acc[SM_NV];
+    for (int c0 = 0; c0 < SM_NV; c0 += SM_CV) {
+        sm_vf acc[SM_CV];
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) acc[k] = sm_vload(row + k * SM_VL);
-    sm_rowmat_acc(acc, g, J, wb);
+        for (int k = 0; k < SM_CV; ++k) acc[k] = c0 + k < SM_NV ? sm_vload(row + (c0 + k) * SM_VL) : sm_vzero();
+        for (int64_t j = 0; j < J; ++j) {
+            const sm_vf v = sm_vset1(g[j]);
 #pragma GCC unroll 16
-    for (int k = 0; k < SM_NV; ++k) sm_vstore(row + k * SM_VL, acc[k]);
+            for (int k = 0; k < SM_CV; ++k)
+                if (c0 + k < SM_NV) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + (c0 + k) * SM_VL), acc[k]);
+        }
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_CV; ++k)
+            if (c0 + k < SM_NV) sm_vstore(row + (c0 + k) * SM_VL, acc[k]);
+    }
 }
-/* as the generic one, a group of SM_DW_ROWS rows of dW in registers across the L steps (24 vectors
- * at either width), so each step costs loads of dd and dt and FMAs only, no load / store of dW */
+/* as the generic one, SM_DW_ROWS rows by SM_DW_VECS vectors of dW in registers across the L steps (24
+ * vectors at 512 bits, 9 with AVX2's 16 registers), so each step costs loads of dd and dt and FMAs only,
+ * no load / store of dW */
+#if SM_VL == 16
 #define SM_DW_ROWS (24 / SM_NV)
+#define SM_DW_VECS SM_NV
+#else
+#define SM_DW_ROWS 3
+#define SM_DW_VECS 3
+#endif
 static inline void sl_dtproj_dw_f32(const float *CL_RESTRICT dd, const float *dt0, int64_t sdt, int64_t L,
                                     int64_t R, float *CL_RESTRICT dwb) {
-    for (int64_t r0 = 0; r0 < R; r0 += SM_DW_ROWS) {
-        const int m = R - r0 < SM_DW_ROWS ? (int)(R - r0) : SM_DW_ROWS;
-        sm_vf acc[SM_DW_ROWS][SM_NV];
+    for (int64_t r0 = 0; r0 < R; r0 += SM_DW_ROWS)
+        for (int c0 = 0; c0 < SM_NV; c0 += SM_DW_VECS) {
+            const int m = R - r0 < SM_DW_ROWS ? (int)(R - r0) : SM_DW_ROWS;
+            sm_vf acc[SM_DW_ROWS][SM_DW_VECS];
 #pragma GCC unroll 16
-        for (int i = 0; i < SM_DW_ROWS; ++i)
+            for (int i = 0; i < SM_DW_ROWS; ++i)
 #pragma GCC unroll 16
-            for (int k = 0; k < SM_NV; ++k) acc[i][k] = sm_vzero();
-        for (int64_t s = 0; s < L; ++s) {
-            const float *dtr = dt0 + s * sdt + r0;
-            sm_vf vd[SM_NV];
+                for (int k = 0; k < SM_DW_VECS; ++k) acc[i][k] = sm_vzero();
+            for (int64_t s = 0; s < L; ++s) {
+                const float *dtr = dt0 + s * sdt + r0;
+                sm_vf vd[SM_DW_VECS];
 #pragma GCC unroll 16
-            for (int k = 0; k < SM_NV; ++k) vd[k] = sm_vload(dd + s * EB + k * SM_VL);
+                for (int k = 0; k < SM_DW_VECS; ++k)
+                    vd[k] = c0 + k < SM_NV ? sm_vload(dd + s * EB + (c0 + k) * SM_VL) : sm_vzero();
 #pragma GCC unroll 16
-            for (int i = 0; i < SM_DW_ROWS; ++i) {
-                const sm_vf v = sm_vset1(i < m ? dtr[i] : 0.0f); /* rows past R: zeros, not stored */
+                for (int i = 0; i < SM_DW_ROWS; ++i) {
+                    const sm_vf v = sm_vset1(i < m ? dtr[i] : 0.0f); /* rows past R: zeros, not stored */
 #pragma GCC unroll 16
-                for (int k = 0; k < SM_NV; ++k) acc[i][k] = sm_vfma(vd[k], v, acc[i][k]);
+                    for (int k = 0; k < SM_DW_VECS; ++k) acc[i][k] = sm_vfma(vd[k], v, acc[i][k]);
+                }
             }
+            for (int i = 0; i < m; ++i)
+#pragma GCC unroll 16
+                for (int k = 0; k < SM_DW_VECS; ++k) {
+                    if (c0 + k >= SM_NV) break;
+                    float *p = dwb + (r0 + i) * EB + (c0 + k) * SM_VL;
+                    sm_vstore(p, sm_vadd(sm_vload(p), acc[i][k]));
+                }
         }
-        for (int i = 0; i < m; ++i)
-#pragma GCC unroll 16
-            for (int k = 0; k < SM_NV; ++k) {
-                float *p = dwb + (r0 + i) * EB + k * SM_VL;
-                sm_vstore(p, sm_vadd(sm_vload(p), acc[i][k]));
-            }
-    }
 }
 #define SM_STATE_LOOP_BITS (SM_VL * 32) /* the explicit loops' vector width, for the libraries' reports */
 

@@ -117,8 +117,17 @@ static inline sm_vf sm_vldexp_floor(sm_vf p, sm_vf t) {
 static inline __m256i sm_vmask(int m) { /* the first m lanes, as a vector mask */
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-#define sm_vload_n(p, m) _mm256_maskload_ps((p), sm_vmask(m))
-#define sm_vstore_n(p, v, m) _mm256_maskstore_ps((p), sm_vmask(m), (v))
+/* a whole vector takes the plain move (no mask to build, no register for it; the compiler hoists the test
+ * out of loops over a fixed m), a partial one the masked move */
+static inline sm_vf sm_vload_n(const float *p, int m) {
+    return m == SM_VL ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, sm_vmask(m));
+}
+static inline void sm_vstore_n(float *p, sm_vf v, int m) {
+    if (m == SM_VL)
+        _mm256_storeu_ps(p, v);
+    else
+        _mm256_maskstore_ps(p, sm_vmask(m), v);
+}
 #define SM_EXP2_MIN -127.0f /* floor >= -127: p 2^-127 is a denormal, read as 0 */
 #define SM_EXP_MIN -88.0f   /* x log2(e) >= -126.96: the same */
 #define SM_EXP_MAX 88.0f    /* x log2(e) <= 126.96: finite (e^88 = 1.65e38; sm_expf clamps there too) */
