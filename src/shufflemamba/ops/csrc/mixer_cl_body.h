@@ -102,6 +102,7 @@ static void CL_FN(cv_bwd_sample)(const T *xb, int64_t sx_t, const T *CL_RESTRICT
     for (int64_t s = 0; s < L; ++s) {
         T *CL_RESTRICT d = dxb + s * sdx_t;
         if (s + CL_PF < L) CL_PREFETCH(dxb + (s + CL_PF) * sdx_t, E, 1);
+        if (CL_FN(cl_conv_dx_row)(d, acc_dx, gpre, wt, E, L, K, s, reverse)) continue; /* scan_steps.h */
         if (!acc_dx)
             for (int64_t e = 0; e < E; ++e) d[e] = (T)0;
         for (int64_t k = 0; k < K; ++k) {

@@ -290,3 +290,9 @@ static inline int CL_FN(cl_conv_fwd_row)(const T *xb, int64_t sx_t, const T *wt,
     (void)xb, (void)sx_t, (void)wt, (void)bias, (void)o, (void)E, (void)L, (void)K, (void)t, (void)reverse;
     return 0; /* not handled: the caller runs its generic loops */
 }
+/* one row of the conv backward's dx in registers: explicit x86 builds only */
+static inline int CL_FN(cl_conv_dx_row)(T *d, int acc, const T *gpre, const T *wt, int64_t E, int64_t L, int64_t K,
+                                       int64_t s, int reverse) {
+    (void)d, (void)acc, (void)gpre, (void)wt, (void)E, (void)L, (void)K, (void)s, (void)reverse;
+    return 0; /* not handled: the caller runs its generic loops */
+}

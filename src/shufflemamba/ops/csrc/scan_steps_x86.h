@@ -188,6 +188,26 @@ static inline int cl_conv_fwd_row_f32(const float *xb, int64_t sx_t, const float
     }
     return 1;
 }
+/* one row of the conv backward's dx (mixer_cl_body.h's cv_bwd_sample): d (+)= sum_k w_k gpre_t(k), each
+ * vector of channels summed over the taps in a register, one store; the generic loops pass over the row
+ * once per tap. Returns 0 for K > CL_VK (the caller's loops run) */
+static inline int cl_conv_dx_row_f32(float *d, int acc, const float *CL_RESTRICT gpre, const float *CL_RESTRICT wt,
+                                     int64_t E, int64_t L, int64_t K, int64_t s, int reverse) {
+    if (K > CL_VK) return 0;
+    const float *gr[CL_VK]; /* the gpre row each tap reads; NULL outside the sequence */
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);
+        gr[k] = t >= 0 && t < L ? gpre + t * E : NULL;
+    }
+    for (int64_t e = 0; e < E; e += SM_VL) {
+        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
+        sm_vf v = acc ? sm_vload_n(d + e, m) : sm_vzero();
+        for (int64_t k = 0; k < K; ++k)
+            if (gr[k]) v = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(gr[k] + e, m), v);
+        sm_vstore_n(d + e, v, m);
+    }
+    return 1;
+}
 /* go silu'(p) = go s (1 + p (1 - s)), with 1 - s = e^-p s for p > 0: no cancellation where s ~ 1 (an approximate
  * reciprocal's last bits, multiplied by p, made 1 - s wrong for large p) */
 static inline sm_vf sm_vdsilu(sm_vf p, sm_vf go) {
