@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 PINS   := constraints-cpu.txt
 
-.PHONY: install test demo seg-demo study study-depth bench cpu-figures triton-report gpu-check check-install dataset clean
+.PHONY: install test demo seg-demo study study-depth bench cpu-figures cpu-figures-avx2 triton-report gpu-check check-install dataset clean
 
 install: $(STAMP)
 
@@ -62,6 +62,17 @@ cpu-figures: $(STAMP)
 	  $(BIN)/shufflemamba bench --device cpu --json benchmarks/results/bench-cpu-$$tag.json && \
 	  $(BIN)/python benchmarks/docs_section.py bench benchmarks/results/bench-cpu-$$tag.json && \
 	  $(BIN)/python benchmarks/scan_limit.py --threads 2 --repeat 5 --docs docs/benchmarks.md \
+	    --json benchmarks/results/scan-limit-$$tag.json
+
+# the same figures as an AVX2-only CPU (AMD Zen 3) runs them, on an AVX-512 machine: our kernels built without
+# AVX-512 and torch's, oneDNN's and MKL's capped at AVX2 too; sections tagged -avx2
+AVX2_ENV := SHUFFLEMAMBA_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+cpu-figures-avx2: $(STAMP)
+	@tag=$$($(AVX2_ENV) $(BIN)/python -c "from shufflemamba.bench.report import cpu_model, machine_tag; \
+	  from shufflemamba.ops.cpu_scan import describe_vector_width; print(machine_tag(cpu_model(), describe_vector_width()))") && \
+	  $(AVX2_ENV) $(BIN)/shufflemamba bench --device cpu --skip scan train --json benchmarks/results/bench-cpu-$$tag.json && \
+	  $(BIN)/python benchmarks/docs_section.py bench benchmarks/results/bench-cpu-$$tag.json && \
+	  $(AVX2_ENV) $(BIN)/python benchmarks/scan_limit.py --threads 2 --repeat 5 --isa avx2 --docs docs/benchmarks.md \
 	    --json benchmarks/results/scan-limit-$$tag.json
 
 # the Triton kernels compiled for the H100 (sm_90) without a GPU: registers, spills, SASS mix

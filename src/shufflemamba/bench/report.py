@@ -46,7 +46,8 @@ def bench_markdown(res: dict[str, Any]) -> str:
         f"Run {m['date']}{' (--quick: tiny sizes, smoke test only)' if m['quick'] else ''} on "
         f"**{m['device_name']}** ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
         f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats."
-        + (f" {kernels[0].upper()}{kernels[1:]}." if kernels else ""),
+        + (f" {kernels[0].upper()}{kernels[1:]}." if kernels else "")
+        + (f" Torch's CPU kernels: {m['torch_cpu_capability']}." if m.get("torch_cpu_capability") else ""),
     ]
     if res.get("scan"):
         lines += ["", "### Selective scan, forward + backward", "",
