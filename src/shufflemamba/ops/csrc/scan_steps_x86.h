@@ -89,6 +89,16 @@ static inline sm_vf sm_vsigmoid(sm_vf z) {
     const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), z), sm_vset1(88.0f)));
     return sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
 }
+/* acc (SM_CV vectors: the block's channels from vector c0) += sum_j g_j W_j (W: J x EB rows), acc in
+ * registers across the J rows: dt_proj's delta in the forward, x_proj's input gradient in the backward */
+static inline void sm_rowmat_acc(sm_vf *acc, int c0, const float *g, int64_t J, const float *CL_RESTRICT wb) {
+    for (int64_t j = 0; j < J; ++j) {
+        const sm_vf v = sm_vset1(g[j]);
+#pragma GCC unroll 16
+        for (int k = 0; k < SM_CV; ++k)
+            if (c0 + k < SM_NV) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + (c0 + k) * SM_VL), acc[k]);
+    }
+}
 /* as the generic one, delta in registers across the R rows of dt_proj: a load and an FMA per row
  * and vector, where the generic loop also loads and stores delta's row for each */
 static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL_RESTRICT wb,
@@ -98,12 +108,7 @@ static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL
         sm_vf acc[SM_CV];
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k) acc[k] = sm_vzero();
-        for (int64_t r = 0; r < R; ++r) {
-            const sm_vf v = sm_vset1(dtr[r]);
-#pragma GCC unroll 16
-            for (int k = 0; k < SM_CV; ++k)
-                if (c0 + k < SM_NV) acc[k] = sm_vfma(v, sm_vload(wb + r * EB + (c0 + k) * SM_VL), acc[k]);
-        }
+        sm_rowmat_acc(acc, c0, dtr, R, wb);
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k) {
             if (c0 + k >= SM_NV) break;
@@ -167,45 +172,45 @@ static inline void cl_silu_n_f32(float *CL_RESTRICT o, int64_t n) {
 }
 /* the conv kernels' explicit paths take up to CL_VK taps (Vim: 4) */
 #define CL_VK 4
-/* one output row of the conv + SiLU (mixer_cl_body.h's cv_fwd_row) for K <= CL_VK taps: each vector of
- * channels summed over the taps in a register, then SiLU, one store; the generic loops pass over the
- * row once per tap and once more for the SiLU. Returns 0 for K > CL_VK (the caller's loops run) */
+/* The conv's rows in registers, for K <= CL_VK taps: out = init + sum_k w_k row_k (init: a row added to,
+ * or 0 for NULL), then SiLU with silu, each vector of channels summed over the taps in a register and
+ * stored once, where the generic loops pass over the row once per tap (and once more for the SiLU).
+ * rows[k] is NULL for a tap outside the sequence: tap k reads step t + dir (K - 1 - k) */
+static inline void sm_conv_tap_rows(const float **rows, const float *base, int64_t stride, int64_t L, int64_t K,
+                                    int64_t t, int dir) {
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t src = t + dir * (K - 1 - k);
+        rows[k] = src >= 0 && src < L ? base + src * stride : NULL;
+    }
+}
+static inline void sm_conv_row(float *out, const float *init, const float **rows, const float *CL_RESTRICT wt,
+                               int64_t E, int64_t K, int silu) {
+    for (int64_t e = 0; e < E; e += SM_VL) {
+        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
+        sm_vf v = init ? sm_vload_n(init + e, m) : sm_vzero();
+        for (int64_t k = 0; k < K; ++k)
+            if (rows[k]) v = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(rows[k] + e, m), v);
+        sm_vstore_n(out + e, silu ? sm_vmul(v, sm_vsigmoid(v)) : v, m);
+    }
+}
+/* one output row of the conv + SiLU (mixer_cl_body.h's cv_fwd_row); 0 for K > CL_VK (the caller's loops run) */
 static inline int cl_conv_fwd_row_f32(const float *xb, int64_t sx_t, const float *CL_RESTRICT wt,
                                       const float *CL_RESTRICT bias, float *CL_RESTRICT o, int64_t E, int64_t L,
                                       int64_t K, int64_t t, int reverse) {
     if (K > CL_VK) return 0;
-    const float *xr[CL_VK]; /* the input row of each tap; NULL outside the sequence */
-    for (int64_t k = 0; k < K; ++k) {
-        const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
-        xr[k] = src >= 0 && src < L ? xb + src * sx_t : NULL;
-    }
-    for (int64_t e = 0; e < E; e += SM_VL) {
-        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
-        sm_vf pre = bias ? sm_vload_n(bias + e, m) : sm_vzero();
-        for (int64_t k = 0; k < K; ++k)
-            if (xr[k]) pre = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(xr[k] + e, m), pre);
-        sm_vstore_n(o + e, sm_vmul(pre, sm_vsigmoid(pre)), m);
-    }
+    const float *xr[CL_VK];
+    sm_conv_tap_rows(xr, xb, sx_t, L, K, t, reverse ? 1 : -1);
+    sm_conv_row(o, bias, xr, wt, E, K, 1);
     return 1;
 }
-/* one row of the conv backward's dx (mixer_cl_body.h's cv_bwd_sample): d (+)= sum_k w_k gpre_t(k), each
- * vector of channels summed over the taps in a register, one store; the generic loops pass over the row
- * once per tap. Returns 0 for K > CL_VK (the caller's loops run) */
+/* one row of the conv backward's dx (mixer_cl_body.h's cv_bwd_sample): d (+)= sum_k w_k gpre_t(k); 0 for
+ * K > CL_VK */
 static inline int cl_conv_dx_row_f32(float *d, int acc, const float *CL_RESTRICT gpre, const float *CL_RESTRICT wt,
                                      int64_t E, int64_t L, int64_t K, int64_t s, int reverse) {
     if (K > CL_VK) return 0;
-    const float *gr[CL_VK]; /* the gpre row each tap reads; NULL outside the sequence */
-    for (int64_t k = 0; k < K; ++k) {
-        const int64_t t = reverse ? s - (K - 1 - k) : s + (K - 1 - k);
-        gr[k] = t >= 0 && t < L ? gpre + t * E : NULL;
-    }
-    for (int64_t e = 0; e < E; e += SM_VL) {
-        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
-        sm_vf v = acc ? sm_vload_n(d + e, m) : sm_vzero();
-        for (int64_t k = 0; k < K; ++k)
-            if (gr[k]) v = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(gr[k] + e, m), v);
-        sm_vstore_n(d + e, v, m);
-    }
+    const float *gr[CL_VK];
+    sm_conv_tap_rows(gr, gpre, E, L, K, s, reverse ? -1 : 1);
+    sm_conv_row(d, acc ? d : NULL, gr, wt, E, K, 0);
     return 1;
 }
 /* go silu'(p) = go s (1 + p (1 - s)), with 1 - s = e^-p s for p > 0: no cancellation where s ~ 1 (an approximate
@@ -489,12 +494,7 @@ static inline void sl_rowmat_add_f32(const float *g, int64_t J, const float *CL_
         sm_vf acc[SM_CV];
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k) acc[k] = c0 + k < SM_NV ? sm_vload(row + (c0 + k) * SM_VL) : sm_vzero();
-        for (int64_t j = 0; j < J; ++j) {
-            const sm_vf v = sm_vset1(g[j]);
-#pragma GCC unroll 16
-            for (int k = 0; k < SM_CV; ++k)
-                if (c0 + k < SM_NV) acc[k] = sm_vfma(v, sm_vload(wb + j * EB + (c0 + k) * SM_VL), acc[k]);
-        }
+        sm_rowmat_acc(acc, c0, g, J, wb);
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k)
             if (c0 + k < SM_NV) sm_vstore(row + (c0 + k) * SM_VL, acc[k]);
