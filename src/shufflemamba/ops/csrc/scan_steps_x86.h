@@ -4,7 +4,7 @@
  * at the build's width: AVX-512 at 512 or 256 bits (SM_VECTOR_BITS), or AVX2 + FMA at 256 bits.
  *   - 2^t as p(t - floor t) * 2^floor(t): with AVX-512 vreduceps and vscalefps (7 vector ops where the
  *     portable version needs 12: clamp, magic-number rounding, integer shift, convert), with AVX2
- *     vroundps and an integer add to the exponent bits (10);
+ *     vroundps and an integer add to the exponent bits (11, its clamp included);
  *   - y (and the backward's sums over the states) stay in registers across the N states instead of
  *     a load and a store per state.
  * The decays' t = d A log2(e) is <= 0 for A < 0 <= d; below -126 every build gives 0 (to float precision).
