@@ -19,12 +19,13 @@ checks the Hub login before anything is written and uploads the finished folder 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -311,8 +312,7 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
     what = f"top-1 {top1:.2f}% on its evaluation split" if isinstance(top1, float) else "no recorded evaluation"
     _clean_pretrained_cfg(model, data, licence, f"trained with shufflemamba ({what})")
 
-    out, tmp = _staging(output)
-    try:
+    with _staged(output) as (out, tmp):
         labels = list(src.ckpt.get("classes") or [])
         save_for_hf(model, tmp, model_config={"label_names": labels} if labels else None, model_args=model_args(model),
                     safe_serialization=True)
@@ -323,26 +323,31 @@ def export_run(source: str, output: str, *, ema: bool = False, overwrite: bool =
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
         _verify(tmp, model)
+    if api is not None:
+        _upload(api, push_to_hub, out)
+    return out
+
+
+@contextlib.contextmanager
+def _staged(output: str) -> Iterator[tuple[str, str]]:
+    """(the absolute OUTPUT_DIR, a new temporary folder beside it) for the body to build the export in; then
+    the folder is checked for what must not be published and renamed into place. Nothing of it is left on
+    any failure; an OSError is one UserError naming OUTPUT_DIR."""
+    out = os.path.abspath(output)
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    except OSError as err:
+        raise UserError(f"cannot write to '{parent}': {err.strerror or type(err).__name__}") from None
+    try:
+        yield out, tmp
         _publishable(tmp)
         _replace(tmp, out)
     except OSError as err:
         raise UserError(f"could not write the export to '{output}': {err.strerror or type(err).__name__}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if api is not None:
-        _upload(api, push_to_hub, out)
-    return out
-
-
-def _staging(output: str) -> tuple[str, str]:
-    """(the absolute OUTPUT_DIR, a new temporary folder beside it to build the export in)."""
-    out = os.path.abspath(output)
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        return out, tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-    except OSError as err:
-        raise UserError(f"cannot write to '{parent}': {err.strerror or type(err).__name__}") from None
 
 
 def _export_segmentation(src: ExportSource, output: str, push_to_hub: str | None) -> str:
@@ -354,8 +359,7 @@ def _export_segmentation(src: ExportSource, output: str, push_to_hub: str | None
 
     from .segmentation.export import CONFIG, WEIGHTS, export_config, load_seg_export, model_card
 
-    out, tmp = _staging(output)
-    try:
+    with _staged(output) as (out, tmp):
         with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
             json.dump(export_config(src.ckpt), f, indent=2, default=str)
         state = {k: v.contiguous() for k, v in src.ckpt["model"].items()}
@@ -369,12 +373,6 @@ def _export_segmentation(src: ExportSource, output: str, push_to_hub: str | None
         back = load_seg_export(tmp)["model"]
         if set(back) != set(state) or any(not torch.equal(back[k], state[k]) for k in state):
             raise RuntimeError("the exported segmentation folder does not read back into the same weights")
-        _publishable(tmp)
-        _replace(tmp, out)
-    except OSError as err:
-        raise UserError(f"could not write the export to '{output}': {err.strerror or type(err).__name__}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
