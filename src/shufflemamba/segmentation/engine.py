@@ -108,6 +108,20 @@ def _data_error(err: Exception) -> UserError:
     return UserError(last.split(": ", 1)[1] if "SegDataError: " in last else last)
 
 
+@contextlib.contextmanager
+def _data_errors():
+    """A SegDataError raised in the body, or re-raised from a loader worker (a RuntimeError carrying its
+    traceback in the text), becomes one UserError; any other error passes as it is."""
+    try:
+        yield
+    except SegDataError as err:
+        raise _data_error(err) from None
+    except RuntimeError as err:
+        if "SegDataError" in str(err):
+            raise _data_error(err) from None
+        raise
+
+
 @torch.no_grad()
 def evaluate_seg(model: nn.Module, loader: Any, cfg: dict[str, Any], num_classes: int, device: torch.device) -> dict[str, Any]:
     """mIoU / mAcc / aAcc (%) and val loss over this rank's share of the validation images (summed
@@ -115,7 +129,7 @@ def evaluate_seg(model: nn.Module, loader: Any, cfg: dict[str, Any], num_classes
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     sums = torch.zeros(3, dtype=torch.float64)  # loss x pixels, labelled pixels, images
-    try:
+    with _data_errors():
         for sample in loader:
             image, mask = sample["image"].unsqueeze(0).to(device), sample["mask"].to(device)
             logits = predict_logits(model, image, num_classes, mode=cfg["test_mode"], crop=cfg["test_crop"],
@@ -126,12 +140,6 @@ def evaluate_seg(model: nn.Module, loader: Any, cfg: dict[str, Any], num_classes
             sums[1] += labelled
             sums[2] += 1
             conf += confusion_matrix(logits.argmax(1)[0], mask, num_classes, cfg["ignore_index"])
-    except SegDataError as err:  # raised here, or re-raised from a worker with its traceback in the text
-        raise _data_error(err) from None
-    except RuntimeError as err:
-        if "SegDataError" in str(err):
-            raise _data_error(err) from None
-        raise
     if dist.is_available() and dist.is_initialized():
         both = torch.cat([conf.flatten().double(), sums]).to(device)
         dist.all_reduce(both)
@@ -246,7 +254,7 @@ class SegTrainer:
                 data_pass, done = divmod(st.iteration, bpp)
                 self.data["train_sampler"].set_pass(data_pass, done * cfg["batch_size"])
                 t0 = time.perf_counter()
-                try:
+                with _data_errors():
                     for images, masks in self.data["train_loader"]:
                         code = self.step(images, masks, autocast, time.perf_counter() - t0)
                         if code is not None:
@@ -254,12 +262,6 @@ class SegTrainer:
                         t0 = time.perf_counter()
                         if st.iteration >= cfg["iters"]:
                             break
-                except SegDataError as err:  # raised here, or re-raised from a worker with its traceback in the text
-                    raise _data_error(err) from None
-                except RuntimeError as err:
-                    if "SegDataError" in str(err):
-                        raise _data_error(err) from None
-                    raise
         self.finish()
         return 0
 
