@@ -4,6 +4,7 @@ and train / resume / eval through the CLI on tiny generated folders."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -370,6 +371,20 @@ def test_train_eval_and_exact_resume_through_cli(tmp_path, capsys):
     stem = os.path.splitext(os.path.basename(image))[0]
     a_mask, b_mask = (np.asarray(Image.open(tmp_path / d / f"{stem}_labels.png")) for d in ("p1", "p2"))
     assert np.array_equal(a_mask, b_mask)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_unreadable_image_met_while_running_is_one_error_line(tmp_path, capsys, split):
+    """A dataset file that only fails when it is loaded (in training, or in evaluation) ends the run in one
+    error line naming it, not a traceback."""
+    data = make_plain(tmp_path / "data")
+    image = sorted(glob.glob(os.path.join(data, "images", split, "*")))[0]
+    with open(image, "wb") as f:
+        f.write(b"not an image")
+    code = _run("train", "--task", "segmentation", "--config", _seg_cfg_file(tmp_path), "--data-dir", data,
+                "--iters", 2, "--val-interval", 1, "--output", tmp_path / "out")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and os.path.basename(image) in err[0], err
 
 
 @pytest.mark.parametrize("argv, message", [
