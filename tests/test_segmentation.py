@@ -406,6 +406,19 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     assert (tmp_path / "data" / "classes.txt").read_text() == before
 
 
+@pytest.mark.parametrize("text, message", [
+    ("crop_sise: 32\n", "unknown segmentation option(s): crop_sise (did you mean crop_size?)"),
+    ("crop_size: [32\n", "is not valid YAML at line 2"),
+    ("- 32\n", "must be a YAML mapping"),
+])
+def test_a_bad_segmentation_config_file_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        resolve_seg_config(str(path), {})
+    assert message in str(err.value)
+
+
 def test_segmentation_flags_refused_for_classification(capsys):
     assert _run("train", "--iters", "5", "--print-config") == 2
     assert "needs --task segmentation" in capsys.readouterr().err

@@ -10,17 +10,13 @@ in every checkpoint.
 from __future__ import annotations
 
 import copy
-import os
-from importlib import resources
 from typing import Any
 
-import yaml
-
 from ..errors import UserError
+from ..training.config import list_yaml_presets, read_yaml_config
 
 TASK = "segmentation"
 PRESET_PACKAGE = "shufflemamba.segmentation"
-PRESET_DIR = "configs"
 LAYOUTS = ("auto", "ade20k", "plain")
 TEST_MODES = ("slide", "whole")
 ADE20K_CLASSES = 150
@@ -95,8 +91,7 @@ SEG_DEFAULTS: dict[str, Any] = {
 
 
 def list_seg_presets() -> list[str]:
-    root = resources.files(PRESET_PACKAGE).joinpath(PRESET_DIR)
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return list_yaml_presets(PRESET_PACKAGE)
 
 
 def is_seg_preset(name: str | None) -> bool:
@@ -105,26 +100,7 @@ def is_seg_preset(name: str | None) -> bool:
 
 def load_seg_config_file(name_or_path: str) -> dict[str, Any]:
     """A YAML file path or a shipped segmentation preset name, checked for unknown keys."""
-    if os.path.isfile(name_or_path):
-        with open(name_or_path, encoding="utf-8") as f:
-            text, source = f.read(), name_or_path
-    else:
-        name = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
-        if name not in list_seg_presets():
-            raise UserError(f"unknown segmentation preset or missing config file '{name_or_path}'; "
-                            f"presets: {', '.join(list_seg_presets())}")
-        text = resources.files(PRESET_PACKAGE).joinpath(PRESET_DIR, name + ".yaml").read_text(encoding="utf-8")
-        source = f"preset {name}"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config {source} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config {source} must be a YAML mapping of option: value")
-    unknown = sorted(set(data) - set(SEG_DEFAULTS))
-    if unknown:
-        raise UserError(f"config {source} has unknown segmentation option(s): {', '.join(unknown)}")
-    return data
+    return read_yaml_config(name_or_path, SEG_DEFAULTS, package=PRESET_PACKAGE, kind="segmentation ")
 
 
 def resolve_seg_config(config: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -228,10 +204,3 @@ def validate_seg_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if not (isinstance(cfg["no_decay_keys"], list) and all(isinstance(k, str) for k in cfg["no_decay_keys"])):
         raise UserError("no_decay_keys must be a list of strings")
     return cfg
-
-
-def dump_seg_config(cfg: dict[str, Any], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=True)
-    os.replace(tmp, path)

@@ -34,9 +34,9 @@ from ..training.checkpointing import (
     save_step_checkpoint, set_rng_state, step_checkpoints, step_number, write_metrics,
 )
 from ..errors import UserError
-from ..training.config import resolve_amp
+from ..training.config import dump_config, resolve_amp
 from ..training.distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
-from .config import dump_seg_config, validate_seg_config
+from .config import validate_seg_config
 from .data import SegDataError, build_seg_data
 from .export import is_seg_export, load_seg_export
 from .figures import plot_predictions, plot_seg_curves
@@ -222,7 +222,7 @@ class SegTrainer:
         if self.rank == 0:
             try:
                 prepare_output(self.output)
-                dump_seg_config(self.cfg, os.path.join(self.output, "config.yaml"))
+                dump_config(self.cfg, os.path.join(self.output, "config.yaml"))
                 write_metrics(os.path.join(self.output, "metrics.jsonl"), self.state.history)
                 for path in step_checkpoints(self.output):  # files past this start belong to an abandoned run
                     if not resuming or step_number(path) > self.state.iteration:

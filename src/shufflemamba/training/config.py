@@ -110,17 +110,24 @@ PRESET_DIR = "configs"
 DATASET_NAMES = {"fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist"}
 
 
-def list_presets() -> list[str]:
-    """Names of the presets shipped in ``shufflemamba/configs``."""
-    root = resources.files("shufflemamba").joinpath(PRESET_DIR)
+def list_yaml_presets(package: str = "shufflemamba") -> list[str]:
+    """Names of the presets shipped in ``package``'s ``configs`` folder."""
+    root = resources.files(package).joinpath(PRESET_DIR)
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config_file(name_or_path: str) -> dict[str, Any]:
-    """Load a YAML config from a file path or a shipped preset name.
+def list_presets() -> list[str]:
+    """Names of the classification presets shipped in ``shufflemamba/configs``."""
+    return list_yaml_presets()
+
+
+def read_yaml_config(name_or_path: str, known: dict[str, Any], package: str = "shufflemamba",
+                     kind: str = "") -> dict[str, Any]:
+    """A YAML file path or the name of a preset shipped in ``package``, as a mapping whose keys are all
+    in ``known``; ``kind`` ("segmentation ") names the task in the messages.
 
     Raises:
-        UserError: unknown preset, unreadable file, not a mapping, or unknown keys.
+        UserError: unknown preset, not YAML, not a mapping, or unknown keys.
     """
     if os.path.isfile(name_or_path):
         with open(name_or_path, encoding="utf-8") as f:
@@ -128,10 +135,10 @@ def load_config_file(name_or_path: str) -> dict[str, Any]:
         source = name_or_path
     else:
         name = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
-        presets = list_presets()
+        presets = list_yaml_presets(package)
         if name not in presets:
-            raise UserError(f"unknown preset or missing config file '{name_or_path}'; presets: {', '.join(presets)}")
-        text = resources.files("shufflemamba").joinpath(PRESET_DIR, name + ".yaml").read_text(encoding="utf-8")
+            raise UserError(f"unknown {kind}preset or missing config file '{name_or_path}'; presets: {', '.join(presets)}")
+        text = resources.files(package).joinpath(PRESET_DIR, name + ".yaml").read_text(encoding="utf-8")
         source = f"preset {name}"
     try:
         data = yaml.safe_load(text) or {}
@@ -142,15 +149,21 @@ def load_config_file(name_or_path: str) -> dict[str, Any]:
         raise UserError(f"config {source} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise UserError(f"config {source} must be a YAML mapping of option: value")
-    unknown = sorted(set(data) - set(DEFAULTS))
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise UserError(f"config {source} has unknown option(s): {', '.join(_with_hint(k) for k in unknown)}")
+        hints = ", ".join(_with_hint(k, known) for k in unknown)
+        raise UserError(f"config {source} has unknown {kind}option(s): {hints}")
     return data
 
 
-def _with_hint(key: str) -> str:
+def load_config_file(name_or_path: str) -> dict[str, Any]:
+    """A classification config: a YAML file path or a shipped preset name (see :func:`read_yaml_config`)."""
+    return read_yaml_config(name_or_path, DEFAULTS)
+
+
+def _with_hint(key: str, known: dict[str, Any] = DEFAULTS) -> str:
     """``key`` with a "did you mean" for the closest known option, if one is close."""
-    close = difflib.get_close_matches(key, list(DEFAULTS), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     return f"{key} (did you mean {close[0]}?)" if close else key
 
 
