@@ -5,10 +5,11 @@ matplotlib with the Agg backend (no display); files are written atomically (temp
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..training.plots import finish_axes, pyplot, save_figure
 
 
 def palette(num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -26,54 +27,29 @@ def colour_mask(mask: np.ndarray, num_classes: int, ignore_index: int = 255) -> 
     return palette(num_classes, ignore_index)[np.clip(mask, 0, 255).astype(np.int64)]
 
 
-def _save(fig: Any, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def plot_seg_curves(rows: list[dict[str, Any]], path: str) -> str | None:
     """Loss (train, val) and mIoU / mAcc / aAcc against the iteration."""
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     its = [r["iter"] for r in rows]
-    fig, (ax_loss, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_m) = pyplot().subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(its, [r["train_loss"] for r in rows], "o-", label="train (with aux. head)")
     ax_loss.plot(its, [r["val_loss"] for r in rows], "s-", label="val")
-    ax_loss.set_xlabel("iteration")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
+    finish_axes(ax_loss, "iteration", "loss")
     for key, style in (("mIoU", "o-"), ("mAcc", "s--"), ("aAcc", "^:")):
         ax_m.plot(its, [r[key] for r in rows], style, label=key)
-    ax_m.set_xlabel("iteration")
-    ax_m.set_ylabel("%")
-    ax_m.legend()
-    ax_m.grid(alpha=0.3)
+    finish_axes(ax_m, "iteration", "%")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_predictions(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: str, *,
                      num_classes: int, ignore_index: int, classes: Sequence[str] | None = None) -> str:
     """One row per sample: image | true mask | predicted mask (same colours), with a class legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     n = len(samples)
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + 0.8), squeeze=False)
+    fig, axes = pyplot().subplots(n, 3, figsize=(9, 3 * n + 0.8), squeeze=False)
     for row, (image, truth, pred, name) in zip(axes, samples):
         for ax, pic, title in zip(row, (image, colour_mask(truth, num_classes, ignore_index),
                                         colour_mask(pred, num_classes, ignore_index)), (name, "truth", "prediction")):
@@ -87,4 +63,4 @@ def plot_predictions(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray,
         fig.tight_layout(rect=(0, 0.8 / (3 * n + 0.8) + 0.02, 1, 1))
     else:
         fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
