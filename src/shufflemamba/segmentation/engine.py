@@ -35,7 +35,7 @@ from ..training.checkpointing import (
 )
 from ..errors import UserError
 from ..training.config import dump_config, resolve_amp
-from ..training.distributed import SignalCatcher, all_ranks_agree, setup_distributed, teardown_distributed
+from ..training.distributed import SignalCatcher, setup_distributed, teardown_distributed, write_output_on_rank0
 from .config import validate_seg_config
 from .data import SegDataError, build_seg_data
 from .export import is_seg_export, load_seg_export
@@ -218,21 +218,15 @@ class SegTrainer:
 
     def prepare_output(self, resuming: bool) -> None:
         """Rank 0 writes config.yaml and metrics.jsonl; every rank learns whether that worked."""
-        err: UserError | None = None
-        if self.rank == 0:
-            try:
-                prepare_output(self.output)
-                dump_config(self.cfg, os.path.join(self.output, "config.yaml"))
-                write_metrics(os.path.join(self.output, "metrics.jsonl"), self.state.history)
-                for path in step_checkpoints(self.output):  # files past this start belong to an abandoned run
-                    if not resuming or step_number(path) > self.state.iteration:
-                        os.remove(path)
-            except UserError as e:
-                err = e
-            except OSError as e:
-                err = UserError(f"cannot write to output folder '{self.output}': {e.strerror or type(e).__name__}")
-        if not all_ranks_agree(err is None, self.device):
-            raise err or UserError(f"rank 0 could not prepare output folder '{self.output}'")
+        def write() -> None:
+            prepare_output(self.output)
+            dump_config(self.cfg, os.path.join(self.output, "config.yaml"))
+            write_metrics(os.path.join(self.output, "metrics.jsonl"), self.state.history)
+            for path in step_checkpoints(self.output):  # files past this start belong to an abandoned run
+                if not resuming or step_number(path) > self.state.iteration:
+                    os.remove(path)
+
+        write_output_on_rank0(write, rank=self.rank, device=self.device, output=self.output)
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,21 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([0.0 if ok else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
+
+
+def write_output_on_rank0(write: Callable[[], None], *, rank: int, device: torch.device, output: str) -> None:
+    """Run ``write`` (which fills the output folder ``output``) on rank 0; every rank then learns whether it
+    worked, so none is left waiting for the others. An OSError becomes one UserError naming the folder."""
+    err: UserError | None = None
+    if rank == 0:
+        try:
+            write()
+        except UserError as e:
+            err = e
+        except OSError as e:
+            err = UserError(f"cannot write to output folder '{output}': {e.strerror or type(e).__name__}")
+    if not all_ranks_agree(err is None, device):
+        raise err or UserError(f"rank 0 could not prepare output folder '{output}'")
 
 
 def rank0_value(value: Any) -> Any:

@@ -39,7 +39,8 @@ from ..errors import UserError
 from .config import dump_config, resolve_amp
 from .data import build_loaders
 from .defaults import data_layout, new_run_folder
-from .distributed import SignalCatcher, all_ranks_agree, rank0_value, setup_distributed, teardown_distributed
+from .distributed import (SignalCatcher, all_ranks_agree, rank0_value, setup_distributed, teardown_distributed,
+                          write_output_on_rank0)
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
 from .optim import build_optimizer
 from .plots import plot_curves, read_metrics
@@ -223,21 +224,15 @@ class Trainer:
     def prepare_output(self) -> None:
         """Rank 0: output folder, config.yaml, metrics.jsonl as the checkpoint records it, TensorBoard.
         Every rank learns whether that worked, so none is left waiting for the others."""
-        err: UserError | None = None
-        if self.rank == 0:
-            try:
-                prepare_output(self.output)
-                if self.replace_run:  # --overwrite: only now that the new run is built and can start
-                    remove_run_files(self.output)
-                dump_config(self.cfg, os.path.join(self.output, "config.yaml"))
-                self._reset_metrics_file()
-                self._drop_stale_step_checkpoints()
-            except UserError as e:
-                err = e
-            except OSError as e:
-                err = UserError(f"cannot write to output folder '{self.output}': {e.strerror or type(e).__name__}")
-        if not all_ranks_agree(err is None, self.device):
-            raise err or UserError(f"rank 0 could not prepare output folder '{self.output}'")
+        def write() -> None:
+            prepare_output(self.output)
+            if self.replace_run:  # --overwrite: only now that the new run is built and can start
+                remove_run_files(self.output)
+            dump_config(self.cfg, os.path.join(self.output, "config.yaml"))
+            self._reset_metrics_file()
+            self._drop_stale_step_checkpoints()
+
+        write_output_on_rank0(write, rank=self.rank, device=self.device, output=self.output)
         if self.rank == 0:
             self.writer = tensorboard_writer(self.output)
 
