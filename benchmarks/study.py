@@ -82,7 +82,7 @@ def load_final(out: str) -> tuple[Any, dict[str, Any], int, Any]:
     """A finished run's final weights (OUTPUT/last.pt) as (model, config, in_chans, eval transform)."""
     from shufflemamba.training.data import build_transform
     from shufflemamba.training.checkpointing import load_training_checkpoint
-    from shufflemamba.training.trainer import build_model, model_in_chans
+    from shufflemamba.training.model_setup import build_model, model_in_chans
 
     ckpt = load_training_checkpoint(os.path.join(out, "last.pt"))
     cfg, kwargs = ckpt["config"], dict(ckpt["model_kwargs"])

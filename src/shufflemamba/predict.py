@@ -75,7 +75,7 @@ def predict_segmentation(ckpt: dict[str, Any], run: str, images: list[str], outp
 def predict_classification(ckpt: dict[str, Any], images: list[str], device: torch.device) -> list[list[tuple[str, float]]]:
     from .training.config import DEFAULTS
     from .training.data import build_transform
-    from .training.trainer import build_model, load_weights, model_in_chans
+    from .training.model_setup import build_model, load_weights, model_in_chans
 
     cfg = {**DEFAULTS, **(ckpt.get("config") or {})}
     kwargs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "pretrained"}

@@ -148,7 +148,7 @@ def build_backbone(cfg: dict[str, Any], log: Any = print) -> tuple[nn.Module, li
     sizes), no classifier, SLWS at ``slws_rate``; weights from ``pretrained`` or ``init_from``
     (pos_embed resized to the crop); blocks after the last tap, the final norm and head pruned."""
     from ..errors import UserError
-    from ..training.trainer import build_model, is_our_model
+    from ..training.model_setup import build_model, is_our_model
 
     if not is_our_model(cfg["model"]):
         raise UserError(f"--task segmentation needs one of our Vim / ShuffleMamba models; '{cfg['model']}' is not one")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from .checkpointing import load_training_checkpoint
 from ..errors import UserError
 from .data import norm_stats
-from .trainer import build_model, load_weights
+from .model_setup import build_model, load_weights
 
 
 def _checkpoint_path(run_or_checkpoint: str, which: Literal["best", "last"]) -> str:

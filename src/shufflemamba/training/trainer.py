@@ -1,4 +1,4 @@
-"""Training and checkpoint evaluation: model building, the training run, and ``evaluate_checkpoint``.
+"""Training and checkpoint evaluation: the training run, and ``evaluate_checkpoint``.
 
 A run, read top to bottom (:func:`train`): set up the processes; build data, model, optimiser,
 schedule and loss (:class:`Trainer`); restore a checkpoint when resuming; then train epoch after
@@ -15,7 +15,6 @@ The contents of a checkpoint are defined in :mod:`shufflemamba.training.checkpoi
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import random
@@ -41,87 +40,14 @@ from .data import build_loaders
 from .defaults import data_layout, new_run_folder
 from .distributed import (SignalCatcher, all_ranks_agree, rank0_value, setup_distributed, teardown_distributed,
                           write_output_on_rank0)
+from .model_setup import build_model, init_weights, load_weights, model_in_chans, model_kwargs_for
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
 from .optim import build_optimizer
 from .plots import plot_curves, read_metrics
 
 COUNTERS = ("num_updates", "nonfinite_streak", "nonfinite_steps", "skipped_images")  # kept by the loop, saved in Progress
 
-__all__ = ["train", "evaluate_checkpoint", "build_model", "model_in_chans"]
-
-
-def is_our_model(name: str) -> bool:
-    """True when ``name`` is registered by shufflemamba (and so takes SLWS keyword arguments)."""
-    from timm.models import is_model, model_entrypoint
-
-    return is_model(name) and model_entrypoint(name).__module__.startswith("shufflemamba")
-
-
-def build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model(name, **kwargs)``, with user errors for unknown names and bad kwargs."""
-    import timm
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise UserError(f"unknown model '{name}'{hint}")
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as err:
-        raise UserError(f"model '{name}' rejected its keyword arguments {sorted(kwargs)}: {err}") from None
-    except (ValueError, AssertionError) as err:
-        raise UserError(f"model '{name}' could not be built with {kwargs}: {err}") from None
-
-
-def model_kwargs_for(cfg: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """Keyword arguments for the model: the config's model_kwargs plus data-derived values, drop path
-    and, for our Vim models, the SLWS rate and schedule."""
-    kw = dict(cfg["model_kwargs"])
-    kw.setdefault("num_classes", num_classes)
-    kw.setdefault("img_size", cfg["img_size"])
-    if cfg["drop_path"] is not None:
-        kw.setdefault("drop_path_rate", cfg["drop_path"])
-    ours = is_our_model(cfg["model"])
-    for key in ("slws_rate", "slws_schedule"):
-        if cfg[key] is None:
-            continue  # the model's own default (ShuffleMamba models: 0.5, Vim models: 0)
-        if not ours:
-            raise UserError(f"--{key.replace('_', '-')} needs a ShuffleMamba/Vim model; '{cfg['model']}' does not support SLWS")
-        kw.setdefault(key, cfg[key])
-    return kw
-
-
-def model_in_chans(kwargs: dict[str, Any]) -> int:
-    return int(kwargs.get("in_chans", 3))
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: str) -> None:
-    """Strict load; a mismatch becomes one line naming the architecture."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"checkpoint '{path}' does not match model '{name}': {first[:200]}") from None
-
-
-def init_weights(model: nn.Module, path: str, name: str, log: Callable[[str], None] = print) -> None:
-    """Start from another run's weights (later Reg stages, fine-tuning): pos_embed is resized to the
-    new resolution; a head, registers or neck of another class count / register layout are left
-    freshly initialised and named in one ``log`` line (``models.checkpoint.init_from_checkpoint``)."""
-    ckpt = load_training_checkpoint(path)
-    if is_our_model(name):
-        from ..models.checkpoint import init_from_checkpoint
-
-        try:
-            init_from_checkpoint(model, ckpt, key="model", log=log, source=path)
-        except ValueError as err:
-            raise UserError(f"--init-from '{path}' does not fit model '{name}': {err}") from None
-    else:
-        load_weights(model, ckpt["model"], name, path)
-
+__all__ = ["train", "evaluate_checkpoint"]
 
 
 def seed_everything(seed: int) -> None:
