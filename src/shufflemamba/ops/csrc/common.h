@@ -56,8 +56,8 @@ static inline void *sm_aligned_malloc(size_t bytes) {
     return posix_memalign(&p, 64, bytes ? bytes : 64) == 0 ? p : NULL;
 }
 
-/* name_SFX: the functions of a body file included once per element type (mixer_cl_body.h,
- * scan_steps_generic.h) are written CL_FN(name), SFX (f32, f64) defined before each #include */
+/* name_SFX: the functions of a body file included once per element type (conv_cl_body.h, mixer_cl_body.h,
+ * rms_cl_body.h, scan_steps_generic.h) are written CL_FN(name), SFX (f32, f64) defined before each #include */
 #define CL_CAT_(a, b) a##_##b
 #define CL_CAT(a, b) CL_CAT_(a, b)
 #define CL_FN(name) CL_CAT(name, SFX)

@@ -161,13 +161,18 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
         _Pragma("omp simd") for (int64_t j_ = 0; j_ < (N) * EB; ++j_)(Ab)[j_] *= (T)SM_LOG2E_D;   \
     } while (0)
 
-/* The kernels: one body (mixer_cl_body.h) per element type, T and SFX defined before each #include;
- * CL_FN(name) names its functions name_f32 / name_f64 (common.h). The elementwise math of each type
- * (exp, softplus, sigmoid) lives in scan_steps.h's row functions. */
+/* The kernels: three bodies per element type, T and SFX defined before each #include; CL_FN(name) names
+ * their functions name_f32 / name_f64 (common.h). The elementwise math of each type (exp, softplus,
+ * sigmoid) lives in scan_steps.h's row functions.
+ *   conv_cl_body.h   the depthwise conv + SiLU (cv_fwd, cv_bwd) and the forward's chunked conv + x_proj
+ *   mixer_cl_body.h  the selective scans (sl_fwd, sl_bwd), which fuse the conv rows in the mixer
+ *   rms_cl_body.h    RMSNorm with the residual add (rms_fwd, rms_bwd) */
 #define T float
 #define SFX f32
 #define SQRT sqrtf
+#include "conv_cl_body.h"
 #include "mixer_cl_body.h"
+#include "rms_cl_body.h"
 #undef T
 #undef SFX
 #undef SQRT
@@ -175,7 +180,9 @@ static inline int64_t sm_state_group(int64_t N, int64_t L, int64_t elem_bytes) {
 #define T double
 #define SFX f64
 #define SQRT sqrt
+#include "conv_cl_body.h"
 #include "mixer_cl_body.h"
+#include "rms_cl_body.h"
 #undef T
 #undef SFX
 #undef SQRT

@@ -193,7 +193,7 @@ static inline void sm_conv_row(float *out, const float *init, const float **rows
         sm_vstore_n(out + e, silu ? sm_vmul(v, sm_vsigmoid(v)) : v, m);
     }
 }
-/* one output row of the conv + SiLU (mixer_cl_body.h's cv_fwd_row); 0 for K > CL_VK (the caller's loops run) */
+/* one output row of the conv + SiLU (conv_cl_body.h's cv_fwd_row); 0 for K > CL_VK (the caller's loops run) */
 static inline int cl_conv_fwd_row_f32(const float *xb, int64_t sx_t, const float *CL_RESTRICT wt,
                                       const float *CL_RESTRICT bias, float *CL_RESTRICT o, int64_t E, int64_t L,
                                       int64_t K, int64_t t, int reverse) {
@@ -203,7 +203,7 @@ static inline int cl_conv_fwd_row_f32(const float *xb, int64_t sx_t, const float
     sm_conv_row(o, bias, xr, wt, E, K, 1);
     return 1;
 }
-/* one row of the conv backward's dx (mixer_cl_body.h's cv_bwd_sample): d (+)= sum_k w_k gpre_t(k); 0 for
+/* one row of the conv backward's dx (conv_cl_body.h's cv_bwd_sample): d (+)= sum_k w_k gpre_t(k); 0 for
  * K > CL_VK */
 static inline int cl_conv_dx_row_f32(float *d, int acc, const float *CL_RESTRICT gpre, const float *CL_RESTRICT wt,
                                      int64_t E, int64_t L, int64_t K, int64_t s, int reverse) {
@@ -236,7 +236,7 @@ static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRIC
         sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), g), m);
     }
 }
-/* The conv backward's first pass (mixer_cl.c's cv_bwd_sample) of one sample for K <= CL_VK taps, a
+/* The conv backward's first pass (conv_cl_body.h's cv_bwd_sample) of one sample for K <= CL_VK taps, a
  * vector of channels at a time: the pre-activation, silu', db and dW stay in registers across the L
  * steps and each step's rows are read once, where the generic loops make K + 1 passes over a row of
  * gpre and K over the rows of dW in memory per step. Writes gpre (L x E) for the caller's dx pass,
