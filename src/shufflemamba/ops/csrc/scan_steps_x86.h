@@ -8,7 +8,7 @@
  *   - y (and the backward's sums over the states) stay in registers across the N states instead of
  *     a load and a store per state.
  * The decays' t = d A log2(e) is <= 0 for A < 0 <= d; below -126 every build gives 0 (to float precision).
- * Included by scan_steps.h only.
+ * The conv's rows are in conv_steps_x86.h, included from here. Included by scan_steps.h only.
  */
 #ifndef SHUFFLEMAMBA_SCAN_STEPS_X86_H
 #define SHUFFLEMAMBA_SCAN_STEPS_X86_H
@@ -158,136 +158,7 @@ static inline void sl_dsoftplus_row_f32(const float *CL_RESTRICT d, float *CL_RE
         sm_vstore(sg + k * SM_VL, sm_vsub(sm_vzero(), em1));
     }
 }
-static inline void cl_silu_n_f32(float *CL_RESTRICT o, int64_t n) {
-    int64_t e = 0;
-    for (; e + SM_VL <= n; e += SM_VL) {
-        const sm_vf p = sm_vload(o + e);
-        sm_vstore(o + e, sm_vmul(p, sm_vsigmoid(p)));
-    }
-    if (e < n) { /* the last, partial vector under a mask */
-        const int m = (int)(n - e);
-        const sm_vf p = sm_vload_n(o + e, m);
-        sm_vstore_n(o + e, sm_vmul(p, sm_vsigmoid(p)), m);
-    }
-}
-/* the conv kernels' explicit paths take up to CL_VK taps (Vim: 4) */
-#define CL_VK 4
-/* The conv's rows in registers, for K <= CL_VK taps: out = init + sum_k w_k row_k (init: a row added to,
- * or 0 for NULL), then SiLU with silu, each vector of channels summed over the taps in a register and
- * stored once, where the generic loops pass over the row once per tap (and once more for the SiLU).
- * rows[k] is NULL for a tap outside the sequence: tap k reads step t + dir (K - 1 - k) */
-static inline void sm_conv_tap_rows(const float **rows, const float *base, int64_t stride, int64_t L, int64_t K,
-                                    int64_t t, int dir) {
-    for (int64_t k = 0; k < K; ++k) {
-        const int64_t src = t + dir * (K - 1 - k);
-        rows[k] = src >= 0 && src < L ? base + src * stride : NULL;
-    }
-}
-static inline void sm_conv_row(float *out, const float *init, const float **rows, const float *CL_RESTRICT wt,
-                               int64_t E, int64_t K, int silu) {
-    for (int64_t e = 0; e < E; e += SM_VL) {
-        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
-        sm_vf v = init ? sm_vload_n(init + e, m) : sm_vzero();
-        for (int64_t k = 0; k < K; ++k)
-            if (rows[k]) v = sm_vfma(sm_vload_n(wt + k * E + e, m), sm_vload_n(rows[k] + e, m), v);
-        sm_vstore_n(out + e, silu ? sm_vmul(v, sm_vsigmoid(v)) : v, m);
-    }
-}
-/* one output row of the conv + SiLU (conv_cl_body.h's cv_fwd_row); 0 for K > CL_VK (the caller's loops run) */
-static inline int cl_conv_fwd_row_f32(const float *xb, int64_t sx_t, const float *CL_RESTRICT wt,
-                                      const float *CL_RESTRICT bias, float *CL_RESTRICT o, int64_t E, int64_t L,
-                                      int64_t K, int64_t t, int reverse) {
-    if (K > CL_VK) return 0;
-    const float *xr[CL_VK];
-    sm_conv_tap_rows(xr, xb, sx_t, L, K, t, reverse ? 1 : -1);
-    sm_conv_row(o, bias, xr, wt, E, K, 1);
-    return 1;
-}
-/* one row of the conv backward's dx (conv_cl_body.h's cv_bwd_sample): d (+)= sum_k w_k gpre_t(k); 0 for
- * K > CL_VK */
-static inline int cl_conv_dx_row_f32(float *d, int acc, const float *CL_RESTRICT gpre, const float *CL_RESTRICT wt,
-                                     int64_t E, int64_t L, int64_t K, int64_t s, int reverse) {
-    if (K > CL_VK) return 0;
-    const float *gr[CL_VK];
-    sm_conv_tap_rows(gr, gpre, E, L, K, s, reverse ? -1 : 1);
-    sm_conv_row(d, acc ? d : NULL, gr, wt, E, K, 0);
-    return 1;
-}
-/* go silu'(p) = go s (1 + p (1 - s)), with 1 - s = e^-p s for p > 0: no cancellation where s ~ 1 (an approximate
- * reciprocal's last bits, multiplied by p, made 1 - s wrong for large p) */
-static inline sm_vf sm_vdsilu(sm_vf p, sm_vf go) {
-    const sm_vf e = sm_vexp(sm_vmin(sm_vsub(sm_vzero(), p), sm_vset1(88.0f)));
-    const sm_vf s = sm_vrecip(sm_vadd(e, sm_vset1(1.0f)));
-    const sm_vf oms = sm_vsel_gt(p, sm_vzero(), sm_vmul(e, s), sm_vsub(sm_vset1(1.0f), s)); /* 1 - s */
-    return sm_vmul(sm_vmul(go, s), sm_vfma(p, oms, sm_vset1(1.0f)));
-}
-static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRICT go, float *CL_RESTRICT db,
-                                  int64_t n) {
-    int64_t e = 0;
-    for (; e + SM_VL <= n; e += SM_VL) {
-        const sm_vf g = sm_vdsilu(sm_vload(gp + e), sm_vload(go + e));
-        sm_vstore(gp + e, g);
-        sm_vstore(db + e, sm_vadd(sm_vload(db + e), g));
-    }
-    if (e < n) {
-        const int m = (int)(n - e);
-        const sm_vf g = sm_vdsilu(sm_vload_n(gp + e, m), sm_vload_n(go + e, m));
-        sm_vstore_n(gp + e, g, m);
-        sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), g), m);
-    }
-}
-/* The conv backward's first pass (conv_cl_body.h's cv_bwd_sample) of one sample for K <= CL_VK taps, a
- * vector of channels at a time: the pre-activation, silu', db and dW stay in registers across the L
- * steps and each step's rows are read once, where the generic loops make K + 1 passes over a row of
- * gpre and K over the rows of dW in memory per step. Writes gpre (L x E) for the caller's dx pass,
- * which runs row by row for every type. Returns 1, or 0 for K > CL_VK (the caller runs the generic
- * loops). Measured on the Intel Xeon
- * (scratch interleaved A/B of the conv backward alone): 1.3-1.5x at the demo16 shape (128, 17, 192),
- * 1.4-1.55x at D 192 (64, 65, 384); without the prefetch, 1.24x and 0.98x. */
-/* CL_VPF (knobs.h): steps ahead that the first pass prefetches its rows */
-static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const float *wt, const float *bias,
-                                         const float *go, float *dw, float *db, float *gpre, int64_t E,
-                                         int64_t L, int64_t K, int reverse) {
-    if (K > CL_VK) return 0;
-    for (int64_t e = 0; e < E; e += SM_VL) {
-        const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
-        sm_vf aw[CL_VK], ab = sm_vzero();
-        const sm_vf vb = bias ? sm_vload_n(bias + e, m) : sm_vzero();
-#if SM_VL == 16 /* the taps' weights in registers; with AVX2's 16 they are read from L1 each step */
-        sm_vf w[CL_VK];
-#pragma GCC unroll 4
-        for (int k = 0; k < CL_VK; ++k) w[k] = k < K ? sm_vload_n(wt + k * E + e, m) : sm_vzero();
-#define SM_CONV_W(k) w[k]
-#else
-#define SM_CONV_W(k) ((k) < K ? sm_vload_n(wt + (k) * E + e, m) : sm_vzero())
-#endif
-#pragma GCC unroll 4
-        for (int k = 0; k < CL_VK; ++k) aw[k] = sm_vzero();
-        for (int64_t t = 0; t < L; ++t) {
-            sm_vf xs[CL_VK], pre = vb;
-            if (t + CL_VPF < L) { /* a step's rows are 1.5-3 KB apart: the stride prefetchers lose them */
-                const int64_t src = reverse ? t + CL_VPF + K - 1 : t + CL_VPF;
-                if (src < L) __builtin_prefetch(xb + src * sx_t + e, 0, 3);
-                __builtin_prefetch(go + (t + CL_VPF) * E + e, 0, 3);
-            }
-#pragma GCC unroll 4
-            for (int k = 0; k < CL_VK; ++k) {
-                const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
-                xs[k] = k < K && src >= 0 && src < L ? sm_vload_n(xb + src * sx_t + e, m) : sm_vzero();
-                pre = sm_vfma(SM_CONV_W(k), xs[k], pre);
-            }
-            const sm_vf g = sm_vdsilu(pre, sm_vload_n(go + t * E + e, m));
-            sm_vstore_n(gpre + t * E + e, g, m);
-            ab = sm_vadd(ab, g);
-#pragma GCC unroll 4
-            for (int k = 0; k < CL_VK; ++k) aw[k] = sm_vfma(g, xs[k], aw[k]);
-        }
-        sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), ab), m);
-        for (int k = 0; k < K; ++k) sm_vstore_n(dw + k * E + e, sm_vadd(sm_vload_n(dw + k * E + e, m), aw[k]), m);
-#undef SM_CONV_W
-    }
-    return 1;
-}
+#include "conv_steps_x86.h" /* the conv's rows (SiLU, forward, backward) */
 static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTRICT Ab,
                                      const float *CL_RESTRICT d, const float *CL_RESTRICT du,
                                      float *CL_RESTRICT y, const float *Bn, const float *Cn, int64_t N) {
