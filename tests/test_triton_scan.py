@@ -330,9 +330,9 @@ def test_kernels_rely_on_no_reduction_order():
     import ast
     import inspect
 
-    from shufflemamba.ops import triton_scan
+    from shufflemamba.ops import triton_kernels
 
-    tree = ast.parse(inspect.getsource(triton_scan))
+    tree = ast.parse(inspect.getsource(triton_kernels))
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
              and isinstance(node.func, ast.Attribute) and node.func.attr == "reduce"
              and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl"]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops import triton_kernels as tk
 from ..ops import triton_scan as ts
 
 # The most SASS instructions per element-step (loop body / elements per thread) a shipped variant may
@@ -109,9 +110,9 @@ def _compile(launch, arch: int):
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    if ts.interpreter_mode():
+    if tk.interpreter_mode():
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: run this in a fresh process without it")
-    fn = ts.kernel(launch.name)
+    fn = tk.kernel(launch.name)
     assert isinstance(fn, JITFunction)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -158,11 +159,11 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
     launch would use; ``tiles=(block_e, block_t, num_warps)`` tries others (the sweep behind
     :func:`~shufflemamba.ops.triton_scan.launch_config`'s choice).
     """
-    if not ts.HAS_TRITON:
+    if not tk.HAS_TRITON:
         raise ImportError("compile_report needs triton: pip install 'shufflemamba[triton]'")
     x = _example_inputs(batch, E, L, N, dtype)
     cfg = ts.LaunchConfig(*tiles) if tiles else ts.launch_config(E, batch, N, interpret=False)
-    nchunk = ts.triton.cdiv(L, cfg.block_t)
+    nchunk = tk.triton.cdiv(L, cfg.block_t)
     ckpt = torch.empty(batch, nchunk, E, N)
     gout = torch.empty(batch, E, L, dtype=dtype)
     launches = [
@@ -178,7 +179,7 @@ def compile_report(batch: int = 32, E: int = 384, L: int = 197, N: int = 16,
             kernel=launch.name, arch=f"sm_{arch}", shape=(batch, E, L, N), dtype=str(dtype).split(".")[-1],
             reverse=reverse, block_e=cfg.block_e, block_t=cfg.block_t, num_warps=cfg.num_warps,
             instructions_per_element=round(res["loop_instructions"] / per_thread, 1), **res,
-            triton=ts.triton.__version__,
+            triton=tk.triton.__version__,
         ))
     return reports
 
