@@ -16,6 +16,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 from shufflemamba.bench import gpu_check
+from shufflemamba.bench.environment import scan_impls
 from shufflemamba.bench.report import gpu_check_markdown
 from shufflemamba.bench.short_train import LOSS_AGREEMENT, loss_agreement, short_train
 from shufflemamba.cli import main as cli
@@ -251,7 +252,7 @@ def test_isolated_sections_run_in_a_child_process():
     rep = gpu_check.run_check(torch.device("cpu"), quick=True, isolate=True, budget_s=600,
                               skip=("pytest", "scan_timing", "train_step", "slws", "short_train"))
     assert rep["meta"]["isolated"] is True
-    assert rep["environment"]["scan_impls"] == gpu_check._scan_impls(torch.device("cpu"))  # from its child
+    assert rep["environment"]["scan_impls"] == scan_impls(torch.device("cpu"))  # from its child
     assert rep["parity"]["status"] == "ok" and {r["status"] for r in rep["parity"]["rows"]} == {"ok"}
     killed = gpu_check._in_child("parity", torch.device("cpu"), ["torch"], True, 0.3)
     assert killed["status"] == "error" and "killed at the end of its 0 s time box" in killed["error"]
@@ -270,5 +271,5 @@ def test_environment_killed_in_its_child_still_lets_the_check_run(monkeypatch):
     rep = gpu_check.run_check(torch.device("cpu"), quick=True, isolate=True, budget_s=600,
                               skip=("pytest", "scan_timing", "train_step", "slws", "short_train"))
     assert rep["environment"]["status"] == "error" and "killed" in rep["environment"]["error"]
-    assert {r["impl"] for r in rep["parity"]["rows"]} == set(gpu_check._scan_impls(torch.device("cpu"), False))
+    assert {r["impl"] for r in rep["parity"]["rows"]} == set(scan_impls(torch.device("cpu"), False))
     assert rep["parity"]["status"] == "ok" and "**environment**: error: killed" in gpu_check_markdown(rep)

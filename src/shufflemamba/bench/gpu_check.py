@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -48,10 +46,10 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..ops.mamba_ssm_glue import mamba_ssm_scan, status
-from ..ops.selective_scan import resolve_impl, selective_scan
+from ..ops.selective_scan import selective_scan
 from .boxes import TIME_BOX, error_row, expired
-from .report import cpu_model, gpu_check_markdown
+from .environment import scan_impls, describe_environment, environment
+from .report import gpu_check_markdown
 from .scan import min_scan_bytes, mixer_like_inputs
 from .short_train import short_train
 from .suite import slws_record
@@ -67,54 +65,7 @@ SECTIONS = ("environment", "pytest", "parity", "scan_timing", "train_step", "slw
 SHARES = {"pytest": 0.22, "parity": 0.12, "scan_timing": 0.14, "train_step": 0.16, "slws": 0.12, "short_train": 0.24}
 
 
-def _version(mod: str) -> str | None:
-    try:
-        return importlib.metadata.version(mod)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _scan_impls(device: torch.device, with_mamba_ssm: bool = True) -> list[str]:
-    """The fast selective-scan implementations that can run on ``device`` here (mamba_ssm only if
-    ``with_mamba_ssm``: finding out runs its kernel)."""
-
-    impls = ["torch"]
-    if device.type == "cuda":
-        try:
-            from ..ops.triton_scan import triton_available  # optional: Triton may be absent
-        except ImportError:
-            pass
-        else:
-            if triton_available(device):
-                impls.append("triton")
-    elif device.type == "cpu":
-        impls.insert(0, "cpu")
-    if with_mamba_ssm and mamba_ssm_scan(device) is not None:  # it imports and a trial call ran here
-        impls.append("mamba_ssm")
-    return impls
-
-
 # -- sections -------------------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions, the device, and which scan kernels import (with the reason when one does not)."""
-
-    out: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "timm": _version("timm"), "triton": _version("triton"), "mamba_ssm": _version("mamba_ssm"),
-        "causal_conv1d": _version("causal_conv1d") or _version("causal-conv1d"),
-        "kernels": status(device), "scan_impls": _scan_impls(device), "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        out.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
-                   memory_gib=round(props.total_memory / 2**30, 1), bf16_supported=torch.cuda.is_bf16_supported())
-    else:
-        out.update(device_name=cpu_model())
-
-    out["auto_impl"] = {dt: resolve_impl("auto", device, getattr(torch, dt)) for dt in ("float32", "bfloat16")}
-    return out
-
-
 def _run_group(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None,
                cwd: Path | None = None) -> tuple[int | None, str, str]:
     """Run ``cmd`` in its own process group; at ``timeout_s`` kill the whole group (a compiler it
@@ -431,7 +382,7 @@ def run_check(device: torch.device, *, quick: bool = False, budget_s: float = 42
         impls = rep["environment"]["scan_impls"]
     except Exception as exc:
         rep["environment"] = rep.get("environment") or error_row(exc)
-        impls = _scan_impls(device, with_mamba_ssm=False)  # what needs no code of others to decide
+        impls = scan_impls(device, with_mamba_ssm=False)  # what needs no code of others to decide
     todo = [name for name in SECTIONS[1:] if name not in skip]
     for name in SECTIONS[1:]:
         if name in skip:
@@ -472,24 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(auto: on CUDA; 'yes' tries it on the CPU)")
     p.add_argument("--json", default="runs/gpu-check.json", help="where to write the report as JSON")
     return p
-
-
-def describe_environment(env: dict[str, Any]) -> str:
-    """``environment()`` as aligned ``name: value`` lines (nested mappings as ``name.key``)."""
-    flat: list[tuple[str, Any]] = []
-    for key, value in env.items():
-        if isinstance(value, dict):
-            flat += [(f"{key}.{k}", v) for k, v in value.items()]
-        else:
-            flat.append((key, value))
-    width = max(len(k) for k, _ in flat)
-    return "\n".join(f"{k.ljust(width)}  {_shown(k, v)}" for k, v in flat)
-
-
-def _shown(key: str, value: Any) -> str:
-    if value is None:
-        return "none (a CPU build of torch)" if key == "cuda" else "not installed"
-    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
