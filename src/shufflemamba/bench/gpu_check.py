@@ -48,7 +48,7 @@ import torch
 from ..errors import UserError
 from ..ops.selective_scan import selective_scan
 from .boxes import TIME_BOX, error_row, expired
-from .environment import scan_impls, describe_environment, environment
+from .environment import describe_environment, environment, scan_impls
 from .report import gpu_check_markdown
 from .scan import min_scan_bytes, mixer_like_inputs
 from .short_train import short_train

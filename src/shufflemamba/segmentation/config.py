@@ -100,7 +100,7 @@ def is_seg_preset(name: str | None) -> bool:
 
 def load_seg_config_file(name_or_path: str) -> dict[str, Any]:
     """A YAML file path or a shipped segmentation preset name, checked for unknown keys."""
-    return read_yaml_config(name_or_path, SEG_DEFAULTS, package=PRESET_PACKAGE, kind="segmentation ")
+    return read_yaml_config(name_or_path, SEG_DEFAULTS, package=PRESET_PACKAGE, task=TASK)
 
 
 def resolve_seg_config(config: str | None, overrides: dict[str, Any]) -> dict[str, Any]:

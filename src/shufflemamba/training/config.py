@@ -122,13 +122,14 @@ def list_presets() -> list[str]:
 
 
 def read_yaml_config(name_or_path: str, known: dict[str, Any], package: str = "shufflemamba",
-                     kind: str = "") -> dict[str, Any]:
+                     task: str | None = None) -> dict[str, Any]:
     """A YAML file path or the name of a preset shipped in ``package``, as a mapping whose keys are all
-    in ``known``; ``kind`` ("segmentation ") names the task in the messages.
+    in ``known``; ``task`` ("segmentation") names the task in the messages.
 
     Raises:
         UserError: unknown preset, not YAML, not a mapping, or unknown keys.
     """
+    kind = f"{task} " if task else ""
     if os.path.isfile(name_or_path):
         with open(name_or_path, encoding="utf-8") as f:
             text = f.read()

@@ -40,8 +40,8 @@ from .data import build_loaders
 from .defaults import data_layout, new_run_folder
 from .distributed import (SignalCatcher, all_ranks_agree, rank0_value, setup_distributed, teardown_distributed,
                           write_output_on_rank0)
-from .model_setup import build_model, init_weights, load_weights, model_in_chans, model_kwargs_for
 from .engine import Interrupted, NonFiniteLossError, StepState, evaluate, train_one_epoch
+from .model_setup import build_model, init_weights, load_weights, model_in_chans, model_kwargs_for
 from .optim import build_optimizer
 from .plots import plot_curves, read_metrics
 
