@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 
 import pytest
 import torch
@@ -11,10 +10,11 @@ import torch.nn.functional as F
 
 import shufflemamba  # noqa: F401  (before timm / torchvision)
 from shufflemamba.ops import selective_scan, selective_scan_ref
-from shufflemamba.ops import config, cpu_kernels, cpu_library, cpu_scan, torch_scan
+from shufflemamba.ops import cpu_kernels, cpu_scan, torch_scan
 from shufflemamba.ops.selective_scan import IMPLS
 
 from kernel_isas import isa  # noqa: F401  (fixture: each vector ISA's kernels)
+from scan_cases import compare_to_reference, make_inputs
 
 FAST = ["cpu", "torch"]
 OPTIONS = list(itertools.product([False, True], repeat=4))  # (D, z, delta_bias, softplus)
@@ -25,81 +25,43 @@ def _needs(impl: str) -> None:
         pytest.skip("compiled CPU scan unavailable (no C compiler)")
 
 
-def make_inputs(batch=2, E=5, L=9, N=4, dtype=torch.float64, D=True, z=True, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
-
-    u = r(batch, E, L)
-    delta = r(batch, E, L, scale=0.5)  # mixed signs: exercises softplus and negative raw steps
-    A = -torch.rand(E, N, generator=g, dtype=torch.float64).add(0.1).to(dtype)  # stable decays
-    B, C = r(batch, N, L), r(batch, N, L)
-    Dv = r(E) if D else None
-    zv = r(batch, E, L) if z else None
-    bv = r(E, scale=0.5) if bias else None
-    return [u, delta, A, B, C, Dv, zv, bv]
-
-
-def _run(impl, inputs, softplus, gout):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    out = selective_scan(*leaves, delta_softplus=softplus, impl=impl)
-    present = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(out, present, gout.to(out.dtype))
-    return out.detach(), grads
-
-
-def _compare(impl, dtype, opts, atol, rtol, **shape):
-    D, z, bias, softplus = opts
-    inputs = make_inputs(dtype=dtype, D=D, z=z, bias=bias, **shape)
-    gout = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    ref_out, ref_grads = _run("ref", inputs, softplus, gout)
-    out, grads = _run(impl, inputs, softplus, gout)
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
-    assert len(grads) == len(ref_grads)
-    for g, rg in zip(grads, ref_grads):
-        assert g.dtype == rg.dtype and g.shape == rg.shape
-        torch.testing.assert_close(g, rg, atol=atol, rtol=rtol)
-
-
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "D{}-z{}-bias{}-sp{}".format(*map(int, o)))
 def test_matches_reference_float64(impl, opts):
     _needs(impl)
-    _compare(impl, torch.float64, opts, atol=1e-10, rtol=1e-10)
+    compare_to_reference(impl, torch.float64, opts, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "D{}-z{}-bias{}-sp{}".format(*map(int, o)))
 def test_cpu_kernels_match_reference_float64_on_each_isa(isa, opts):
     """The (batch, E, L) kernels (ss_fwd / ss_bwd) of each vector ISA: output and every gradient."""
-    _compare("cpu", torch.float64, opts, atol=1e-10, rtol=1e-10, batch=2, E=37, L=9, N=5)
+    compare_to_reference("cpu", torch.float64, opts, atol=1e-10, rtol=1e-10, batch=2, E=37, L=9, N=5)
 
 
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("opts", [(False, False, False, False), (True, True, True, True)], ids=["bare", "full"])
 def test_matches_reference_float32(impl, opts):
     _needs(impl)
-    _compare(impl, torch.float32, opts, atol=1e-4, rtol=1e-4, batch=3, E=6, L=33, N=16)
+    compare_to_reference(impl, torch.float32, opts, atol=1e-4, rtol=1e-4, batch=3, E=6, L=33, N=16)
 
 
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("shape", [dict(batch=1, E=3, L=5, N=2), dict(batch=2, E=3, L=1, N=3), dict(batch=1, E=1, L=1, N=1)])
 def test_edge_shapes(impl, shape):
     _needs(impl)
-    _compare(impl, torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10, **shape)
+    compare_to_reference(impl, torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10, **shape)
 
 
 def test_cpu_uneven_channel_chunks():
     """batch 1 makes the backward split E into chunks; E=7 leaves a short last chunk."""
     _needs("cpu")
-    _compare("cpu", torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10, batch=1, E=7, L=6, N=3)
+    compare_to_reference("cpu", torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10, batch=1, E=7, L=6, N=3)
 
 
 def test_torch_path_spans_several_chunks(monkeypatch):
     """Force short chunks so the state and gradient hand-over between chunks is exercised."""
     monkeypatch.setattr(torch_scan, "TORCH_SCAN_CHUNK_ELEMENTS", 2 * 5 * 4 * 3)  # chunk of 3 steps
-    _compare("torch", torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10, batch=2, E=5, L=10, N=4)
+    compare_to_reference("torch", torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10, batch=2, E=5, L=10, N=4)
 
 
 @pytest.mark.parametrize("impl", FAST)
@@ -183,35 +145,6 @@ def test_bad_impl_and_types_raise():
     with pytest.raises(TypeError, match="floating-point"):
         selective_scan(inputs[0].long(), *inputs[1:])
     assert set(IMPLS) == {"auto", "ref", "cpu", "torch", "triton", "mamba_ssm"}
-
-
-def test_fallback_when_compiler_missing(monkeypatch, tmp_path):
-    """No compiler: one warning, cpu_scan_available() is False, "auto" still works via "torch"."""
-    monkeypatch.setattr(cpu_library, "_lib", None)
-    monkeypatch.setattr(cpu_library, "_load_error", None)
-    monkeypatch.setenv("CC", "definitely-not-a-compiler")
-    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(tmp_path))
-    with pytest.warns(RuntimeWarning, match="no C compiler"):
-        assert not cpu_scan.cpu_scan_available()
-    inputs = make_inputs()
-    out = selective_scan(*inputs, delta_softplus=True)
-    torch.testing.assert_close(out, selective_scan_ref(*inputs, delta_softplus=True), atol=1e-10, rtol=1e-10)
-    with pytest.raises(RuntimeError, match="impl='cpu' unavailable"):
-        selective_scan(*inputs, impl="cpu")
-
-
-def test_build_into_fresh_cache(monkeypatch, tmp_path):
-    """A fresh cache directory gets one library file (no temp files left) that loads and runs."""
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    monkeypatch.setattr(cpu_library, "_lib", None)
-    monkeypatch.setattr(cpu_library, "_load_error", None)
-    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(tmp_path))
-    monkeypatch.delenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", raising=False)  # auto: one build, nothing measured
-    assert cpu_scan.cpu_scan_available()
-    files = [p.name for p in tmp_path.iterdir()]
-    assert len(files) == 1 and files[0].startswith("selective_scan_") and files[0].endswith(".so"), files
-    _compare("cpu", torch.float64, (True, True, True, True), atol=1e-10, rtol=1e-10)
 
 
 # --- channel-last kernels of the Vim mixer (cpu_scan.selective_scan_cl / causal_conv1d_silu_cl) ---
@@ -410,126 +343,6 @@ def test_mixer_fused_combine_matches_reference_directions(isa, dtype, L, d_state
     for (name, _), g, rg in zip([("hidden", None), *mixer.named_parameters()], grads, ref_grads):
         assert torch.count_nonzero(rg) > 0, name
         torch.testing.assert_close(g, rg, **tol, msg=lambda m, n=name: f"{n}: {m}")
-
-
-# --- vector width: SHUFFLEMAMBA_CPU_VECTOR_WIDTH, the default and a recorded choice (cpu_library) ---
-
-
-@pytest.fixture(scope="module")
-def width_cache(tmp_path_factory):
-    """One cache directory for the width tests, so each variant is built once."""
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    return tmp_path_factory.mktemp("width_cache")
-
-
-def _fresh_load(monkeypatch, cache, width=None):
-    monkeypatch.setattr(cpu_library, "_lib", None)
-    monkeypatch.setattr(cpu_library, "_load_error", None)
-    monkeypatch.setattr(cpu_library, "_width_info", None)
-    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(cache))
-    if width is None:
-        monkeypatch.delenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", raising=False)
-    else:
-        monkeypatch.setenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", width)
-    assert cpu_scan.cpu_scan_available(), cpu_library._load_error
-    return cpu_scan.vector_width_info()
-
-
-def _scan_cl_fp32():
-    u, delta, A, B, C, Dv, zv, bv = make_inputs(batch=2, E=70, L=9, N=4, dtype=torch.float32)
-    cl = [u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), Dv, zv.transpose(1, 2), bv]
-    leaves = [t.detach().contiguous().requires_grad_() for t in cl]
-    out = cpu_scan.selective_scan_cl(*leaves, delta_softplus=True)
-    return [out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out))]
-
-
-def test_vector_width_env_override_is_honoured(monkeypatch, width_cache):
-    if not config.is_x86():
-        pytest.skip("the width flag is x86-only")
-    results, libs = {}, {}
-    for width in ("256", "512"):
-        info = _fresh_load(monkeypatch, width_cache, width)
-        assert info["width"] == int(width) and info["source"] == "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
-        libs[width] = cpu_library._lib._name
-        results[width] = _scan_cl_fp32()
-    assert libs["256"] != libs["512"]  # two builds, the width in the cache key
-    for a, b in zip(results["256"], results["512"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert not list(width_cache.glob("vector_width_*.json"))  # a forced width measures nothing
-
-
-def test_vector_width_bad_value_is_a_kernel_config_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_library, "_lib", None)
-    monkeypatch.setattr(cpu_library, "_load_error", None)
-    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(tmp_path))
-    monkeypatch.setenv("SHUFFLEMAMBA_CPU_VECTOR_WIDTH", "1024")
-    with pytest.raises(config.KernelConfigError, match="SHUFFLEMAMBA_CPU_VECTOR_WIDTH must be 256, 512 or auto"):
-        cpu_library.load_library()
-    assert issubclass(config.KernelConfigError, ValueError)
-
-
-def test_vector_width_choice_file_round_trip(tmp_path):
-    path = tmp_path / "sub" / "vector_width_x.json"
-    rec = {"width": 256, "ms": {"256": 1.0, "512": 1.5}, "cpu": "X"}
-    cpu_library.write_choice(path, rec)
-    assert cpu_library.read_choice(path) == rec
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
-    path.write_text('{"width": 51')  # torn or corrupt: the default applies rather than trusting it
-    assert cpu_library.read_choice(path) is None
-    path.write_text('{"width": 128}')
-    assert cpu_library.read_choice(path) is None
-    assert cpu_library.read_choice(tmp_path / "missing.json") is None
-
-
-@pytest.mark.parametrize("recorded", [None, "256", "512"])
-def test_vector_width_auto_is_one_build_the_record_or_512(monkeypatch, width_cache, recorded):
-    """auto on an AVX-512 CPU builds one variant and times nothing: the recorded width when a
-    measurement was recorded for this CPU, compiler and sources, else 512."""
-    if not config.is_x86():
-        pytest.skip("the width flag is x86-only")
-    monkeypatch.setattr(config, "has_avx512", lambda: True)
-    monkeypatch.setattr(cpu_scan, "measure_vector_width", lambda *a, **k: pytest.fail("measured at load"))
-    monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(width_cache))
-    path = cpu_library.choice_path(shutil.which(config.compiler()))
-    path.unlink(missing_ok=True)
-    if recorded:
-        cpu_library.write_choice(path, {"width": int(recorded), "ms": {"256": 1.0, "512": 1.0}})
-    info = _fresh_load(monkeypatch, width_cache)
-    assert info["width"] == int(recorded or 512)
-    assert info["source"] == ("recorded" if recorded else "default on AVX-512")
-    assert str(info["width"]) in cpu_scan.describe_vector_width()
-    assert cpu_library.state_loop_bits(cpu_library._lib) in (0, info["width"])
-    path.unlink(missing_ok=True)
-    assert torch.isfinite(_scan_cl_fp32()[0]).all()
-
-
-@pytest.mark.parametrize("avx2", [True, False])
-def test_vector_width_without_avx512(monkeypatch, width_cache, avx2):
-    """Without AVX-512: the explicit 256-bit loops where there are AVX2 and FMA, else the compiler's default
-    vectors (the generic loops)."""
-    if not config.is_x86():
-        pytest.skip("the width flag is x86-only")
-    monkeypatch.setattr(config, "has_avx512", lambda: False)
-    monkeypatch.setattr(config, "has_avx2_fma", lambda: avx2)
-    info = _fresh_load(monkeypatch, width_cache)
-    if avx2:
-        assert info["width"] == 256 and "AVX2 + FMA" in info["source"]
-    else:
-        assert info["width"] is None and "compiler default" in info["source"]
-
-
-def test_measure_vector_width_records_a_choice_that_auto_loads(monkeypatch, width_cache):
-    """``python -m shufflemamba.ops.cpu_scan --measure`` runs both builds through the real kernels
-    and records one width, which the next load reads (the times themselves are not checked)."""
-    if not (config.is_x86() and config.has_avx512()):
-        pytest.skip("one width without AVX-512")
-    _fresh_load(monkeypatch, width_cache, "512")
-    rec = cpu_scan.measure_vector_width(rounds=1, reps=1)
-    assert rec["width"] in (256, 512) and set(rec["ms"]) == {"256", "512"}
-    info = _fresh_load(monkeypatch, width_cache)
-    assert info["source"] == "recorded" and info["width"] == rec["width"]
-    cpu_library.choice_path(shutil.which(config.compiler())).unlink()
 
 
 def test_scan_cl_float32_softplus_and_its_derivative_are_accurate():
