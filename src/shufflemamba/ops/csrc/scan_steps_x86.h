@@ -189,9 +189,9 @@ static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTR
 /* The replay's dC and the adjoint's dB are per-state sums over the block's channels. Where the loops take
  * the block in passes (AVX2's 16 registers: 2 and 4), each state's lanes are carried across the passes in
  * an array of N vectors (padded with zeros to whole groups of SM_VL) and summed once after them, SM_VL
- * states at once (sm_vhsum_all), instead of once a pass: the mixer core's backward 1-3% faster (Zen 4 as
- * an AVX2 CPU, demo and Vim-Ti shapes). With one pass (512 bits) a state's sum goes out as its pass ends:
- * the array measured 2-8% slower there. */
+ * states at once (sm_vhsum_all), instead of once a pass: the mixer core's backward 1.5-3% faster at the
+ * demo's shape, within noise at Vim-Ti's (Zen 4 as an AVX2 CPU). With one pass (512 bits) a state's sum
+ * goes out as its pass ends: the array measured 2-8% slower there. */
 #if SM_CV < SM_NV
 #define SM_LANE_SUMS_LEN(N) (((N) + SM_VL - 1) / SM_VL * SM_VL)
 #define SM_LANE_SUMS_DECL(name, N) sm_vf name[SM_LANE_SUMS_LEN(N)]
@@ -332,9 +332,9 @@ static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, con
 /* as the generic one, a pass over NV vectors of columns (from j0) with RW rows' RW NV accumulators in
  * registers across E: per channel RW broadcasts, NV loads of W^T and RW NV FMAs. AVX-512's 32 registers
  * hold 8 rows of up to 3 vectors (x_proj's whole output at Vim-Ti's 44 columns in one pass over W^T, which
- * at 73 KB does not stay in L1), AVX2's 16 hold 6 rows of 2 (12 accumulators, 2 columns of W^T and a broadcast;
- * measured against 4 rows on the Zen 4 as an AVX2 CPU: the mixer core's forward 1.06-1.1x at the demo's shape,
- * 1.08x at Vim-Ti's) */
+ * at 73 KB does not stay in L1), AVX2's 16 hold 6 rows of 2 (12 accumulators, 2 columns of W^T and a
+ * broadcast; measured against 4 rows on the Zen 4 as an AVX2 CPU: the mixer core's forward 1.06-1.1x at
+ * the demo's shape, 1.08x at Vim-Ti's) */
 #define SM_XPROJ_PASS(RW, NV)                                                                      \
     static inline void sm_xproj_pass##RW##_##NV(const float *CL_RESTRICT u, int64_t L, int64_t E,  \
                                                 const float *CL_RESTRICT wt, int64_t J, int64_t JP, \
