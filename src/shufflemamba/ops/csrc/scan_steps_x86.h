@@ -335,8 +335,10 @@ static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, con
  * at 73 KB does not stay in L1), AVX2's 16 hold 6 rows of 2 (12 accumulators, 2 columns of W^T and a
  * broadcast; measured against 4 rows on the Zen 4 as an AVX2 CPU: the mixer core's forward 1.06-1.1x at
  * the demo's shape, 1.08x at Vim-Ti's) */
+#define SM_XPROJ_NAME_(RW, NV) sm_xproj_pass##RW##_##NV
+#define SM_XPROJ_NAME(RW, NV) SM_XPROJ_NAME_(RW, NV) /* RW and NV expanded before the name is pasted */
 #define SM_XPROJ_PASS(RW, NV)                                                                      \
-    static inline void sm_xproj_pass##RW##_##NV(const float *CL_RESTRICT u, int64_t L, int64_t E,  \
+    static inline void SM_XPROJ_NAME(RW, NV)(const float *CL_RESTRICT u, int64_t L, int64_t E,     \
                                                 const float *CL_RESTRICT wt, int64_t J, int64_t JP, \
                                                 int64_t j0, float *CL_RESTRICT out) {              \
         for (int64_t t0 = 0; t0 < L; t0 += RW) {                                                   \
@@ -370,24 +372,21 @@ static inline void sl_dtproj_ddt_f32(const float *CL_RESTRICT dd, int64_t R, con
 #define SM_XPROJ_ROWS 6
 #define SM_XPROJ_VECS 2
 #endif
-#define SM_XPROJ_DEFINE(RW, NV) SM_XPROJ_PASS(RW, NV) /* expands RW before the name is pasted */
-SM_XPROJ_DEFINE(SM_XPROJ_ROWS, 1)
-SM_XPROJ_DEFINE(SM_XPROJ_ROWS, 2)
+SM_XPROJ_PASS(SM_XPROJ_ROWS, 1)
+SM_XPROJ_PASS(SM_XPROJ_ROWS, 2)
 #if SM_XPROJ_VECS == 3
-SM_XPROJ_DEFINE(SM_XPROJ_ROWS, 3)
+SM_XPROJ_PASS(SM_XPROJ_ROWS, 3)
 #endif
-#define SM_XPROJ_CALL(RW, NV) sm_xproj_pass##RW##_##NV
-#define SM_XPROJ_FN(RW, NV) SM_XPROJ_CALL(RW, NV)
 static inline void sl_xproj_rows_f32(const float *CL_RESTRICT u, int64_t L, int64_t E, const float *CL_RESTRICT wt,
                                      int64_t J, int64_t JP, float *CL_RESTRICT out) {
     for (int64_t j0 = 0; j0 < JP; j0 += SM_XPROJ_VECS * SM_VL) {
         const int64_t nv = (JP - j0) / SM_VL;
 #if SM_XPROJ_VECS == 3
-        if (nv >= 3) SM_XPROJ_FN(SM_XPROJ_ROWS, 3)(u, L, E, wt, J, JP, j0, out);
+        if (nv >= 3) SM_XPROJ_NAME(SM_XPROJ_ROWS, 3)(u, L, E, wt, J, JP, j0, out);
         else
 #endif
-        if (nv >= 2) SM_XPROJ_FN(SM_XPROJ_ROWS, 2)(u, L, E, wt, J, JP, j0, out);
-        else SM_XPROJ_FN(SM_XPROJ_ROWS, 1)(u, L, E, wt, J, JP, j0, out);
+        if (nv >= 2) SM_XPROJ_NAME(SM_XPROJ_ROWS, 2)(u, L, E, wt, J, JP, j0, out);
+        else SM_XPROJ_NAME(SM_XPROJ_ROWS, 1)(u, L, E, wt, J, JP, j0, out);
     }
 }
 /* as the generic one, the row in registers across the J products (SM_CV vectors a pass) */
