@@ -26,6 +26,11 @@ static inline void sm_vadd_first(float *p, sm_vf v, int m) {
  * 32 registers); AVX2's 16 registers hold 6 of its 12 (SM_CV; the adjoint keeps two arrays: SM_ACV), the
  * block then taken in passes (all 12 at once were spilled: 68 stack moves in the forward's state loop, 673
  * in the backward kernel, objdump of the AVX2 build) */
+/* SM_PASS_ROWS: inside a pass the state loops read each array from one pointer, set to the pass's first
+ * vector and stepped a state (EB floats) at a time, so that the pass's vectors are constant offsets from it.
+ * Indexed from c0 inside the loop instead, gcc kept a pointer per vector and array (42 in the AVX2 replay),
+ * spilled and reloaded each state: the mixer core's backward 1.05x (demo) and 1.11x (Vim-Ti) faster as an
+ * AVX2 build without them, the 512-bit build (one pass) unchanged (Zen 4, interleaved A/B) */
 #if SM_VL == 16
 #define SM_CV SM_NV
 #define SM_ACV SM_NV
@@ -166,16 +171,18 @@ static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTR
         sm_vf acc[SM_CV]; /* y of the pass's channels, in registers across the states */
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k) acc[k] = sm_vzero();
-        for (int64_t n = 0; n < N; ++n) {
+        /* the pass's rows from one pointer each, stepped a state at a time (SM_PASS_ROWS) */
+        const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL;
+        const float *CL_RESTRICT an = Ab + c0 * SM_VL;
+        float *CL_RESTRICT hn = h + c0 * SM_VL;
+        for (int64_t n = 0; n < N; ++n, hn += EB, an += EB) {
             const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
-            float *CL_RESTRICT hn = h + n * EB;
-            const float *CL_RESTRICT an = Ab + n * EB;
 #pragma GCC unroll 16
             for (int k = 0; k < SM_CV; ++k) {
                 if (c0 + k >= SM_NV) break;
-                const int j = (c0 + k) * SM_VL;
-                const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + j), sm_vload(an + j)));
-                const sm_vf hv = sm_vfma(a, sm_vload(hn + j), sm_vmul(sm_vload(du + j), vb));
+                const int j = k * SM_VL;
+                const sm_vf a = sm_vexp2(sm_vmul(sm_vload(dp + j), sm_vload(an + j)));
+                const sm_vf hv = sm_vfma(a, sm_vload(hn + j), sm_vmul(sm_vload(dup + j), vb));
                 sm_vstore(hn + j, hv);
                 acc[k] = sm_vfma(vc, hv, acc[k]);
             }
@@ -223,19 +230,22 @@ static inline void sm_replay_states(const float *CL_RESTRICT hp, float *CL_RESTR
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k)
             acc[k] = with_y && add_y && c0 + k < SM_NV ? sm_vload(y + (c0 + k) * SM_VL) : sm_vzero();
-        for (int64_t n = 0; n < N; ++n) {
+        const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL;
+        const float *CL_RESTRICT gyp = gy + c0 * SM_VL;
+        const float *CL_RESTRICT ap = Ab + c0 * SM_VL, *CL_RESTRICT hpp = hp + c0 * SM_VL;
+        float *CL_RESTRICT acp = ac + c0 * SM_VL, *CL_RESTRICT hcp = hc + c0 * SM_VL;
+        for (int64_t n = 0; n < N; ++n, ap += EB, hpp += EB, acp += EB, hcp += EB) {
             const sm_vf vb = sm_vset1(Bn[n]), vc = with_y ? sm_vset1(Cn[n]) : sm_vzero();
-            const int64_t o = n * EB;
             sm_vf dc = SM_LANE_SUM_START(dcs, n, c0);
 #pragma GCC unroll 16
             for (int k = 0; k < SM_CV; ++k) {
                 if (c0 + k >= SM_NV) break;
-                const int64_t r = (c0 + k) * SM_VL, j = o + r;
-                const sm_vf a = sm_vexp2(sm_vmul(sm_vload(d + r), sm_vload(Ab + j)));
-                const sm_vf hv = sm_vfma(a, sm_vload(hp + j), sm_vmul(sm_vload(du + r), vb));
-                sm_vstore(ac + j, a);
-                sm_vstore(hc + j, hv);
-                dc = sm_vfma(sm_vload(gy + r), hv, dc);
+                const int r = k * SM_VL;
+                const sm_vf a = sm_vexp2(sm_vmul(sm_vload(dp + r), sm_vload(ap + r)));
+                const sm_vf hv = sm_vfma(a, sm_vload(hpp + r), sm_vmul(sm_vload(dup + r), vb));
+                sm_vstore(acp + r, a);
+                sm_vstore(hcp + r, hv);
+                dc = sm_vfma(sm_vload(gyp + r), hv, dc);
                 if (with_y) acc[k] = sm_vfma(vc, hv, acc[k]);
             }
             SM_LANE_SUM_END(dcs, n, dc, dC);
@@ -275,21 +285,25 @@ static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const floa
             vdd[k] = live ? sm_vload(dd + (c0 + k) * SM_VL) : sm_vzero();
             vsg[k] = live ? sm_vload(sgB + (c0 + k) * SM_VL) : sm_vzero();
         }
-        for (int64_t n = 0; n < N; ++n) {
+        const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL;
+        const float *CL_RESTRICT gyp = gy + c0 * SM_VL;
+        const float *CL_RESTRICT hpp = hp + c0 * SM_VL, *CL_RESTRICT acp = ac + c0 * SM_VL;
+        const float *CL_RESTRICT axp = ax + c0 * SM_VL, *CL_RESTRICT ap = Ab + c0 * SM_VL;
+        float *CL_RESTRICT gp = g + c0 * SM_VL, *CL_RESTRICT dAp = dA + c0 * SM_VL;
+        for (int64_t n = 0; n < N; ++n, hpp += EB, acp += EB, axp += EB, ap += EB, gp += EB, dAp += EB) {
             const sm_vf vb = sm_vset1(Bn[n]), vc = sm_vset1(Cn[n]);
-            const int64_t o = n * EB;
             sm_vf db = SM_LANE_SUM_START(dbs, n, c0);
 #pragma GCC unroll 16
             for (int k = 0; k < SM_ACV; ++k) {
                 if (c0 + k >= SM_NV) break;
-                const int64_t r = (c0 + k) * SM_VL, j = o + r;
-                const sm_vf gv = sm_vfma(sm_vload(gy + r), vc, sm_vmul(sm_vload(ax + j), sm_vload(g + j)));
-                sm_vstore(g + j, gv);
-                const sm_vf ga = sm_vmul(sm_vmul(gv, sm_vload(hp + j)), sm_vload(ac + j));
-                vdd[k] = sm_vfma(ga, sm_vload(Ab + j), vdd[k]);
-                sm_vstore(dA + j, sm_vfma(ga, sm_vload(d + r), sm_vload(dA + j)));
+                const int r = k * SM_VL;
+                const sm_vf gv = sm_vfma(sm_vload(gyp + r), vc, sm_vmul(sm_vload(axp + r), sm_vload(gp + r)));
+                sm_vstore(gp + r, gv);
+                const sm_vf ga = sm_vmul(sm_vmul(gv, sm_vload(hpp + r)), sm_vload(acp + r));
+                vdd[k] = sm_vfma(ga, sm_vload(ap + r), vdd[k]);
+                sm_vstore(dAp + r, sm_vfma(ga, sm_vload(dp + r), sm_vload(dAp + r)));
                 vsg[k] = sm_vfma(gv, vb, vsg[k]);
-                db = sm_vfma(gv, sm_vload(du + r), db);
+                db = sm_vfma(gv, sm_vload(dup + r), db);
             }
             SM_LANE_SUM_END(dbs, n, db, dB);
         }
