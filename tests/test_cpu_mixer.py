@@ -237,17 +237,18 @@ def test_mixer_core_with_fewer_samples_than_threads(monkeypatch, dtype, tol):
         torch.testing.assert_close(gx1, gx[b:b + 1], rtol=tol, atol=tol)
 
 
-def _core_results(lib, monkeypatch, dtype, threads=None, R=3):
+def _core_results(lib, monkeypatch, dtype, threads=None, R=3, K=3):
     """Output and every gradient of the mixer core on fixed inputs (odd N: the generic backward's
     unpaired state; E = 200: two full channel blocks and a partial one), run with ``lib``. R = 17:
-    dt_proj's lane sums come in a full group of 16 (or two of 8) and a partial one."""
+    dt_proj's lane sums come in a full group of 16 (or two of 8) and a partial one. K = 4 (Vim's): the
+    conv's explicit rows take the steps between the edges apart."""
     from shufflemamba.ops.cpu_mixer import bimamba_core_cl
 
     monkeypatch.setattr(cpu_library, "_lib", lib)
     if threads is not None:
         for module in (cpu_kernels, cpu_mixer):
             monkeypatch.setattr(module, "omp_threads", lambda work: threads)
-    xz, R, dirs = _core_inputs(E=200, L=9, N=5, R=R, batch=3, seed=3)
+    xz, R, dirs = _core_inputs(E=200, L=9, N=5, R=R, K=K, batch=3, seed=3)
     gy = torch.randn(3, 9, 200, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     leaves = [t.detach().to(dtype).requires_grad_() for t in (xz, *dirs[0], *dirs[1])]
     out = bimamba_core_cl(leaves[0], R, type(dirs[0])(*leaves[1:8]), type(dirs[0])(*leaves[8:]))
@@ -298,13 +299,13 @@ def test_explicit_vector_state_loops_match_the_generic_ones(width_libs, monkeypa
     expected = {"generic": 0, "avx2": 256, "avx512": 512, "avx512-256bit": 256}
     assert {name: cpu_library.state_loop_bits(lib) for name, lib in libs.items()} == {n: expected[n] for n in libs}
 
-    for R in (3, 17):
-        ref = _core_results(libs["generic"], monkeypatch, torch.float64, R=R)  # float64 runs the generic loops
-        plain = _core_results(libs["generic"], monkeypatch, torch.float32, R=R)
+    for R, K in ((3, 3), (17, 4)):
+        ref = _core_results(libs["generic"], monkeypatch, torch.float64, R=R, K=K)  # float64: the generic loops
+        plain = _core_results(libs["generic"], monkeypatch, torch.float32, R=R, K=K)
         assert _worst(plain, ref) < 1e-5  # measured on the Intel Xeon: ~1e-6 for each build
         for name in libs.keys() - {"generic"}:
-            fast = _core_results(libs[name], monkeypatch, torch.float32, R=R)
-            assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, (name, R)
+            fast = _core_results(libs[name], monkeypatch, torch.float32, R=R, K=K)
+            assert _worst(fast, ref) < 1e-5 and _worst(fast, plain) < 1e-5, (name, R, K)
 
 
 def test_mixer_core_per_thread_partial_sums(monkeypatch):
