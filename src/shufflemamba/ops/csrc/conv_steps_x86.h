@@ -97,19 +97,12 @@ static inline void cl_dsilu_n_f32(float *CL_RESTRICT gp, const float *CL_RESTRIC
         sm_vstore_n(db + e, sm_vadd(sm_vload_n(db + e, m), g), m);
     }
 }
-/* The conv backward's first pass (conv_cl_body.h's cv_bwd_sample) of one sample for K <= CL_VK taps, a
- * vector of channels at a time: the pre-activation, silu', db and dW stay in registers across the L
- * steps and each step's rows are read once, where the generic loops make K + 1 passes over a row of
- * gpre and K over the rows of dW in memory per step. Writes gpre (L x E) for the caller's dx pass,
- * which runs row by row for every type. Returns 1, or 0 for K > CL_VK (the caller runs the generic
- * loops). Measured on the Intel Xeon
- * (scratch interleaved A/B of the conv backward alone): 1.3-1.5x at the demo16 shape (128, 17, 192),
- * 1.4-1.55x at D 192 (64, 65, 384); without the prefetch, 1.24x and 0.98x. */
 /* CL_VPF (knobs.h): steps ahead that the first pass prefetches its rows */
-/* one step t of that pass for the vector of channels at e (m of them): gpre's row, db and dW's sums. With
- * checked = 0 every tap is inside the sequence, with full = 1 the vector is whole: both constants at each
- * call site, so that the steps between the edges run without the taps' bounds tests and the masked moves
- * (gcc kept both inside the loop: about 70 instructions a step where the arithmetic is about 35) */
+/* one step t of the conv backward's first pass (below) for the channels at e (m of them): gpre's row, db and
+ * dW's sums. With checked = 0 every tap is inside the sequence, with full = 1 the vector is whole: both
+ * constants at each call site, so that the steps between the edges run without the taps' bounds tests and
+ * the masked moves (gcc kept both inside the loop: about 70 instructions a step where the arithmetic is
+ * about 35) */
 static inline void sm_conv_bwd_step(const float *xb, int64_t sx_t, const float *wt, const float *go, float *gpre,
                                     sm_vf vb, sm_vf *aw, sm_vf *ab, const sm_vf *w, int64_t E, int64_t L,
                                     int64_t K, int64_t t, int64_t e, int m, int reverse, const int checked,
