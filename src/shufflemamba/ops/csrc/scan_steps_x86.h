@@ -26,11 +26,11 @@ static inline void sm_vadd_first(float *p, sm_vf v, int m) {
  * 32 registers); AVX2's 16 registers hold 6 of its 12 (SM_CV; the adjoint keeps two arrays: SM_ACV), the
  * block then taken in passes (all 12 at once were spilled: 68 stack moves in the forward's state loop, 673
  * in the backward kernel, objdump of the AVX2 build) */
-/* SM_PASS_ROWS: inside a pass the state loops read each array from one pointer, set to the pass's first
+/* Pass rows: inside a pass the state loops read each array from one pointer, set to the pass's first
  * vector and stepped a state (EB floats) at a time, so that the pass's vectors are constant offsets from it.
  * Indexed from c0 inside the loop instead, gcc kept a pointer per vector and array (42 in the AVX2 replay),
- * spilled and reloaded each state: the mixer core's backward 1.05x (demo) and 1.11x (Vim-Ti) faster as an
- * AVX2 build without them, the 512-bit build (one pass) unchanged (Zen 4, interleaved A/B) */
+ * spilled and reloaded each state: the mixer core's backward 1.04-1.05x (demo) and 1.07-1.13x (Vim-Ti)
+ * faster as an AVX2 build this way, the 512-bit build (one pass) within noise (Zen 4, interleaved A/B) */
 #if SM_VL == 16
 #define SM_CV SM_NV
 #define SM_ACV SM_NV
@@ -171,7 +171,7 @@ static inline void sl_fwd_states_f32(float *CL_RESTRICT h, const float *CL_RESTR
         sm_vf acc[SM_CV]; /* y of the pass's channels, in registers across the states */
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k) acc[k] = sm_vzero();
-        /* the pass's rows from one pointer each, stepped a state at a time (SM_PASS_ROWS) */
+        /* the pass's rows from one pointer each, stepped a state at a time (pass rows, above) */
         const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL;
         const float *CL_RESTRICT an = Ab + c0 * SM_VL;
         float *CL_RESTRICT hn = h + c0 * SM_VL;
@@ -230,7 +230,7 @@ static inline void sm_replay_states(const float *CL_RESTRICT hp, float *CL_RESTR
 #pragma GCC unroll 16
         for (int k = 0; k < SM_CV; ++k)
             acc[k] = with_y && add_y && c0 + k < SM_NV ? sm_vload(y + (c0 + k) * SM_VL) : sm_vzero();
-        const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL;
+        const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL; /* pass rows */
         const float *CL_RESTRICT gyp = gy + c0 * SM_VL;
         const float *CL_RESTRICT ap = Ab + c0 * SM_VL, *CL_RESTRICT hpp = hp + c0 * SM_VL;
         float *CL_RESTRICT acp = ac + c0 * SM_VL, *CL_RESTRICT hcp = hc + c0 * SM_VL;
@@ -285,7 +285,7 @@ static inline void sl_adjoint_states_f32(const float *CL_RESTRICT hp, const floa
             vdd[k] = live ? sm_vload(dd + (c0 + k) * SM_VL) : sm_vzero();
             vsg[k] = live ? sm_vload(sgB + (c0 + k) * SM_VL) : sm_vzero();
         }
-        const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL;
+        const float *CL_RESTRICT dp = d + c0 * SM_VL, *CL_RESTRICT dup = du + c0 * SM_VL; /* pass rows */
         const float *CL_RESTRICT gyp = gy + c0 * SM_VL;
         const float *CL_RESTRICT hpp = hp + c0 * SM_VL, *CL_RESTRICT acp = ac + c0 * SM_VL;
         const float *CL_RESTRICT axp = ax + c0 * SM_VL, *CL_RESTRICT ap = Ab + c0 * SM_VL;
