@@ -146,7 +146,8 @@ static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const fl
                                          const float *go, float *dw, float *db, float *gpre, int64_t E,
                                          int64_t L, int64_t K, int reverse) {
     if (K > CL_VK) return 0;
-    /* the steps whose taps all lie inside the sequence: [K - 1, L) forward, [0, L - K + 1) reversed */
+    /* the steps whose taps all lie inside the sequence: [lo, hi), [K - 1, L) forward and [0, L - K + 1)
+     * reversed, clamped so that lo <= hi when L < K */
     const int64_t lo = reverse ? 0 : (K - 1 < L ? K - 1 : L), hi = reverse ? (L - K + 1 > 0 ? L - K + 1 : 0) : L;
     for (int64_t e = 0; e < E; e += SM_VL) {
         const int m = E - e < SM_VL ? (int)(E - e) : SM_VL;
@@ -162,7 +163,7 @@ static inline int cl_conv_bwd_sample_f32(const float *xb, int64_t sx_t, const fl
                 sm_conv_bwd_step(xb, sx_t, wt, go, gpre, vb, aw, &ab, w, E, L, K, t, e, m, reverse, 1, 1);
             for (int64_t t = lo; t < hi; ++t)
                 sm_conv_bwd_step(xb, sx_t, wt, go, gpre, vb, aw, &ab, w, E, L, K, t, e, m, reverse, 0, 1);
-            for (int64_t t = hi > lo ? hi : lo; t < L; ++t)
+            for (int64_t t = hi; t < L; ++t)
                 sm_conv_bwd_step(xb, sx_t, wt, go, gpre, vb, aw, &ab, w, E, L, K, t, e, m, reverse, 1, 1);
         } else {
             for (int64_t t = 0; t < L; ++t)
