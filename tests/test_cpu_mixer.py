@@ -116,26 +116,26 @@ def test_scan_backward_runs_x_proj_backward(dtype, tol):
     f64 = dict(generator=g, dtype=dtype)
     u, dsave, z, gout = (torch.randn(batch, L, E, **f64) for _ in range(4))
     dsave = torch.nn.functional.softplus(dsave)
-    At = -torch.rand(N, E, **f64) - 0.1
+    A = -torch.rand(E, N, **f64) - 0.1
     B, C = (torch.randn(batch, L, N, **f64) for _ in range(2))
-    D, dt, dtw, w = torch.randn(E, **f64), torch.randn(batch, L, R, **f64), torch.randn(R, E, **f64), \
+    D, dt, dtw, w = torch.randn(E, **f64), torch.randn(batch, L, R, **f64), torch.randn(E, R, **f64), \
         torch.randn(R + 2 * N, E, **f64)
-    kw = dict(dz_accumulate=False, softplus=True, reverse=True, out_scale=0.5, dt=dt, dtw=dtw)
+    kw = dict(dz_accumulate=False, softplus=True, reverse=True, out_scale=0.5, dt=dt, dt_proj_weight=dtw)
 
     def grads(x_proj_weight):
         du, dz = torch.empty_like(u), torch.empty_like(u)
-        res = cpu_kernels.scan_bwd_cl(u, dsave, None, At, B, C, D, z, gout, du, None, dz, x_proj_weight=x_proj_weight,
+        res = cpu_kernels.scan_bwd_cl(u, dsave, None, A, B, C, D, z, gout, du, None, dz, x_proj_weight=x_proj_weight,
                                    **kw)
         return res, du, dz
 
     sep, du_sep, dz_sep = grads(None)
     fused, du_fused, dz_fused = grads(w)
-    assert fused.dB is None and fused.ddt is None and sep.dxw is None
+    assert fused.dB is None and fused.ddt is None and sep.dx_proj_weight is None
     g_out = torch.cat([sep.ddt, sep.dB, sep.dC], -1).view(batch * L, -1)  # x_proj's output gradient
     torch.testing.assert_close(du_fused, du_sep + (g_out @ w).view(batch, L, E), rtol=tol, atol=tol)
-    torch.testing.assert_close(fused.dxw, g_out.t() @ u.view(-1, E), rtol=tol, atol=tol)
+    torch.testing.assert_close(fused.dx_proj_weight, g_out.t() @ u.view(-1, E), rtol=tol, atol=tol)
     assert torch.equal(dz_fused, dz_sep)
-    for name in ("dA", "dD", "dbias", "ddtw"):
+    for name in ("dA", "dD", "dbias", "ddt_proj_weight"):
         assert torch.equal(getattr(fused, name), getattr(sep, name)), name
     with pytest.raises(ValueError, match="x_proj_weight"):
         grads(w[1:])

@@ -420,13 +420,13 @@ def test_scan_cl_fused_dt_proj_matches_a_given_delta(softplus):
     g = torch.Generator().manual_seed(5)
     batch, L, E, N, R = 2, 7, 200, 3, 5
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    u, dt, dtw = r(batch, L, E), r(batch, L, R) * 0.3, r(R, E) * 0.3
-    At, B, C, D, z, bias = -r(N, E).abs() - 0.2, r(batch, L, N), r(batch, L, N), r(E), r(batch, L, E), r(E) * 0.1
-    delta = (dt @ dtw).contiguous()
+    u, dt, dtw = r(batch, L, E), r(batch, L, R) * 0.3, r(E, R) * 0.3
+    A, B, C, D, z, bias = -r(E, N).abs() - 0.2, r(batch, L, N), r(batch, L, N), r(E), r(batch, L, E), r(E) * 0.1
+    delta = (dt @ dtw.t()).contiguous()
     outs = []
-    for kw in (dict(dt=dt, dtw=dtw), {}):
+    for kw in (dict(dt=dt, dt_proj_weight=dtw), {}):
         out, dsave = torch.empty(batch, L, E, dtype=torch.float64), torch.empty(batch, L, E, dtype=torch.float64)
-        cpu_kernels.scan_fwd_cl(u, None if kw else delta, At, B, C, D, z, bias, out, dsave, None, softplus=softplus,
+        cpu_kernels.scan_fwd_cl(u, None if kw else delta, A, B, C, D, z, bias, out, dsave, None, softplus=softplus,
                              reverse=False, out_scale=1.0, **kw)
         outs.append((out, dsave))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-10)

@@ -36,7 +36,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "selective_scan.c", CSRC / "mixer_cl.c")
 HEADERS = tuple(sorted(CSRC.glob("*.h")))  # included by the sources: hashed into the cache key too
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99")
-ABI_VERSION = 15  # the sources' ss_abi_version(): a library whose arguments differ from _declare's is refused
+ABI_VERSION = 16  # the sources' ss_abi_version(): a library whose arguments differ from _declare's is refused
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -75,16 +75,17 @@ def declare(lib: ctypes.CDLL, missing_ok: bool = False) -> None:
     kernels an older revision's build lacks (a benchmark's A/B against it)."""
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     strided = [p, i64, i64]  # pointer, batch stride, time stride
-    head = [p, p, p, *strided, *strided, p, *strided, p]  # u, delta, At, B, C, D, z, delta_bias
-    dtproj = [p, i64, i64, p, i64]  # dt (pointer, batch and time strides), dt_proj's weight (R, E), R
+    head = [p, p, p, *strided, *strided, p, *strided, p]  # u, delta, A, B, C, D, z, delta_bias
+    dtproj = [p, i64, i64, p, i64]  # dt (pointer, batch and time strides), dt_proj's weight (E, R), R
     signatures = {
         "ss_fwd": [p] * 9 + [i64] * 4 + [i32, i32],
         "ss_bwd": [p] * 16 + [i64] * 4 + [i32, i64, i32],
         "cv_fwd": [p, i64, i64, p, p, p] + [i64] * 4 + [i32, i32],
-        "cv_bwd": [p, i64, i64, p, p, p, p, i64, i64, i32, p] + [i64] * 4 + [i32, i32],
+        "cv_bwd": [p, i64, i64, p, p, p, p, i64, i64, i32, p, p] + [i64] * 4 + [i32, i32],
         "cx_fwd": [p, i64, i64, p, p, p, p, p] + [i64] * 5 + [i32, i32],
         "sl_fwd": head + [p, p, p] + [i64] * 4 + [i32, i32, f64, i32, *dtproj] + [p, i64, i64, p, p, i64, p, p, i32],
-        "sl_bwd": ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 3 + [i64] * 4 + [i32, i32, f64, *dtproj]
+        # the seven parameter gradients (dA, dD, dbias, ddtw, dxw, conv dw, conv db), then dB, dC
+        "sl_bwd": ([p, p, *head[1:-1]] + [p] * 3 + [p, i64, i64, i32] + [p] * 9 + [i64] * 4 + [i32, i32, f64, *dtproj]
                    + [p, p] + [p, i64, i64, p, p, i64, p, i64, i64, i32, i32]),
         "rms_fwd": [p] * 6 + [i64, i64, f64, i32],
         "rms_bwd": [p] * 7 + [i64] * 3 + [i32],

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ._checks import check_mixer_core_inputs, check_rms_inputs
-from .cpu_kernels import (XPROJ_FUSED_MAX, FusedConv, contig, conv_silu_fwd_cl, conv_xproj_fwd_cl, dtype_suffix,
+from .cpu_kernels import (XPROJ_FUSED_MAX, FusedConv, conv_silu_fwd_cl, conv_xproj_fwd_cl, dtype_suffix,
                           omp_threads, placeholder, ptr, scan_bwd_cl, scan_fwd_cl, unit_stride_rows)
 from .cpu_library import library
 from .cpu_scan import scan_flops
@@ -66,14 +66,20 @@ def _directions(flat: Sequence[Tensor | None]) -> Directions:
 # --- the mixer core: shufflemamba::bimamba_core --------------------------------------------------
 
 
-def _decay(A_log: Tensor) -> Tensor:
-    return torch.exp(A_log).neg_()  # A (E, N) in A_log's dtype: dA_log = dA A
+def _decay(A_log: Tensor, dtype: torch.dtype) -> Tensor:
+    """A = -exp(A_log), (E, N), formed in A_log's dtype and passed in the call's (dA_log = dA A)."""
+    return torch.exp(A_log).neg_().to(dtype)
 
 
 def _rowmajor_xz(xz: Tensor) -> Tensor:
     """xz with unit stride along channels and rows of equal stride (slices of a wider tensor pass)."""
     xz = unit_stride_rows(xz)
     return xz if xz.stride(0) == xz.shape[1] * xz.stride(1) else xz.contiguous()
+
+
+def _contiguous(p: DirectionParams) -> DirectionParams:
+    """The parameters as the kernels read them, each in its module's layout (they transpose what they need)."""
+    return DirectionParams(*(None if t is None else t.contiguous() for t in p))
 
 
 def _core_forward(xz: Tensor, R: int, dirs: Directions, save: bool) -> tuple[Tensor, tuple[DirectionActs, ...]]:
@@ -86,27 +92,24 @@ def _core_forward(xz: Tensor, R: int, dirs: Directions, save: bool) -> tuple[Ten
     # the conv and x_proj inside the scan kernel run a sample on one thread: only with a sample per thread
     fuse = batch >= torch.get_num_threads() and max(p.x_proj_weight.shape[0] for p in dirs) <= XPROJ_FUSED_MAX
     acts = []
-    for k, p in enumerate(dirs):
-        wt = p.conv_weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
-        bias = contig(p.conv_bias)
+    for k, p in enumerate(map(_contiguous, dirs)):
         N = p.A_log.shape[1]
         fused = {}
         if fuse:  # the kernel writes xc = silu(conv(x)) and x_dbl = xc x_proj^T itself, per sample
             xc, x_dbl = xz.new_empty(batch, L, E), xz.new_empty(batch, L, R + 2 * N)
-            fused = dict(conv=FusedConv(x, wt, bias), x_proj_weight=contig(p.x_proj_weight), x_dbl=x_dbl)
+            fused = dict(conv=FusedConv(x, p.conv_weight, p.conv_bias), x_proj_weight=p.x_proj_weight, x_dbl=x_dbl)
         elif p.x_proj_weight.shape[0] <= XPROJ_FUSED_MAX:  # the conv and x_proj over chunks of steps, all threads
-            xc, x_dbl = conv_xproj_fwd_cl(x, wt, bias, k == 1, contig(p.x_proj_weight))
+            xc, x_dbl = conv_xproj_fwd_cl(x, p.conv_weight, p.conv_bias, k == 1, p.x_proj_weight)
         else:
-            xc = conv_silu_fwd_cl(x, wt, bias, k == 1)
+            xc = conv_silu_fwd_cl(x, p.conv_weight, p.conv_bias, k == 1)
             x_dbl = torch.mm(xc.view(-1, E), p.x_proj_weight.t()).view(batch, L, -1)  # (batch, L, R + 2N)
-        dt, bm, cm = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
-        At = _decay(p.A_log).to(xz.dtype).t().contiguous()  # (N, E)
         dsave = torch.empty_like(xc) if save else placeholder(xz)
         # y = silu(z) (y_f + y_b) / 2 with no extra pass: the first direction's y_f + D u goes into y
         # ungated, the second adds its own and gates the sum (one sigmoid and one read of z per element)
-        scan_fwd_cl(xc, None, At, bm, cm, contig(p.D), z if k == 1 else None, contig(p.dt_proj_bias), y,
-                    dsave if save else None, None, softplus=True, reverse=k == 1, out_scale=0.5 if k == 1 else 1.0,
-                    gate_sum=k == 1, dt=dt, dtw=p.dt_proj_weight.t().contiguous(), **fused)
+        scan_fwd_cl(xc, None, _decay(p.A_log, xz.dtype), x_dbl[..., R:R + N], x_dbl[..., R + N:], p.D,
+                    z if k == 1 else None, p.dt_proj_bias, y, dsave if save else None, None, softplus=True,
+                    reverse=k == 1, out_scale=0.5 if k == 1 else 1.0, gate_sum=k == 1, dt=x_dbl[..., :R],
+                    dt_proj_weight=p.dt_proj_weight, **fused)
         acts.append(DirectionActs(xc, x_dbl, dsave))
     return y, tuple(acts)
 
@@ -121,22 +124,19 @@ def _core_backward(gy: Tensor, xz: Tensor, R: int, dirs: Directions,
     dxz = xz.new_empty(xz.shape)  # dx in [..., :E], dz in [..., E:]: the first direction writes, the second adds
     dx, dz = dxz[..., :E], dxz[..., E:]
     grads = []
-    for k, (p, a) in enumerate(zip(dirs, acts)):
+    for k, (p, a) in enumerate(zip(map(_contiguous, dirs), acts)):
         N = p.A_log.shape[1]
-        A = _decay(p.A_log)
-        wt = p.conv_weight.reshape(E, -1).t().contiguous()
-        bias = contig(p.conv_bias)
+        A = _decay(p.A_log, xz.dtype)
         # x_proj's backward runs in the kernel (its input gradient added into the scan's du, its weight
         # gradient reduced with the others), then the conv's (du stays in the kernel, dx gets x's)
-        g = scan_bwd_cl(a.xc, a.dsave, None, A.to(xz.dtype).t().contiguous(), a.x_dbl[..., R:R + N],
-                        a.x_dbl[..., R + N:], contig(p.D), z, gy, None, None, dz, dz_accumulate=k == 1, softplus=True,
-                        reverse=k == 1, out_scale=0.5, dt=a.x_dbl[..., :R], dtw=p.dt_proj_weight.t().contiguous(),
-                        x_proj_weight=contig(p.x_proj_weight), conv=FusedConv(x, wt, bias, dx, k == 1))
+        g = scan_bwd_cl(a.xc, a.dsave, None, A, a.x_dbl[..., R:R + N], a.x_dbl[..., R + N:], p.D, z, gy, None, None,
+                        dz, dz_accumulate=k == 1, softplus=True, reverse=k == 1, out_scale=0.5, dt=a.x_dbl[..., :R],
+                        dt_proj_weight=p.dt_proj_weight, x_proj_weight=p.x_proj_weight,
+                        conv=FusedConv(x, p.conv_weight, p.conv_bias, dx, k == 1))
         grads.append(DirectionParams(
-            conv_weight=g.dconv_wt.t().reshape(p.conv_weight.shape).contiguous(),
-            conv_bias=g.dconv_bias.clone() if bias is not None else placeholder(xz),
-            x_proj_weight=g.dxw.clone(), dt_proj_weight=g.ddtw.t().contiguous(), dt_proj_bias=g.dbias.clone(),
-            A_log=(g.dA.to(A.dtype) * A).contiguous(), D=g.dD.clone(),
+            conv_weight=g.dconv_weight, conv_bias=g.dconv_bias if g.dconv_bias is not None else placeholder(xz),
+            x_proj_weight=g.dx_proj_weight, dt_proj_weight=g.ddt_proj_weight, dt_proj_bias=g.dbias,
+            A_log=g.dA.to(p.A_log.dtype).mul_(A.to(p.A_log.dtype)), D=g.dD,
         ))
     return dxz, (grads[0], grads[1])
 

@@ -137,7 +137,7 @@ def _scan_cl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     out = torch.empty_like(u)
     dsave = torch.empty_like(u) if save else None
     ysave = torch.empty_like(u) if save and z is not None else None
-    scan_fwd_cl(u, delta, A.t().contiguous(), unit_stride_rows(B), unit_stride_rows(C), contig(D),
+    scan_fwd_cl(u, delta, A.contiguous(), unit_stride_rows(B), unit_stride_rows(C), contig(D),
                 None if z is None else unit_stride_rows(z), contig(delta_bias), out, dsave, ysave,
                 softplus=delta_softplus, reverse=reverse, out_scale=out_scale)
     return out, (dsave if save else placeholder(u)), (ysave if ysave is not None else placeholder(u))
@@ -157,12 +157,11 @@ def _scan_cl_backward(gout: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     u = u.contiguous()
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dz = torch.empty_like(u) if z is not None else None
-    g = scan_bwd_cl(u, dsave, from_placeholder(ysave), A.t().contiguous(), unit_stride_rows(B), unit_stride_rows(C),
-                    contig(D),
-                    None if z is None else unit_stride_rows(z), gout, du, ddelta, dz, dz_accumulate=False,
+    g = scan_bwd_cl(u, dsave, from_placeholder(ysave), A.contiguous(), unit_stride_rows(B), unit_stride_rows(C),
+                    contig(D), None if z is None else unit_stride_rows(z), gout, du, ddelta, dz, dz_accumulate=False,
                     softplus=delta_softplus, reverse=reverse, out_scale=out_scale)
     dz = dz if dz is not None else placeholder(u)
-    return du, ddelta, g.dA.contiguous(), g.dB, g.dC, g.dD.clone(), dz, g.dbias.clone()
+    return du, ddelta, g.dA, g.dB, g.dC, g.dD, dz, g.dbias
 
 
 @_scan_cl_backward.register_fake
@@ -223,14 +222,10 @@ def selective_scan_cl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 # --- channel-last conv1d + SiLU: shufflemamba::conv1d_silu_cl ------------------------------------
 
 
-def _conv_wt(weight: Tensor, E: int) -> Tensor:
-    return weight.reshape(E, -1).t().contiguous()  # (K, E): channels innermost
-
-
 @torch.library.custom_op("shufflemamba::conv1d_silu_cl", mutates_args=(), device_types="cpu")
 def _conv_cl(x: Tensor, weight: Tensor, bias: Optional[Tensor], reverse: bool) -> Tensor:
     x = unit_stride_rows(x)
-    return conv_silu_fwd_cl(x, _conv_wt(weight, x.shape[-1]), contig(bias), reverse)
+    return conv_silu_fwd_cl(x, weight.contiguous(), contig(bias), reverse)
 
 
 @_conv_cl.register_fake
@@ -244,8 +239,8 @@ def _conv_cl_backward(gout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     """dx, dweight (weight's shape), dbias (empty without a bias)."""
     x = unit_stride_rows(x)
     dx = x.new_empty(x.shape)
-    dwt, db = conv_silu_bwd_cl(x, _conv_wt(weight, x.shape[-1]), contig(bias), gout, dx, False, reverse)
-    return dx, dwt.t().reshape(weight.shape).contiguous(), (db.clone() if bias is not None else placeholder(x))
+    dw, db = conv_silu_bwd_cl(x, weight.contiguous(), contig(bias), gout, dx, False, reverse)
+    return dx, dw, (db if db is not None else placeholder(x))
 
 
 @_conv_cl_backward.register_fake

@@ -4,6 +4,30 @@
  * mixer_cl_body.h (whose fused kernels call these rows): mixer_cl.c defines T, SFX and SQRT before each
  * #include, and CL_FN(name) is name_SFX. No include guard, on purpose.
  */
+/* dst (cols x rows) = src (rows x cols) transposed. The kernels take each weight in its module's layout
+ * ((E, K), (E, N), (E, R)) and read it channels-innermost from one transposed copy per call: a few
+ * thousand values, where transposing in Python cost a torch op and a copy per weight and call */
+static void CL_FN(cl_transpose)(T *CL_RESTRICT dst, const T *CL_RESTRICT src, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+/* out = the sum over the nth threads' rows of parts (row length P) of their rows x cols block at off, in
+ * thread order (bit-identical for a given thread count); written transposed (cols x rows) with tr, so
+ * each gradient leaves in its parameter's layout. Called by the whole team after the loop that filled
+ * parts (whose omp for ends in a barrier), each thread a share; no barrier after: blocks are disjoint */
+static void CL_FN(cl_reduce_block)(T *CL_RESTRICT out, const T *CL_RESTRICT parts, int64_t P, int64_t off,
+                                   int64_t rows, int64_t cols, int tr, int64_t nth) {
+    #pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = off + r * cols + c;
+            T s = parts[i];
+            for (int64_t t = 1; t < nth; ++t) s += parts[t * P + i];
+            out[tr ? c * rows + r : r * cols + c] = s;
+        }
+}
+
 /* row t of a sample's conv: pre = bias + sum_k w[k] x[t -/+ (K-1-k)]. xb: the sample's input
  * rows (time stride sx_t); o: the row written */
 static inline void CL_FN(cv_pre_row)(const T *xb, int64_t sx_t, const T *CL_RESTRICT wt,
@@ -30,12 +54,17 @@ static inline void CL_FN(cv_fwd_row)(const T *xb, int64_t sx_t, const T *CL_REST
     CL_FN(cv_pre_row)(xb, sx_t, wt, bias, o, E, L, K, t, reverse);
     CL_FN(cl_silu_n)(o, E);
 }
-int CL_FN(cv_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,
+/* w: the conv's weight (E, K), as the module holds it; 1: out of memory */
+int CL_FN(cv_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT w,
                  const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,
                  int64_t L, int64_t K, int reverse, int nthreads) {
+    T *wt = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(K * E)); /* (K, E) */
+    if (!wt) return 1;
+    CL_FN(cl_transpose)(wt, w, E, K);
     #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
     for (int64_t bt = 0; bt < batch * L; ++bt)
         CL_FN(cv_fwd_row)(x + (bt / L) * sx_b, sx_t, wt, bias, out + bt * E, E, L, K, bt % L, reverse);
+    free(wt);
     return 0;
 }
 
@@ -46,13 +75,15 @@ int CL_FN(cv_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT w
  * replaces read u once more and ran x_proj's narrow product (J 44 at Vim-Ti) at ~45 G multiply-adds/s
  * (AMD EPYC Zen 4, 2 threads). 2: J too wide, 1: out of memory */
 #define CX_ROWS 64 /* 64 rows of E 384: 96 KB of u, in L2 for its x_proj right after */
-int CL_FN(cx_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT cwt, const T *CL_RESTRICT cbias,
+int CL_FN(cx_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT cw, const T *CL_RESTRICT cbias,
                  T *CL_RESTRICT u, const T *CL_RESTRICT xw, T *CL_RESTRICT xdbl, int64_t batch, int64_t E,
                  int64_t L, int64_t K, int64_t J, int reverse, int nthreads) {
     if (J > SM_XPROJ_MAX) return 2;
     const int64_t JP = (J + 15) / 16 * 16, nch = (L + CX_ROWS - 1) / CX_ROWS;
-    T *xwt = (T *)calloc((size_t)(E * JP), sizeof(T)); /* xw transposed, (E, JP), zero-padded */
+    /* xw transposed, (E, JP), zero-padded, then the conv's weight cw (E, K) transposed, (K, E) */
+    T *xwt = (T *)calloc((size_t)(E * JP + K * E), sizeof(T)), *cwt = xwt ? xwt + E * JP : NULL;
     if (!xwt) return 1;
+    CL_FN(cl_transpose)(cwt, cw, E, K);
     for (int64_t j = 0; j < J; ++j)
         for (int64_t e = 0; e < E; ++e) xwt[e * JP + j] = xw[j * E + e];
     #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
@@ -111,16 +142,22 @@ static void CL_FN(cv_bwd_sample)(const T *xb, int64_t sx_t, const T *CL_RESTRICT
     }
 }
 /* dx (batch, L, E) strided (sdx_b, sdx_t), written, or added to with acc_dx (the mixer's
- * two directions sum into one gradient buffer); sums: (K + 1) x E, written: [dw (K, E) | db (E)],
- * reduced over the threads here (CL_REDUCE_PARTS) */
-int CL_FN(cv_bwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT wt,
+ * two directions sum into one gradient buffer); w: the weight (E, K); dw_out (E, K) and db_out (E; NULL: not wanted):
+ * written, reduced over the threads here (cl_reduce_block) */
+int CL_FN(cv_bwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT w,
                  const T *CL_RESTRICT bias, const T *CL_RESTRICT gout, T *dx, int64_t sdx_b,
-                 int64_t sdx_t, int acc_dx, T *CL_RESTRICT sums,
+                 int64_t sdx_t, int acc_dx, T *CL_RESTRICT dw_out, T *CL_RESTRICT db_out,
                  int64_t batch, int64_t E, int64_t L, int64_t K, int reverse, int nthreads) {
     int failed = 0;
-    const int64_t P = (K + 1) * E; /* a thread's row of partial sums: dw | db */
+    const int64_t P = (K + 1) * E; /* a thread's row of partial sums: dw (K, E) | db */
     T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));
-    if (!parts) return 1;
+    T *wt = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(K * E)); /* the weight transposed, (K, E) */
+    if (!parts || !wt) {
+        free(parts);
+        free(wt);
+        return 1;
+    }
+    CL_FN(cl_transpose)(wt, w, E, K);
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         SM_FTZ_BEGIN
@@ -137,10 +174,12 @@ int CL_FN(cv_bwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT w
             CL_FN(cv_bwd_sample)(x + b * sx_b, sx_t, wt, bias, gout + b * L * E, dx + b * sdx_b, sdx_t, acc_dx,
                                 dw, db, gpre, E, L, K, reverse);
         }
-        CL_REDUCE_PARTS(T, sums, parts, P, nthreads);
+        CL_FN(cl_reduce_block)(dw_out, parts, P, 0, K, E, 1, nthreads);
+        if (db_out) CL_FN(cl_reduce_block)(db_out, parts, P, K * E, 1, E, 0, nthreads);
         SM_FTZ_END
         free(gpre);
     }
     free(parts);
+    free(wt);
     return failed;
 }

@@ -14,8 +14,10 @@
  *   dsave / dsv                   : (batch, L, E) the step d = softplus(delta + bias), written by
  *                                   the forward and read by the backward instead of delta
  *   Bm, Cm                        : (batch, L, N) strided (slices of x_proj's output)
- *   At                            : (N, E) -- A transposed so the channel loops vectorise
- *   wt                            : (K, E) conv weight transposed
+ *   A, conv weight, dt_proj weight: (E, N), (E, K), (E, R) as the modules hold them; each kernel
+ *                                   works from a copy transposed channels-innermost (At, wt, dtw),
+ *                                   so the channel loops vectorise, and writes their gradients back
+ *                                   in these layouts
  * reverse = 1 processes time from L-1 down to 0: the result equals flip(op(flip(input))), so
  * the conv becomes anti-causal and the scan runs backwards, both in original time order.
  *

@@ -5,36 +5,48 @@
  *
  *   sl_fwd / sl_bwd      the selective scan (with dt_proj, and in the mixer x_proj and the conv, fused)
  */
-int CL_FN(sl_fwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *CL_RESTRICT At,
+int CL_FN(sl_fwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *CL_RESTRICT A,
                  const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,
                  int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t,
                  const T *CL_RESTRICT dbias, T *CL_RESTRICT out, T *CL_RESTRICT dsave,
                  T *CL_RESTRICT ysave, int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,
                  double oscale, int accumulate, const T *dt, int64_t sdt_b, int64_t sdt_t,
-                 const T *CL_RESTRICT dtw, int64_t R, const T *cx, int64_t scx_b, int64_t scx_t,
-                 const T *CL_RESTRICT cwt, const T *CL_RESTRICT cbias, int64_t K,
+                 const T *CL_RESTRICT dtpw, int64_t R, const T *cx, int64_t scx_b, int64_t scx_t,
+                 const T *CL_RESTRICT cw, const T *CL_RESTRICT cbias, int64_t K,
                  const T *CL_RESTRICT xw, T *xdbl, int nthreads) {
     /* out = oscale * y, out += oscale * y with accumulate 1, or out = oscale * gate(y + out) with
      * accumulate 2: the mixer's first direction writes its y (+ D u) ungated and unscaled, the
      * second adds its own and gates the sum, with no separate (y_f + y_b) / 2 pass and one gate
      * (sigmoid(z), z read) per element instead of one per direction (the earlier form: each
      * direction gated its y and the second added its half, accumulate 1).
-     * With dtw (R, E) given, delta is not read: delta_t = dtw^T dt_t is formed per step from
-     * dt (batch, L, R) strided (dt_proj fused: no (batch, L, E) delta written or read).
+     * A: (E, N). With dtpw, dt_proj's weight (E, R), given, delta is not read: delta_t = dtpw dt_t is
+     * formed per step from dt (batch, L, R) strided (dt_proj fused: no (batch, L, E) delta written or read).
      * With cx (the mixer, dt_proj fused), the conv + SiLU and x_proj run here too, per sample
-     * before its scan: u (written, so not const in this mode) = silu(conv(cx)) with cwt (K, E),
+     * before its scan: u (written, so not const in this mode) = silu(conv(cx)) with cw (E, K),
      * cbias; xdbl (batch, L, R + 2N) contiguous = u xw^T with xw (R + 2N, E), which dt, Bm, Cm
      * must point into. A sample's work then runs on one thread (batch below the thread count
      * leaves threads idle: the caller keeps the separate kernels there) */
     const T os = (T)oscale;
     int failed = 0;
     const int64_t nblk = (E + EB - 1) / EB;
-    if (cx && (!xw || !xdbl || !dtw || R + 2 * N > SM_XPROJ_MAX)) return 2;
+    if (cx && (!xw || !xdbl || !dtpw || R + 2 * N > SM_XPROJ_MAX)) return 2;
+    if (!dtpw) R = 0;
+    if (!cx) K = 0;
+    /* A, dt_proj's and the conv's weights transposed (channels innermost): At (N, E), dtw (R, E), cwt (K, E) */
+    T *lay = (T *)sm_aligned_malloc(sizeof(T) * (size_t)((N + R + K) * E));
+    if (!lay) return 1;
+    T *At = lay, *dtw = dtpw ? At + N * E : NULL, *cwt = cx ? At + (N + R) * E : NULL;
+    CL_FN(cl_transpose)(At, A, E, N);
+    if (dtw) CL_FN(cl_transpose)(dtw, dtpw, E, R);
+    if (cwt) CL_FN(cl_transpose)(cwt, cw, E, K);
     const int64_t J = R + 2 * N, JP = (J + 15) / 16 * 16; /* x_proj's outputs, padded */
     T *xwt = NULL; /* xw transposed, (E, JP), zero-padded: x_proj's product vectorises over J */
     if (cx) {
         xwt = (T *)calloc((size_t)(E * JP), sizeof(T));
-        if (!xwt) return 1;
+        if (!xwt) {
+            free(lay);
+            return 1;
+        }
         for (int64_t j = 0; j < J; ++j)
             for (int64_t e = 0; e < E; ++e) xwt[e * JP + j] = xw[j * E + e];
     }
@@ -125,47 +137,63 @@ int CL_FN(sl_fwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *C
         free(buf);
     }
     free(xwt);
+    free(lay);
     return failed;
 }
 
 /* du, ddelta: (batch, L, E) contiguous; dz (batch, L, E) strided (sdz_b, sdz_t), written, or
- * added to with acc_dz; sums: (N + 2 + R) x E, written: [dA (N, E) | dD (E) | dbias (E) (the sum
- * of ddelta over time, so no pass over ddelta after) | ddtw (R, E)], reduced over the threads
- * here (CL_REDUCE_PARTS);
+ * added to with acc_dz. A: (E, N). The parameter gradients, each in its parameter's layout, written
+ * (summed over the threads' partial sums here, cl_reduce_block): dA_out (E, N), dD_out (E), dbias_out
+ * (E) (the sum of ddelta over time, so no pass over ddelta after), with dtpw (dt_proj's weight, (E, R))
+ * ddtw_out (E, R);
  * dB_out, dC_out: (batch, L, N), ddt (batch, L, R), contiguous: written; a sample's channel
  * blocks run in sequence on one thread, the first zeroes the sample's rows and each adds its share.
  * With xw, x_proj's weight (R + 2N, E) (the mixer: u = x_proj's input, [dt | B | C] its output,
  * dt_proj fused), x_proj's backward runs here too, per sample once its channel blocks are done:
  * [ddt | dB | dC] go to a per-thread (L, R + 2N) buffer instead of dB_out / dC_out / ddt (unused),
- * du gets [ddt | dB | dC] xw added and sums a fifth block, dxw (R + 2N, E) += [..]^T u. Two
+ * du gets [ddt | dB | dC] xw added and dxw_out (R + 2N, E) = [..]^T u. Two
  * matmuls a direction fewer; in a training step they ran at 70-90 GFLOP/s, their (batch L, 22) x
  * (22, 192) shapes too skinny for the BLAS (Intel Xeon, the demo's size).
  * With cx as well, the conv's (cv_bwd's) backward follows for the sample, du being its output
- * gradient (u = silu(conv(cx))): du stays in a per-thread (L, E) buffer (du_out unused), the conv's
- * dx goes to cdx (strided, added to with cacc) and sums a sixth block, [dw (K, E) | db (E)] */
+ * gradient (u = silu(conv(cx)), cw (E, K)): du stays in a per-thread (L, E) buffer (du_out unused), the
+ * conv's dx goes to cdx (strided, added to with cacc), its weight gradient to cdw_out (E, K) and its
+ * bias gradient to cdb_out (E; NULL: not wanted) */
 int CL_FN(sl_bwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_RESTRICT ysv,
-                 const T *CL_RESTRICT At,
+                 const T *CL_RESTRICT A,
                  const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,
                  int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t,
                  const T *CL_RESTRICT gout, T *CL_RESTRICT du_out,
                  T *CL_RESTRICT ddelta, T *dz, int64_t sdz_b, int64_t sdz_t, int acc_dz,
-                 T *CL_RESTRICT sums, T *CL_RESTRICT dB_out, T *CL_RESTRICT dC_out,
+                 T *CL_RESTRICT dA_out, T *CL_RESTRICT dD_out, T *CL_RESTRICT dbias_out,
+                 T *CL_RESTRICT ddtw_out, T *CL_RESTRICT dxw_out, T *CL_RESTRICT cdw_out,
+                 T *CL_RESTRICT cdb_out, T *CL_RESTRICT dB_out, T *CL_RESTRICT dC_out,
                  int64_t batch, int64_t E, int64_t L, int64_t N, int softplus, int reverse,
                  double oscale, const T *dt, int64_t sdt_b, int64_t sdt_t,
-                 const T *CL_RESTRICT dtw, int64_t R, T *CL_RESTRICT ddt,
+                 const T *CL_RESTRICT dtpw, int64_t R, T *CL_RESTRICT ddt,
                  const T *CL_RESTRICT xw, const T *cx, int64_t scx_b, int64_t scx_t,
-                 const T *CL_RESTRICT cwt, const T *CL_RESTRICT cbias, int64_t K, T *cdx,
+                 const T *CL_RESTRICT cw, const T *CL_RESTRICT cbias, int64_t K, T *cdx,
                  int64_t scdx_b, int64_t scdx_t, int cacc,
                  int nthreads) {
     int failed = 0;
     const int64_t nblk = (E + EB - 1) / EB;
-    if (!dtw) R = 0;
-    if ((xw && !dtw) || (cx && !xw)) return 2; /* x_proj's backward needs ddt, the conv's all of du */
+    if (!dtpw) R = 0;
+    if (!cx) K = 0;
+    if ((xw && !dtpw) || (cx && !xw)) return 2; /* x_proj's backward needs ddt, the conv's all of du */
     const int64_t J = R + 2 * N; /* x_proj's outputs */
-    /* a thread's row of partial sums: dA | dD | dbias | ddtw (| dxw (| conv dw | conv db)) */
+    /* a thread's row of partial sums: dA (N, E) | dD | dbias | ddtw (R, E) (| dxw (J, E) (| conv dw (K, E) | db)) */
     const int64_t P = (N + 2 + R) * E + (xw ? J * E : 0) + (cx ? (K + 1) * E : 0);
     T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));
-    if (!parts) return 1;
+    /* A, dt_proj's and the conv's weights transposed (channels innermost): At (N, E), dtw (R, E), cwt (K, E) */
+    T *lay = (T *)sm_aligned_malloc(sizeof(T) * (size_t)((N + R + K) * E));
+    if (!parts || !lay) {
+        free(parts);
+        free(lay);
+        return 1;
+    }
+    T *At = lay, *dtw = dtpw ? At + N * E : NULL, *cwt = cx ? At + (N + R) * E : NULL;
+    CL_FN(cl_transpose)(At, A, E, N);
+    if (dtw) CL_FN(cl_transpose)(dtw, dtpw, E, R);
+    if (cwt) CL_FN(cl_transpose)(cwt, cw, E, K);
     const T os = (T)oscale; /* gout is the gradient of oscale * y */
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -404,10 +432,17 @@ int CL_FN(sl_bwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_
                                     cdw + K * E, cgpre, E, L, K, reverse);
             }
         } /* sample */
-        CL_REDUCE_PARTS(T, sums, parts, P, nthreads);
+        CL_FN(cl_reduce_block)(dA_out, parts, P, 0, N, E, 1, nthreads);
+        CL_FN(cl_reduce_block)(dD_out, parts, P, N * E, 1, E, 0, nthreads);
+        CL_FN(cl_reduce_block)(dbias_out, parts, P, (N + 1) * E, 1, E, 0, nthreads);
+        if (dtw) CL_FN(cl_reduce_block)(ddtw_out, parts, P, (N + 2) * E, R, E, 1, nthreads);
+        if (xw) CL_FN(cl_reduce_block)(dxw_out, parts, P, (N + 2 + R) * E, J, E, 0, nthreads);
+        if (cx) CL_FN(cl_reduce_block)(cdw_out, parts, P, (N + 2 + R + J) * E, K, E, 1, nthreads);
+        if (cx && cdb_out) CL_FN(cl_reduce_block)(cdb_out, parts, P, (N + 2 + R + J + K) * E, 1, E, 0, nthreads);
         SM_FTZ_END
         free(buf);
     }
     free(parts);
+    free(lay);
     return failed;
 }

@@ -225,4 +225,4 @@ SS_DEFINE(float, f32, sm_expf, log1pf)
 SS_DEFINE(double, f64, exp, log1p)
 
 /* Lets the loader check that it opened the library it expects. */
-int ss_abi_version(void) { return 15; }
+int ss_abi_version(void) { return 16; }
