@@ -205,6 +205,23 @@ def test_mixer_core_gradcheck_float64(isa):
     assert torch.autograd.gradcheck(f, leaves, atol=1e-6)
 
 
+def test_mixer_core_gradcheck_without_a_conv_bias(isa):
+    """A direction whose conv has no bias (the kernel then reduces no bias gradient) beside one that has:
+    finite differences through both, and no gradient returned for the missing bias."""
+    from shufflemamba.ops.cpu_mixer import bimamba_core_cl
+
+    xz, R, (fwd, bwd) = _core_inputs(seed=2)
+    fwd = fwd._replace(conv_bias=None)
+    leaves = [xz, *(t for t in (*fwd, *bwd) if t is not None)]
+
+    def f(xz, *flat):
+        it = iter(flat)
+        return bimamba_core_cl(xz, R, type(fwd)(*(None if t is None else next(it) for t in fwd)),
+                               type(bwd)(*(next(it) for _ in bwd)))
+
+    assert torch.autograd.gradcheck(f, leaves, atol=1e-6)
+
+
 def test_mixer_core_without_grad_matches_training_forward():
     from shufflemamba.ops.cpu_mixer import bimamba_core_cl
 
