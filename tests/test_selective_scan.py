@@ -251,6 +251,36 @@ def test_conv_cl_float32_matches_float64(isa, reverse, K, L):
         torch.testing.assert_close(a.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
+def test_conv_cl_takes_the_weight_as_e_k_too():
+    """The kernels read the conv weight in place as (E, K) rows: (E, 1, K) and (E, K) give the same output
+    and gradients, each gradient in its weight's shape."""
+    _needs("cpu")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    w3 = torch.randn(10, 1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = w3.detach().view(10, 4).clone().requires_grad_()
+    gout = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    outs = [cpu_scan.causal_conv1d_silu_cl(x, w, None) for w in (w3, w2)]
+    assert torch.equal(outs[0], outs[1])
+    (g3,), (g2,) = (torch.autograd.grad(o, [w], gout) for o, w in zip(outs, (w3, w2)))
+    assert g3.shape == w3.shape and g2.shape == w2.shape and torch.equal(g3.view(10, 4), g2)
+
+
+def test_scan_kernel_calls_reject_weights_not_in_rows():
+    """scan_fwd_cl / scan_bwd_cl read A and dt_proj's weight in place as E contiguous rows: a transposed
+    (strided) one is refused by name instead of read as the wrong layout."""
+    _needs("cpu")
+    batch, L, E, N = 2, 3, 5, 2
+    u, out = torch.randn(batch, L, E), torch.empty(batch, L, E)
+    A, B = -torch.rand(N, E).t(), torch.randn(batch, L, N)  # (E, N) but not contiguous
+    kw = dict(softplus=True, reverse=False, out_scale=1.0)
+    with pytest.raises(ValueError, match="A must be contiguous"):
+        cpu_kernels.scan_fwd_cl(u, u, A, B, B, None, None, None, out, None, None, **kw)
+    with pytest.raises(ValueError, match="A must be contiguous"):
+        cpu_kernels.scan_bwd_cl(u, u, None, A, B, B, None, None, u, torch.empty_like(u), torch.empty_like(u), None,
+                                dz_accumulate=False, **kw)
+
+
 def test_cl_kernels_reject_bad_input():
     _needs("cpu")
     u = torch.randn(2, 5, 3)

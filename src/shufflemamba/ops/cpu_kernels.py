@@ -60,12 +60,18 @@ def placeholder(like: Tensor) -> Tensor:
 
 
 def _conv_taps(weight: Tensor, E: int) -> int:
-    """K of a depthwise conv weight as the module holds it, (E, 1, K) or (E, K), which the kernels read
-    in place (they transpose it themselves): contiguous, E rows."""
-    if weight.shape[0] != E or weight.numel() != E * weight.shape[-1] or not weight.is_contiguous():
+    """K of a depthwise conv weight as the module holds it, (E, 1, K) or (E, K): contiguous, it is (E, K)
+    in memory, which the kernels read in place (they transpose it themselves)."""
+    if weight.shape[0] != E or weight.numel() % E or not weight.is_contiguous():
         raise ValueError(f"conv weight must be contiguous (E, 1, K) or (E, K) with E = {E}, got "
                          f"{tuple(weight.shape)}")
-    return weight.shape[-1]
+    return weight.numel() // E
+
+
+def _check_rows(name: str, t: Tensor | None, E: int) -> None:
+    """A weight the kernels read in place as E contiguous rows: A (E, N), dt_proj's weight (E, R)."""
+    if t is not None and (t.dim() != 2 or t.shape[0] != E or not t.is_contiguous()):
+        raise ValueError(f"{name} must be contiguous ({E}, .), got {tuple(t.shape)}")
 
 
 def conv_silu_fwd_cl(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool) -> Tensor:
@@ -150,6 +156,8 @@ def scan_fwd_cl(u: Tensor, delta: Tensor | None, A: Tensor, B: Tensor, C: Tensor
     per sample, u = silu(conv(x)) into ``u`` (an output here) and x_dbl = u x_proj_weight^T, into which
     dt, B and C must be views."""
     batch, L, E = u.shape
+    _check_rows("A", A, E)
+    _check_rows("dt_proj_weight", dt_proj_weight, E)
     N = A.shape[1]
     R = 0 if dt_proj_weight is None else dt_proj_weight.shape[1]
     dtproj = (ptr(dt), *_strides(dt), ptr(dt_proj_weight), R) if dt_proj_weight is not None else _NO_DTPROJ
@@ -203,6 +211,8 @@ def scan_bwd_cl(u: Tensor, dsave: Tensor, ysave: Tensor | None, A: Tensor, B: Te
     the conv's backward follows in the kernel: du is then only the kernel's scratch (pass None), conv.dx
     gets x's gradient and ``dconv_weight`` / ``dconv_bias`` come back."""
     batch, L, E = u.shape
+    _check_rows("A", A, E)
+    _check_rows("dt_proj_weight", dt_proj_weight, E)
     N = A.shape[1]
     gout = gout.contiguous()  # held in a local: the kernel reads it after ptr has returned
     R = 0 if dt_proj_weight is None else dt_proj_weight.shape[1]

@@ -80,9 +80,13 @@ int CL_FN(cx_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT c
                  int64_t L, int64_t K, int64_t J, int reverse, int nthreads) {
     if (J > SM_XPROJ_MAX) return 2;
     const int64_t JP = (J + 15) / 16 * 16, nch = (L + CX_ROWS - 1) / CX_ROWS;
-    /* xw transposed, (E, JP), zero-padded, then the conv's weight cw (E, K) transposed, (K, E) */
-    T *xwt = (T *)calloc((size_t)(E * JP + K * E), sizeof(T)), *cwt = xwt ? xwt + E * JP : NULL;
-    if (!xwt) return 1;
+    T *xwt = (T *)calloc((size_t)(E * JP), sizeof(T));            /* xw transposed, (E, JP), zero-padded */
+    T *cwt = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(K * E)); /* cw (E, K) transposed, (K, E) */
+    if (!xwt || !cwt) {
+        free(xwt);
+        free(cwt);
+        return 1;
+    }
     CL_FN(cl_transpose)(cwt, cw, E, K);
     for (int64_t j = 0; j < J; ++j)
         for (int64_t e = 0; e < E; ++e) xwt[e * JP + j] = xw[j * E + e];
@@ -94,6 +98,7 @@ int CL_FN(cx_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT c
         CL_FN(sl_xproj_rows)(ub + t0 * E, t1 - t0, E, xwt, J, JP, xdbl + (b * L + t0) * J); /* scan_steps.h */
     }
     free(xwt);
+    free(cwt);
     return 0;
 }
 
