@@ -11,6 +11,12 @@ static void CL_FN(cl_transpose)(T *CL_RESTRICT dst, const T *CL_RESTRICT src, in
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
+/* src (rows x cols) transposed into a new 64-byte-aligned buffer (free() it); NULL: out of memory */
+static T *CL_FN(cl_transposed)(const T *CL_RESTRICT src, int64_t rows, int64_t cols) {
+    T *dst = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(rows * cols));
+    if (dst) CL_FN(cl_transpose)(dst, src, rows, cols);
+    return dst;
+}
 
 /* out = the sum over the nth threads' rows of parts (row length P) of their rows x cols block at off, in
  * thread order (bit-identical for a given thread count); written transposed (cols x rows) with tr, so
@@ -58,9 +64,8 @@ static inline void CL_FN(cv_fwd_row)(const T *xb, int64_t sx_t, const T *CL_REST
 int CL_FN(cv_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT w,
                  const T *CL_RESTRICT bias, T *CL_RESTRICT out, int64_t batch, int64_t E,
                  int64_t L, int64_t K, int reverse, int nthreads) {
-    T *wt = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(K * E)); /* (K, E) */
+    T *wt = CL_FN(cl_transposed)(w, E, K); /* (K, E) */
     if (!wt) return 1;
-    CL_FN(cl_transpose)(wt, w, E, K);
     #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
     for (int64_t bt = 0; bt < batch * L; ++bt)
         CL_FN(cv_fwd_row)(x + (bt / L) * sx_b, sx_t, wt, bias, out + bt * E, E, L, K, bt % L, reverse);
@@ -81,13 +86,12 @@ int CL_FN(cx_fwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT c
     if (J > SM_XPROJ_MAX) return 2;
     const int64_t JP = (J + 15) / 16 * 16, nch = (L + CX_ROWS - 1) / CX_ROWS;
     T *xwt = (T *)calloc((size_t)(E * JP), sizeof(T));            /* xw transposed, (E, JP), zero-padded */
-    T *cwt = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(K * E)); /* cw (E, K) transposed, (K, E) */
+    T *cwt = CL_FN(cl_transposed)(cw, E, K);                      /* (K, E) */
     if (!xwt || !cwt) {
         free(xwt);
         free(cwt);
         return 1;
     }
-    CL_FN(cl_transpose)(cwt, cw, E, K);
     for (int64_t j = 0; j < J; ++j)
         for (int64_t e = 0; e < E; ++e) xwt[e * JP + j] = xw[j * E + e];
     #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
@@ -156,13 +160,12 @@ int CL_FN(cv_bwd)(const T *x, int64_t sx_b, int64_t sx_t, const T *CL_RESTRICT w
     int failed = 0;
     const int64_t P = (K + 1) * E; /* a thread's row of partial sums: dw (K, E) | db */
     T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));
-    T *wt = (T *)sm_aligned_malloc(sizeof(T) * (size_t)(K * E)); /* the weight transposed, (K, E) */
+    T *wt = CL_FN(cl_transposed)(w, E, K); /* (K, E) */
     if (!parts || !wt) {
         free(parts);
         free(wt);
         return 1;
     }
-    CL_FN(cl_transpose)(wt, w, E, K);
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         SM_FTZ_BEGIN

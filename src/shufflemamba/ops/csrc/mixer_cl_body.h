@@ -5,6 +5,23 @@
  *
  *   sl_fwd / sl_bwd      the selective scan (with dt_proj, and in the mixer x_proj and the conv, fused)
  */
+/* sl_fwd / sl_bwd's weights channels-innermost, in one 64-byte-aligned buffer (returned; free() it; NULL: out
+ * of memory): *At (N, E) from A (E, N), *dtw (R, E) from dtpw (E, R), *cwt (K, E) from cw (E, K); a NULL
+ * dtpw / cw gives a NULL *dtw / *cwt */
+static T *CL_FN(sl_weights_t)(const T *A, const T *dtpw, const T *cw, int64_t E, int64_t N, int64_t R, int64_t K,
+                              T **At, T **dtw, T **cwt) {
+    const int64_t r = dtpw ? R : 0, k = cw ? K : 0;
+    T *lay = (T *)sm_aligned_malloc(sizeof(T) * (size_t)((N + r + k) * E));
+    if (!lay) return NULL;
+    *At = lay;
+    *dtw = dtpw ? lay + N * E : NULL;
+    *cwt = cw ? lay + (N + r) * E : NULL;
+    CL_FN(cl_transpose)(*At, A, E, N);
+    if (dtpw) CL_FN(cl_transpose)(*dtw, dtpw, E, R);
+    if (cw) CL_FN(cl_transpose)(*cwt, cw, E, K);
+    return lay;
+}
+
 int CL_FN(sl_fwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *CL_RESTRICT A,
                  const T *Bm, int64_t sB_b, int64_t sB_t, const T *Cm, int64_t sC_b,
                  int64_t sC_t, const T *CL_RESTRICT D, const T *z, int64_t sz_b, int64_t sz_t,
@@ -30,15 +47,8 @@ int CL_FN(sl_fwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT delta, const T *C
     int failed = 0;
     const int64_t nblk = (E + EB - 1) / EB;
     if (cx && (!xw || !xdbl || !dtpw || R + 2 * N > SM_XPROJ_MAX)) return 2;
-    if (!dtpw) R = 0;
-    if (!cx) K = 0;
-    /* A, dt_proj's and the conv's weights transposed (channels innermost): At (N, E), dtw (R, E), cwt (K, E) */
-    T *lay = (T *)sm_aligned_malloc(sizeof(T) * (size_t)((N + R + K) * E));
+    T *At, *dtw, *cwt, *lay = CL_FN(sl_weights_t)(A, dtpw, cx ? cw : NULL, E, N, R, K, &At, &dtw, &cwt);
     if (!lay) return 1;
-    T *At = lay, *dtw = dtpw ? At + N * E : NULL, *cwt = cx ? At + (N + R) * E : NULL;
-    CL_FN(cl_transpose)(At, A, E, N);
-    if (dtw) CL_FN(cl_transpose)(dtw, dtpw, E, R);
-    if (cwt) CL_FN(cl_transpose)(cwt, cw, E, K);
     const int64_t J = R + 2 * N, JP = (J + 15) / 16 * 16; /* x_proj's outputs, padded */
     T *xwt = NULL; /* xw transposed, (E, JP), zero-padded: x_proj's product vectorises over J */
     if (cx) {
@@ -177,23 +187,17 @@ int CL_FN(sl_bwd)(const T *CL_RESTRICT u, const T *CL_RESTRICT dsv, const T *CL_
     int failed = 0;
     const int64_t nblk = (E + EB - 1) / EB;
     if (!dtpw) R = 0;
-    if (!cx) K = 0;
     if ((xw && !dtpw) || (cx && !xw)) return 2; /* x_proj's backward needs ddt, the conv's all of du */
     const int64_t J = R + 2 * N; /* x_proj's outputs */
     /* a thread's row of partial sums: dA (N, E) | dD | dbias | ddtw (R, E) (| dxw (J, E) (| conv dw (K, E) | db)) */
     const int64_t P = (N + 2 + R) * E + (xw ? J * E : 0) + (cx ? (K + 1) * E : 0);
     T *parts = (T *)calloc((size_t)nthreads * (size_t)P, sizeof(T));
-    /* A, dt_proj's and the conv's weights transposed (channels innermost): At (N, E), dtw (R, E), cwt (K, E) */
-    T *lay = (T *)sm_aligned_malloc(sizeof(T) * (size_t)((N + R + K) * E));
+    T *At, *dtw, *cwt, *lay = CL_FN(sl_weights_t)(A, dtpw, cx ? cw : NULL, E, N, R, K, &At, &dtw, &cwt);
     if (!parts || !lay) {
         free(parts);
         free(lay);
         return 1;
     }
-    T *At = lay, *dtw = dtpw ? At + N * E : NULL, *cwt = cx ? At + (N + R) * E : NULL;
-    CL_FN(cl_transpose)(At, A, E, N);
-    if (dtw) CL_FN(cl_transpose)(dtw, dtpw, E, R);
-    if (cwt) CL_FN(cl_transpose)(cwt, cw, E, K);
     const T os = (T)oscale; /* gout is the gradient of oscale * y */
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
