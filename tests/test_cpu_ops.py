@@ -54,6 +54,36 @@ def test_rms_norm_operators_pass_opcheck():
     torch.library.opcheck(ops.add_rms_norm.default, (x, res, w, 1e-5, True))
 
 
+def _outputs_and_grads(fn, inputs):
+    out = fn()
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+    return [o.detach() for o in outs], torch.autograd.grad(loss, [t for t in inputs if t is not None], allow_unused=True)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_eager_calls_run_the_operators_registered_backward(bias):
+    """The public functions' eager autograd.Function (cpu_mixer._eager_autograd) against the operators
+    called directly (torch's wrapper of the registered backward): the same outputs and gradients, bit
+    for bit, and the eager path is the one taken."""
+    xz, R, params = _core_args(bias=bias)
+    fwd, bwd = cpu_mixer.DirectionParams(*params[:7]), cpu_mixer.DirectionParams(*params[7:])
+    assert type(cpu_mixer.bimamba_core_cl(xz, R, fwd, bwd).grad_fn).__name__.startswith("bimamba_core_eager")
+    got = _outputs_and_grads(lambda: cpu_mixer.bimamba_core_cl(xz, R, fwd, bwd), [xz, *params])
+    want = _outputs_and_grads(lambda: ops.bimamba_core(xz, R, *params, True)[0], [xz, *params])
+
+    g = _g(7)
+    x, res = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = (torch.rand(8, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    for a, b in ((lambda: cpu_mixer.rms_norm_cpu(x, w, 1e-5), lambda: ops.rms_norm(x, w, 1e-5, True)[0]),
+                 (lambda: cpu_mixer.add_rms_norm_cpu(x, res, w, 1e-5), lambda: ops.add_rms_norm(x, res, w, 1e-5, True)[:2])):
+        got += _outputs_and_grads(a, [x, res, w])
+        want += _outputs_and_grads(b, [x, res, w])
+    for a, b in zip(got, want):
+        for ta, tb in zip(a, b, strict=True):
+            assert (ta is None and tb is None) or torch.equal(ta, tb)
+
+
 @pytest.mark.parametrize("optional", [True, False], ids=["D-z-bias", "bare"])
 def test_scan_and_conv_operators_pass_opcheck(optional):
     u, delta, A, B, C, D, z, bias = _scan_cl_args()
