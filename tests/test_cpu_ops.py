@@ -58,7 +58,8 @@ def _outputs_and_grads(fn, inputs):
     out = fn()
     outs = out if isinstance(out, tuple) else (out,)
     loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
-    return [o.detach() for o in outs], torch.autograd.grad(loss, [t for t in inputs if t is not None], allow_unused=True)
+    grads = torch.autograd.grad(loss, [t for t in inputs if t is not None], allow_unused=True)
+    return [o.detach() for o in outs], grads
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -76,7 +77,8 @@ def test_eager_calls_run_the_operators_registered_backward(bias):
     x, res = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     w = (torch.rand(8, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
     for a, b in ((lambda: cpu_mixer.rms_norm_cpu(x, w, 1e-5), lambda: ops.rms_norm(x, w, 1e-5, True)[0]),
-                 (lambda: cpu_mixer.add_rms_norm_cpu(x, res, w, 1e-5), lambda: ops.add_rms_norm(x, res, w, 1e-5, True)[:2])):
+                 (lambda: cpu_mixer.add_rms_norm_cpu(x, res, w, 1e-5),
+                  lambda: ops.add_rms_norm(x, res, w, 1e-5, True)[:2])):
         got += _outputs_and_grads(a, [x, res, w])
         want += _outputs_and_grads(b, [x, res, w])
     for a, b in zip(got, want):

@@ -81,6 +81,11 @@ def _eager_autograd(op, setup_context, backward) -> type[torch.autograd.Function
                 dict(forward=staticmethod(forward), backward=staticmethod(backward)))
 
 
+def _needs_save(*tensors: Tensor | None) -> bool:
+    """Whether this call records gradients: grad mode on and an input (None: absent) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _call(op, eager: type[torch.autograd.Function], save: bool, *args):
     """``op(*args)``, through ``eager`` (its :func:`_eager_autograd`) when it is an eager call that records
     gradients (``save``)."""
@@ -256,8 +261,7 @@ def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward
         (batch, L, E) contiguous: the input of ``out_proj``.
     """
     check_mixer_core_inputs("bimamba_core_cl", xz, dt_rank, dict(forward=forward, backward=backward))
-    save = torch.is_grad_enabled() and (xz.requires_grad or any(t is not None and t.requires_grad
-                                                                for t in (*forward, *backward)))
+    save = _needs_save(xz, *forward, *backward)
     return _call(_core, _CoreEager, save, xz, int(dt_rank), *forward, *backward, save)[0]
 
 
@@ -391,10 +395,6 @@ def _(x, *args, out_shape=None, **kwargs) -> int:
     for s in x:
         n *= s
     return 4 * n  # square, sum, scale, weight per element
-
-
-def _needs_save(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
