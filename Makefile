@@ -54,7 +54,7 @@ bench: $(STAMP)
 	$(BIN)/shufflemamba bench
 
 # issue 12's CPU figures of this machine, each in files and docs sections named after its CPU
-# (intel-xeon, amd-epyc, ...): the benchmark suite (with Vim vs ViT) and the scan vs its
+# (intel-xeon, amd-epyc-zen4, ...): the benchmark suite (with Vim vs ViT) and the scan vs its
 # arithmetic limit. ~3 minutes on 2 cores; run it on an idle machine.
 cpu-figures: $(STAMP)
 	@tag=$$($(BIN)/python -c "from shufflemamba.bench.report import cpu_model, machine_tag; \

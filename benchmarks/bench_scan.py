@@ -19,18 +19,8 @@ from pathlib import Path
 import torch
 
 import shufflemamba  # noqa: F401  (applies the torchvision shim before anything imports timm)
-from shufflemamba.bench.report import scan_markdown
+from shufflemamba.bench.report import cpu_model, scan_markdown
 from shufflemamba.bench.scan import DEFAULT_IMPLS, SCAN_SHAPES, ScanShape, bench_scan
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_cl(shapes, threads: int, repeat: int, warmup: int, dtype: torch.dtype, seed: int = 0) -> list[dict]:

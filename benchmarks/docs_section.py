@@ -4,7 +4,7 @@
     python benchmarks/docs_section.py gpu-check benchmarks/results/gpu-check.json [--docs FILE]
 
 ``bench`` results go between ``<!-- bench:TAG:begin -->`` / ``<!-- bench:TAG:end -->``, TAG naming the
-machine (``machine_tag``: "intel-xeon", "amd-epyc", "nvidia-h200"), so that runs on different machines
+machine (``machine_tag``: "intel-xeon", "amd-epyc-zen4", "nvidia-h200"), so that runs on different machines
 keep their own sections; the GPU check's go between ``<!-- gpu-check:begin/end -->``. A section whose
 markers are absent is appended. The other scripts here (scan_limit.py, study.py, study_depth.py) write
 their sections with :func:`write_marked_section` too.

@@ -102,18 +102,39 @@ def test_docs_section_refuses_what_is_not_a_result(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, tag", [("Intel(R) Xeon(R) Processor", "intel-xeon"),
                                        ("AMD EPYC 9R14 96-Core Processor", "amd-epyc"),
+                                       ("AMD EPYC (Zen 4)", "amd-epyc-zen4"), ("AMD Ryzen 9 9950X (Zen 5)", "amd-ryzen-zen5"),
                                        ("NVIDIA H200", "nvidia-h200"), ("", "unknown")])
 def test_machine_tag(name, tag):
     assert machine_tag(name) == tag
 
 
 def test_machine_tag_names_avx2_kernels(monkeypatch):
-    """Zen 3 (AVX2) and Zen 4 (AVX-512) are both "AMD EPYC": kernels built without AVX-512 get their own tag."""
+    """A CPU run with kernels built without AVX-512 gets its own tag."""
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    assert machine_tag("AMD EPYC", "cpu kernels: compiler default vectors (no AVX-512: one build)") == "amd-epyc-avx2"
-    assert machine_tag("AMD EPYC", "cpu kernels: 512-bit vectors (measured)") == "amd-epyc"
+    no512 = "cpu kernels: compiler default vectors (no AVX-512: one build)"
+    assert machine_tag("AMD EPYC (Zen 4)", no512) == "amd-epyc-zen4-avx2"
+    assert machine_tag("AMD EPYC (Zen 4)", "cpu kernels: 512-bit vectors (measured)") == "amd-epyc-zen4"
+
+
+@pytest.mark.parametrize("family, model, name, expected", [
+    (25, 1, "AMD EPYC", "AMD EPYC (Zen 3)"), (25, 17, "AMD EPYC", "AMD EPYC (Zen 4)"),
+    (26, 2, "AMD EPYC", "AMD EPYC (Zen 5)"), (25, 97, "AMD Ryzen 9 7950X 16-Core Processor",
+                                                "AMD Ryzen 9 7950X 16-Core Processor (Zen 4)"),
+    (25, 17, "AMD EPYC Zen 4 engineering sample", "AMD EPYC Zen 4 engineering sample"),  # already named
+    (99, 1, "AMD EPYC", "AMD EPYC"),  # a family we do not know: the name as it is
+])
+def test_cpu_model_adds_amds_zen_generation(monkeypatch, family, model, name, expected):
+    """Cloud VMs name Zen 3, 4 and 5 all "AMD EPYC": the generation comes from the family and model."""
+    from shufflemamba.ops import config
+
+    lines = ["vendor_id\t: AuthenticAMD\n", f"cpu family\t: {family}\n", f"model\t\t: {model}\n",
+             f"model name\t: {name}\n"]
+    monkeypatch.setattr(config, "_cpuinfo_lines", lambda: lines)
+    assert config.cpu_model() == expected
+    monkeypatch.setattr(config, "_cpuinfo_lines", lambda: [ln.replace("AuthenticAMD", "GenuineIntel") for ln in lines])
+    assert config.cpu_model() == name
 
 
 def test_bad_arguments():

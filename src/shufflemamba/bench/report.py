@@ -16,11 +16,15 @@ from ..ops.config import cpu_model  # noqa: F401  (re-exported: every tool names
 def machine_tag(name: str, cpu_kernels: str | None = None) -> str:
     """A short slug of a CPU or GPU model name for file names and section markers: its first two
     words, lower case ("Intel(R) Xeon(R) Processor" -> "intel-xeon", "NVIDIA H200" -> "nvidia-h200"),
-    so that figures of different machines live side by side instead of overwriting each other.
+    so that figures of different machines live side by side instead of overwriting each other, with
+    AMD's Zen generation where the name gives it ("AMD EPYC (Zen 4)" -> "amd-epyc-zen4").
     ``cpu_kernels`` (``cpu_scan.describe_vector_width()``) saying the x86 kernels run without AVX-512
-    adds "-avx2": AMD's Zen 3 (AVX2) and Zen 4 (AVX-512) share the name "AMD EPYC"."""
+    adds "-avx2": the same CPU run as an AVX2-only one."""
     words = re.sub(r"\((r|tm)\)", " ", name.lower()).replace("processor", " ").split()
     slug = "-".join(re.sub(r"[^a-z0-9]+", "-", w).strip("-") for w in words[:2]) or "unknown"
+    zen = re.search(r"\bzen ?(\d+)", name.lower())
+    if zen:
+        slug += f"-zen{zen.group(1)}"
     if cpu_kernels and "no AVX-512" in cpu_kernels and platform.machine().lower() in ("x86_64", "amd64"):
         slug += "-avx2"
     return slug

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -84,12 +85,37 @@ def _cpuinfo_lines() -> list[str]:
         return []
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux; platform.processor() is often empty there)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of /proc/cpuinfo (None: absent)."""
     for line in _cpuinfo_lines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+# AMD's Zen generations as (family, models first..last): a cloud VM's /proc/cpuinfo often names only "AMD
+# EPYC", for Zen 3 (AVX2), Zen 4 and Zen 5 (AVX-512) alike, whose figures differ
+_AMD_ZEN = ((23, 0x00, 0x2F, "Zen"), (23, 0x30, 0xFF, "Zen 2"), (25, 0x00, 0x0F, "Zen 3"), (25, 0x10, 0x1F, "Zen 4"),
+            (25, 0x20, 0x5F, "Zen 3"), (25, 0x60, 0xAF, "Zen 4"), (26, 0x00, 0xFF, "Zen 5"))
+
+
+def amd_generation() -> str | None:
+    """"Zen 3", "Zen 4", ... from /proc/cpuinfo's family and model on an AMD CPU; None elsewhere or unknown."""
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    if _cpuinfo_field("vendor_id") != "AuthenticAMD" or not (family or "").isdigit() or not (model or "").isdigit():
+        return None
+    return next((gen for fam, first, last, gen in _AMD_ZEN if fam == int(family) and first <= int(model) <= last), None)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; platform.processor() is often empty there), with AMD's
+    Zen generation added when the name lacks it: "AMD EPYC (Zen 5)"."""
+    name = _cpuinfo_field("model name")
+    if name is None:
+        return platform.processor() or platform.machine()
+    gen = amd_generation()
+    return f"{name} ({gen})" if gen and not re.search(r"\bzen\b", name, re.IGNORECASE) else name
 
 
 def cpu_signature() -> str:
