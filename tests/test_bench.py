@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from shufflemamba.bench import suite as bench
 from shufflemamba.bench.report import machine_tag
@@ -60,6 +61,9 @@ def test_quick_run_writes_json_and_prints_markdown(tmp_path, capsys):
         assert r["images_per_s_vim"] > 0 and r["images_per_s_vit"] > 0 and r["vim_over_vit_paired"] > 0
         assert r["vim_over_vit_quartiles"] is None and r["repeats"] == 1  # --quick --repeats 1: one pair
         assert r["tokens"] > 1 and r["params_vim"] > 0 and r["params_vit"] > 0
+        # the like-for-like ratio (ViT's linears on oneDNN too) exactly where the Vim's run on oneDNN
+        from shufflemamba.ops.cpu_linear import onednn_runs
+        assert ("vim_over_vit_same_gemm_paired" in r) == onednn_runs(torch.device("cpu"))
 
     docs = _script("docs_section")
     assert docs.main(["bench", str(js), "--docs", str(md)]) == 0

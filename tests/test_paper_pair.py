@@ -33,3 +33,25 @@ def test_peak_memory_is_the_childs_own():
     base = child_peak_mb("import torch")
     big = child_peak_mb("import torch; x = torch.ones(64 * 2**20); x += 1")
     assert 200 < big - base < 400, (base, big)
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
+def test_deit_on_the_vims_gemm_is_timed_where_the_vim_uses_onednn(monkeypatch, gemm):
+    """With the Vim's linears on oneDNN a third model (DeiT-Ti, its linears on oneDNN too) gives the like-for-like
+    ratio; with torch's BLAS for both there is none to add."""
+    from shufflemamba.ops import cpu_linear
+
+    if gemm == "onednn" and cpu_linear._onednn_linear() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setenv("SHUFFLEMAMBA_CPU_GEMM", gemm)
+    records = bench_paper_pair(torch.device("cpu"), quick=True, repeats=1, peak_memory=False)
+    assert all(("vim_vs_deit_same_gemm" in r) == (gemm == "onednn") for r in records)
+    assert all(r["deit_same_gemm_s"] > 0 for r in records if gemm == "onednn")
+    same_gemm_column = [row.split("|")[7].strip() for row in pair_markdown(records)]
+    assert same_gemm_column[0] == "vs DeiT on Vim's GEMM" and (same_gemm_column[2] == "-") == (gemm == "blas")
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    expected = layer(x)
+    routed = cpu_linear.convert_linears(torch.nn.Sequential(layer))[0]
+    assert type(routed) is cpu_linear.Linear
+    torch.testing.assert_close(routed(x), expected, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from shufflemamba.ops import config as ops_config
 from shufflemamba.ops import cpu_library
@@ -92,3 +93,27 @@ def test_limit_is_the_arithmetic_at_the_peak_rates():
     expected = 1e3 * 16 * ((fwd["exp"] + fwd["exp_per_channel"] / 16) / 1e8 + (fwd["ops"] + fwd["ops_per_channel"] / 16) / 1e9)
     assert lim["forward"] == pytest.approx(expected)
     assert lim["total"] == pytest.approx(lim["forward"] + lim["backward"])
+
+
+def test_measure_takes_the_best_round_of_each_side():
+    """Peak rates and scan times are taken in turn, round by round; a round slowed by a neighbour (the
+    FMA rate halved here) does not set the limit."""
+    mod = _module()
+
+    class Rates:  # the peak library's interface, with a slow second round
+        def __init__(self):
+            self.fma, self.exp = iter([9.0, 100.0, 50.0, 100.0]), iter([9.0, 10.0, 10.0, 5.0])
+
+        def fma_rate(self, iters, threads):
+            return next(self.fma)
+
+        def exp_rate(self, iters, threads):
+            return next(self.exp)
+
+    threads = torch.get_num_threads()
+    try:
+        rates, ms = mod.measure(Rates(), {"batch": 1, "E": 16, "L": 8, "N": 4}, threads=threads, repeat=3)
+    finally:
+        torch.set_num_threads(threads)  # the script sets its --threads
+    assert rates == {"fma_per_s": 100.0, "exp_per_s": 10.0}  # warm-up rounds (9.0) not counted
+    assert ms["total"] > 0 and ms["forward"] > 0 and ms["backward"] == ms["total"] - ms["forward"]

@@ -11,7 +11,7 @@ import sys
 from typing import Callable
 
 from .errors import UserError
-from .ops.config import KernelConfigError
+from .ops.config import KernelConfigError, check_settings
 
 
 def guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
@@ -21,6 +21,7 @@ def guarded(fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     Ctrl-C outside the training loop (which handles it itself) prints ``interrupted`` and returns 130.
     """
     try:
+        check_settings()  # a bad SHUFFLEMAMBA_CPU_* value: one line now, not a failure in the first step
         return int(fn(argv) or 0)
     except (UserError, KernelConfigError) as err:  # the kernels' settings live below the CLI's errors
         print(f"error: {err}", file=sys.stderr)

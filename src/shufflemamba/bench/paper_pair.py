@@ -6,6 +6,10 @@ cost) and training at 224 px, fp32, both models timed round-robin in one process
 of both models, so a ratio can be held against its arithmetic parity (DeiT MACs / Vim MACs), and the
 peak resident memory of each model's step, measured in a fresh process each (the only way to read a
 CPU peak per model: the allocator keeps what a process once used; Linux's /proc, VmHWM).
+
+Where the Vim's ``in_proj`` / ``out_proj`` run on oneDNN (``ops.cpu_linear``: measured faster than torch's
+BLAS on this CPU), a third model is timed alongside: DeiT-Ti with its linear layers on oneDNN too, so that
+each row also gives the like-for-like ratio, the two architectures on the same GEMM.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..ops.cpu_linear import convert_linears, onednn_runs
 from .report import pair_markdown
 from .timing import time_interleaved, train_step_fn
 
@@ -110,6 +115,9 @@ def bench_paper_pair(device: torch.device, quick: bool, repeats: int, peak_memor
     for mode, img, batch in (QUICK_ROWS if quick else ROWS):
         vim, deit = _build(VIM, img, quick).to(device), _build(DEIT, img, quick).to(device)
         steps = {"vim": _step(vim, mode, img, batch, device), "deit": _step(deit, mode, img, batch, device)}
+        if onednn_runs(device):
+            deit_same = convert_linears(_build(DEIT, img, quick).to(device))
+            steps["deit_same_gemm"] = _step(deit_same, mode, img, batch, device)
         times = time_interleaved(steps, repeats, warmup=1, device=device)
         ratios = [d / v for v, d in zip(times["vim"], times["deit"])]
         vm, dm = vim_macs(img, depth=2 if quick else 24), vit_macs(img, depth=2 if quick else 12)
@@ -119,6 +127,9 @@ def bench_paper_pair(device: torch.device, quick: bool, repeats: int, peak_memor
             "vim_vs_deit": statistics.median(ratios), "vim_gmacs": vm / 1e9, "deit_gmacs": dm / 1e9,
             "parity": dm / vm,
         }
+        if "deit_same_gemm" in times:
+            rec["deit_same_gemm_s"] = statistics.median(times["deit_same_gemm"])
+            rec["vim_vs_deit_same_gemm"] = statistics.median(d / v for v, d in zip(times["vim"], times["deit_same_gemm"]))
         if peak_memory and device.type == "cpu":
             rec["vim_peak_mb"] = peak_rss_mb(VIM, mode, img, batch, quick)
             rec["deit_peak_mb"] = peak_rss_mb(DEIT, mode, img, batch, quick)

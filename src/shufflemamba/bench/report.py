@@ -51,7 +51,8 @@ def bench_markdown(res: dict[str, Any]) -> str:
         f"**{m['device_name']}** ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
         f"triton {m['triton']}, mambapy {m['mambapy']}, timm {m['timm']}. Medians of interleaved repeats."
         + (f" {kernels[0].upper()}{kernels[1:]}." if kernels else "")
-        + (f" Torch's CPU kernels: {m['torch_cpu_capability']}." if m.get("torch_cpu_capability") else ""),
+        + (f" Torch's CPU kernels: {m['torch_cpu_capability']}." if m.get("torch_cpu_capability") else "")
+        + (f" {m['cpu_gemm']}." if m.get("cpu_gemm") else ""),
     ]
     if res.get("scan"):
         lines += ["", "### Selective scan, forward + backward", "",
@@ -95,13 +96,17 @@ def bench_markdown(res: dict[str, Any]) -> str:
 
 def pair_markdown(records: list[dict[str, Any]]) -> list[str]:
     """The rows of :func:`shufflemamba.bench.paper_pair.bench_paper_pair`: Vim's speed relative to DeiT's
-    (DeiT time / Vim time) beside the multiply-add parity it is held against."""
-    rows = ["| mode | px | batch | Vim-Ti s | DeiT-Ti s | Vim speed vs DeiT | MAC parity | GMACs Vim / DeiT | peak MB Vim / DeiT |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    (DeiT time / Vim time) beside the multiply-add parity it is held against; "vs DeiT on Vim's GEMM" (where
+    the Vim's linears run on oneDNN): the same with DeiT's linears on oneDNN too, "-" where both use torch's."""
+    rows = ["| mode | px | batch | Vim-Ti s | DeiT-Ti s | Vim speed vs DeiT | vs DeiT on Vim's GEMM | MAC parity "
+            "| GMACs Vim / DeiT | peak MB Vim / DeiT |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         peak = f"{r['vim_peak_mb']:.0f} / {r['deit_peak_mb']:.0f}" if "vim_peak_mb" in r else "-"
+        same = _f(r.get("vim_vs_deit_same_gemm"), ".2f") + ("x" if "vim_vs_deit_same_gemm" in r else "")
         rows.append(f"| {r['mode']} | {r['img_size']} | {r['batch']} | {r['vim_s']:.3f} | {r['deit_s']:.3f} | "
-                    f"{r['vim_vs_deit']:.2f}x | {r['parity']:.2f}x | {r['vim_gmacs']:.2f} / {r['deit_gmacs']:.2f} | {peak} |")
+                    f"{r['vim_vs_deit']:.2f}x | {same} | {r['parity']:.2f}x | {r['vim_gmacs']:.2f} / {r['deit_gmacs']:.2f} "
+                    f"| {peak} |")
     return rows
 
 
@@ -110,14 +115,15 @@ def vit_markdown(res: dict[str, Any]) -> list[str]:
     lines = ["", f"### Vim vs timm's ViT of the same width, depth and tokens (training, {res['amp'] or 'fp32'}, "
                  f"fused AdamW, {res['threads']} threads)", "",
              "| setup | batch | tokens | params Vim / ViT | img/s Vim | img/s ViT | Vim / ViT (median of pairs) "
-             "| pairs' quartiles | pairs | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| pairs' quartiles | Vim / ViT on Vim's GEMM | pairs | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["setups"].items():
         params = (f"{r['params_vim'] / 1e6:.2f}M / {r['params_vit'] / 1e6:.2f}M" if "params_vim" in r else "-")
         q = r.get("vim_over_vit_quartiles")
         quart = f"{q[0]:.2f}-{q[1]:.2f}" if q else "-"
         lines.append(f"| {name} | {r['batch']} | {r.get('tokens', '-')} | {params} | {_f(r.get('images_per_s_vim'))}"
                      f" | {_f(r.get('images_per_s_vit'))} | {_f(r.get('vim_over_vit_paired'), '.2f')}x | {quart}"
+                     f" | {_f(r.get('vim_over_vit_same_gemm_paired'), '.2f')}{'x' if 'vim_over_vit_same_gemm_paired' in r else ''}"
                      f" | {r.get('repeats', '-')} | {r['status']} |")
     return lines
 

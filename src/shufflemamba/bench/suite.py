@@ -252,6 +252,9 @@ def _meta(device: torch.device, quick: bool) -> dict[str, Any]:
         from ..ops.cpu_scan import describe_vector_width
 
         meta["cpu_kernels"] = describe_vector_width()
+        from ..ops.cpu_linear import describe_gemm
+
+        meta["cpu_gemm"] = describe_gemm()
         # torch's own CPU kernels' ISA (ATEN_CPU_CAPABILITY can cap it: an AVX2-only CPU emulated whole)
         meta["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     for mod in ("triton", "mambapy", "timm"):

@@ -8,7 +8,9 @@ has D / 32 heads and MLP ratio 4 (timm's defaults); the Vim has d_state and expa
 off (its shuffle costs < 1% of a step, measured in the training-step section).
 
 The two step functions are timed round-robin in one process (:func:`~shufflemamba.bench.timing.time_interleaved`), so a
-change in machine load hits both alike; the ratio of each interleaved pair's times is reported.
+change in machine load hits both alike; the ratio of each interleaved pair's times is reported. Where the
+Vim's in_proj / out_proj run on oneDNN (``ops.cpu_linear``), a ViT with its linears on oneDNN too is timed
+alongside: the like-for-like ratio.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..ops.cpu_linear import convert_linears, onednn_runs
 from .timing import time_interleaved, train_step_fn
 
 PAIRS_SECONDS = 15.0  # time spent on the interleaved pairs of one setup (not counting the warm-up)
@@ -75,8 +78,10 @@ def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dty
         try:
             vim, vit = vim_and_vit(setup, quick)
             img, chans = setup["shared"]["img_size"], setup["shared"]["in_chans"]  # --quick keeps both
-            fns = {key: train_step_fn(model.to(device), batch, img, device, amp, chans)
-                   for key, model in (("vim", vim), ("vit", vit))}
+            models = [("vim", vim), ("vit", vit)]
+            if onednn_runs(device):  # the Vim's linears on oneDNN: ViT's on it too, for the like-for-like ratio
+                models.append(("vit_same_gemm", convert_linears(vim_and_vit(setup, quick)[1])))
+            fns = {key: train_step_fn(model.to(device), batch, img, device, amp, chans) for key, model in models}
             # as many pairs as fit PAIRS_SECONDS (at least `repeats`, at most MAX_PAIRS): a short step's
             # ratio is noisy pair by pair, and a median over a few pairs moves from run to run
             first = time_interleaved(fns, 1, 2, device)
@@ -97,5 +102,8 @@ def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dty
             vim_over_vit_quartiles=_quartiles(ratios),
             repeats=n,
         )
+        if "vit_same_gemm" in times:
+            rec["vim_over_vit_same_gemm_paired"] = statistics.median(
+                a / b for a, b in zip(times["vit_same_gemm"], times["vim"]))
         del vim, vit, fns
     return out

@@ -9,6 +9,10 @@
         gcc keeps 256-bit vectors unless asked, and which width is faster depends on the CPU. auto
         loads the width recorded by ``python -m shufflemamba.ops.cpu_scan --measure`` when there is
         a record, else 512 (the widest the CPU has); a number forces that width. Ignored elsewhere.
+    SHUFFLEMAMBA_CPU_GEMM: ``onednn``, ``blas`` or ``auto`` (default): what runs the Vim mixer's
+        ``in_proj`` / ``out_proj`` in float32 on the CPU (``ops.cpu_linear``). torch's own linear calls
+        its BLAS (MKL in the official wheels), which runs AMD's AVX-512 CPUs at about half of oneDNN's
+        rate; auto uses the faster of the two as measured once on this CPU and recorded in the cache.
     CC: the C compiler that builds the kernels (default ``cc``).
 
 A bad value raises :class:`KernelConfigError` (the CLI prints it as one ``error:`` line).
@@ -23,12 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["PARALLEL_MIN_WORK", "TORCH_SCAN_CHUNK_ELEMENTS", "KernelConfigError", "VectorWidth", "cache_dir",
-           "compile_disabled", "compiler", "cpu_model", "cpu_signature", "has_avx2_fma", "has_avx512", "is_x86", "isa_flags", "vector_isa",
+           "check_settings", "compile_disabled", "compiler", "cpu_model", "gemm", "cpu_signature", "has_avx2_fma", "has_avx512", "is_x86", "isa_flags", "vector_isa",
            "vector_width"]
 
 CACHE_ENV = "SHUFFLEMAMBA_CACHE"
 NO_COMPILE_ENV = "SHUFFLEMAMBA_NO_COMPILE"
 VECTOR_WIDTH_ENV = "SHUFFLEMAMBA_CPU_VECTOR_WIDTH"
+GEMM_ENV = "SHUFFLEMAMBA_CPU_GEMM"
 ISA_ENV = "SHUFFLEMAMBA_CPU_ISA"  # avx2: build without AVX-512, to run an AVX2-only CPU's code on an AVX-512 one
 CC_ENV = "CC"
 
@@ -39,6 +44,7 @@ TORCH_SCAN_CHUNK_ELEMENTS = 1 << 21  # the pure-PyTorch scan's (chunk, batch, E,
 # enough to amortise Python's per-step overhead, small enough (tens of MB) to stay cache- and RAM-friendly
 
 VectorWidth = Literal["auto", "256", "512"]
+Gemm = Literal["auto", "onednn", "blas"]
 _WIDTHS: tuple[VectorWidth, ...] = ("auto", "256", "512")
 
 
@@ -75,6 +81,27 @@ def vector_width() -> VectorWidth:
     if value not in _WIDTHS:
         raise KernelConfigError(f"{VECTOR_WIDTH_ENV} must be 256, 512 or auto, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def gemm() -> Gemm:
+    """SHUFFLEMAMBA_CPU_GEMM: "onednn", "blas" or "auto" (unset or empty).
+
+    Raises:
+        KernelConfigError: any other value.
+    """
+    value = os.environ.get(GEMM_ENV, "").strip().lower() or "auto"
+    if value not in ("auto", "onednn", "blas"):
+        raise KernelConfigError(f"{GEMM_ENV} must be onednn, blas or auto, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_settings() -> None:
+    """Read every setting above once, so that a bad value stops a command before it starts work.
+
+    Raises:
+        KernelConfigError: the first bad value.
+    """
+    vector_width(), isa_setting(), gemm()
 
 
 def _cpuinfo_lines() -> list[str]:

@@ -1,0 +1,186 @@
+"""Float32 linear layers on the CPU through oneDNN where it measures faster than torch's BLAS.
+
+torch runs ``F.linear`` on the CPU through its BLAS (MKL in the official wheels), which takes slower code
+paths on AMD CPUs: on a 2-core Zen 5 (AVX-512) MKL ran the Vim-Ti ``in_proj`` / ``out_proj`` products at
+about 100 G multiply-adds/s and oneDNN (bundled with torch too) at about 210; capped at AVX2, 100 against
+115. :func:`linear` (and :class:`Linear`, the Vim mixer's ``in_proj`` / ``out_proj``) runs the forward and
+the input gradient through ``torch.ops.mkldnn._linear_pointwise`` (the op inductor emits for CPU linears)
+when :func:`gemm_backend` picks oneDNN; the weight gradient, a reduction over every row, stays a BLAS
+product (oneDNN was no faster there). oneDNN packs the weight per call into buffers of up to a few
+hundred KB: the ``shufflemamba`` command's malloc setting (``process.tune_malloc``) keeps them off fresh
+mappings, worth ~25% of Vim-Ti's inference at 224 px on the Zen 5.
+
+The backend is SHUFFLEMAMBA_CPU_GEMM (``ops.config``): ``auto`` times both once per CPU, torch version,
+thread count and ISA caps, records the result in the kernel cache and reads it from then on (the same
+choice in every process, so a resumed run computes what the first did); ``onednn`` / ``blas`` force one.
+Traced code (``torch.compile``, ``torch.export``) gets ``F.linear``: inductor makes its own GEMM choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import config
+from .cpu_library import write_choice
+
+__all__ = ["Linear", "convert_linears", "describe_gemm", "onednn_runs", "gemm_backend", "gemm_choice_path", "linear", "measure_gemm"]
+
+Backend = Literal["onednn", "blas"]
+_LIB_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # change what either runs
+
+
+def _onednn_linear():
+    """torch's oneDNN linear op, or None where this torch has none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.ops, "mkldnn") else None
+
+
+def _dnn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def gemm_choice_path() -> Path:
+    """Where ``auto``'s measurement is recorded for this CPU, torch, thread count and ISA caps: delete it to
+    measure again."""
+    key = "|".join([config.cpu_signature(), torch.__version__, str(torch.get_num_threads()),
+                    *(os.environ.get(v, "") for v in _LIB_CAPS)])
+    return config.cache_dir() / f"gemm_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def measure_gemm(rounds: int = 15) -> dict[str, Any]:
+    """Time ``F.linear`` (BLAS) and oneDNN's linear in turn on in_proj's shape at 1024 tokens (Vim-Ti,
+    D 192 -> 2E 768); oneDNN is chosen when its median is at least 5% lower (BLAS is torch's default)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1024, 192, generator=g), torch.randn(768, 192, generator=g)
+    fns = {"blas": lambda: F.linear(x, w), "onednn": lambda: _dnn(x, w, None)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 2):  # two rounds warm up
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= 2:
+                times[name].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"backend": "onednn" if ms["onednn"] < 0.95 * ms["blas"] else "blas",
+            "ms": {k: round(v, 4) for k, v in ms.items()}, "cpu": config.cpu_model(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _recorded_backend(path: Path) -> Backend:
+    """The backend recorded at ``path``, measured and recorded first when there is none."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(rec, dict) and rec.get("backend") in ("onednn", "blas"):
+            return rec["backend"]
+    except (OSError, ValueError):
+        pass
+    rec = measure_gemm()
+    try:
+        write_choice(path, rec)
+    except OSError:  # a read-only cache: the measurement still holds for this process
+        pass
+    return rec["backend"]
+
+
+@lru_cache(maxsize=None)
+def _backend(setting: config.Gemm, threads: int, caps: tuple[str, ...]) -> Backend:
+    del threads, caps  # the cache key: gemm_choice_path() reads them again
+    if setting == "blas":
+        return "blas"
+    if _onednn_linear() is None:
+        if setting == "onednn":
+            raise config.KernelConfigError(f"{config.GEMM_ENV}=onednn, but this torch has no oneDNN linear")
+        return "blas"
+    return "onednn" if setting == "onednn" else _recorded_backend(gemm_choice_path())
+
+
+def gemm_backend() -> Backend:
+    """Which library runs :func:`linear` here (SHUFFLEMAMBA_CPU_GEMM; auto: the recorded measurement).
+
+    Raises:
+        KernelConfigError: a bad SHUFFLEMAMBA_CPU_GEMM, or ``onednn`` where torch has no oneDNN.
+    """
+    return _backend(config.gemm(), torch.get_num_threads(), tuple(os.environ.get(v, "") for v in _LIB_CAPS))
+
+
+def describe_gemm() -> str:
+    """One line for reports: what runs the Vim mixer's linears here, and why."""
+    setting, backend = config.gemm(), gemm_backend()
+    name = "oneDNN" if backend == "onednn" else "torch's BLAS"
+    if setting != "auto":
+        return f"Vim mixer's linears: {name} ({config.GEMM_ENV}={setting})"
+    if _onednn_linear() is None:
+        return f"Vim mixer's linears: {name} (this torch has no oneDNN linear)"
+    try:
+        ms = json.loads(gemm_choice_path().read_text(encoding="utf-8"))["ms"]
+        why = f"measured: oneDNN {ms['onednn']:.2f} ms, BLAS {ms['blas']:.2f} ms"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "measured"
+    return f"Vim mixer's linears: {name} ({why})"
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b on 2-D x, the forward and dx through oneDNN, dW through the BLAS."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _dnn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, weight = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = _dnn(gy, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+        gw = gy.t().mm(x) if ctx.needs_input_grad[1] else None
+        gb = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN for float32 CPU tensors where :func:`gemm_backend`
+    picks it; every other case (dtype, device, autocast, traced code, the BLAS picked) is ``F.linear`` itself."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.numel() == 0
+            or (bias is not None and bias.dtype != torch.float32) or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu") or gemm_backend() != "onednn"):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _OneDNNLinear.apply(x2, weight, bias)
+    else:
+        y = _dnn(x2, weight, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(torch.nn.Linear):
+    """``nn.Linear`` (same parameters, state dict, hooks and init) whose forward is :func:`linear`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return linear(input, self.weight, self.bias)
+
+
+def convert_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every plain ``nn.Linear`` made a :class:`Linear` (in place; parameters untouched): any
+    timm model on the Vim mixer's GEMM, as the benchmarks run timm's ViT and DeiT for a like-for-like figure."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = Linear
+    return model
+
+
+def onednn_runs(device: torch.device) -> bool:
+    """Whether :class:`Linear` runs on oneDNN (not torch's default GEMM) on ``device`` here."""
+    return device.type == "cpu" and gemm_backend() == "onednn"
