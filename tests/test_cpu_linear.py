@@ -22,9 +22,9 @@ needs_onednn = pytest.mark.skipif(cpu_linear._onednn_linear() is None, reason="t
 @pytest.fixture(autouse=True)
 def _fresh_choice(monkeypatch, tmp_path):
     monkeypatch.setenv("SHUFFLEMAMBA_CACHE", str(tmp_path))
-    cpu_linear._backend.cache_clear()
+    cpu_linear._choice.cache_clear()
     yield
-    cpu_linear._backend.cache_clear()
+    cpu_linear._choice.cache_clear()
 
 
 def _inputs(shape, bias: bool, seed: int = 0):
@@ -59,6 +59,25 @@ def test_linear_matches_float64_forward_and_every_gradient(monkeypatch, backend,
 
 
 @needs_onednn
+@pytest.mark.parametrize("weight_grad", ["onednn", "blas"])
+def test_recorded_weight_gradient_library_gives_the_float64_gradient(monkeypatch, weight_grad):
+    """auto with a record: oneDNN forward, the weight gradient on the recorded library; both hold against float64."""
+    monkeypatch.delenv("SHUFFLEMAMBA_CPU_GEMM", raising=False)
+    path = cpu_linear.gemm_choice_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"backend": "onednn", "weight_grad": weight_grad, "ms": {}}))
+    assert cpu_linear.gemm_choice() == ("onednn", weight_grad)
+    x, w, b = _inputs((2, 9), True)
+    gy = torch.randn(2, 9, 80, generator=torch.Generator().manual_seed(2))
+    cpu_linear.linear(x, w, b).backward(gy)
+    w64 = w.detach().double().requires_grad_()
+    F.linear(x.detach().double(), w64).backward(gy.double())
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)
+    assert f"weight gradients on {dict(onednn='oneDNN', blas='torch' + chr(39) + 's BLAS')[weight_grad]} (" in \
+        cpu_linear.describe_gemm()
+
+
+@needs_onednn
 def test_onednn_runs_the_product_and_non_float32_falls_back(monkeypatch):
     monkeypatch.setenv("SHUFFLEMAMBA_CPU_GEMM", "onednn")
     x, w, _ = _inputs((4,), False)
@@ -67,7 +86,7 @@ def test_onednn_runs_the_product_and_non_float32_falls_back(monkeypatch):
     y64 = cpu_linear.linear(x.double(), w.double())  # oneDNN's linear is float32 here: F.linear runs
     assert type(y64.grad_fn).__name__ != type(y.grad_fn).__name__ and y64.dtype == torch.float64
     monkeypatch.setenv("SHUFFLEMAMBA_CPU_GEMM", "blas")
-    cpu_linear._backend.cache_clear()
+    cpu_linear._choice.cache_clear()
     assert not type(cpu_linear.linear(x, w).grad_fn).__name__.startswith("_OneDNNLinear")
 
 
@@ -78,12 +97,13 @@ def test_auto_measures_once_and_records_the_choice(monkeypatch):
     assert not path.exists()
     first = cpu_linear.gemm_backend()
     rec = json.loads(path.read_text())
-    assert rec["backend"] == first and set(rec["ms"]) == {"blas", "onednn"} and rec["threads"] == torch.get_num_threads()
+    assert rec["backend"] == first and rec["weight_grad"] in ("onednn", "blas") and rec["threads"] == torch.get_num_threads()
+    assert set(rec["ms"]) == {"blas", "onednn", "blas_weight_grad", "onednn_weight_grad"}
     path.write_text(json.dumps({**rec, "backend": "blas" if first == "onednn" else "onednn"}))  # another record
-    cpu_linear._backend.cache_clear()
+    cpu_linear._choice.cache_clear()
     assert cpu_linear.gemm_backend() != first  # read back, not measured again
     path.write_text("not json")
-    cpu_linear._backend.cache_clear()
+    cpu_linear._choice.cache_clear()
     assert cpu_linear.gemm_backend() in ("onednn", "blas") and json.loads(path.read_text())["backend"]
 
 

@@ -5,8 +5,8 @@ paths on AMD CPUs: on a 2-core Zen 5 (AVX-512) MKL ran the Vim-Ti ``in_proj`` / 
 about 100 G multiply-adds/s and oneDNN (bundled with torch too) at about 210; capped at AVX2, 100 against
 115. :func:`linear` (and :class:`Linear`, the Vim mixer's ``in_proj`` / ``out_proj``) runs the forward and
 the input gradient through ``torch.ops.mkldnn._linear_pointwise`` (the op inductor emits for CPU linears)
-when :func:`gemm_backend` picks oneDNN; the weight gradient, a reduction over every row, stays a BLAS
-product (oneDNN was no faster there). oneDNN packs the weight per call into buffers of up to a few
+when :func:`gemm_backend` picks oneDNN, and the weight gradient too where that product measured faster
+there (it ranks the two libraries apart). oneDNN packs the weight per call into buffers of up to a few
 hundred KB: the ``shufflemamba`` command's malloc setting (``process.tune_malloc``) keeps them off fresh
 mappings, worth ~25% of Vim-Ti's inference at 224 px on the Zen 5.
 
@@ -24,7 +24,7 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ from torch import Tensor
 from . import config
 from .cpu_library import write_choice
 
-__all__ = ["Linear", "convert_linears", "describe_gemm", "onednn_runs", "gemm_backend", "gemm_choice_path", "linear", "measure_gemm"]
+__all__ = ["Choice", "Linear", "convert_linears", "describe_gemm", "gemm_backend", "gemm_choice", "gemm_choice_path",
+           "linear", "measure_gemm", "onednn_runs"]
 
 Backend = Literal["onednn", "blas"]
 _LIB_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # change what either runs
@@ -58,12 +59,14 @@ def gemm_choice_path() -> Path:
     return config.cache_dir() / f"gemm_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def measure_gemm(rounds: int = 15) -> dict[str, Any]:
-    """Time ``F.linear`` (BLAS) and oneDNN's linear in turn on in_proj's shape at 1024 tokens (Vim-Ti,
-    D 192 -> 2E 768); oneDNN is chosen when its median is at least 5% lower (BLAS is torch's default)."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(1024, 192, generator=g), torch.randn(768, 192, generator=g)
-    fns = {"blas": lambda: F.linear(x, w), "onednn": lambda: _dnn(x, w, None)}
+class Choice(NamedTuple):
+    """The library of each product: the forward and input gradient (``forward``), the weight gradient."""
+
+    forward: Backend
+    weight_grad: Backend
+
+
+def _median_ms(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds + 2):  # two rounds warm up
         for name, fn in fns.items():
@@ -71,18 +74,31 @@ def measure_gemm(rounds: int = 15) -> dict[str, Any]:
             fn()
             if r >= 2:
                 times[name].append(time.perf_counter() - t0)
-    ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"backend": "onednn" if ms["onednn"] < 0.95 * ms["blas"] else "blas",
-            "ms": {k: round(v, 4) for k, v in ms.items()}, "cpu": config.cpu_model(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def _recorded_backend(path: Path) -> Backend:
-    """The backend recorded at ``path``, measured and recorded first when there is none."""
+def measure_gemm(rounds: int = 15) -> dict[str, Any]:
+    """Time torch's BLAS and oneDNN in turn on in_proj's products at 1024 tokens (Vim-Ti, D 192 -> 2E 768): the
+    forward ``x W^T`` and the weight gradient ``gy^T x`` (a reduction over rows, which the two libraries rank
+    apart: oneDNN 1.2-1.8x faster with AVX-512 on the Zen 5, 0-20% slower capped at AVX2). oneDNN is chosen
+    for a product when its median is at least 5% lower (the BLAS is torch's default)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, gy = (torch.randn(*s, generator=g) for s in ((1024, 192), (768, 192), (1024, 768)))
+    ms = _median_ms({"blas": lambda: F.linear(x, w), "onednn": lambda: _dnn(x, w, None),
+                     "blas_weight_grad": lambda: gy.t().mm(x), "onednn_weight_grad": lambda: _dnn(gy.t(), x.t(), None)},
+                    rounds)
+    pick = {k: "onednn" if ms[f"onednn{k}"] < 0.95 * ms[f"blas{k}"] else "blas" for k in ("", "_weight_grad")}
+    return {"backend": pick[""], "weight_grad": pick["_weight_grad"], "ms": {k: round(v, 4) for k, v in ms.items()},
+            "cpu": config.cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _recorded_choice(path: Path) -> Choice:
+    """The choice recorded at ``path``, measured and recorded first when there is none."""
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(rec, dict) and rec.get("backend") in ("onednn", "blas"):
-            return rec["backend"]
+        if isinstance(rec, dict) and {rec.get("backend"), rec.get("weight_grad")} <= {"onednn", "blas"}:
+            return Choice(rec["backend"], rec["weight_grad"])
     except (OSError, ValueError):
         pass
     rec = measure_gemm()
@@ -90,48 +106,58 @@ def _recorded_backend(path: Path) -> Backend:
         write_choice(path, rec)
     except OSError:  # a read-only cache: the measurement still holds for this process
         pass
-    return rec["backend"]
+    return Choice(rec["backend"], rec["weight_grad"])
 
 
 @lru_cache(maxsize=None)
-def _backend(setting: config.Gemm, threads: int, caps: tuple[str, ...]) -> Backend:
+def _choice(setting: config.Gemm, threads: int, caps: tuple[str, ...]) -> Choice:
     del threads, caps  # the cache key: gemm_choice_path() reads them again
     if setting == "blas":
-        return "blas"
+        return Choice("blas", "blas")
     if _onednn_linear() is None:
         if setting == "onednn":
             raise config.KernelConfigError(f"{config.GEMM_ENV}=onednn, but this torch has no oneDNN linear")
-        return "blas"
-    return "onednn" if setting == "onednn" else _recorded_backend(gemm_choice_path())
+        return Choice("blas", "blas")
+    return Choice("onednn", "onednn") if setting == "onednn" else _recorded_choice(gemm_choice_path())
 
 
-def gemm_backend() -> Backend:
-    """Which library runs :func:`linear` here (SHUFFLEMAMBA_CPU_GEMM; auto: the recorded measurement).
+def gemm_choice() -> Choice:
+    """Which library runs each of :func:`linear`'s products here (SHUFFLEMAMBA_CPU_GEMM; auto: the recorded
+    measurement).
 
     Raises:
         KernelConfigError: a bad SHUFFLEMAMBA_CPU_GEMM, or ``onednn`` where torch has no oneDNN.
     """
-    return _backend(config.gemm(), torch.get_num_threads(), tuple(os.environ.get(v, "") for v in _LIB_CAPS))
+    return _choice(config.gemm(), torch.get_num_threads(), tuple(os.environ.get(v, "") for v in _LIB_CAPS))
+
+
+def gemm_backend() -> Backend:
+    """The library of :func:`linear`'s forward (and input gradient): see :func:`gemm_choice`."""
+    return gemm_choice().forward
 
 
 def describe_gemm() -> str:
     """One line for reports: what runs the Vim mixer's linears here, and why."""
-    setting, backend = config.gemm(), gemm_backend()
-    name = "oneDNN" if backend == "onednn" else "torch's BLAS"
+    setting, choice = config.gemm(), gemm_choice()
+    name = {"onednn": "oneDNN", "blas": "torch's BLAS"}
+    what = f"Vim mixer's linears: {name[choice.forward]}"
+    if choice.forward == "onednn":
+        what += f", weight gradients on {name[choice.weight_grad]}"
     if setting != "auto":
-        return f"Vim mixer's linears: {name} ({config.GEMM_ENV}={setting})"
+        return f"{what} ({config.GEMM_ENV}={setting})"
     if _onednn_linear() is None:
-        return f"Vim mixer's linears: {name} (this torch has no oneDNN linear)"
+        return f"{what} (this torch has no oneDNN linear)"
     try:
         ms = json.loads(gemm_choice_path().read_text(encoding="utf-8"))["ms"]
-        why = f"measured: oneDNN {ms['onednn']:.2f} ms, BLAS {ms['blas']:.2f} ms"
+        why = (f"measured: oneDNN {ms['onednn']:.2f} ms, BLAS {ms['blas']:.2f} ms; weight gradient "
+               f"{ms['onednn_weight_grad']:.2f} ms, {ms['blas_weight_grad']:.2f} ms")
     except (OSError, ValueError, KeyError, TypeError):
         why = "measured"
-    return f"Vim mixer's linears: {name} ({why})"
+    return f"{what} ({why})"
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b on 2-D x, the forward and dx through oneDNN, dW through the BLAS."""
+    """y = x W^T + b on 2-D x, the forward and dx through oneDNN, dW through what :func:`gemm_choice` says."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -144,7 +170,9 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gy = gy.contiguous()
         gx = _dnn(gy, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
-        gw = gy.t().mm(x) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = _dnn(gy.t(), x.t(), None) if gemm_choice().weight_grad == "onednn" else gy.t().mm(x)
         gb = gy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
