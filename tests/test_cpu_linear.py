@@ -125,3 +125,18 @@ def test_autocast_keeps_torchs_linear(monkeypatch):
     x, w, _ = _inputs((4,), False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_linear.linear(x, w).dtype == F.linear(x, w).dtype == torch.bfloat16
+
+
+@needs_onednn
+def test_strided_weight_and_bias_views_give_the_product(monkeypatch):
+    """A transposed (tied) weight and a strided bias, as views: oneDNN gets dense copies, gradients reach the bases."""
+    monkeypatch.setenv("SHUFFLEMAMBA_CPU_GEMM", "onednn")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 48, generator=g)
+    w_base = torch.randn(48, 80, generator=g, requires_grad=True)
+    b_base = torch.randn(160, generator=g, requires_grad=True)
+    y = cpu_linear.linear(x, w_base.t(), b_base[::2])
+    y.sum().backward()
+    torch.testing.assert_close(y, F.linear(x, w_base.t(), b_base[::2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w_base.grad, x.sum(0)[:, None].expand(48, 80), rtol=1e-5, atol=1e-5)
+    assert b_base.grad[::2].eq(5).all() and b_base.grad[1::2].eq(0).all()

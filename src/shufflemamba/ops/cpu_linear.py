@@ -184,7 +184,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             or (bias is not None and bias.dtype != torch.float32) or torch.compiler.is_compiling()
             or torch.is_autocast_enabled("cpu") or gemm_backend() != "onednn"):
         return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    # oneDNN reads its operands as dense: a strided weight or bias view gave wrong products
+    x2, weight = x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         y = _OneDNNLinear.apply(x2, weight, bias)
