@@ -7,6 +7,16 @@ import os
 # its own).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# torch.compile's kernel cache is not keyed on ATEN_CPU_CAPABILITY: a run capped at AVX2 on an AVX-512
+# machine (an AVX2-only CPU emulated) loaded kernels that native runs had cached, and the compiled Vim's
+# gradients came out NaN (torch 2.13). Such a run gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}")
+
 import torch  # noqa: E402
 
 # Triton decides between compiler and CPU interpreter once, when triton itself is first imported
