@@ -11,6 +11,11 @@ from torch import Tensor
 _OPTIONAL = ("D", "z", "delta_bias")
 
 
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether this call records gradients: grad mode on and an input (None: absent) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def check_scan_inputs(
     fn: str,
     u: Tensor,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import config
+from ._checks import records_grad
 from .cpu_library import write_choice
 
 __all__ = ["Choice", "Linear", "convert_linears", "describe_gemm", "gemm_backend", "gemm_choice", "gemm_choice_path",
@@ -187,8 +188,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     # oneDNN reads its operands as dense: a strided weight or bias view gave wrong products
     x2, weight = x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if records_grad(x, weight, bias):
         y = _OneDNNLinear.apply(x2, weight, bias)
     else:
         y = _dnn(x2, weight, bias)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ._checks import check_mixer_core_inputs, check_rms_inputs
+from ._checks import check_mixer_core_inputs, check_rms_inputs, records_grad
 from .cpu_kernels import (XPROJ_FUSED_MAX, FusedConv, conv_silu_fwd_cl, conv_xproj_fwd_cl, dtype_suffix,
                           omp_threads, placeholder, ptr, scan_bwd_cl, scan_fwd_cl, unit_stride_rows)
 from .cpu_library import library
@@ -79,11 +79,6 @@ def _eager_autograd(op, setup_context, backward) -> type[torch.autograd.Function
 
     return type(f"{op._name}_eager", (torch.autograd.Function,),
                 dict(forward=staticmethod(forward), backward=staticmethod(backward)))
-
-
-def _needs_save(*tensors: Tensor | None) -> bool:
-    """Whether this call records gradients: grad mode on and an input (None: absent) requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _call(op, eager: type[torch.autograd.Function], save: bool, *args):
@@ -261,7 +256,7 @@ def bimamba_core_cl(xz: Tensor, dt_rank: int, forward: DirectionParams, backward
         (batch, L, E) contiguous: the input of ``out_proj``.
     """
     check_mixer_core_inputs("bimamba_core_cl", xz, dt_rank, dict(forward=forward, backward=backward))
-    save = _needs_save(xz, *forward, *backward)
+    save = records_grad(xz, *forward, *backward)
     return _call(_core, _CoreEager, save, xz, int(dt_rank), *forward, *backward, save)[0]
 
 
@@ -406,7 +401,7 @@ def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         eps: added to the mean square.
     """
     check_rms_inputs("rms_norm_cpu", x, weight)
-    save = _needs_save(x, weight)
+    save = records_grad(x, weight)
     return _call(_rms, _RmsEager, save, x, weight, float(eps), save)[0]
 
 
@@ -423,7 +418,7 @@ def add_rms_norm_cpu(x: Tensor, res: Tensor, weight: Tensor, eps: float) -> tupl
         The normalised sum and the sum itself (the new residual), both (..., D) contiguous.
     """
     check_rms_inputs("add_rms_norm_cpu", x, weight, res)
-    save = _needs_save(x, res, weight)
+    save = records_grad(x, res, weight)
     y, xsum, _ = _call(_add_rms, _AddRmsEager, save, x, res, weight, float(eps), save)
     return y, xsum
 

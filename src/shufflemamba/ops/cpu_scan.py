@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import config
-from ._checks import check_conv_inputs, check_kernel_dtypes, check_scan_inputs
+from ._checks import check_conv_inputs, check_kernel_dtypes, check_scan_inputs, records_grad
 from .cpu_kernels import (contig, conv_silu_bwd_cl, conv_silu_fwd_cl, dtype_suffix, from_placeholder,
                           placeholder, ptr, scan_bwd_cl, scan_fwd_cl, unit_stride_rows)
 from .cpu_library import (choice_path, cpu_scan_available, describe_vector_width, library, load_variant,
@@ -212,8 +212,7 @@ def selective_scan_cl(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     """
     check_scan_inputs("selective_scan_cl", u, delta, A, B, C, D, z, delta_bias, channel_last=True)
     check_kernel_dtypes("selective_scan_cl", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (u, delta, A, B, C, D, z, delta_bias))
+    save = records_grad(u, delta, A, B, C, D, z, delta_bias)
     out, _, _ = torch.ops.shufflemamba.selective_scan_cl(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                                         bool(reverse), float(out_scale), save)
     return out
