@@ -15,6 +15,7 @@ alongside: the like-for-like ratio.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from typing import Any
@@ -80,7 +81,7 @@ def bench_vs_vit(device: torch.device, quick: bool, repeats: int, amp: torch.dty
             img, chans = setup["shared"]["img_size"], setup["shared"]["in_chans"]  # --quick keeps both
             models = [("vim", vim), ("vit", vit)]
             if onednn_runs(device):  # the Vim's linears on oneDNN: ViT's on it too, for the like-for-like ratio
-                models.append(("vit_same_gemm", convert_linears(vim_and_vit(setup, quick)[1])))
+                models.append(("vit_same_gemm", convert_linears(copy.deepcopy(vit))))
             fns = {key: train_step_fn(model.to(device), batch, img, device, amp, chans) for key, model in models}
             # as many pairs as fit PAIRS_SECONDS (at least `repeats`, at most MAX_PAIRS): a short step's
             # ratio is noisy pair by pair, and a median over a few pairs moves from run to run
