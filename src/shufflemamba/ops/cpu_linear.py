@@ -1,14 +1,15 @@
 """Float32 linear layers on the CPU through oneDNN where it measures faster than torch's BLAS.
 
 torch runs ``F.linear`` on the CPU through its BLAS (MKL in the official wheels), which takes slower code
-paths on AMD CPUs: on a 2-core Zen 5 (AVX-512) MKL ran the Vim-Ti ``in_proj`` / ``out_proj`` products at
-about 100 G multiply-adds/s and oneDNN (bundled with torch too) at about 210; capped at AVX2, 100 against
-115. :func:`linear` (and :class:`Linear`, the Vim mixer's ``in_proj`` / ``out_proj``) runs the forward and
-the input gradient through ``torch.ops.mkldnn._linear_pointwise`` (the op inductor emits for CPU linears)
-when :func:`gemm_backend` picks oneDNN, and the weight gradient too where that product measured faster
-there (it ranks the two libraries apart). oneDNN packs the weight per call into buffers of up to a few
+paths on AMD CPUs: on a 2-core Zen 5 (AVX-512) in_proj's product at 1024 tokens took 1.53 ms on MKL and
+0.80 ms on oneDNN (bundled with torch too); capped at AVX2, 1.42 against 1.24 ms (:func:`measure_gemm`'s
+record, which ``shufflemamba bench`` prints). :func:`linear` (and :class:`Linear`, the Vim mixer's
+``in_proj`` / ``out_proj``) runs the forward and the input gradient through
+``torch.ops.mkldnn._linear_pointwise`` (the op inductor emits for CPU linears) when :func:`gemm_backend`
+picks oneDNN, and the weight gradient too where that product measured faster there (it ranks the two
+libraries apart). oneDNN packs the weight per call into buffers of up to a few
 hundred KB: the ``shufflemamba`` command's malloc setting (``process.tune_malloc``) keeps them off fresh
-mappings, worth ~25% of Vim-Ti's inference at 224 px on the Zen 5.
+mappings (a process without it maps and faults in those pages on every call).
 
 The backend is SHUFFLEMAMBA_CPU_GEMM (``ops.config``): ``auto`` times both once per CPU, torch version,
 thread count and ISA caps, records the result in the kernel cache and reads it from then on (the same
@@ -81,7 +82,7 @@ def _median_ms(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, floa
 def measure_gemm(rounds: int = 15) -> dict[str, Any]:
     """Time torch's BLAS and oneDNN in turn on in_proj's products at 1024 tokens (Vim-Ti, D 192 -> 2E 768): the
     forward ``x W^T`` and the weight gradient ``gy^T x`` (a reduction over rows, which the two libraries rank
-    apart: oneDNN 1.2-1.8x faster with AVX-512 on the Zen 5, 0-20% slower capped at AVX2). oneDNN is chosen
+    apart: on the Zen 5 oneDNN 1.51 against 1.60 ms with AVX-512, 1.66 against 1.46 capped at AVX2). oneDNN is chosen
     for a product when its median is at least 5% lower (the BLAS is torch's default)."""
     g = torch.Generator().manual_seed(0)
     x, w, gy = (torch.randn(*s, generator=g) for s in ((1024, 192), (768, 192), (1024, 768)))
