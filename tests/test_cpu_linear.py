@@ -27,11 +27,11 @@ def _fresh_choice(monkeypatch, tmp_path):
     cpu_linear._choice.cache_clear()
 
 
-def _inputs(shape, bias: bool, seed: int = 0):
+def _inputs(shape, bias: bool, seed: int = 0, out_features: int = 80):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, 48, generator=g, requires_grad=True)
-    w = (torch.randn(80, 48, generator=g) / 7).requires_grad_()
-    b = torch.randn(80, generator=g).requires_grad_() if bias else None
+    w = (torch.randn(out_features, 48, generator=g) / 7).requires_grad_()
+    b = torch.randn(out_features, generator=g).requires_grad_() if bias else None
     return x, w, b
 
 
@@ -39,10 +39,11 @@ def _inputs(shape, bias: bool, seed: int = 0):
 @pytest.mark.parametrize("backend", ["onednn", "blas"])
 @pytest.mark.parametrize("shape", [(2, 17), (37,), (3, 5, 4)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_float64_forward_and_every_gradient(monkeypatch, backend, shape, bias):
+@pytest.mark.parametrize("out_features", [80, 24])  # wider and narrower than the input: both weight-gradient forms
+def test_linear_matches_float64_forward_and_every_gradient(monkeypatch, backend, shape, bias, out_features):
     monkeypatch.setenv("SHUFFLEMAMBA_CPU_GEMM", backend)
     assert cpu_linear.gemm_backend() == backend
-    x, w, b = _inputs(shape, bias)
+    x, w, b = _inputs(shape, bias, out_features=out_features)
     y = cpu_linear.linear(x, w, b)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     y.backward(gy)
