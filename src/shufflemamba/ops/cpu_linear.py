@@ -1,8 +1,8 @@
 """Float32 linear layers on the CPU through oneDNN where it measures faster than torch's BLAS.
 
 torch runs ``F.linear`` on the CPU through its BLAS (MKL in the official wheels), which takes slower code
-paths on AMD CPUs: on a 2-core Zen 5 (AVX-512) in_proj's product at 1024 tokens took 1.53 ms on MKL and
-0.80 ms on oneDNN (bundled with torch too); capped at AVX2, 1.42 against 1.24 ms (:func:`measure_gemm`'s
+paths on AMD CPUs: on a 2-core Zen 5 (AVX-512) in_proj's product at 1024 tokens took 1.33 ms on MKL and
+0.71 ms on oneDNN (bundled with torch too); capped at AVX2, 1.43 against 1.24 ms (:func:`measure_gemm`'s
 record, which ``shufflemamba bench`` prints). :func:`linear` (and :class:`Linear`, the Vim mixer's
 ``in_proj`` / ``out_proj``) runs the forward and the input gradient through
 ``torch.ops.mkldnn._linear_pointwise`` (the op inductor emits for CPU linears) when :func:`gemm_backend`
@@ -92,7 +92,7 @@ def _median_ms(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, floa
 def measure_gemm(rounds: int = 15) -> dict[str, Any]:
     """Time torch's BLAS and oneDNN in turn on in_proj's products at 1024 tokens (Vim-Ti, D 192 -> 2E 768): the
     forward ``x W^T`` and the weight gradient ``gy^T x`` (a reduction over rows, which the two libraries rank
-    apart: on the Zen 5 oneDNN 1.51 against 1.60 ms with AVX-512, 1.66 against 1.46 capped at AVX2). oneDNN is chosen
+    apart: on the Zen 5 oneDNN 0.74 against 1.45 ms with AVX-512, 1.61 against 1.48 capped at AVX2). oneDNN is chosen
     for a product when its median is at least 5% lower (the BLAS is torch's default)."""
     g = torch.Generator().manual_seed(0)
     x, w, gy = (torch.randn(*s, generator=g) for s in ((1024, 192), (768, 192), (1024, 768)))
