@@ -100,7 +100,7 @@ def _pointwise_inputs() -> torch.Tensor:
 @pytest.mark.parametrize("name", ["softplus", "sigmoid", "dsoftplus", "gate", "silu", "dsilu"])
 def test_pointwise_functions_against_float64(probes, name):
     """softplus, sigmoid, softplus' derivative (-expm1(-x)), the gate x sigmoid(x) and the conv's SiLU
-    and its derivative, in every build (the explicit x86 rows: sm_vexp, an approximate reciprocal and a Newton step;
+    and its derivative, in every build (the explicit x86 rows: sm_vexp_m, an approximate reciprocal and a Newton step;
     the generic ones: the inlined sm_expf family), to float32 accuracy, from -1e30 to 1e30."""
     x = _pointwise_inputs()
     if name == "dsoftplus":

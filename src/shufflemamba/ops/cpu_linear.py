@@ -54,10 +54,10 @@ def _dnn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def _dnn_weight_grad(gy: Tensor, x: Tensor) -> Tensor:
-    """gy^T x through oneDNN's linear, which copies a transposed input dense but reads a transposed weight in
-    place: the copy goes to the smaller of gy^T and x^T, dW^T = x^T gy then transposed back as a view where
-    gy is the wider (in_proj's 768 against 192 columns: 1.24 against 1.68 ms at Vim-Ti's 1576 tokens, the
-    Zen 5 with AVX-512)."""
+    """gy^T x through oneDNN's linear, for which torch copies a transposed input dense but passes a transposed
+    weight as it is: the copy goes to the smaller of gy^T and x^T. Where gy is the wider (in_proj: 768 against
+    192 columns), dW^T = x^T gy, returned transposed as a view (autograd's accumulation makes it dense, 0.6 MB
+    for in_proj): 1.24 ms against 1.68 with gy^T copied, at Vim-Ti's 1576 tokens (the Zen 5, AVX-512)."""
     if gy.shape[1] > x.shape[1]:
         return _dnn(x.t().contiguous(), gy.t(), None).t()
     return _dnn(gy.t(), x.t(), None)
@@ -92,7 +92,8 @@ def _median_ms(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, floa
 def measure_gemm(rounds: int = 15) -> dict[str, Any]:
     """Time torch's BLAS and oneDNN in turn on in_proj's products at 1024 tokens (Vim-Ti, D 192 -> 2E 768): the
     forward ``x W^T`` and the weight gradient ``gy^T x`` (a reduction over rows, which the two libraries rank
-    apart: on the Zen 5 oneDNN 0.74 against 1.45 ms with AVX-512, 1.61 against 1.48 capped at AVX2). oneDNN is chosen
+    apart: on the Zen 5 oneDNN 0.74 against 1.45 ms with AVX-512, 1.61 against 1.48 capped at AVX2; out_proj,
+    narrower than its input, follows the same choice unmeasured). oneDNN is chosen
     for a product when its median is at least 5% lower (the BLAS is torch's default)."""
     g = torch.Generator().manual_seed(0)
     x, w, gy = (torch.randn(*s, generator=g) for s in ((1024, 192), (768, 192), (1024, 768)))
@@ -181,8 +182,8 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         x, weight = ctx.saved_tensors
         gy = gy.contiguous()
-        # the dense weight's transposed view is read in place (a copy first: 1.07 against 0.95 ms, in_proj at
-        # 1576 tokens, the Zen 5 with AVX-512)
+        # the dense weight's transposed view, passed without a copy: 0.95 ms, 1.07 with one (in_proj at 1576
+        # tokens, the Zen 5 with AVX-512)
         gx = _dnn(gy, weight.t(), None) if ctx.needs_input_grad[0] else None
         gw = None
         if ctx.needs_input_grad[1]:

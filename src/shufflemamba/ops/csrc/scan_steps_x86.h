@@ -57,15 +57,15 @@ static inline sm_vf sm_vexp2(sm_vf t) { /* t <= 0: the decays */
     return sm_vldexp_floor(sm_vpow2_frac(sm_vfrac(t)), t);
 }
 
-/* The pointwise functions below take M independent vectors (M a constant at every call site, at most
- * SM_M_MAX) and run each step on all of them before the next. gcc emits x86 code in the order of the source
+/* The pointwise functions below take M independent vectors (M a constant at every call site: a pass's
+ * SM_CV, or 1) and run each step on all of them before the next. gcc emits x86 code in the order of the source
  * (it schedules only after register allocation), so one vector's whole chain of ~30 dependent steps at a
  * time left the pipes waiting on latency: the delta row (dt_proj and softplus) alone took 29.8 cycles a
  * vector, 21.6 at M 6 (AVX2 on the Zen 5, a scratch harness); in the kernel, where the state loops' work
  * overlaps some of that wait, the mixer core's forward 1.04-1.05x at 512 bits and 1.02-1.04x as an AVX2
  * build (profile_train_step.py --core, tiny224 / d192 / demo16). always_inline: called at several sites,
  * gcc otherwise kept some out of line, the arrays then in memory. */
-#define SM_M_MAX 16
+#define SM_M_MAX SM_CV /* their scratch arrays' length: the most vectors a call takes */
 #define SM_EACH(i, M) _Pragma("GCC unroll 16") for (int i = 0; i < (M); ++i)
 #define SM_INLINE static inline __attribute__((always_inline))
 /* vectors a row function takes at once: a pass's (SM_CV), 6 of AVX2's 12 or the 512-bit build's 6 */
@@ -178,8 +178,14 @@ static inline void sl_delta_row_f32(const float *dtr, int64_t R, const float *CL
 }
 /* SM_ROWM vectors at a time, the last group's vectors past SM_NV zeros (computed, not stored) */
 #define SM_ROW_GROUPS(k0) for (int k0 = 0; k0 < SM_NV; k0 += SM_ROWM)
-#define SM_GROUP_LOAD(v, p, k0) SM_EACH(i_, SM_ROWM) (v)[i_] = (k0) + i_ < SM_NV ? sm_vload((p) + ((k0) + i_) * SM_VL) : sm_vzero()
-#define SM_GROUP_STORE(p, v, k0) SM_EACH(i_, SM_ROWM) if ((k0) + i_ < SM_NV) sm_vstore((p) + ((k0) + i_) * SM_VL, (v)[i_])
+#define SM_GROUP_LOAD(v, p, k0)                                                                    \
+    do {                                                                                           \
+        SM_EACH(i_, SM_ROWM) (v)[i_] = (k0) + i_ < SM_NV ? sm_vload((p) + ((k0) + i_) * SM_VL) : sm_vzero(); \
+    } while (0)
+#define SM_GROUP_STORE(p, v, k0)                                                                   \
+    do {                                                                                           \
+        SM_EACH(i_, SM_ROWM) if ((k0) + i_ < SM_NV) sm_vstore((p) + ((k0) + i_) * SM_VL, (v)[i_]); \
+    } while (0)
 static inline void sl_softplus_row_f32(const float *CL_RESTRICT x, const float *CL_RESTRICT bs,
                                        float *CL_RESTRICT d) {
     SM_ROW_GROUPS(k0) {
