@@ -55,3 +55,16 @@ def test_deit_on_the_vims_gemm_is_timed_where_the_vim_uses_onednn(monkeypatch, g
     routed = cpu_linear.convert_linears(torch.nn.Sequential(layer))[0]
     assert type(routed) is cpu_linear.Linear
     torch.testing.assert_close(routed(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_module_command_times_with_the_commands_malloc_setting(monkeypatch):
+    """`python -m shufflemamba.bench.paper_pair` applies the `shufflemamba` command's malloc setting before it
+    times anything, so that it reproduces the command's figures."""
+    from shufflemamba.bench import paper_pair
+
+    calls = []
+    monkeypatch.setattr(paper_pair, "tune_malloc", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(paper_pair, "bench_paper_pair", lambda *a, **k: calls.append("bench") or [])
+    monkeypatch.setattr(paper_pair, "pair_markdown", lambda records: [])
+    assert paper_pair.main(["--quick"]) == 0
+    assert calls == ["malloc", "bench"]

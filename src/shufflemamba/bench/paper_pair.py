@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from ..ops.cpu_linear import convert_linears, onednn_runs
+from ..process import tune_malloc
 from .report import pair_markdown
 from .timing import time_interleaved, train_step_fn
 
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write the records here")
     args = p.parse_args(argv)
+    # the `shufflemamba` command's malloc setting, which its figures (docs/benchmarks.md) ran with: without
+    # it each step faults its tensors in again (Vim-Ti's inference at 224 px 113 against 78 ms, the Zen 5)
+    tune_malloc()
     records = bench_paper_pair(torch.device("cpu"), args.quick, args.repeats)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
