@@ -39,24 +39,6 @@ static inline void sm_vadd_first(float *p, sm_vf v, int m) {
 #define SM_ACV 3
 #endif
 
-/* 2^t: p(f) 2^floor(t), f = t - floor(t) in [0, 1); p a degree-5 polynomial with p(0) = 1 (so 2^k is
- * exact), coefficients fitted for relative error on [0, 1] (1.6e-7 evaluated in float, against
- * sm_exp2f's 1.9e-7). With AVX-512, vscalefps gives 0 below the normal range (FTZ is on in the kernels)
- * and propagates NaN: no clamp; with AVX2, t is clamped to SM_EXP2_MIN (vec_x86.h). */
-static inline sm_vf sm_vpow2_frac(sm_vf f) { /* p(f) ~ 2^f */
-    sm_vf p = sm_vfma(sm_vset1(1.8671332e-3f), f, sm_vset1(9.0170223e-3f));
-    p = sm_vfma(p, f, sm_vset1(5.5799920e-2f));
-    p = sm_vfma(p, f, sm_vset1(2.4016444e-1f));
-    p = sm_vfma(p, f, sm_vset1(6.9315130e-1f));
-    return sm_vfma(p, f, sm_vset1(1.0f));
-}
-static inline sm_vf sm_vexp2(sm_vf t) { /* t <= 0: the decays */
-#ifdef SM_EXP2_MIN
-    t = sm_vmax(t, sm_vset1(SM_EXP2_MIN));
-#endif
-    return sm_vldexp_floor(sm_vpow2_frac(sm_vfrac(t)), t);
-}
-
 /* The pointwise functions below take M independent vectors (M a constant at every call site: a pass's
  * SM_CV, or 1) and run each step on all of them before the next. gcc emits x86 code in the order of the source
  * (it schedules only after register allocation), so one vector's whole chain of ~30 dependent steps at a
@@ -70,6 +52,27 @@ static inline sm_vf sm_vexp2(sm_vf t) { /* t <= 0: the decays */
 #define SM_INLINE static inline __attribute__((always_inline))
 /* vectors a row function takes at once: a pass's (SM_CV), 6 of AVX2's 12 or the 512-bit build's 6 */
 #define SM_ROWM SM_CV
+
+/* 2^t: p(f) 2^floor(t), f = t - floor(t) in [0, 1); p a degree-5 polynomial with p(0) = 1 (so 2^k is
+ * exact), coefficients fitted for relative error on [0, 1] (1.6e-7 evaluated in float, against
+ * sm_exp2f's 1.9e-7). With AVX-512, vscalefps gives 0 below the normal range (FTZ is on in the kernels)
+ * and propagates NaN: no clamp; with AVX2, t is clamped to SM_EXP2_MIN (vec_x86.h). */
+SM_INLINE void sm_vpow2_frac_m(const sm_vf *f, sm_vf *p, int M) { /* p(f) ~ 2^f */
+    SM_EACH(i, M) p[i] = sm_vfma(sm_vset1(1.8671332e-3f), f[i], sm_vset1(9.0170223e-3f));
+    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(5.5799920e-2f));
+    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(2.4016444e-1f));
+    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(6.9315130e-1f));
+    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(1.0f));
+}
+static inline sm_vf sm_vexp2(sm_vf t) { /* t <= 0: the decays */
+#ifdef SM_EXP2_MIN
+    t = sm_vmax(t, sm_vset1(SM_EXP2_MIN));
+#endif
+    const sm_vf f = sm_vfrac(t);
+    sm_vf p;
+    sm_vpow2_frac_m(&f, &p, 1);
+    return sm_vldexp_floor(p, t);
+}
 
 /* e^x to a few ulp: x log2(e) as hi + lo (the FMA gives the product's rounding error exactly, plus
  * the part of log2(e) that float drops), so that |x| up to ~88 costs no relative accuracy (2^(x
@@ -85,12 +88,7 @@ SM_INLINE void sm_vexp_m(sm_vf *x, int M) {
     SM_EACH(i, M) hi[i] = sm_vmul(x[i], l2e);
     SM_EACH(i, M) f[i] = sm_vfma(x[i], sm_vset1(1.925963033500011e-8f), sm_vfmsub(x[i], l2e, hi[i])); /* lo */
     SM_EACH(i, M) f[i] = sm_vadd(sm_vfrac(hi[i]), f[i]);
-    /* sm_vpow2_frac's polynomial, a step at a time */
-    SM_EACH(i, M) p[i] = sm_vfma(sm_vset1(1.8671332e-3f), f[i], sm_vset1(9.0170223e-3f));
-    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(5.5799920e-2f));
-    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(2.4016444e-1f));
-    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(6.9315130e-1f));
-    SM_EACH(i, M) p[i] = sm_vfma(p[i], f[i], sm_vset1(1.0f));
+    sm_vpow2_frac_m(f, p, M);
     SM_EACH(i, M) x[i] = sm_vldexp_floor(p[i], hi[i]);
 }
 /* 1 / d: the approximate reciprocal and one Newton step (2^-28 relative with AVX-512's, ~2^-23 with AVX2's) */
