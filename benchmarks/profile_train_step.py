@@ -181,9 +181,10 @@ def make_core(name: str, seed: int = 0):
     return run
 
 
-def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = ()):
+def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = (), edit=None):
     """The compiled CPU kernels as they were at git revision ``rev`` (None: the working tree's sources),
-    built like the current ones, with ``extra_flags`` added to the compiler's."""
+    built like the current ones, with ``extra_flags`` added to the compiler's; ``edit(name, text)``, when
+    given, returns each source file's text as it is to be built (benchmarks/exp_bound.py's stand-ins)."""
     import ctypes
     import subprocess
     import tempfile
@@ -209,6 +210,9 @@ def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = ()):
         names = git("ls-tree", "--name-only", f"{rev}:{csrc}").split()
         for name in names:
             (tmp / name).write_text(git("show", f"{rev}:{csrc}/{name}"))
+    if edit is not None:
+        for name in names:
+            (tmp / name).write_text(edit(name, (tmp / name).read_text()))
     width = (cpu_library.vector_width_info() or {}).get("width")
     try:  # the package's own build, with the flags and width the current kernels have
         cpu_library.build(os.environ.get("CC", "cc"), tmp / "lib.so", str(width) if width else None, csrc=tmp,
