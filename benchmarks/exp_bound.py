@@ -10,7 +10,7 @@ Three builds of the CPU kernels time the same Vim-Ti, round-robin with timm's De
 2^t (sm_vexp2, 11 vector operations on AVX2 with its clamp) as max(1 + t / 100, 0); "every exp free", also
 e^x of the softplus, sigmoid and expm1 rows (sm_vexp_m) so replaced. No exp can cost less than the stand-in,
 so a target the "every exp free" column misses is out of reach of any work on the exps, all else as it is.
-x86 only (the stand-ins replace the explicit x86 vector functions, scan_steps_x86.h).
+x86 only (the stand-ins replace the explicit x86 vector functions, pointwise_x86.h).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from shufflemamba.process import tune_malloc
 
 from profile_train_step import kernels_at
 
-HEADER = "scan_steps_x86.h"
+HEADER = "pointwise_x86.h"
 STAND_IN = "sm_vmax(sm_vfma({x}, sm_vset1(0.01f), sm_vset1(1.0f)), sm_vzero())"
 # the first line of each function to replace, and its replacement (the original is kept under a new name)
 DECAY = (r"static inline sm_vf sm_vexp2\(sm_vf t\) \{",

@@ -309,8 +309,8 @@ def width_libs(tmp_path_factory):
 
 def test_explicit_vector_state_loops_match_the_generic_ones(width_libs, monkeypatch):
     """On x86 the float32 state loops and the softplus / sigmoid rows are hand-vectorised
-    (csrc/scan_steps_x86.h: AVX-512's exp through vreduceps / vscalefps, AVX2's through vroundps and the
-    exponent bits, accumulators in registers). Every explicit build gives the generic build's outputs and
+    (csrc/scan_steps_x86.h and pointwise_x86.h: AVX-512's exp through vreduceps / vscalefps, AVX2's through
+    vroundps and the exponent bits, accumulators in registers). Every explicit build gives the generic build's outputs and
     gradients up to float32 rounding, and all are as close to float64."""
     libs = width_libs
     expected = {"generic": 0, "avx2": 256, "avx512": 512, "avx512-256bit": 256}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADER = ROOT / "src" / "shufflemamba" / "ops" / "csrc" / "scan_steps_x86.h"
+HEADER = ROOT / "src" / "shufflemamba" / "ops" / "csrc" / "pointwise_x86.h"
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_stand_ins_replace_both_exps_and_keep_the_originals(exp_bound):
 
 
 def test_a_stand_in_that_no_longer_matches_is_one_error_line(exp_bound):
-    with pytest.raises(SystemExit, match="error: scan_steps_x86.h has no line matching"):
+    with pytest.raises(SystemExit, match="error: pointwise_x86.h has no line matching"):
         exp_bound.editor(("static inline sm_vf no_such_function\\(", "x"))(HEADER.name, HEADER.read_text())
 
 

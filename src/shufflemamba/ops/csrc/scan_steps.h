@@ -16,7 +16,8 @@
  *                         explicit path): plain `omp simd` loops with the inlined sm_exp2f;
  *   scan_steps_x86.h      float on x86 with a width flag (SM_VECTOR_BITS): explicit vectors, where they
  *                         measured faster (the file says how), over vec_x86.h's primitives of one of
- *                         AVX-512 (512 or 256 bits) or AVX2 + FMA (256 bits).
+ *                         AVX-512 (512 or 256 bits) or AVX2 + FMA (256 bits); its exps and other
+ *                         pointwise functions in pointwise_x86.h, its conv rows in conv_steps_x86.h.
  * Included (after common.h and CL_RESTRICT) by mixer_cl.c and benchmarks/csrc/cpu_peak.c.
  */
 #ifndef SHUFFLEMAMBA_SCAN_STEPS_H
