@@ -20,6 +20,7 @@ import json
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ ROWS_EXP = (r"SM_INLINE void sm_vexp_m\(sm_vf \*x, int M\) \{",
             "SM_INLINE void sm_vexp_m_unused(sm_vf *x, int M) {")
 
 
-def editor(*replacements: tuple[str, str]):
+def editor(*replacements: tuple[str, str]) -> Callable[[str, str], str]:
     def edit(name: str, text: str) -> str:
         if name != HEADER:
             return text

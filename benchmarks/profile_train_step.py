@@ -37,6 +37,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -181,7 +182,7 @@ def make_core(name: str, seed: int = 0):
     return run
 
 
-def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = (), edit=None):
+def kernels_at(rev: str | None, extra_flags: tuple[str, ...] = (), edit: Callable[[str, str], str] | None = None):
     """The compiled CPU kernels as they were at git revision ``rev`` (None: the working tree's sources),
     built like the current ones, with ``extra_flags`` added to the compiler's; ``edit(name, text)``, when
     given, returns each source file's text as it is to be built (benchmarks/exp_bound.py's stand-ins)."""
