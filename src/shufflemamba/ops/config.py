@@ -46,6 +46,7 @@ TORCH_SCAN_CHUNK_ELEMENTS = 1 << 21  # the pure-PyTorch scan's (chunk, batch, E,
 VectorWidth = Literal["auto", "256", "512"]
 Gemm = Literal["auto", "onednn", "blas"]
 _WIDTHS: tuple[VectorWidth, ...] = ("auto", "256", "512")
+_GEMMS: tuple[Gemm, ...] = ("auto", "onednn", "blas")
 
 
 class KernelConfigError(ValueError):
@@ -90,7 +91,7 @@ def gemm() -> Gemm:
         KernelConfigError: any other value.
     """
     value = os.environ.get(GEMM_ENV, "").strip().lower() or "auto"
-    if value not in ("auto", "onednn", "blas"):
+    if value not in _GEMMS:
         raise KernelConfigError(f"{GEMM_ENV} must be onednn, blas or auto, got {value!r}")
     return value  # type: ignore[return-value]
 

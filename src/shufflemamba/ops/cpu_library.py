@@ -22,7 +22,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -137,15 +137,18 @@ def choice_path(cc: str) -> Path:
     return config.cache_dir() / f"vector_width_{_base_key(cc)[:16]}.json"
 
 
-def read_choice(path: Path) -> dict[str, Any] | None:
-    """The recorded choice, or None when there is none or it is unreadable."""
+def _is_width_record(rec: dict[str, Any]) -> bool:
+    return str(rec.get("width")) in ("256", "512")
+
+
+def read_choice(path: Path, valid: Callable[[dict[str, Any]], bool] = _is_width_record) -> dict[str, Any] | None:
+    """The recorded choice (a vector width's unless ``valid`` says what a record must hold), or None when
+    there is none or it is unreadable."""
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict) or str(rec.get("width")) not in ("256", "512"):
-        return None
-    return rec
+    return rec if isinstance(rec, dict) and valid(rec) else None
 
 
 def write_choice(path: Path, rec: dict[str, Any]) -> None:

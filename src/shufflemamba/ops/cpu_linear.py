@@ -20,7 +20,6 @@ Traced code (``torch.compile``, ``torch.export``) gets ``F.linear``: inductor ma
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from functools import lru_cache
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from . import config
 from ._checks import records_grad
-from .cpu_library import write_choice
+from .cpu_library import read_choice, write_choice
 
 __all__ = ["Choice", "Linear", "convert_linears", "describe_gemm", "gemm_backend", "gemm_choice", "gemm_choice_path",
            "linear", "measure_gemm", "onednn_runs"]
@@ -106,19 +105,19 @@ def measure_gemm(rounds: int = 15) -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _is_gemm_record(rec: dict[str, Any]) -> bool:
+    return {rec.get("backend"), rec.get("weight_grad")} <= {"onednn", "blas"}
+
+
 def _recorded_choice(path: Path) -> Choice:
     """The choice recorded at ``path``, measured and recorded first when there is none."""
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(rec, dict) and {rec.get("backend"), rec.get("weight_grad")} <= {"onednn", "blas"}:
-            return Choice(rec["backend"], rec["weight_grad"])
-    except (OSError, ValueError):
-        pass
-    rec = measure_gemm()
-    try:
-        write_choice(path, rec)
-    except OSError:  # a read-only cache: the measurement still holds for this process
-        pass
+    rec = read_choice(path, _is_gemm_record)
+    if rec is None:
+        rec = measure_gemm()
+        try:
+            write_choice(path, rec)
+        except OSError:  # a read-only cache: the measurement still holds for this process
+            pass
     return Choice(rec["backend"], rec["weight_grad"])
 
 
@@ -161,10 +160,10 @@ def describe_gemm() -> str:
     if _onednn_linear() is None:
         return f"{what} (this torch has no oneDNN linear)"
     try:
-        ms = json.loads(gemm_choice_path().read_text(encoding="utf-8"))["ms"]
+        ms = (read_choice(gemm_choice_path(), _is_gemm_record) or {})["ms"]
         why = (f"measured: oneDNN {ms['onednn']:.2f} ms, BLAS {ms['blas']:.2f} ms; weight gradient "
                f"{ms['onednn_weight_grad']:.2f} ms, {ms['blas_weight_grad']:.2f} ms")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):  # a record without its times
         why = "measured"
     return f"{what} ({why})"
 
