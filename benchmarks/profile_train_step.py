@@ -3,7 +3,9 @@
     python benchmarks/profile_train_step.py --threads 2 --models demo16 demo study tiny224 --top 15
 
 Models: ``demo16`` (the demo as configs/demo.yaml has it: 16 px, 17 tokens), ``demo`` (the demo's
-model before 2026-12-01: 28 px, 50 tokens), ``study``, ``tiny224``.
+model before 2026-12-01: 28 px, 50 tokens), ``study``, ``tiny224`` (Vim-Ti at 224 px, batch 8, as the paper's
+pair times it), ``d192``, and ``tiny1024`` (Vim-Ti at 1024 px, batch 1; only when named).
+    python benchmarks/profile_train_step.py --inference --models tiny224 tiny1024   # the pair's inference
     python benchmarks/profile_train_step.py --compare --steps 5   # unfused vs fused mixer, interleaved
     python benchmarks/profile_train_step.py --kernels-from HEAD~1 --models demo16 d192   # kernels A/B
 
@@ -44,6 +46,7 @@ import torch
 
 import shufflemamba  # noqa: F401  (torchvision shim before timm)
 import timm
+from shufflemamba.process import tune_malloc
 
 # name -> (create_model kwargs, batch, image size, in_chans)
 MODELS: dict[str, tuple[dict, int, int, int]] = {
@@ -64,6 +67,7 @@ MODELS: dict[str, tuple[dict, int, int, int]] = {
         128, 28, 1,
     ),
     "tiny224": (dict(model_name="vim_tiny_patch16_224", num_classes=1000), 8, 224, 3),
+    "tiny1024": (dict(model_name="vim_tiny_patch16_224", num_classes=1000, img_size=1024), 1, 1024, 3),  # the pair's 1024 px
     # the Vim of `shufflemamba bench`'s "D 192, depth 12, 65 tokens" setup (shufflemamba/bench/vit.py), SLWS off as there
     "d192": (
         dict(model_name="vim_tiny_patch16_224", in_chans=3, img_size=64, patch_size=8, embed_dim=192, depth=12,
@@ -73,12 +77,21 @@ MODELS: dict[str, tuple[dict, int, int, int]] = {
 }
 
 
-def make_step(name: str, seed: int = 0):
-    """Build the model, optimizer and a fixed batch; return a closure running one training step."""
+def make_step(name: str, seed: int = 0, inference: bool = False):
+    """Build the model, optimizer and a fixed batch; return a closure running one training step (with
+    ``inference``: one forward in inference mode, as the paper's pair times it)."""
     kwargs, batch, img, chans = MODELS[name]
     torch.manual_seed(seed)
     kwargs = dict(kwargs)
-    model = timm.create_model(kwargs.pop("model_name"), **kwargs).train()
+    model = timm.create_model(kwargs.pop("model_name"), **kwargs).train(not inference)
+    if inference:
+        x = torch.randn(batch, chans, img, img)
+
+        def forward() -> float:
+            with torch.inference_mode():
+                return float(model(x).sum())
+
+        return forward
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     x = torch.randn(batch, chans, img, img)
     y = torch.randint(0, model.num_classes, (batch,))
@@ -275,7 +288,7 @@ def compare_kernels(name: str, rev: str | None, steps: int, warmup: int, extra_f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "tiny1024"], choices=list(MODELS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -289,11 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--core", action="store_true",
                    help="with --kernels-from / --kernels-flags: time the first mixer core's forward and backward "
                         "instead of whole steps")
+    p.add_argument("--inference", action="store_true",
+                   help="time and profile forward passes in inference mode instead of training steps")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.core and not (args.kernels_from or args.kernels_flags):
         p.error("--core needs --kernels-from or --kernels-flags")
+    if args.inference and (args.compare or args.kernels_from or args.kernels_flags):
+        p.error("--inference profiles the models alone: not with --compare, --kernels-from or --kernels-flags")
+    if args.inference:  # as `shufflemamba bench` and the paper's pair time inference (without it each forward
+        tune_malloc()   # faults its tensors in again: Vim-Ti at 224 px 113 against 78 ms on the Zen 5, AVX-512)
     if args.kernels_from or args.kernels_flags:
         from shufflemamba.ops.cpu_scan import describe_vector_width
 
@@ -319,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels = describe_vector_width()  # which vector width the compiled kernels run with (issue 12)
     print(kernels)
     results = {"threads": args.threads, "loadavg_start": os.getloadavg()[0], "torch": torch.__version__,
-               "cpu_kernels": kernels, "models": {}}
+               "cpu_kernels": kernels, "inference": args.inference, "models": {}}
     for name in args.models:
-        step = make_step(name)
+        step = make_step(name, inference=args.inference)
         times = time_step(step, args.steps, args.warmup)
         med = statistics.median(times)
         print(f"\n== {name}: {med:.1f} ms/step median (min {min(times):.1f}, {args.steps} steps, "

@@ -1,4 +1,4 @@
-"""benchmarks/profile_train_step.py --kernels-from: another revision's CPU kernels, swapped in per step."""
+"""benchmarks/profile_train_step.py: another revision's CPU kernels swapped in per step (--kernels-from), and --inference."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,3 +69,25 @@ def test_kernels_flags_that_do_not_compile_are_one_error_line():
     with pytest.raises(SystemExit, match="error: building the kernels of the working tree"):
         # an option no compiler knows fails the build on every CPU (EB=7 only fails where AVX-512 is)
         _module().kernels_at(None, ("-fshufflemamba-no-such-option",))
+
+
+def test_inference_profiles_forward_passes_with_the_commands_malloc_setting(monkeypatch, capsys):
+    """--inference: forward passes in inference mode (no autograd graph, the model in eval mode), with the
+    malloc setting the paper's pair times under; it does not combine with the A/B modes."""
+    mod = _module()
+    calls = []
+    monkeypatch.setattr(mod, "tune_malloc", lambda: calls.append("malloc") or True)
+    step = mod.make_step("demo16", inference=True)
+    assert isinstance(step(), float)
+    threads = torch.get_num_threads()
+    try:
+        assert mod.main(["--inference", "--models", "demo16", "--steps", "1", "--warmup", "0", "--top", "3"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets its --threads
+    assert calls == ["malloc"]
+    out = capsys.readouterr().out
+    assert "== demo16" in out and "ms/step" in out
+    assert not any("backward" in line.lower() for line in out.splitlines())  # no autograd ops profiled
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--inference", "--compare"])
+    assert exc.value.code == 2
