@@ -45,8 +45,6 @@ TORCH_SCAN_CHUNK_ELEMENTS = 1 << 21  # the pure-PyTorch scan's (chunk, batch, E,
 
 VectorWidth = Literal["auto", "256", "512"]
 Gemm = Literal["auto", "onednn", "blas"]
-_WIDTHS: tuple[VectorWidth, ...] = ("auto", "256", "512")
-_GEMMS: tuple[Gemm, ...] = ("auto", "onednn", "blas")
 
 
 class KernelConfigError(ValueError):
@@ -72,16 +70,25 @@ def compiler() -> str:
     return os.environ.get(CC_ENV, "cc")
 
 
+def _setting(env: str, choices: tuple[str, ...], default: str) -> str:
+    """The environment variable ``env``, lower-cased: one of ``choices``, or ``default`` when unset or empty.
+
+    Raises:
+        KernelConfigError: any other value.
+    """
+    value = os.environ.get(env, "").strip().lower() or default
+    if value not in choices:
+        raise KernelConfigError(f"{env} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+    return value
+
+
 def vector_width() -> VectorWidth:
     """SHUFFLEMAMBA_CPU_VECTOR_WIDTH: "256", "512" or "auto" (unset or empty).
 
     Raises:
         KernelConfigError: any other value.
     """
-    value = os.environ.get(VECTOR_WIDTH_ENV, "").strip().lower() or "auto"
-    if value not in _WIDTHS:
-        raise KernelConfigError(f"{VECTOR_WIDTH_ENV} must be 256, 512 or auto, got {value!r}")
-    return value  # type: ignore[return-value]
+    return _setting(VECTOR_WIDTH_ENV, ("256", "512", "auto"), "auto")  # type: ignore[return-value]
 
 
 def gemm() -> Gemm:
@@ -90,10 +97,7 @@ def gemm() -> Gemm:
     Raises:
         KernelConfigError: any other value.
     """
-    value = os.environ.get(GEMM_ENV, "").strip().lower() or "auto"
-    if value not in _GEMMS:
-        raise KernelConfigError(f"{GEMM_ENV} must be onednn, blas or auto, got {value!r}")
-    return value  # type: ignore[return-value]
+    return _setting(GEMM_ENV, ("onednn", "blas", "auto"), "auto")  # type: ignore[return-value]
 
 
 def check_settings() -> None:
@@ -163,10 +167,7 @@ def _cpu_flags() -> set[str]:
 
 def isa_setting() -> str:
     """SHUFFLEMAMBA_CPU_ISA: ``native`` (default: what -march=native gives) or ``avx2``."""
-    isa = os.environ.get(ISA_ENV, "").strip().lower() or "native"
-    if isa not in ("native", "avx2"):
-        raise KernelConfigError(f"{ISA_ENV} must be native or avx2, got {isa!r}")
-    return isa
+    return _setting(ISA_ENV, ("native", "avx2"), "native")
 
 
 def isa_flags() -> tuple[str, ...]:
